@@ -1,0 +1,35 @@
+# The two commands: `make run` (install, migrate, seed the demo, serve) and `make test` (the whole suite).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed-from-lock
+HOST_PORT ?= 127.0.0.1:8000
+
+.PHONY: install run test test-fast lock bench
+
+$(INSTALLED): requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements.lock
+	touch $@
+
+install: $(INSTALLED)
+
+run: install
+	$(PY) manage.py migrate --noinput
+	$(PY) manage.py seed_demo
+	@echo "The portal is at http://$(HOST_PORT)/ - log in with one of the logins above."
+	$(PY) manage.py runserver $(HOST_PORT)
+
+# Everything: PostgreSQL and Redis (installed if missing) are started privately on loopback.
+test: install
+	scripts/with-services.sh $(PY) -m pytest $(PYTEST_ARGS)
+
+# The tests that need no services, on SQLite.
+test-fast: install
+	$(PY) -m pytest -m "not postgres and not services and not browser" $(PYTEST_ARGS)
+
+# Re-pin requirements.lock after changing pyproject.toml.
+lock: install
+	$(VENV)/bin/pip install --quiet uv
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock

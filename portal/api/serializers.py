@@ -1,0 +1,42 @@
+from rest_framework import serializers
+
+from portal.forms import ROLE_CHOICES
+from portal.models import AuditLogEntry, Invitation, Member, Team
+
+
+class TeamSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Team
+        fields = ["id", "name", "cost_centre", "created_at"]
+        read_only_fields = ["id", "created_at"]
+        # Uniqueness is checked by the service, scoped to the organization.
+        validators = []
+
+
+class MemberSerializer(serializers.ModelSerializer):
+    email = serializers.EmailField(source="user.email", read_only=True)
+    name = serializers.CharField(source="user.get_full_name", read_only=True)
+    roles = serializers.ListField(child=serializers.ChoiceField(choices=ROLE_CHOICES), allow_empty=False, required=False)
+    team = serializers.IntegerField(source="team_id", allow_null=True, required=False)
+
+    class Meta:
+        model = Member
+        fields = ["id", "email", "name", "team", "roles", "is_active", "joined_at"]
+        read_only_fields = ["id", "email", "name", "joined_at"]
+
+
+class InvitationSerializer(serializers.ModelSerializer):
+    roles = serializers.ListField(child=serializers.ChoiceField(choices=ROLE_CHOICES), allow_empty=False)
+    team = serializers.IntegerField(source="team_id", allow_null=True, required=False)
+
+    class Meta:
+        model = Invitation
+        fields = ["id", "email", "roles", "team", "status", "created_at", "expires_at", "accepted_at", "revoked_at"]
+        read_only_fields = ["id", "status", "created_at", "expires_at", "accepted_at", "revoked_at"]
+        validators = []
+
+
+class AuditLogEntrySerializer(serializers.ModelSerializer):
+    class Meta:
+        model = AuditLogEntry
+        fields = ["id", "created_at", "actor_email", "action", "object_type", "object_id", "object_repr", "data"]

@@ -1,0 +1,108 @@
+"""The organization-scoped REST API. Same services and rules as the pages."""
+
+from django.core.exceptions import ValidationError
+from drf_spectacular.utils import extend_schema
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.response import Response
+
+from portal import selectors, services
+from portal.api.serializers import AuditLogEntrySerializer, InvitationSerializer, MemberSerializer, TeamSerializer
+
+
+class OrganizationViewSet(viewsets.GenericViewSet):
+    """Base for API views under /api/v1/o/<org_slug>/; `self.organization` is the URL's organization."""
+
+    lookup_value_converter = "int"
+
+    @property
+    def organization(self):
+        return self.request.organization
+
+    def team_or_none(self, team_id):
+        if team_id is None:
+            return None
+        team = selectors.team_list(organization=self.organization).filter(pk=team_id).first()
+        if team is None:
+            raise ValidationError({"team": f"No team with id {team_id} in this organization."})
+        return team
+
+
+class TeamViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, OrganizationViewSet):
+    serializer_class = TeamSerializer
+    lookup_url_kwarg = "team_id"
+    required_roles = {"GET": ("hr",), "POST": ("hr",), "PUT": ("hr",), "PATCH": ("hr",)}
+
+    def get_queryset(self):
+        return selectors.team_list(organization=self.organization)
+
+    def create(self, request):
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        team = services.team_create(organization=self.organization, actor=request.user, **serializer.validated_data)
+        return Response(self.get_serializer(team).data, status=status.HTTP_201_CREATED)
+
+    def update(self, request, team_id, partial=False):
+        team = self.get_object()
+        serializer = self.get_serializer(team, data=request.data, partial=partial)
+        serializer.is_valid(raise_exception=True)
+        data = {"name": team.name, "cost_centre": team.cost_centre, **serializer.validated_data}
+        team = services.team_update(team=team, actor=request.user, **data)
+        return Response(self.get_serializer(team).data)
+
+    def partial_update(self, request, team_id):
+        return self.update(request, team_id, partial=True)
+
+
+class MemberViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, OrganizationViewSet):
+    serializer_class = MemberSerializer
+    lookup_url_kwarg = "member_id"
+    required_roles = {"GET": ("hr",), "PATCH": ("hr",)}
+
+    def get_queryset(self):
+        return selectors.member_list(organization=self.organization)
+
+    def partial_update(self, request, member_id):
+        member = self.get_object()
+        serializer = self.get_serializer(member, data=request.data, partial=True)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        team = self.team_or_none(data["team_id"]) if "team_id" in data else member.team
+        member = services.member_update(member=member, actor_member=request.member, team=team,
+                                        roles=data.get("roles"), is_active=data.get("is_active"))
+        return Response(self.get_serializer(member).data)
+
+
+class InvitationViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, OrganizationViewSet):
+    serializer_class = InvitationSerializer
+    lookup_url_kwarg = "invitation_id"
+    required_roles = {"GET": ("hr",), "POST": ("hr",)}
+
+    def get_queryset(self):
+        return selectors.invitation_list(organization=self.organization)
+
+    def create(self, request):
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = serializer.validated_data
+        invitation, _token = services.invitation_create(
+            organization=self.organization, actor_member=request.member, email=data["email"], roles=data["roles"],
+            team=self.team_or_none(data.get("team_id")),
+        )
+        return Response(self.get_serializer(invitation).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=None)
+    @action(detail=True, methods=["post"])
+    def revoke(self, request, invitation_id):
+        invitation = services.invitation_revoke(invitation=self.get_object(), actor=request.user)
+        return Response(self.get_serializer(invitation).data)
+
+
+class AuditLogViewSet(mixins.ListModelMixin, OrganizationViewSet):
+    serializer_class = AuditLogEntrySerializer
+    required_roles = {"GET": ("admin",)}
+
+    def get_queryset(self):
+        params = self.request.query_params
+        return selectors.audit_log(organization=self.organization, action=params.get("action", ""),
+                                   actor_email=params.get("actor", ""), object_type=params.get("object_type", ""))

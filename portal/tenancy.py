@@ -1,0 +1,201 @@
+"""The tenancy core: which organization the running code works for, enforced in one place.
+
+Every tenant-owned model inherits `TenantModel`. Its default manager returns only the rows of the
+active organization and raises `ScopeError` when no organization is active, so a view, task or
+command that forgets to filter fails closed instead of leaking another company's rows. Saving a
+row of another organization while a scope is active raises too.
+
+The scope is activated by `TenancyMiddleware` for every URL that carries `org_slug`
+(`/o/<slug>/...` and `/api/v1/o/<slug>/...`), by tasks and commands with `scope(org)`, and is
+deliberately lifted with `unscoped()` only where code works across tenants (platform admin,
+period close over all organizations, a user's list of their own memberships).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from contextlib import contextmanager
+from functools import wraps
+
+from django.conf import settings
+from django.core.exceptions import PermissionDenied
+from django.db import models
+from django.http import Http404, JsonResponse
+from django.urls import Resolver404, resolve
+
+_UNSCOPED = object()
+_active_scope: contextvars.ContextVar = contextvars.ContextVar("portal_tenant_scope", default=None)
+
+
+class ScopeError(RuntimeError):
+    """A tenant-owned model was used with no organization active."""
+
+
+@contextmanager
+def scope(organization):
+    """Run the block for one organization: tenant queries see only its rows."""
+    if organization is None:
+        raise ScopeError("scope() needs an organization")
+    token = _active_scope.set(organization)
+    try:
+        yield organization
+    finally:
+        _active_scope.reset(token)
+
+
+@contextmanager
+def unscoped():
+    """Run the block across all organizations. Use only where that is the point."""
+    token = _active_scope.set(_UNSCOPED)
+    try:
+        yield
+    finally:
+        _active_scope.reset(token)
+
+
+def current_organization():
+    active = _active_scope.get()
+    return None if active is _UNSCOPED else active
+
+
+class TenantManager(models.Manager):
+    def get_queryset(self):
+        queryset = super().get_queryset()
+        active = _active_scope.get()
+        if active is _UNSCOPED:
+            return queryset
+        if active is None:
+            raise ScopeError(
+                f"{self.model.__name__} was queried outside an organization scope; "
+                "use portal.tenancy.scope(org) or go through request.organization"
+            )
+        return queryset.filter(organization=active)
+
+
+class TenantModel(models.Model):
+    """A row that belongs to exactly one organization."""
+
+    organization = models.ForeignKey("portal.Organization", on_delete=models.CASCADE, related_name="+")
+
+    objects = TenantManager()
+    # Explicit escape hatch for cross-tenant work (jobs over all orgs, platform admin).
+    all_objects = models.Manager()
+
+    class Meta:
+        abstract = True
+
+    def save(self, *args, **kwargs):
+        active = _active_scope.get()
+        if active is not None and active is not _UNSCOPED and self.organization_id != active.pk:
+            raise ScopeError(f"refusing to save a {type(self).__name__} of another organization")
+        super().save(*args, **kwargs)
+
+
+# -- roles -----------------------------------------------------------------------------------
+
+ROLES = ("owner", "admin", "hr", "approver", "employee")
+# A role includes the ones it implies: the owner can do what an admin can, an admin what HR and
+# approvers can. Every member has their own dashboard whatever their roles.
+IMPLIED_ROLES = {
+    "owner": {"owner", "admin", "hr", "approver"},
+    "admin": {"admin", "hr", "approver"},
+    "hr": {"hr"},
+    "approver": {"approver"},
+    "employee": {"employee"},
+}
+
+
+def effective_roles(roles) -> frozenset[str]:
+    result: set[str] = set()
+    for role in roles:
+        result |= IMPLIED_ROLES[role]
+    return frozenset(result)
+
+
+def require_roles(*roles: str):
+    """Declare which roles may use an organization view; others get 403."""
+    unknown = set(roles) - set(ROLES)
+    if unknown:
+        raise ValueError(f"unknown roles {unknown}")
+
+    def decorator(view):
+        @wraps(view)
+        def wrapped(request, *args, **kwargs):
+            member = getattr(request, "member", None)
+            if member is None or not member.has_any_role(roles):
+                raise PermissionDenied("Your role in this organization does not allow this page.")
+            return view(request, *args, **kwargs)
+
+        wrapped.required_roles = frozenset(roles)
+        return wrapped
+
+    return decorator
+
+
+# -- request scope ---------------------------------------------------------------------------
+
+
+def _is_api_path(path: str) -> bool:
+    return path.startswith("/api/")
+
+
+class TenancyMiddleware:
+    """Resolve the organization of the URL, check membership, and keep its scope active.
+
+    The scope stays active while the response renders. A user who is not an active member of
+    the organization gets the same 404 as for an organization that does not exist.
+    """
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        request.organization = None
+        request.member = None
+        try:
+            match = resolve(request.path_info)
+        except Resolver404:
+            return self.get_response(request)
+
+        if match.app_name == "admin" or match.namespace == "admin":
+            # Platform staff work across tenants; Django's admin itself requires is_staff.
+            with unscoped():
+                return self.get_response(request)
+
+        slug = match.kwargs.get("org_slug")
+        if slug is None:
+            return self.get_response(request)
+
+        member = self._member_for(request, slug)
+        if member is None:
+            if not request.user.is_authenticated:
+                from django.contrib.auth.views import redirect_to_login  # needs the app registry
+
+                if _is_api_path(request.path_info):
+                    return JsonResponse({"detail": "Authentication credentials were not provided."}, status=401)
+                return redirect_to_login(request.get_full_path(), settings.LOGIN_URL)
+            if _is_api_path(request.path_info):
+                return JsonResponse({"detail": "Not found."}, status=404)
+            raise Http404("No such organization.")
+
+        request.organization = member.organization
+        request.member = member
+        with scope(member.organization):
+            return self.get_response(request)
+
+    def process_view(self, request, view_func, view_args, view_kwargs):
+        # Views read the organization from request.organization, never from the URL.
+        view_kwargs.pop("org_slug", None)
+
+    @staticmethod
+    def _member_for(request, slug):
+        from portal.models import Member
+
+        if not request.user.is_authenticated:
+            return None
+        return (
+            Member.all_objects.select_related("organization", "user", "team")
+            .filter(organization__slug=slug, user=request.user, is_active=True)
+            .first()
+        )
+

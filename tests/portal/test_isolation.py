@@ -1,0 +1,171 @@
+"""Tenant isolation over every route the project has, discovered, not listed.
+
+A member of organization A (its owner, who has every role) aims every URL pattern and API route at
+organization B: B's slug, and A's slug with B's object ids. Every answer must be 403 or 404, and
+nothing of B may change. A new route is covered without editing this test; a route whose URL
+kwargs this test cannot aim at another organization makes it fail until they follow the
+convention (`org_slug`, and `<model>_id` for a tenant model's primary key).
+"""
+
+import json
+
+import pytest
+from django.apps import apps
+
+from portal.models import Organization, User
+from portal.tenancy import TenantModel, unscoped
+from tests.urlwalk import walk
+
+METHODS = ["get", "post", "put", "patch", "delete"]
+DENIED = {403, 404}
+# Kwargs of allauth's own account routes: secrets of one user's email or password reset, never an
+# organization's data.
+USER_ACCOUNT_KWARGS = {"key", "uidb36"}
+
+
+def tenant_models():
+    return [model for model in apps.get_models() if issubclass(model, TenantModel)]
+
+
+def model_for_kwarg(name: str):
+    if not name.endswith("_id"):
+        return None
+    wanted = name[: -len("_id")].replace("_", "")
+    for model in tenant_models():
+        if model._meta.model_name == wanted:
+            return model
+    return None
+
+
+def first_object(model, organization):
+    with unscoped():
+        return model.all_objects.filter(organization=organization).order_by("pk").first()
+
+
+def snapshot(organization) -> str:
+    """Every row organization B owns, its own row, and its members' accounts."""
+    with unscoped():
+        state = {
+            model._meta.label: list(model.all_objects.filter(organization=organization).order_by("pk").values())
+            for model in tenant_models()
+        }
+        state["organization"] = list(Organization.objects.filter(pk=organization.pk).values())
+        state["users"] = list(
+            User.objects.filter(memberships__organization=organization).order_by("pk").values("email", "password", "is_active")
+        )
+    return json.dumps(state, default=str, sort_keys=True)
+
+
+def hostile_body(org) -> dict:
+    """A body that would change org B if any view trusted ids it was sent."""
+    body = {"name": "taken over", "email": "intruder@a.example", "roles": ["owner", "admin"], "is_active": False,
+            "cost_centre": "X-1", "time_zone": "UTC", "currency": "EUR", "reason": "taken over"}
+    for model in tenant_models():
+        obj = first_object(model, org.organization)
+        if obj is not None:
+            body[model._meta.model_name] = obj.pk
+            body[f"{model._meta.model_name}_id"] = obj.pk
+    return body
+
+
+def send(client, method, path, body, is_api):
+    if method == "get":
+        return client.get(path)
+    if is_api:
+        return getattr(client, method)(path, data=json.dumps(body), content_type="application/json")
+    return getattr(client, method)(path, data=body) if method == "post" else getattr(client, method)(path)
+
+
+def kwargs_for(route, org, target):
+    """Fill the route's kwargs with `target`'s objects, or say why the route is not tenant-aimed."""
+    values = {}
+    for name in route.kwarg_names:
+        if name == "org_slug":
+            values[name] = org.slug
+        elif name == "token":
+            values[name] = target.invitation_token
+        elif name in USER_ACCOUNT_KWARGS:
+            return None
+        else:
+            model = model_for_kwarg(name)
+            assert model is not None, (
+                f"route {route.route!r} has kwarg {name!r} that the isolation test cannot aim at another "
+                "organization: name object ids <model>_id after a tenant model"
+            )
+            obj = first_object(model, target.organization)
+            assert obj is not None, f"the fixture has no {model.__name__} in {target.slug} to aim {route.route!r} at"
+            values[name] = obj.pk
+    return values
+
+
+def test_every_route_refuses_another_organizations_objects(client, org_a, org_b):
+    intruder = org_a.members["owner"].user
+
+    def as_intruder(method, path, body, is_api):
+        client.force_login(intruder, backend="django.contrib.auth.backends.ModelBackend")
+        return send(client, method, path, body, is_api)
+
+    before = snapshot(org_b.organization)
+    body = hostile_body(org_b)
+    checked, failures = 0, []
+    for route in walk():
+        if route.namespace == "admin":
+            continue  # platform staff only: see test_admin_is_platform_staff_only
+        is_api = route.route.startswith("api/")
+        names = route.kwarg_names
+        if not names:
+            # Routes without ids (sign-up, new organization, account pages) may be used, but a
+            # body full of B's ids must not reach B (checked by the snapshot at the end).
+            as_intruder("post", route.build(), body, is_api)
+            continue
+        b_values = kwargs_for(route, org_b, org_b)
+        if b_values is None:
+            continue  # a user-account secret route, no organization data
+        # 1. B's own URL; 2. A's URL (or no organization's) carrying B's object ids or tokens. The
+        # second is probed with A's own objects first, to skip methods the route does not take.
+        aims = [(b_values, None)] if "org_slug" in names else []
+        if names != ["org_slug"]:
+            aims.append((kwargs_for(route, org_a, org_b), kwargs_for(route, org_a, org_a)))
+        for values, own_values in aims:
+            for method in METHODS:
+                if own_values is not None and as_intruder(method, route.build(**own_values), body, is_api).status_code == 405:
+                    continue  # the route does not take this method at all
+                response = as_intruder(method, route.build(**values), body, is_api)
+                checked += 1
+                if response.status_code not in DENIED:
+                    failures.append(f"{method.upper()} {route.build(**values)} -> {response.status_code}")
+
+    assert not failures, "cross-organization requests not refused:\n" + "\n".join(failures)
+    assert checked > 50, f"only {checked} cross-organization requests were made; is discovery broken?"
+    assert snapshot(org_b.organization) == before, "organization B changed"
+
+
+def test_anonymous_requests_to_organization_routes_are_refused(client, org_b):
+    before = snapshot(org_b.organization)
+    for route in walk():
+        if "org_slug" not in route.kwarg_names:
+            continue
+        values = kwargs_for(route, org_b, org_b)
+        response = client.post(route.build(**values), data={"name": "anonymous"})
+        if route.route.startswith("api/"):
+            assert response.status_code == 401, route.route
+        else:
+            assert response.status_code == 302 and "/accounts/login/" in response["Location"], route.route
+    assert snapshot(org_b.organization) == before
+
+
+def test_deactivated_member_loses_access(client, org_a):
+    member = org_a.members["hr"]
+    with unscoped():
+        member.is_active = False
+        member.save()
+    client.force_login(member.user, backend="django.contrib.auth.backends.ModelBackend")
+    assert client.get(f"/o/{org_a.slug}/").status_code == 404
+    assert client.get(f"/api/v1/o/{org_a.slug}/members/").status_code == 404
+
+
+@pytest.mark.parametrize("model_name", ["member", "team", "invitation", "auditlogentry"])
+def test_admin_is_platform_staff_only(client, org_a, model_name):
+    client.force_login(org_a.members["owner"].user, backend="django.contrib.auth.backends.ModelBackend")
+    response = client.get(f"/admin/portal/{model_name}/")
+    assert response.status_code == 302 and "/admin/login/" in response["Location"]
