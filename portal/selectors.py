@@ -15,6 +15,11 @@ from portal.models import AuditLogEntry, Invitation, Member, Organization, Team,
 from portal.tenancy import unscoped
 
 
+def _text(value: str) -> str:
+    """A filter string from a query parameter: PostgreSQL refuses NUL characters (a 500), and no stored text has one."""
+    return value.replace("\x00", "")
+
+
 def memberships_for_user(user: User) -> list[Member]:
     """The active memberships of one user, across organizations (for the organization switcher)."""
     if not user.is_authenticated:
@@ -29,8 +34,9 @@ def member_list(*, organization: Organization, team_id: int | None = None, searc
     members = Member.objects.filter(organization=organization).select_related("user", "team")
     if team_id:
         members = members.filter(team_id=team_id)
+    search = _text(search).strip()
     if search:
-        members = members.filter(user__email__icontains=search.strip())
+        members = members.filter(user__email__icontains=search)
     return members.order_by("-is_active", "user__email")
 
 
@@ -70,6 +76,7 @@ def audit_log(
     until: datetime | None = None,
 ) -> QuerySet[AuditLogEntry]:
     entries = AuditLogEntry.objects.filter(organization=organization)
+    action, actor_email, object_type = _text(action), _text(actor_email), _text(object_type)
     if action:
         entries = entries.filter(action__startswith=action)
     if actor_email:

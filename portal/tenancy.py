@@ -155,6 +155,10 @@ class TenancyMiddleware:
         try:
             match = resolve(request.path_info)
         except Resolver404:
+            if _is_api_path(request.path_info):
+                # API clients get JSON for every error, also for a path no route matches
+                # (e.g. a non-integer id): Django's own 404 page is HTML.
+                return JsonResponse({"detail": "Not found."}, status=404)
             return self.get_response(request)
 
         if match.app_name == "admin" or match.namespace == "admin":

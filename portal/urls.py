@@ -4,7 +4,6 @@ from django.urls import include, path
 from portal import views
 
 organization_patterns = [
-    path("", views.dashboard, name="dashboard"),
     path("members/", views.member_list, name="member_list"),
     path("members/<int:member_id>/", views.member_edit, name="member_edit"),
     path("teams/", views.team_list, name="team_list"),
@@ -21,6 +20,7 @@ urlpatterns = [
     path("orgs/new/", views.organization_create, name="organization_create"),
     path("invitations/<str:token>/", views.invitation_accept, name="invitation_accept"),
     path("o/<slug:org_slug>/", include(organization_patterns)),
+    path("o/<slug:org_slug>/", include("allowances.urls")),
     path("accounts/", include("allauth.urls")),
     path("admin/", admin.site.urls),
     path("", include("portal.api.urls")),

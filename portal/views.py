@@ -126,19 +126,14 @@ def invitation_accept(request, token):
 # -- inside an organization ---------------------------------------------------------------
 
 
-@require_GET
-def dashboard(request):
-    request.session[LAST_ORGANIZATION_KEY] = request.organization.slug
-    return render(request, "portal/dashboard.html", {})
-
-
 @require_roles("hr")
 @require_GET
 def member_list(request):
     team_id = request.GET.get("team") or None
     members = selectors.member_list(
         organization=request.organization,
-        team_id=int(team_id) if team_id and team_id.isdigit() else None,
+        # ASCII digits only ("²".isdigit() is true) and within a 64-bit id, else it answered 500.
+        team_id=int(team_id) if team_id and team_id.isascii() and team_id.isdigit() and len(team_id) <= 18 else None,
         search=request.GET.get("q", ""),
     )
     page = Paginator(members, 50).get_page(request.GET.get("page"))

@@ -8,6 +8,8 @@ from allauth.account.models import EmailAddress
 from django.core.management.base import BaseCommand
 from django.db import transaction
 
+from allowances.demo import seed_allowances
+from allowances.periods import period_bounds, period_start_for
 from portal.demo import DEMO_ORGANIZATIONS, DEMO_PASSWORD
 from portal.models import Member, Organization, Team, User
 from portal.tenancy import scope
@@ -42,10 +44,12 @@ class Command(BaseCommand):
                     user.set_password(DEMO_PASSWORD)
                     user.save(update_fields=["password"])
                 EmailAddress.objects.update_or_create(user=user, email=user.email, defaults={"verified": True, "primary": True})
-                member, _ = Member.objects.get_or_create(organization=organization, user=user,
-                                                         defaults={"is_employee": True})
+                # Demo members have been around since the period began, so they get a whole month.
+                member, _ = Member.objects.get_or_create(organization=organization, user=user, defaults={
+                    "is_employee": True, "joined_at": period_bounds(organization, period_start_for(organization))[0]})
                 member.set_roles(person["roles"])
                 member.team = teams[person["team"]]
                 member.is_active = True
                 member.save()
+            seed_allowances(organization)
         return organization

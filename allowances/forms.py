@@ -1,0 +1,98 @@
+import uuid
+
+from django import forms
+
+from allowances.models import AllowancePolicy, CatalogModel, LedgerEntry
+
+APPLY_CHOICES = [
+    ("next", "From the next period (nothing changes this month)"),
+    ("now", "Immediately: top the rest of this period up or down pro rata"),
+]
+
+
+class PolicyForm(forms.Form):
+    name = forms.CharField(max_length=120)
+    monthly_tokens = forms.CharField(help_text="Whole tokens per calendar month, e.g. 5000000.")
+    rollover_rule = forms.ChoiceField(choices=AllowancePolicy.Rollover.choices)
+    rollover_cap_tokens = forms.CharField(required=False, label="Rollover cap (tokens)")
+    rollover_cap_percent = forms.CharField(required=False, label="Rollover cap (% of the monthly amount)")
+    rollover_lifetime_periods = forms.IntegerField(initial=1, label="Rolled-over tokens live for (periods)")
+    overage_rule = forms.ChoiceField(choices=AllowancePolicy.Overage.choices)
+    auto_approve_tokens = forms.CharField(required=False, label="Auto-approved overage per period (tokens)")
+
+
+class PolicyEditForm(PolicyForm):
+    applies = forms.ChoiceField(choices=APPLY_CHOICES, initial="next", widget=forms.RadioSelect,
+                                label="The change applies")
+
+
+class AssignmentForm(forms.Form):
+    policy = forms.ModelChoiceField(queryset=None)
+    team = forms.ModelChoiceField(queryset=None, required=False, empty_label="—")
+    member = forms.ModelChoiceField(queryset=None, required=False, empty_label="—",
+                                    help_text="A member's own policy wins over their team's.")
+    applies = forms.ChoiceField(choices=APPLY_CHOICES, initial="next", widget=forms.RadioSelect)
+
+    def __init__(self, *args, policies, teams, members, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["policy"].queryset = policies
+        self.fields["team"].queryset = teams
+        self.fields["member"].queryset = members
+        self.fields["member"].label_from_instance = lambda m: m.user.email
+
+    def clean(self):
+        cleaned = super().clean()
+        if bool(cleaned.get("team")) == bool(cleaned.get("member")):
+            raise forms.ValidationError("Choose a team or a member (one of them).")
+        return cleaned
+
+
+class GrantForm(forms.Form):
+    tokens = forms.CharField(help_text="Whole tokens, e.g. 250000.")
+    reason = forms.CharField(max_length=500)
+    team = forms.ModelChoiceField(queryset=None, required=False, empty_label="—")
+    member = forms.ModelChoiceField(queryset=None, required=False, empty_label="—")
+    # Generated when the form is shown, so a double submit grants once.
+    idempotency_key = forms.CharField(widget=forms.HiddenInput, max_length=100)
+
+    def __init__(self, *args, teams, members, **kwargs):
+        kwargs.setdefault("initial", {}).setdefault("idempotency_key", uuid.uuid4().hex)
+        super().__init__(*args, **kwargs)
+        self.fields["team"].queryset = teams
+        self.fields["member"].queryset = members
+        self.fields["member"].label_from_instance = lambda m: m.user.email
+
+    def clean(self):
+        cleaned = super().clean()
+        if bool(cleaned.get("team")) == bool(cleaned.get("member")):
+            raise forms.ValidationError("Grant to a team or to a member (one of them).")
+        return cleaned
+
+
+class GrantImportForm(forms.Form):
+    file = forms.FileField(help_text="CSV with the columns email, tokens, reason (UTF-8).")
+
+
+class CatalogModelForm(forms.Form):
+    model_id = forms.CharField(max_length=100)
+    display_name = forms.CharField(max_length=120, required=False)
+    provider = forms.ChoiceField(choices=CatalogModel.Provider.choices)
+    input_multiplier = forms.CharField(initial="1")
+    output_multiplier = forms.CharField(initial="1")
+    cached_multiplier = forms.CharField(initial="1")
+    input_price_per_million = forms.CharField(initial="0", label="Input price per million tokens")
+    output_price_per_million = forms.CharField(initial="0", label="Output price per million tokens")
+    cached_price_per_million = forms.CharField(initial="0", label="Cached price per million tokens")
+    is_active = forms.BooleanField(required=False, initial=True)
+
+
+class HistoryFilterForm(forms.Form):
+    kind = forms.ChoiceField(choices=[("", "All kinds"), *LedgerEntry.Kind.choices], required=False)
+    since = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}))
+    until = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}))
+
+    def clean(self):
+        cleaned = super().clean()
+        if cleaned.get("since") and cleaned.get("until") and cleaned["since"] > cleaned["until"]:
+            self.add_error("until", "The end date is before the start date.")
+        return cleaned

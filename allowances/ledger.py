@@ -1,0 +1,260 @@
+"""The token ledger: every change to an account's balance goes through `post`.
+
+One call is one transaction of two statements:
+
+1. a conditional `UPDATE account ... WHERE <the balance allows it> RETURNING period_start`:
+   the check and the write are one statement, so concurrent holds can never take the available
+   balance below the approved overdraft (no check-then-write);
+2. `INSERT ledger entry ... ON CONFLICT DO NOTHING RETURNING id`: the unique
+   (account, idempotency key) and the unique `closes_hold` make retries and races harmless. When
+   the insert conflicts, the transaction is rolled back (undoing the UPDATE) and the entry that
+   already exists is returned.
+
+SQL is written by hand here because this is the gateway's hot path; everything else uses the ORM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.db import connection, transaction
+from django.utils import timezone
+
+from allowances.models import Account, LedgerEntry
+from portal.tenancy import ScopeError, current_organization
+
+HOLD_TTL = timedelta(minutes=15)
+
+Kind = LedgerEntry.Kind
+# Which bucket an entry of each kind moves: +1 adds its tokens, -1 subtracts them.
+GRANTED_SIGN = {Kind.GRANT: 1, Kind.BONUS: 1, Kind.ROLLOVER_IN: 1, Kind.OVERAGE_GRANT: 1, Kind.ADJUSTMENT: 1,
+                Kind.ROLLOVER_OUT: -1, Kind.EXPIRY: -1}
+
+# Guards: how low the available balance may go after the entry. None: no limit (usage is a fact
+# and is recorded whatever it costs); "overdraft": down to minus the approved overdraft (holds);
+# "zero": not below zero (revoking or reducing grants).
+GUARDS = {
+    None: "",
+    "overdraft": " AND granted + %(g)s - used - %(u)s - held - %(h)s >= -overdraft_limit",
+    "zero": " AND granted + %(g)s - used - %(u)s - held - %(h)s >= 0",
+}
+_ACCOUNT = Account._meta.db_table
+_ENTRY = LedgerEntry._meta.db_table
+_UPDATE_SQL = {
+    guard: (f"UPDATE {_ACCOUNT} SET granted = granted + %(g)s, held = held + %(h)s, used = used + %(u)s "
+            f"WHERE id = %(account)s AND organization_id = %(org)s{condition} RETURNING period_start")
+    for guard, condition in GUARDS.items()
+}
+_INSERT_SQL = (
+    f"INSERT INTO {_ENTRY} (organization_id, account_id, kind, tokens, granted_delta, held_delta, used_delta, "
+    "period_start, idempotency_key, closes_hold_id, expires_at, model, actor_id, reason, reference, created_at) "
+    "VALUES (%(org)s, %(account)s, %(kind)s, %(tokens)s, %(g)s, %(h)s, %(u)s, %(period)s, %(key)s, %(closes)s, "
+    "%(expires)s, %(model)s, %(actor)s, %(reason)s, %(reference)s, %(now)s) ON CONFLICT DO NOTHING RETURNING id"
+)
+
+
+class LedgerError(Exception):
+    pass
+
+
+class InsufficientTokens(LedgerError):
+    def __init__(self, *, account_id: int, requested: int, available: int, overdraft_limit: int):
+        self.account_id, self.requested = account_id, requested
+        self.available, self.overdraft_limit = available, overdraft_limit
+        super().__init__(
+            f"{requested:,} tokens requested but only {max(available + overdraft_limit, 0):,} available"
+            + (f" (including {overdraft_limit:,} approved overage)" if overdraft_limit else "")
+        )
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A reservation of tokens for a request in flight (a ledger entry of kind hold)."""
+
+    id: int
+    account_id: int
+    organization_id: int
+    tokens: int
+    expires_at: datetime
+    model: str = ""
+
+
+@dataclass(frozen=True)
+class Posted:
+    entry_id: int
+    created: bool  # False when the call was a retry and the entry already existed
+
+
+class _AlreadyPosted(Exception):
+    pass
+
+
+def _check_scope(organization_id: int) -> None:
+    active = current_organization()
+    if active is not None and active.pk != organization_id:
+        raise ScopeError("ledger call for an account of another organization")
+
+
+def post(
+    *,
+    account: Account,
+    kind: str,
+    tokens: int,
+    idempotency_key: str,
+    held_delta: int = 0,
+    used_delta: int = 0,
+    granted_delta: int | None = None,
+    guard: str | None = None,
+    closes_hold_id: int | None = None,
+    expires_at: datetime | None = None,
+    model: str = "",
+    actor=None,
+    reason: str = "",
+    reference: str = "",
+) -> Posted:
+    """Append one entry and move the account's stored buckets with it, atomically and idempotently."""
+    _check_scope(account.organization_id)
+    if granted_delta is None:
+        granted_delta = GRANTED_SIGN.get(kind, 0) * tokens
+    params = {
+        "org": account.organization_id, "account": account.pk, "kind": kind, "tokens": tokens,
+        "g": granted_delta, "h": held_delta, "u": used_delta, "key": idempotency_key, "closes": closes_hold_id,
+        "expires": expires_at, "model": model, "actor": getattr(actor, "pk", None), "reason": reason[:500],
+        "reference": reference[:100], "now": timezone.now(),
+    }
+    try:
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(_UPDATE_SQL[guard], params)
+            row = cursor.fetchone()
+            if row is None:
+                raise _insufficient(account, requested=held_delta + used_delta - granted_delta)
+            params["period"] = row[0]
+            cursor.execute(_INSERT_SQL, params)
+            inserted = cursor.fetchone()
+            if inserted is None:
+                raise _AlreadyPosted
+            return Posted(entry_id=inserted[0], created=True)
+    except _AlreadyPosted:
+        existing = LedgerEntry.all_objects.filter(account_id=account.pk, idempotency_key=idempotency_key).values_list(
+            "id", flat=True).first()
+        if existing is None:
+            raise  # the conflict was on closes_hold: the caller decides what that means
+        return Posted(entry_id=existing, created=False)
+
+
+def _insufficient(account: Account, *, requested: int) -> LedgerError:
+    current = Account.all_objects.filter(pk=account.pk, organization_id=account.organization_id).values(
+        "granted", "held", "used", "overdraft_limit").first()
+    if current is None:
+        return LedgerError(f"no account {account.pk} in organization {account.organization_id}")
+    return InsufficientTokens(account_id=account.pk, requested=requested,
+                              available=current["granted"] - current["used"] - current["held"],
+                              overdraft_limit=current["overdraft_limit"])
+
+
+def authorize(*, account: Account, tokens: int, idempotency_key: str, ttl: timedelta = HOLD_TTL, model: str = "",
+              reference: str = "", actor=None) -> Hold:
+    """Reserve `tokens` for a request in flight, or raise InsufficientTokens. Safe to retry with the same key."""
+    if not isinstance(tokens, int) or tokens <= 0:
+        raise ValueError("a hold needs a positive whole number of tokens")
+    expires_at = timezone.now() + ttl
+    posted = post(account=account, kind=Kind.HOLD, tokens=tokens, held_delta=tokens, guard="overdraft",
+                  idempotency_key=f"hold:{idempotency_key}", expires_at=expires_at, model=model, reference=reference,
+                  actor=actor)
+    if not posted.created:
+        return hold_get(account=account, hold_id=posted.entry_id)
+    return Hold(id=posted.entry_id, account_id=account.pk, organization_id=account.organization_id, tokens=tokens,
+                expires_at=expires_at, model=model)
+
+
+def settle(*, hold: Hold, used_tokens: int, model: str = "", reference: str = "") -> Posted:
+    """Turn a hold into usage: release all of it and record what was really used.
+
+    Usage is a fact, so it is recorded in full even when it exceeds the hold. Settling a hold that
+    the sweeper already released still records the usage (once).
+    """
+    if not isinstance(used_tokens, int) or used_tokens < 0:
+        raise ValueError("usage is a whole number of tokens, zero or more")
+    account = _account_ref(hold)
+    key = f"settle:{hold.id}"
+    common = {"account": account, "kind": Kind.USAGE, "tokens": used_tokens, "used_delta": used_tokens,
+              "idempotency_key": key, "model": model or hold.model, "reference": reference}
+    try:
+        return post(**common, held_delta=-hold.tokens, closes_hold_id=hold.id)
+    except _AlreadyPosted:
+        # Released before it was settled (time-to-live passed): the usage still happened.
+        return post(**common, reason="usage after the hold was released")
+
+
+def release(*, hold: Hold, reason: str = "") -> Posted | None:
+    """Give a hold's tokens back. Returns None when the hold was already settled (or released by
+    another caller); a retry of this same release returns the existing entry with created=False."""
+    try:
+        return post(account=_account_ref(hold), kind=Kind.RELEASE, tokens=hold.tokens, held_delta=-hold.tokens,
+                    idempotency_key=f"release:{hold.id}", closes_hold_id=hold.id, reason=reason, model=hold.model)
+    except _AlreadyPosted:
+        return None
+
+
+def _account_ref(hold: Hold) -> Account:
+    # post() needs only the ids; no need to load the account row.
+    return Account(pk=hold.account_id, organization_id=hold.organization_id)
+
+
+def hold_get(*, account: Account, hold_id: int) -> Hold:
+    entry = LedgerEntry.all_objects.get(pk=hold_id, account_id=account.pk, kind=Kind.HOLD)
+    return Hold(id=entry.pk, account_id=entry.account_id, organization_id=entry.organization_id, tokens=entry.tokens,
+                expires_at=entry.expires_at, model=entry.model)
+
+
+def hold_is_open(hold_id: int) -> bool:
+    return not LedgerEntry.all_objects.filter(closes_hold_id=hold_id).exists()
+
+
+def release_expired_holds(*, now: datetime | None = None, limit: int = 1000) -> int:
+    """Release holds that outlived their time-to-live. Returns how many were released."""
+    now = now or timezone.now()
+    expired = (LedgerEntry.all_objects.filter(kind=Kind.HOLD, expires_at__lte=now, closed_by__isnull=True)
+               .order_by("expires_at").values("id", "account_id", "organization_id", "tokens", "expires_at", "model")[:limit])
+    released = 0
+    for row in expired:
+        hold = Hold(id=row["id"], account_id=row["account_id"], organization_id=row["organization_id"],
+                    tokens=row["tokens"], expires_at=row["expires_at"], model=row["model"])
+        result = release(hold=hold, reason="time-to-live passed")
+        if result is not None and result.created:
+            released += 1
+    return released
+
+
+def verify(*, organization_id: int | None = None) -> list[dict]:
+    """Recompute every account from its entries; return the accounts whose stored balance differs."""
+    where = "WHERE a.organization_id = %s" if organization_id else ""
+    sql = f"""
+        SELECT a.id, a.organization_id, a.granted, a.held, a.used,
+               COALESCE(SUM(e.granted_delta), 0), COALESCE(SUM(e.held_delta), 0), COALESCE(SUM(e.used_delta), 0)
+        FROM {_ACCOUNT} a LEFT JOIN {_ENTRY} e ON e.account_id = a.id
+        {where}
+        GROUP BY a.id, a.organization_id, a.granted, a.held, a.used
+        HAVING a.granted <> COALESCE(SUM(e.granted_delta), 0) OR a.held <> COALESCE(SUM(e.held_delta), 0)
+            OR a.used <> COALESCE(SUM(e.used_delta), 0)
+        ORDER BY a.id"""
+    bad_closings = f"""
+        SELECT c.account_id, c.id, c.held_delta, h.tokens FROM {_ENTRY} c JOIN {_ENTRY} h ON h.id = c.closes_hold_id
+        WHERE (c.held_delta <> -h.tokens OR c.account_id <> h.account_id OR h.kind <> 'hold')
+        {"AND c.organization_id = %s" if organization_id else ""}"""
+    params = [organization_id] if organization_id else []
+    problems = []
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        for account_id, org_id, granted, held, used, sum_granted, sum_held, sum_used in cursor.fetchall():
+            problems.append({
+                "account_id": account_id, "organization_id": org_id,
+                "stored": {"granted": granted, "held": held, "used": used},
+                "from_entries": {"granted": sum_granted, "held": sum_held, "used": sum_used},
+            })
+        cursor.execute(bad_closings, params)
+        for account_id, entry_id, held_delta, hold_tokens in cursor.fetchall():
+            problems.append({"account_id": account_id, "entry_id": entry_id,
+                             "problem": f"closing entry moves held by {held_delta}, the hold was {hold_tokens}"})
+    return problems

@@ -1,0 +1,296 @@
+"""Allowances: the model catalog, policies and their assignments, and the token ledger.
+
+Tokens are integers everywhere. The ledger is append-only: `LedgerEntry` rows are inserted and
+never updated or deleted, and each carries its effect on the account's three buckets (granted,
+held, used). `Account` stores those buckets, updated in the same transaction as the entry, so the
+stored balance always equals the sum of the entries (checked by `manage.py verify_ledger`).
+
+A hold is a ledger entry of kind `hold`; it is closed by exactly one later entry (a `usage`
+settling it or a `release`) that points at it through the unique `closes_hold` column, so a hold
+can never be settled or released twice, whatever retries or races happen.
+"""
+
+from decimal import ROUND_CEILING, Decimal
+
+from django.conf import settings
+from django.db import models
+from django.db.models import F, Q
+from django.utils import timezone
+
+from portal.models import Member, Team
+from portal.tenancy import TenantModel
+
+# Anything above this in one grant or policy is a typo, not a budget (10 billion tokens).
+MAX_TOKENS = 10_000_000_000
+
+
+class CatalogModel(TenantModel):
+    """A model the organization offers, with how it counts against allowances and what it costs."""
+
+    class Provider(models.TextChoices):
+        OPENAI = "openai", "OpenAI"
+        ANTHROPIC = "anthropic", "Anthropic"
+        OPENAI_COMPATIBLE = "openai_compatible", "OpenAI-compatible server"
+        SANDBOX = "sandbox", "Sandbox (no network)"
+
+    model_id = models.CharField(max_length=100, help_text="The id clients send, e.g. gpt-4o-mini.")
+    display_name = models.CharField(max_length=120)
+    provider = models.CharField(max_length=32, choices=Provider.choices)
+    input_multiplier = models.DecimalField(max_digits=7, decimal_places=3, default=Decimal("1"))
+    output_multiplier = models.DecimalField(max_digits=7, decimal_places=3, default=Decimal("1"))
+    cached_multiplier = models.DecimalField(max_digits=7, decimal_places=3, default=Decimal("1"))
+    # Prices per million tokens in the organization's currency.
+    input_price_per_million = models.DecimalField(max_digits=12, decimal_places=4, default=Decimal("0"))
+    output_price_per_million = models.DecimalField(max_digits=12, decimal_places=4, default=Decimal("0"))
+    cached_price_per_million = models.DecimalField(max_digits=12, decimal_places=4, default=Decimal("0"))
+    is_active = models.BooleanField(default=True)
+
+    class Meta:
+        ordering = ["display_name"]
+        constraints = [
+            models.UniqueConstraint(fields=["organization", "model_id"], name="catalog_model_id_unique_per_org"),
+            models.CheckConstraint(
+                condition=Q(input_multiplier__gt=0, output_multiplier__gt=0, cached_multiplier__gte=0),
+                name="catalog_multipliers_positive",
+            ),
+            models.CheckConstraint(
+                condition=Q(input_price_per_million__gte=0, output_price_per_million__gte=0,
+                            cached_price_per_million__gte=0),
+                name="catalog_prices_not_negative",
+            ),
+        ]
+
+    def __str__(self):
+        return self.display_name
+
+    def weighted_tokens(self, *, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> int:
+        """The tokens a request counts against the allowance, rounded up to a whole token."""
+        total = (input_tokens * self.input_multiplier + output_tokens * self.output_multiplier
+                 + cached_tokens * self.cached_multiplier)
+        return int(total.to_integral_value(rounding=ROUND_CEILING))
+
+
+class AllowancePolicy(TenantModel):
+    class Rollover(models.TextChoices):
+        NONE = "none", "Nothing rolls over"
+        ALL = "all", "Everything unused rolls over"
+        CAPPED_TOKENS = "capped_tokens", "Rolls over up to a number of tokens"
+        CAPPED_PERCENT = "capped_percent", "Rolls over up to a percentage of the monthly amount"
+
+    class Overage(models.TextChoices):
+        HARD_STOP = "hard_stop", "Hard stop at the allowance"
+        REQUEST_APPROVAL = "request_approval", "Member requests more; an approver decides"
+        AUTO_APPROVE = "auto_approve", "Auto-approve overage up to a limit per period"
+
+    name = models.CharField(max_length=120)
+    monthly_tokens = models.BigIntegerField()
+    rollover_rule = models.CharField(max_length=20, choices=Rollover.choices, default=Rollover.NONE)
+    rollover_cap_tokens = models.BigIntegerField(null=True, blank=True)
+    rollover_cap_percent = models.PositiveSmallIntegerField(null=True, blank=True)
+    # How many periods rolled-over tokens live before they expire (1 = for the next period only).
+    rollover_lifetime_periods = models.PositiveSmallIntegerField(default=1)
+    overage_rule = models.CharField(max_length=20, choices=Overage.choices, default=Overage.HARD_STOP)
+    auto_approve_tokens = models.BigIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name_plural = "allowance policies"
+        constraints = [
+            models.UniqueConstraint("organization", models.functions.Lower("name"), name="policy_name_unique_per_org"),
+            models.CheckConstraint(condition=Q(monthly_tokens__gte=0, monthly_tokens__lte=MAX_TOKENS),
+                                   name="policy_monthly_tokens_in_range"),
+            models.CheckConstraint(name="policy_rollover_rule_consistent", condition=(
+                Q(rollover_rule="none", rollover_cap_tokens__isnull=True, rollover_cap_percent__isnull=True)
+                | Q(rollover_rule="all", rollover_cap_tokens__isnull=True, rollover_cap_percent__isnull=True)
+                | Q(rollover_rule="capped_tokens", rollover_cap_tokens__gt=0, rollover_cap_percent__isnull=True)
+                | Q(rollover_rule="capped_percent", rollover_cap_tokens__isnull=True,
+                    rollover_cap_percent__gte=1, rollover_cap_percent__lte=100)
+            )),
+            models.CheckConstraint(name="policy_rollover_lifetime_positive",
+                                   condition=Q(rollover_lifetime_periods__gte=1, rollover_lifetime_periods__lte=24)),
+            models.CheckConstraint(name="policy_overage_rule_consistent", condition=(
+                Q(overage_rule__in=["hard_stop", "request_approval"], auto_approve_tokens__isnull=True)
+                | Q(overage_rule="auto_approve", auto_approve_tokens__gt=0, auto_approve_tokens__lte=MAX_TOKENS)
+            )),
+        ]
+
+    def __str__(self):
+        return self.name
+
+    @property
+    def overdraft_tokens(self) -> int:
+        """Tokens a member may go below zero without asking: the auto-approved overage."""
+        return self.auto_approve_tokens or 0
+
+    def rollover_amount(self, unused: int) -> int:
+        """How much of `unused` tokens this policy carries into the next period."""
+        unused = max(unused, 0)
+        if self.rollover_rule == self.Rollover.ALL:
+            return unused
+        if self.rollover_rule == self.Rollover.CAPPED_TOKENS:
+            return min(unused, self.rollover_cap_tokens)
+        if self.rollover_rule == self.Rollover.CAPPED_PERCENT:
+            return min(unused, self.monthly_tokens * self.rollover_cap_percent // 100)
+        return 0
+
+
+class PolicyAssignment(TenantModel):
+    """A policy assigned to a team or to one member, from the start of a period (or a moment) on.
+
+    A member's own assignment wins over their team's; the latest `effective_from` at or before a
+    moment is the one in force then.
+    """
+
+    policy = models.ForeignKey(AllowancePolicy, on_delete=models.PROTECT, related_name="assignments")
+    team = models.ForeignKey(Team, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    member = models.ForeignKey(Member, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    effective_from = models.DateTimeField()
+    applied_immediately = models.BooleanField(default=False)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-effective_from", "-id"]
+        constraints = [
+            models.CheckConstraint(name="assignment_targets_team_or_member",
+                                   condition=Q(team__isnull=False, member__isnull=True) | Q(team__isnull=True, member__isnull=False)),
+            models.UniqueConstraint(fields=["team", "effective_from"], name="one_team_assignment_per_moment"),
+            models.UniqueConstraint(fields=["member", "effective_from"], name="one_member_assignment_per_moment"),
+        ]
+
+    def __str__(self):
+        return f"{self.policy} -> {self.team or self.member}"
+
+
+class Account(TenantModel):
+    """One member's allowance: the stored sums of the ledger's buckets, and the open period."""
+
+    member = models.OneToOneField(Member, on_delete=models.PROTECT, related_name="account")
+    period_start = models.DateField(help_text="First day of the open period (a calendar month in the org's zone).")
+    granted = models.BigIntegerField(default=0)
+    held = models.BigIntegerField(default=0)
+    used = models.BigIntegerField(default=0)
+    # How far below zero holds may take the available balance: the auto-approved overage.
+    overdraft_limit = models.BigIntegerField(default=0)
+    opened_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(condition=Q(held__gte=0), name="account_held_not_negative"),
+            models.CheckConstraint(condition=Q(overdraft_limit__gte=0), name="account_overdraft_not_negative"),
+        ]
+
+    def __str__(self):
+        return f"account of {self.member.user.email}"
+
+    @property
+    def available(self) -> int:
+        return self.granted - self.used - self.held
+
+
+class LedgerEntry(TenantModel):
+    """One append-only movement of tokens on an account."""
+
+    class Kind(models.TextChoices):
+        GRANT = "grant", "Monthly grant"
+        BONUS = "bonus", "Bonus grant"
+        ROLLOVER_IN = "rollover_in", "Rollover in"
+        ROLLOVER_OUT = "rollover_out", "Rollover out"
+        EXPIRY = "expiry", "Expiry"
+        HOLD = "hold", "Hold"
+        RELEASE = "release", "Release"
+        USAGE = "usage", "Usage"
+        OVERAGE_GRANT = "overage_grant", "Overage grant"
+        ADJUSTMENT = "adjustment", "Adjustment"
+
+    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="entries")
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    # The entry's amount as a person reads it: positive, except adjustments which carry their sign.
+    # The deltas say exactly how it moves each bucket; available moves by granted - held - used.
+    tokens = models.BigIntegerField()
+    granted_delta = models.BigIntegerField(default=0)
+    held_delta = models.BigIntegerField(default=0)
+    used_delta = models.BigIntegerField(default=0)
+    period_start = models.DateField()
+    idempotency_key = models.CharField(max_length=200)
+    closes_hold = models.OneToOneField("self", null=True, blank=True, on_delete=models.PROTECT, related_name="closed_by")
+    expires_at = models.DateTimeField(null=True, blank=True, help_text="For holds: when the sweeper releases it.")
+    model = models.CharField(max_length=100, blank=True, help_text="Catalog model id, for holds and usage.")
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    reason = models.CharField(max_length=500, blank=True)
+    reference = models.CharField(max_length=100, blank=True, help_text="What caused it, e.g. grant:12 or policy:3.")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name_plural = "ledger entries"
+        constraints = [
+            models.UniqueConstraint(fields=["account", "idempotency_key"], name="ledger_idempotency_key_unique"),
+            models.CheckConstraint(name="ledger_hold_shape", condition=~Q(kind="hold") | Q(
+                held_delta=F("tokens"), tokens__gt=0, granted_delta=0, used_delta=0, expires_at__isnull=False)),
+        ]
+        indexes = [
+            models.Index(fields=["account", "period_start"], name="ledger_account_period"),
+            models.Index(fields=["expires_at"], name="ledger_open_hold_expiry", condition=Q(kind="hold")),
+            models.Index(fields=["organization", "created_at"], name="ledger_org_created"),
+        ]
+
+    def __str__(self):
+        return f"{self.kind} {self.tokens} on account {self.account_id}"
+
+
+class Grant(TenantModel):
+    """HR's one-off bonus to a member or a team (one ledger entry per member account)."""
+
+    tokens = models.BigIntegerField()
+    reason = models.CharField(max_length=500)
+    member = models.ForeignKey(Member, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    team = models.ForeignKey(Team, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    batch = models.ForeignKey("GrantBatch", null=True, blank=True, on_delete=models.PROTECT, related_name="grants")
+    # A form or API retry with the same key finds this grant instead of granting twice.
+    idempotency_key = models.CharField(max_length=100)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    revoked_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.CheckConstraint(condition=Q(tokens__gt=0, tokens__lte=MAX_TOKENS), name="grant_tokens_in_range"),
+            models.UniqueConstraint(fields=["organization", "idempotency_key"], name="grant_idempotency_key_unique"),
+            models.CheckConstraint(name="grant_targets_team_or_member",
+                                   condition=Q(team__isnull=False, member__isnull=True) | Q(team__isnull=True, member__isnull=False)),
+        ]
+
+    def __str__(self):
+        return f"{self.tokens} tokens to {self.member or self.team}"
+
+
+class GrantBatch(TenantModel):
+    """A CSV of bulk grants: parsed and previewed first, then applied all at once or not at all."""
+
+    class Status(models.TextChoices):
+        PREVIEW = "preview", "Previewed"
+        APPLIED = "applied", "Applied"
+        DISCARDED = "discarded", "Discarded"
+
+    filename = models.CharField(max_length=200, blank=True)
+    rows = models.JSONField(default=list, help_text="[{line, email, tokens, reason, member_id}] of the valid rows.")
+    errors = models.JSONField(default=list, help_text="[{line, message}] of the rows that cannot be applied.")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PREVIEW)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    applied_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name_plural = "grant batches"
+
+    def __str__(self):
+        return f"CSV {self.filename or self.pk} ({self.status})"
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(row["tokens"] for row in self.rows)

@@ -1,0 +1,35 @@
+"""Periods: calendar months in the organization's time zone."""
+
+from datetime import date, datetime
+from fractions import Fraction
+from zoneinfo import ZoneInfo
+
+from django.utils import timezone
+
+
+def period_start_for(organization, at: datetime | None = None) -> date:
+    local = (at or timezone.now()).astimezone(ZoneInfo(organization.time_zone))
+    return date(local.year, local.month, 1)
+
+
+def next_period_start(start: date) -> date:
+    return date(start.year + start.month // 12, start.month % 12 + 1, 1)
+
+
+def period_bounds(organization, start: date) -> tuple[datetime, datetime]:
+    """The period's first and first-after-last instants, as aware datetimes in the org's zone."""
+    zone = ZoneInfo(organization.time_zone)
+    end = next_period_start(start)
+    return (datetime(start.year, start.month, 1, tzinfo=zone), datetime(end.year, end.month, 1, tzinfo=zone))
+
+
+def remaining_fraction(organization, at: datetime | None = None) -> Fraction:
+    """Which part of the open period is still ahead at `at` (1 at its first instant)."""
+    at = at or timezone.now()
+    begin, end = period_bounds(organization, period_start_for(organization, at))
+    return Fraction(int((end - at).total_seconds()), int((end - begin).total_seconds()))
+
+
+def prorate(tokens: int, fraction: Fraction) -> int:
+    """Whole tokens for a part of a period, rounded down (never grants more than the policy)."""
+    return int(tokens * fraction.numerator // fraction.denominator)

@@ -1,0 +1,155 @@
+"""Reads for allowances: which policy governs a member, balances, dashboards, history."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from django.db.models import IntegerField, OuterRef, QuerySet, Subquery, Sum, Value
+from django.db.models.functions import Coalesce, TruncDate
+from django.shortcuts import get_object_or_404
+from django.utils import timezone
+
+from allowances.models import Account, AllowancePolicy, CatalogModel, Grant, GrantBatch, LedgerEntry, PolicyAssignment
+from allowances.periods import period_bounds, period_start_for
+from portal.models import Member, Organization
+
+
+def assignment_in_force(*, member: Member, at: datetime | None = None) -> PolicyAssignment | None:
+    """The member's own assignment wins; otherwise their team's; the latest one in force at `at`."""
+    at = at or timezone.now()
+    in_force = PolicyAssignment.objects.filter(effective_from__lte=at).select_related("policy").order_by(
+        "-effective_from", "-id")
+    own = in_force.filter(member=member).first()
+    if own is not None or not member.team_id:
+        return own
+    return in_force.filter(team_id=member.team_id).first()
+
+
+def policy_in_force(*, member: Member, at: datetime | None = None) -> AllowancePolicy | None:
+    assignment = assignment_in_force(member=member, at=at)
+    return assignment.policy if assignment is not None else None
+
+
+def _used_in_period(period: date):
+    return Coalesce(Subquery(
+        LedgerEntry.objects.filter(account=OuterRef("account"), period_start=period).order_by()
+        .values("account").annotate(total=Sum("used_delta")).values("total"),
+        output_field=IntegerField(),
+    ), Value(0))
+
+
+def member_balances(*, organization: Organization, search: str = "", team_id: int | None = None) -> QuerySet[Member]:
+    """Members with their account and the tokens they used in the open period (HR's overview)."""
+    period = period_start_for(organization)
+    members = (Member.objects.filter(organization=organization, is_active=True)
+               .select_related("user", "team", "account").annotate(used_this_period=_used_in_period(period)))
+    if search:
+        members = members.filter(user__email__icontains=search.strip())
+    if team_id:
+        members = members.filter(team_id=team_id)
+    return members.order_by("user__email")
+
+
+@dataclass
+class Dashboard:
+    account: Account
+    policy: AllowancePolicy | None
+    period_begin: datetime
+    period_end: datetime
+    used_this_period: int
+    days_left: int
+    burn_per_day: int
+    run_out_on: date | None  # None: not before the period ends at this pace
+    daily: list[tuple[date, int]]
+    by_model: list[tuple[str, int]]
+
+
+def dashboard(*, account: Account, at: datetime | None = None) -> Dashboard:
+    at = at or timezone.now()
+    organization = account.organization
+    zone = ZoneInfo(organization.time_zone)
+    period = period_start_for(organization, at)
+    begin, end = period_bounds(organization, period)
+    usage = LedgerEntry.objects.filter(account=account, period_start=period).exclude(used_delta=0)
+    used = usage.aggregate(total=Sum("used_delta"))["total"] or 0
+    per_day = dict(usage.annotate(day=TruncDate("created_at", tzinfo=zone)).values("day").annotate(
+        total=Sum("used_delta")).values_list("day", "total"))
+    today = at.astimezone(zone).date()
+    daily, day = [], begin.date()
+    while day < end.date():
+        daily.append((day, per_day.get(day, 0) if day <= today else 0))
+        day += timedelta(days=1)
+    by_model = list(usage.values("model").annotate(total=Sum("used_delta")).order_by("-total").values_list("model", "total"))
+    elapsed_days = max((at - begin).total_seconds() / 86400, 1 / 24)
+    burn = int(used / elapsed_days)
+    available = account.available
+    run_out = None
+    if available <= 0:
+        run_out = today
+    elif burn > 0:
+        run_out_at = at + timedelta(days=available / burn)
+        run_out = run_out_at.astimezone(zone).date() if run_out_at < end else None
+    return Dashboard(
+        account=account, policy=policy_in_force(member=account.member, at=at), period_begin=begin, period_end=end,
+        used_this_period=used, days_left=max((end.date() - today).days, 0), burn_per_day=burn, run_out_on=run_out,
+        daily=daily, by_model=[(model or "unattributed", total) for model, total in by_model],
+    )
+
+
+def ledger_history(*, account: Account, kind: str = "", since: date | None = None,
+                   until: date | None = None) -> QuerySet[LedgerEntry]:
+    entries = LedgerEntry.objects.filter(account=account).select_related("actor")
+    if kind:
+        entries = entries.filter(kind=kind)
+    zone = ZoneInfo(account.organization.time_zone)
+    if since:
+        entries = entries.filter(created_at__gte=datetime.combine(since, datetime.min.time(), tzinfo=zone))
+    if until:
+        entries = entries.filter(created_at__lt=datetime.combine(until + timedelta(days=1), datetime.min.time(), tzinfo=zone))
+    return entries.order_by("-created_at", "-id")
+
+
+def ledger_entries(*, organization: Organization, member_id: int | None = None) -> QuerySet[LedgerEntry]:
+    entries = LedgerEntry.objects.filter(organization=organization).select_related("account__member__user")
+    if member_id:
+        entries = entries.filter(account__member_id=member_id)
+    return entries.order_by("-created_at", "-id")
+
+
+def account_list(*, organization: Organization) -> QuerySet[Account]:
+    return Account.objects.filter(organization=organization).select_related("member__user").order_by("member__user__email")
+
+
+def policy_list(*, organization: Organization) -> QuerySet[AllowancePolicy]:
+    return AllowancePolicy.objects.filter(organization=organization).order_by("name")
+
+
+def policy_get(*, organization: Organization, policy_id: int) -> AllowancePolicy:
+    return get_object_or_404(AllowancePolicy.objects.filter(organization=organization), pk=policy_id)
+
+
+def assignment_list(*, organization: Organization) -> QuerySet[PolicyAssignment]:
+    return PolicyAssignment.objects.filter(organization=organization).select_related("policy", "team", "member__user")
+
+
+def grant_list(*, organization: Organization) -> QuerySet[Grant]:
+    return Grant.objects.filter(organization=organization).select_related("member__user", "team", "created_by", "batch")
+
+
+def grant_get(*, organization: Organization, grant_id: int) -> Grant:
+    return get_object_or_404(Grant.objects.filter(organization=organization), pk=grant_id)
+
+
+def grant_batch_get(*, organization: Organization, grant_batch_id: int) -> GrantBatch:
+    return get_object_or_404(GrantBatch.objects.filter(organization=organization), pk=grant_batch_id)
+
+
+def catalog(*, organization: Organization, active_only: bool = False) -> QuerySet[CatalogModel]:
+    models = CatalogModel.objects.filter(organization=organization)
+    return models.filter(is_active=True) if active_only else models.order_by("display_name")
+
+
+def catalog_model_get(*, organization: Organization, catalog_model_id: int) -> CatalogModel:
+    return get_object_or_404(CatalogModel.objects.filter(organization=organization), pk=catalog_model_id)

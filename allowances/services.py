@@ -1,0 +1,507 @@
+"""Writes for allowances: catalog, policies, assignments, accounts and grants.
+
+Balances only ever move through `allowances.ledger`. Every privileged action is audited.
+Errors are `ValidationError`s keyed by field (or by CSV line for bulk grants).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import uuid
+from datetime import datetime
+from decimal import Decimal, InvalidOperation
+
+from django.core.exceptions import ValidationError
+from django.core.validators import validate_email
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from allowances import ledger
+from allowances.models import (
+    MAX_TOKENS,
+    Account,
+    AllowancePolicy,
+    CatalogModel,
+    Grant,
+    GrantBatch,
+    LedgerEntry,
+    PolicyAssignment,
+)
+from allowances.periods import next_period_start, period_bounds, period_start_for, prorate, remaining_fraction
+from allowances.selectors import assignment_in_force, policy_in_force
+from portal.audit import changes, log_action
+from portal.models import Member, Organization, Team
+
+Kind = ledger.Kind
+MAX_CSV_BYTES = 2 * 1024 * 1024
+MAX_BULK_ROWS = 5000
+
+
+def _tokens(value, *, field: str, allow_zero: bool = False) -> int:
+    if isinstance(value, bool):
+        raise ValidationError({field: "Enter a whole number of tokens."})
+    try:
+        number = int(str(value).strip().replace("_", ""))
+    except (TypeError, ValueError):
+        raise ValidationError({field: "Enter a whole number of tokens."}) from None
+    if number < (0 if allow_zero else 1):
+        raise ValidationError({field: "Enter a positive number of tokens." if not allow_zero else "Tokens cannot be negative."})
+    if number > MAX_TOKENS:
+        raise ValidationError({field: f"That is more than {MAX_TOKENS:,} tokens; check the number."})
+    return number
+
+
+# -- catalog -----------------------------------------------------------------------------------
+
+CATALOG_FIELDS = ["model_id", "display_name", "provider", "input_multiplier", "output_multiplier", "cached_multiplier",
+                  "input_price_per_million", "output_price_per_million", "cached_price_per_million", "is_active"]
+
+
+def _clean_catalog(organization: Organization, data: dict, *, exclude_pk=None) -> dict:
+    errors = {}
+    model_id = str(data.get("model_id", "")).strip()
+    if not model_id:
+        errors["model_id"] = "Enter the model id clients send."
+    elif CatalogModel.objects.filter(organization=organization, model_id=model_id).exclude(pk=exclude_pk).exists():
+        errors["model_id"] = f"{model_id} is already in the catalog."
+    if data.get("provider") not in CatalogModel.Provider.values:
+        errors["provider"] = "Choose a provider."
+    cleaned = {"model_id": model_id, "display_name": str(data.get("display_name") or model_id).strip(),
+               "provider": data.get("provider"), "is_active": bool(data.get("is_active", True))}
+    for field in CATALOG_FIELDS[3:9]:
+        try:
+            value = Decimal(str(data.get(field, "1" if "multiplier" in field else "0")))
+        except InvalidOperation:
+            errors[field] = "Enter a number."
+            continue
+        ceiling = 10_000 if "multiplier" in field else 10**8
+        if not value.is_finite() or value < 0 or (value == 0 and field in ("input_multiplier", "output_multiplier")):
+            errors[field] = "Must be positive." if "multiplier" in field else "Cannot be negative."
+        elif value >= ceiling:
+            errors[field] = f"Must be below {ceiling:,}."
+        cleaned[field] = value
+    if errors:
+        raise ValidationError(errors)
+    return cleaned
+
+
+@transaction.atomic
+def catalog_model_create(*, organization: Organization, actor, **data) -> CatalogModel:
+    entry = CatalogModel.objects.create(organization=organization, **_clean_catalog(organization, data))
+    log_action(actor=actor, organization=organization, action="catalog_model.created", obj=entry,
+               data={field: getattr(entry, field) for field in CATALOG_FIELDS})
+    return entry
+
+
+@transaction.atomic
+def catalog_model_update(*, catalog_model: CatalogModel, actor, **data) -> CatalogModel:
+    merged = {field: getattr(catalog_model, field) for field in CATALOG_FIELDS} | data
+    cleaned = _clean_catalog(catalog_model.organization, merged, exclude_pk=catalog_model.pk)
+    diff = changes(catalog_model, cleaned.keys(), cleaned)
+    for field, value in cleaned.items():
+        setattr(catalog_model, field, value)
+    catalog_model.save()
+    if diff:
+        log_action(actor=actor, organization=catalog_model.organization, action="catalog_model.updated",
+                   obj=catalog_model, data=diff)
+    return catalog_model
+
+
+# -- policies ----------------------------------------------------------------------------------
+
+POLICY_FIELDS = ["name", "monthly_tokens", "rollover_rule", "rollover_cap_tokens", "rollover_cap_percent",
+                 "rollover_lifetime_periods", "overage_rule", "auto_approve_tokens"]
+
+
+def _clean_policy(organization: Organization, data: dict, *, exclude_pk=None) -> dict:
+    """Validate a policy's rules together; contradictions are named on the field that causes them."""
+    errors: dict[str, str] = {}
+
+    def field(name, check):
+        try:
+            return check()
+        except ValidationError as error:
+            errors.update(error.message_dict)
+            return None
+
+    name = str(data.get("name") or "").strip()
+    if not name:
+        errors["name"] = "Give the policy a name."
+    elif AllowancePolicy.objects.filter(organization=organization, name__iexact=name).exclude(pk=exclude_pk).exists():
+        errors["name"] = f"A policy called “{name}” already exists."
+    monthly = field("monthly_tokens", lambda: _tokens(data.get("monthly_tokens"), field="monthly_tokens", allow_zero=True))
+
+    rollover = data.get("rollover_rule") or AllowancePolicy.Rollover.NONE
+    cap_tokens, cap_percent = data.get("rollover_cap_tokens"), data.get("rollover_cap_percent")
+    cap_tokens = None if cap_tokens in (None, "") else cap_tokens
+    cap_percent = None if cap_percent in (None, "") else cap_percent
+    if rollover not in AllowancePolicy.Rollover.values:
+        errors["rollover_rule"] = "Choose a rollover rule."
+    if rollover == AllowancePolicy.Rollover.CAPPED_TOKENS:
+        if cap_tokens is None:
+            errors["rollover_cap_tokens"] = "A capped rollover needs the cap in tokens."
+        else:
+            cap_tokens = field("rollover_cap_tokens", lambda: _tokens(cap_tokens, field="rollover_cap_tokens"))
+    elif cap_tokens is not None:
+        errors["rollover_cap_tokens"] = "A cap in tokens only applies to the “up to a number of tokens” rule."
+    if rollover == AllowancePolicy.Rollover.CAPPED_PERCENT:
+        try:
+            cap_percent = int(cap_percent)
+            if not 1 <= cap_percent <= 100:
+                raise ValueError
+        except (TypeError, ValueError):
+            errors["rollover_cap_percent"] = "A percentage cap is a whole number from 1 to 100."
+    elif cap_percent is not None:
+        errors["rollover_cap_percent"] = "A percentage cap only applies to the “up to a percentage” rule."
+    try:
+        lifetime = int(data.get("rollover_lifetime_periods") or 1)
+        if not 1 <= lifetime <= 24:
+            raise ValueError
+    except (TypeError, ValueError):
+        errors["rollover_lifetime_periods"] = "Rolled-over tokens live from 1 to 24 periods."
+        lifetime = None
+    if rollover == AllowancePolicy.Rollover.NONE and lifetime not in (None, 1):
+        errors["rollover_lifetime_periods"] = "Nothing rolls over under this rule, so there is nothing to expire later."
+
+    overage = data.get("overage_rule") or AllowancePolicy.Overage.HARD_STOP
+    auto = data.get("auto_approve_tokens")
+    auto = None if auto in (None, "") else auto
+    if overage not in AllowancePolicy.Overage.values:
+        errors["overage_rule"] = "Choose an overage rule."
+    if overage == AllowancePolicy.Overage.AUTO_APPROVE:
+        if auto is None:
+            errors["auto_approve_tokens"] = "Auto-approval needs the number of tokens approved per period."
+        else:
+            auto = field("auto_approve_tokens", lambda: _tokens(auto, field="auto_approve_tokens"))
+    elif auto is not None:
+        errors["auto_approve_tokens"] = "An auto-approved amount only applies to the auto-approve rule."
+    if errors:
+        raise ValidationError(errors)
+    return {"name": name, "monthly_tokens": monthly, "rollover_rule": rollover, "rollover_cap_tokens": cap_tokens,
+            "rollover_cap_percent": cap_percent, "rollover_lifetime_periods": lifetime, "overage_rule": overage,
+            "auto_approve_tokens": auto}
+
+
+@transaction.atomic
+def policy_create(*, organization: Organization, actor, **data) -> AllowancePolicy:
+    policy = AllowancePolicy.objects.create(organization=organization, **_clean_policy(organization, data))
+    log_action(actor=actor, organization=organization, action="policy.created", obj=policy,
+               data={field: getattr(policy, field) for field in POLICY_FIELDS})
+    return policy
+
+
+@transaction.atomic
+def policy_update(*, policy: AllowancePolicy, actor, immediately: bool = False, at: datetime | None = None,
+                  **data) -> AllowancePolicy:
+    """Change a policy. It governs the next period; with `immediately`, the members it governs now
+    are topped up or down pro rata for the rest of the open period."""
+    at = at or timezone.now()
+    merged = {field: getattr(policy, field) for field in POLICY_FIELDS} | data
+    cleaned = _clean_policy(policy.organization, merged, exclude_pk=policy.pk)
+    diff = changes(policy, cleaned.keys(), cleaned)
+    if not diff:
+        return policy
+    before = AllowancePolicy(**{field: getattr(policy, field) for field in POLICY_FIELDS})
+    for field, value in cleaned.items():
+        setattr(policy, field, value)
+    policy.save()
+    change_id = uuid.uuid4().hex[:12]
+    if immediately:
+        for member in _members_governed_by(policy, at=at):
+            _apply_policy_change(member=member, old=before, new=policy, at=at, actor=actor,
+                                 key=f"policy-change:{policy.pk}:{change_id}")
+    log_action(actor=actor, organization=policy.organization, action="policy.updated", obj=policy,
+               data={**diff, "applies": "immediately, pro rata" if immediately else "from the next period"})
+    return policy
+
+
+def _members_governed_by(policy: AllowancePolicy, *, at: datetime) -> list[Member]:
+    candidates = Member.objects.filter(organization=policy.organization, is_active=True).select_related("organization")
+    return [member for member in candidates if (p := policy_in_force(member=member, at=at)) and p.pk == policy.pk]
+
+
+@transaction.atomic
+def policy_assign(*, organization: Organization, actor, policy: AllowancePolicy, team: Team | None = None,
+                  member: Member | None = None, immediately: bool = False, at: datetime | None = None) -> PolicyAssignment:
+    """Assign a policy to a team or one member, from the next period or immediately (pro rata)."""
+    at = at or timezone.now()
+    if (team is None) == (member is None):
+        raise ValidationError({"target": "Assign the policy to a team or to a member."})
+    for obj, field in ((policy, "policy"), (team, "team"), (member, "member")):
+        if obj is not None and obj.organization_id != organization.pk:
+            raise ValidationError({field: "Choose one of this organization's."})
+    if member is not None and not member.is_active:
+        raise ValidationError({"member": "This member is deactivated."})
+    if immediately:
+        effective_from = at
+    else:
+        start = next_period_start(period_start_for(organization, at))
+        effective_from = period_bounds(organization, start)[0]
+    affected = [member] if member is not None else list(
+        Member.objects.filter(organization=organization, team=team, is_active=True).select_related("organization"))
+    before = {m.pk: policy_in_force(member=m, at=at) for m in affected}
+    # A later assignment for the same target and moment replaces the earlier one.
+    PolicyAssignment.objects.filter(organization=organization, team=team, member=member,
+                                    effective_from=effective_from).delete()
+    assignment = PolicyAssignment.objects.create(organization=organization, policy=policy, team=team, member=member,
+                                                 effective_from=effective_from, applied_immediately=immediately,
+                                                 created_by=actor)
+    if immediately:
+        for m in affected:
+            now_in_force = policy_in_force(member=m, at=at)
+            if now_in_force is not None and now_in_force.pk == policy.pk:  # a member's own assignment wins
+                _apply_policy_change(member=m, old=before[m.pk], new=policy, at=at, actor=actor,
+                                     key=f"assignment:{assignment.pk}")
+    log_action(actor=actor, organization=organization, action="policy.assigned", obj=assignment, data={
+        "policy": policy.name, "team": team.name if team else None, "member": member.user.email if member else None,
+        "effective_from": effective_from.isoformat(), "applies": "immediately, pro rata" if immediately else "from the next period",
+    })
+    return assignment
+
+
+def _apply_policy_change(*, member: Member, old: AllowancePolicy | None, new: AllowancePolicy, at: datetime, actor,
+                         key: str) -> None:
+    """Top the open period up or down pro rata to the new policy, never below zero available."""
+    account = Account.objects.filter(member=member).first()
+    if account is None:
+        account_open(member=member, at=at)  # opens with the new policy's pro rata grant
+        return
+    fraction = remaining_fraction(member.organization, at)
+    delta = prorate(new.monthly_tokens, fraction) - prorate(old.monthly_tokens if old else 0, fraction)
+    reason = f"Policy {new.name} applied immediately: {float(fraction):.0%} of the period left, pro rata"
+    if delta > 0:
+        ledger.post(account=account, kind=Kind.ADJUSTMENT, tokens=delta, idempotency_key=key, actor=actor,
+                    reason=reason, reference=f"policy:{new.pk}")
+    elif delta < 0:
+        for _attempt in range(5):  # the balance may move under us; never cut below zero
+            account.refresh_from_db(fields=["granted", "held", "used"])
+            cut = min(-delta, max(account.available, 0))
+            if cut == 0:
+                break
+            try:
+                ledger.post(account=account, kind=Kind.ADJUSTMENT, tokens=-cut, guard="zero", idempotency_key=key,
+                            actor=actor, reason=reason, reference=f"policy:{new.pk}")
+                break
+            except ledger.InsufficientTokens:
+                continue
+    Account.objects.filter(pk=account.pk).update(overdraft_limit=new.overdraft_tokens)
+
+
+# -- accounts ----------------------------------------------------------------------------------
+
+
+def account_open(*, member: Member, at: datetime | None = None) -> Account:
+    """The member's account, opened on first need.
+
+    It is granted the policy's monthly amount pro rata from when the policy first governed the
+    member this period (the later of the period's start, the day they joined and the assignment),
+    so a member who joins mid-month gets the rest of the month, and one whose account merely opens
+    late gets the whole month.
+    """
+    existing = Account.objects.filter(member=member).first()
+    if existing is not None:
+        return existing
+    at = at or timezone.now()
+    organization = member.organization
+    period = period_start_for(organization, at)
+    assignment = assignment_in_force(member=member, at=at)
+    policy = assignment.policy if assignment is not None else None
+    try:
+        with transaction.atomic():
+            account = Account.objects.create(organization=organization, member=member, period_start=period,
+                                             overdraft_limit=policy.overdraft_tokens if policy else 0)
+            if policy is not None:
+                since = max(period_bounds(organization, period)[0], member.joined_at, assignment.effective_from)
+                fraction = remaining_fraction(organization, min(since, at))
+                amount = prorate(policy.monthly_tokens, fraction)
+                if amount:
+                    pro_rata = "" if fraction == 1 else f", pro rata ({float(fraction):.0%} of the period left)"
+                    ledger.post(account=account, kind=Kind.GRANT, tokens=amount, idempotency_key=f"grant:{period}",
+                                reason=f"{policy.name}: monthly allowance{pro_rata}", reference=f"policy:{policy.pk}")
+    except IntegrityError:  # opened concurrently by another request
+        return Account.objects.get(member=member)
+    return account
+
+
+# -- grants ------------------------------------------------------------------------------------
+
+
+@transaction.atomic
+def grant_create(*, organization: Organization, actor, tokens, reason: str, member: Member | None = None,
+                 team: Team | None = None, idempotency_key: str = "", batch: GrantBatch | None = None) -> Grant:
+    """A one-off bonus to a member or to every active member of a team. Safe to submit twice with one key."""
+    errors = {}
+    try:
+        tokens = _tokens(tokens, field="tokens")
+    except ValidationError as error:
+        errors.update(error.message_dict)
+    reason = (reason or "").strip()
+    if not reason:
+        errors["reason"] = "Say why: the member sees the reason in their history."
+    if (team is None) == (member is None):
+        errors["target"] = "Grant to a member or to a team."
+    for obj, field in ((team, "team"), (member, "member")):
+        if obj is not None and obj.organization_id != organization.pk:
+            errors[field] = "Choose one of this organization's."
+    if member is not None and not member.is_active:
+        errors["member"] = "This member is deactivated."
+    members = [member] if member is not None else list(
+        Member.objects.filter(organization=organization, team=team, is_active=True).select_related("organization"))
+    if team is not None and not members and "team" not in errors:
+        errors["team"] = "This team has no active members."
+    if errors:
+        raise ValidationError(errors)
+    key = idempotency_key or uuid.uuid4().hex
+    existing = Grant.objects.filter(organization=organization, idempotency_key=key).first()
+    if existing is not None:
+        return existing
+    grant = Grant.objects.create(organization=organization, tokens=tokens, reason=reason, member=member, team=team,
+                                 batch=batch, created_by=actor, idempotency_key=key)
+    for m in members:
+        ledger.post(account=account_open(member=m), kind=Kind.BONUS, tokens=tokens, idempotency_key=f"bonus:{grant.pk}",
+                    actor=actor, reason=reason, reference=f"grant:{grant.pk}")
+    if batch is None:
+        log_action(actor=actor, organization=organization, action="grant.created", obj=grant, data={
+            "tokens": tokens, "reason": reason, "member": member.user.email if member else None,
+            "team": team.name if team else None, "members": len(members)})
+    return grant
+
+
+@transaction.atomic
+def grant_revoke(*, grant: Grant, actor) -> Grant:
+    """Take back a grant that is still unused: every account must still have its tokens available."""
+    grant = Grant.objects.select_for_update().get(pk=grant.pk)
+    if grant.revoked_at is not None:
+        raise ValidationError("This grant is already revoked.")
+    entries = LedgerEntry.objects.filter(reference=f"grant:{grant.pk}", kind=Kind.BONUS).select_related(
+        "account__member__user")
+    for entry in entries:
+        try:
+            ledger.post(account=entry.account, kind=Kind.ADJUSTMENT, tokens=-entry.tokens, guard="zero",
+                        idempotency_key=f"revoke:{grant.pk}", actor=actor, reason=f"Grant revoked: {grant.reason}",
+                        reference=f"grant:{grant.pk}")
+        except ledger.InsufficientTokens as error:
+            raise ValidationError(
+                f"{entry.account.member.user.email} has already used part of this grant "
+                f"({max(error.available, 0):,} of {entry.tokens:,} tokens left), so it cannot be revoked."
+            ) from None
+    grant.revoked_at, grant.revoked_by = timezone.now(), actor
+    grant.save(update_fields=["revoked_at", "revoked_by"])
+    log_action(actor=actor, organization=grant.organization, action="grant.revoked", obj=grant,
+               data={"tokens": grant.tokens, "reason": grant.reason})
+    return grant
+
+
+def _validate_bulk_rows(organization: Organization, rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Check bulk grant rows ({line, email, tokens, reason}); return (valid rows, errors by line)."""
+    emails = {str(row.get("email") or "").strip().lower() for row in rows}
+    members = {
+        email.lower(): member_id for member_id, email in Member.objects.filter(
+            organization=organization, is_active=True, user__email__in=emails).values_list("pk", "user__email")
+    }
+    valid, errors = [], []
+    for row in rows:
+        line, problems = row["line"], []
+        email = str(row.get("email") or "").strip().lower()
+        try:
+            validate_email(email)
+            if email not in members:
+                problems.append(f"{email} is not an active member of this organization")
+        except ValidationError:
+            problems.append(f"“{email}” is not an email address")
+        try:
+            tokens = _tokens(row.get("tokens"), field="tokens")
+        except ValidationError as error:
+            problems.append(f"tokens: {error.message_dict['tokens'][0]}")
+            tokens = None
+        reason = str(row.get("reason") or "").strip()
+        if not reason:
+            problems.append("reason is empty")
+        elif len(reason) > 500:
+            problems.append("reason is longer than 500 characters")
+        if problems:
+            errors.append({"line": line, "message": "; ".join(problems)})
+        else:
+            valid.append({"line": line, "email": email, "tokens": tokens, "reason": reason, "member_id": members[email]})
+    return valid, errors
+
+
+def _parse_csv(upload) -> list[dict]:
+    if upload.size > MAX_CSV_BYTES:
+        raise ValidationError({"file": f"The file is larger than {MAX_CSV_BYTES // 1024 // 1024} MB."})
+    try:
+        text = upload.read().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValidationError({"file": "The file is not UTF-8 text; export it as CSV (UTF-8)."}) from None
+    try:
+        reader = csv.DictReader(io.StringIO(text))
+        header = [name.strip().lower() for name in (reader.fieldnames or [])]
+        missing = {"email", "tokens", "reason"} - set(header)
+        if missing:
+            raise ValidationError({"file": "The first line must name the columns email, tokens, reason "
+                                           f"(missing: {', '.join(sorted(missing))})."})
+        reader.fieldnames = header
+        rows = []
+        for row in reader:
+            if not any((value or "").strip() for value in row.values() if isinstance(value, str)):
+                continue  # blank line
+            rows.append({"line": reader.line_num, "email": row.get("email"), "tokens": row.get("tokens"),
+                         "reason": row.get("reason")})
+            if len(rows) > MAX_BULK_ROWS:
+                raise ValidationError({"file": f"At most {MAX_BULK_ROWS:,} rows per file."})
+    except csv.Error as error:
+        raise ValidationError({"file": f"This is not a readable CSV file ({error})."}) from None
+    if not rows:
+        raise ValidationError({"file": "The file has no rows below the header."})
+    return rows
+
+
+@transaction.atomic
+def grant_batch_preview(*, organization: Organization, actor, upload) -> GrantBatch:
+    """Parse a CSV of bulk grants into a batch to preview; nothing is granted yet."""
+    valid, errors = _validate_bulk_rows(organization, _parse_csv(upload))
+    batch = GrantBatch.objects.create(organization=organization, filename=str(upload.name)[:200], rows=valid,
+                                      errors=errors, created_by=actor)
+    return batch
+
+
+@transaction.atomic
+def grant_batch_apply(*, batch: GrantBatch, actor) -> GrantBatch:
+    """Grant every row of a previewed batch, or nothing if any row is wrong. Applying twice is a no-op."""
+    batch = GrantBatch.objects.select_for_update().get(pk=batch.pk)
+    if batch.status == GrantBatch.Status.APPLIED:
+        return batch
+    if batch.status != GrantBatch.Status.PREVIEW:
+        raise ValidationError(f"This upload was {batch.get_status_display().lower()}.")
+    if batch.errors:
+        raise ValidationError(f"Fix the {len(batch.errors)} rows with errors and upload the file again; nothing was granted.")
+    members = Member.objects.filter(organization=batch.organization).select_related("organization").in_bulk(
+        [row["member_id"] for row in batch.rows])
+    for row in batch.rows:
+        member = members.get(row["member_id"])
+        if member is None or not member.is_active:
+            raise ValidationError(f"Line {row['line']}: {row['email']} is no longer an active member; nothing was granted.")
+        grant_create(organization=batch.organization, actor=actor, tokens=row["tokens"], reason=row["reason"],
+                     member=member, batch=batch, idempotency_key=f"batch:{batch.pk}:{row['line']}")
+    batch.status, batch.applied_at = GrantBatch.Status.APPLIED, timezone.now()
+    batch.save(update_fields=["status", "applied_at"])
+    log_action(actor=actor, organization=batch.organization, action="grant_batch.applied", obj=batch,
+               data={"rows": len(batch.rows), "tokens": batch.total_tokens, "filename": batch.filename})
+    return batch
+
+
+@transaction.atomic
+def grant_bulk(*, organization: Organization, actor, rows: list[dict], idempotency_key: str = "") -> GrantBatch:
+    """Bulk grants from the API: all rows are valid and granted, or a ValidationError names each bad row."""
+    if idempotency_key:
+        existing = GrantBatch.objects.filter(organization=organization, filename=f"api:{idempotency_key}").first()
+        if existing is not None:
+            return existing
+    numbered = [{"line": index + 1, **row} for index, row in enumerate(rows)]
+    valid, errors = _validate_bulk_rows(organization, numbered)
+    if errors:
+        raise ValidationError({"grants": [f"row {error['line']}: {error['message']}" for error in errors]})
+    batch = GrantBatch.objects.create(organization=organization, filename=f"api:{idempotency_key or uuid.uuid4().hex}",
+                                      rows=valid, created_by=actor)
+    return grant_batch_apply(batch=batch, actor=actor)

@@ -1,0 +1,216 @@
+"""Allowance pages: the employee's dashboard and HR's balances, policies, assignments and grants."""
+
+from django.contrib import messages
+from django.core.exceptions import ValidationError
+from django.core.paginator import Paginator
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from allowances import selectors, services
+from allowances.charts import daily_usage_svg
+from allowances.forms import (
+    AssignmentForm,
+    CatalogModelForm,
+    GrantForm,
+    GrantImportForm,
+    HistoryFilterForm,
+    PolicyEditForm,
+    PolicyForm,
+)
+from portal import selectors as portal_selectors
+from portal.forms import apply_service_error
+from portal.tenancy import require_roles
+from portal.views import LAST_ORGANIZATION_KEY, org_url
+
+
+def _history(request, account):
+    form = HistoryFilterForm(request.GET or None)
+    filters = form.cleaned_data if form.is_valid() else {}
+    entries = selectors.ledger_history(account=account, kind=filters.get("kind", ""), since=filters.get("since"),
+                                       until=filters.get("until"))
+    return form, Paginator(entries, 25).get_page(request.GET.get("page"))
+
+
+@require_GET
+def dashboard(request):
+    """The member's own allowance: balance, burn rate, run-out date, usage by day and model, history."""
+    request.session[LAST_ORGANIZATION_KEY] = request.organization.slug
+    account = services.account_open(member=request.member)
+    form, page = _history(request, account)
+    if request.htmx and request.htmx.target == "history":
+        return render(request, "allowances/_history.html", {"page": page, "history_form": form})
+    board = selectors.dashboard(account=account)
+    return render(request, "allowances/dashboard.html", {
+        "board": board, "chart": daily_usage_svg(board.daily), "history_form": form, "page": page,
+    })
+
+
+@require_roles("hr")
+@require_GET
+def balances(request):
+    team_id = request.GET.get("team", "")
+    members = selectors.member_balances(organization=request.organization, search=request.GET.get("q", ""),
+                                        team_id=int(team_id) if team_id.isascii() and team_id.isdigit() and len(team_id) < 18 else None)
+    return render(request, "allowances/balances.html", {
+        "page": Paginator(members, 50).get_page(request.GET.get("page")), "q": request.GET.get("q", ""),
+        "teams": portal_selectors.team_list(organization=request.organization), "team_id": team_id,
+    })
+
+
+@require_roles("hr")
+@require_http_methods(["GET", "POST"])
+def policy_list(request):
+    form = PolicyForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            policy = services.policy_create(organization=request.organization, actor=request.user, **form.cleaned_data)
+        except ValidationError as error:
+            apply_service_error(form, error)
+        else:
+            messages.success(request, f"Policy {policy.name} created. Assign it to a team or a member.")
+            return redirect(org_url(request, "policy_list"))
+    return render(request, "allowances/policy_list.html", {
+        "form": form, "policies": selectors.policy_list(organization=request.organization),
+        "assignments": selectors.assignment_list(organization=request.organization)[:100],
+    })
+
+
+@require_roles("hr")
+@require_http_methods(["GET", "POST"])
+def policy_edit(request, allowance_policy_id):
+    policy = selectors.policy_get(organization=request.organization, policy_id=allowance_policy_id)
+    initial = {field: getattr(policy, field) for field in services.POLICY_FIELDS} | {"applies": "next"}
+    form = PolicyEditForm(request.POST or None, initial=initial)
+    if request.method == "POST" and form.is_valid():
+        data = dict(form.cleaned_data)
+        immediately = data.pop("applies") == "now"
+        try:
+            services.policy_update(policy=policy, actor=request.user, immediately=immediately, **data)
+        except ValidationError as error:
+            apply_service_error(form, error)
+        else:
+            messages.success(request, f"Policy {policy.name} saved; "
+                             + ("members were topped up or down pro rata now." if immediately else "it applies from the next period."))
+            return redirect(org_url(request, "policy_list"))
+    return render(request, "allowances/policy_edit.html", {"form": form, "policy": policy})
+
+
+@require_roles("hr")
+@require_http_methods(["GET", "POST"])
+def policy_assign(request):
+    organization = request.organization
+    form = AssignmentForm(request.POST or None, policies=selectors.policy_list(organization=organization),
+                          teams=portal_selectors.team_list(organization=organization),
+                          members=portal_selectors.member_list(organization=organization).filter(is_active=True))
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        try:
+            services.policy_assign(organization=organization, actor=request.user, policy=data["policy"],
+                                   team=data["team"], member=data["member"], immediately=data["applies"] == "now")
+        except ValidationError as error:
+            apply_service_error(form, error)
+        else:
+            messages.success(request, f"{data['policy'].name} assigned to {data['team'] or data['member'].user.email}.")
+            return redirect(org_url(request, "policy_list"))
+    return render(request, "allowances/policy_assign.html", {"form": form})
+
+
+def _grant_form(request, data=None):
+    organization = request.organization
+    return GrantForm(data, teams=portal_selectors.team_list(organization=organization),
+                     members=portal_selectors.member_list(organization=organization).filter(is_active=True))
+
+
+@require_roles("hr")
+@require_http_methods(["GET", "POST"])
+def grant_list(request):
+    form = _grant_form(request, request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            grant = services.grant_create(organization=request.organization, actor=request.user, **form.cleaned_data)
+        except ValidationError as error:
+            apply_service_error(form, error)
+        else:
+            messages.success(request, f"Granted {grant.tokens:,} tokens to {grant.member.user.email if grant.member else grant.team.name}.")
+            return redirect(org_url(request, "grant_list"))
+    grants = Paginator(selectors.grant_list(organization=request.organization), 50).get_page(request.GET.get("page"))
+    return render(request, "allowances/grant_list.html", {"form": form, "page": grants, "import_form": GrantImportForm()})
+
+
+@require_roles("hr")
+@require_POST
+def grant_revoke(request, grant_id):
+    grant = selectors.grant_get(organization=request.organization, grant_id=grant_id)
+    try:
+        services.grant_revoke(grant=grant, actor=request.user)
+    except ValidationError as error:
+        messages.error(request, " ".join(error.messages))
+    else:
+        messages.success(request, f"Grant of {grant.tokens:,} tokens revoked.")
+    return redirect(org_url(request, "grant_list"))
+
+
+@require_roles("hr")
+@require_POST
+def grant_import(request):
+    form = GrantImportForm(request.POST, request.FILES)
+    if form.is_valid():
+        try:
+            batch = services.grant_batch_preview(organization=request.organization, actor=request.user,
+                                                 upload=form.cleaned_data["file"])
+        except ValidationError as error:
+            apply_service_error(form, error)
+        else:
+            return redirect(org_url(request, "grant_batch", grant_batch_id=batch.pk))
+    grants = Paginator(selectors.grant_list(organization=request.organization), 50).get_page(1)
+    return render(request, "allowances/grant_list.html", {"form": _grant_form(request), "page": grants,
+                                                          "import_form": form}, status=400)
+
+
+@require_roles("hr")
+@require_http_methods(["GET", "POST"])
+def grant_batch(request, grant_batch_id):
+    batch = selectors.grant_batch_get(organization=request.organization, grant_batch_id=grant_batch_id)
+    if request.method == "POST":
+        try:
+            services.grant_batch_apply(batch=batch, actor=request.user)
+        except ValidationError as error:
+            messages.error(request, " ".join(error.messages))
+        else:
+            messages.success(request, f"Granted {batch.total_tokens:,} tokens in {len(batch.rows)} grants.")
+            return redirect(org_url(request, "grant_list"))
+    return render(request, "allowances/grant_batch.html", {"batch": batch})
+
+
+@require_roles("admin")
+@require_http_methods(["GET", "POST"])
+def catalog(request):
+    form = CatalogModelForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            entry = services.catalog_model_create(organization=request.organization, actor=request.user, **form.cleaned_data)
+        except ValidationError as error:
+            apply_service_error(form, error)
+        else:
+            messages.success(request, f"{entry.display_name} added to the catalog.")
+            return redirect(org_url(request, "catalog"))
+    return render(request, "allowances/catalog.html", {
+        "form": form, "models": selectors.catalog(organization=request.organization),
+        "currency": request.organization.currency,
+    })
+
+
+@require_roles("admin")
+@require_http_methods(["GET", "POST"])
+def catalog_model_edit(request, catalog_model_id):
+    entry = selectors.catalog_model_get(organization=request.organization, catalog_model_id=catalog_model_id)
+    form = CatalogModelForm(request.POST or None, initial={field: getattr(entry, field) for field in services.CATALOG_FIELDS})
+    if request.method == "POST" and form.is_valid():
+        try:
+            services.catalog_model_update(catalog_model=entry, actor=request.user, **form.cleaned_data)
+        except ValidationError as error:
+            apply_service_error(form, error)
+        else:
+            messages.success(request, f"{entry.display_name} saved.")
+            return redirect(org_url(request, "catalog"))
+    return render(request, "allowances/catalog_edit.html", {"form": form, "entry": entry})

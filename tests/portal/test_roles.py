@@ -1,0 +1,278 @@
+"""Each role reaches exactly the pages and API routes it should, and sees exactly the links it may use.
+
+Pages and API routes are discovered with `tests.urlwalk.walk()`, not listed: a new organization
+route makes these tests fail until someone adds it to EXPECTED / EXPECTED_API, i.e. decides which
+roles may use it.
+
+The fixture members of `org_a` each hold exactly one role flag. Roles imply others
+(`portal.tenancy.IMPLIED_ROLES`): the owner can do what an admin can, an admin what HR can.
+"""
+
+import re
+
+import pytest
+from django.apps import apps
+from django.urls import resolve
+
+from portal.models import Invitation, Member, Organization, Team
+from portal.tenancy import ROLES, TenantModel, unscoped
+from tests.urlwalk import walk
+
+EVERYONE = frozenset(ROLES)
+PEOPLE = frozenset({"owner", "admin", "hr"})
+ADMINS = frozenset({"owner", "admin"})
+
+# url name -> the roles that may open it. Everyone else gets 403.
+EXPECTED = {
+    "dashboard": EVERYONE,
+    "member_list": PEOPLE,
+    "member_edit": PEOPLE,
+    "team_list": PEOPLE,
+    "team_edit": PEOPLE,
+    "invitation_list": PEOPLE,
+    "invitation_revoke": PEOPLE,
+    "audit_log": ADMINS,
+    "organization_settings": ADMINS,
+}
+
+# API route name -> the roles that may GET it. Everyone else gets 403.
+EXPECTED_API = {
+    "api-member-list": PEOPLE,
+    "api-member-detail": PEOPLE,
+    "api-team-list": PEOPLE,
+    "api-team-detail": PEOPLE,
+    "api-invitation-list": PEOPLE,
+    "api-invitation-detail": PEOPLE,
+    "api-invitation-revoke": PEOPLE,  # POST-only: GET answers 405 to those allowed
+    "api-audit-log-list": ADMINS,
+}
+
+# The organization navigation: link text -> the page it opens.
+NAV_LINKS = {
+    "My allowance": "dashboard",
+    "Members": "member_list",
+    "Teams": "team_list",
+    "Invitations": "invitation_list",
+    "Audit log": "audit_log",
+    "Settings": "organization_settings",
+}
+
+
+# -- discovery --------------------------------------------------------------------------------
+
+
+def _tenant_model_for_kwarg(name: str):
+    """`member_id` -> Member: the convention test_isolation.py enforces for object ids."""
+    if not name.endswith("_id"):
+        return None
+    wanted = name[: -len("_id")].replace("_", "")
+    for model in apps.get_models():
+        if issubclass(model, TenantModel) and model._meta.model_name == wanted:
+            return model
+    return None
+
+
+def _own_object(model, organization):
+    with unscoped():
+        return model.all_objects.filter(organization=organization).order_by("pk").first()
+
+
+def _path(route, org) -> str:
+    values = {}
+    for name in route.kwarg_names:
+        if name == "org_slug":
+            values[name] = org.slug
+            continue
+        model = _tenant_model_for_kwarg(name)
+        assert model is not None, f"{route.route!r}: kwarg {name!r} does not name a tenant model (<model>_id)"
+        obj = _own_object(model, org.organization)
+        assert obj is not None, f"the fixture has no {model.__name__} to fill {route.route!r} with"
+        values[name] = obj.pk
+    path = route.build(**values)
+    assert path is not None, f"cannot build a path for {route.route!r}"
+    return path
+
+
+def organization_pages():
+    return [r for r in walk() if "org_slug" in r.kwarg_names and not r.route.startswith("api/")]
+
+
+def organization_api_routes():
+    return [r for r in walk() if "org_slug" in r.kwarg_names and r.route.startswith("api/v1/o/")]
+
+
+def _snapshot(organization):
+    with unscoped():
+        return {
+            "organization": list(Organization.objects.filter(pk=organization.pk).values()),
+            "members": list(Member.all_objects.filter(organization=organization).order_by("pk").values()),
+            "teams": list(Team.all_objects.filter(organization=organization).order_by("pk").values()),
+            "invitations": list(Invitation.all_objects.filter(organization=organization).order_by("pk").values()),
+        }
+
+
+# -- the tables cover every route ---------------------------------------------------------------
+
+
+def test_discovery_finds_the_organization_pages():
+    names = {route.name for route in organization_pages()}
+    # Guard against a broken walk() silently checking nothing.
+    assert {"dashboard", "member_list", "audit_log"} <= names
+
+
+def test_every_organization_page_has_a_role_decision():
+    discovered = {route.name for route in organization_pages()}
+    unnamed = [route.route for route in organization_pages() if not route.name]
+    assert not unnamed, f"organization pages without a URL name: {unnamed}"
+    missing = sorted(discovered - EXPECTED.keys())
+    assert not missing, f"add these pages to EXPECTED in {__name__} with the roles that may use them: {missing}"
+    stale = sorted(EXPECTED.keys() - discovered)
+    assert not stale, f"EXPECTED names pages that no longer exist: {stale}"
+
+
+def test_every_organization_api_route_has_a_role_decision():
+    discovered = {route.name for route in organization_api_routes()}
+    assert {"api-member-list", "api-audit-log-list"} <= discovered
+    missing = sorted(discovered - EXPECTED_API.keys())
+    assert not missing, f"add these API routes to EXPECTED_API in {__name__}: {missing}"
+    stale = sorted(EXPECTED_API.keys() - discovered)
+    assert not stale, f"EXPECTED_API names routes that no longer exist: {stale}"
+
+
+def test_fixture_members_hold_exactly_one_role(org_a):
+    for role in ROLES:
+        assert org_a.members[role].roles == [role]
+
+
+# -- pages ----------------------------------------------------------------------------------------
+
+
+def test_each_role_gets_exactly_its_pages(client, org_a):
+    failures = []
+    checked = 0
+    for route in organization_pages():
+        allowed = EXPECTED.get(route.name)
+        assert allowed is not None, f"page {route.name!r} ({route.route}) is missing from EXPECTED"
+        path = _path(route, org_a)
+        for role in ROLES:
+            client.force_login(org_a.members[role].user, backend="django.contrib.auth.backends.ModelBackend")
+            response = client.get(path)
+            checked += 1
+            status = response.status_code
+            if role in allowed:
+                # 405 only for a POST-only view (it says so in its Allow header).
+                ok = status == 200 or (status == 405 and response.get("Allow") == "POST")
+            else:
+                ok = status == 403
+            if not ok:
+                expectation = "allowed" if role in allowed else "refused (403)"
+                failures.append(f"GET {path} as {role}: {status}, expected {expectation}")
+    assert not failures, "\n".join(failures)
+    assert checked == len(EXPECTED) * len(ROLES)
+
+
+def test_refused_roles_cannot_post_to_any_page(client, org_a):
+    """A POST from a role without access is refused before the view runs, and changes nothing."""
+    before = _snapshot(org_a.organization)
+    body = {"name": "changed", "cost_centre": "X", "time_zone": "UTC", "currency": "EUR", "email": "x@a.example",
+            "roles": ["owner"], "team": org_a.team.pk, "is_active": ""}
+    failures = []
+    for route in organization_pages():
+        allowed = EXPECTED.get(route.name)
+        assert allowed is not None, f"page {route.name!r} ({route.route}) is missing from EXPECTED"
+        path = _path(route, org_a)
+        for role in sorted(set(ROLES) - allowed):
+            client.force_login(org_a.members[role].user, backend="django.contrib.auth.backends.ModelBackend")
+            status = client.post(path, data=body).status_code
+            if status != 403:
+                failures.append(f"POST {path} as {role}: {status}, expected 403")
+    assert not failures, "\n".join(failures)
+    assert _snapshot(org_a.organization) == before
+
+
+@pytest.mark.parametrize("role", sorted(EXPECTED["invitation_revoke"]))
+def test_post_only_page_works_for_allowed_roles(client, org_a, role):
+    client.force_login(org_a.members[role].user, backend="django.contrib.auth.backends.ModelBackend")
+    invitation = org_a.invitation
+    response = client.post(f"/o/{org_a.slug}/invitations/{invitation.pk}/revoke/")
+    assert response.status_code == 302
+    with unscoped():
+        invitation.refresh_from_db()
+    assert invitation.status == "revoked"
+
+
+# -- API ------------------------------------------------------------------------------------------
+
+
+def test_each_role_gets_exactly_its_api_routes(client, org_a):
+    failures = []
+    for route in organization_api_routes():
+        allowed = EXPECTED_API.get(route.name)
+        assert allowed is not None, f"API route {route.name!r} ({route.route}) is missing from EXPECTED_API"
+        path = _path(route, org_a)
+        for role in ROLES:
+            client.force_login(org_a.members[role].user, backend="django.contrib.auth.backends.ModelBackend")
+            response = client.get(path)
+            status = response.status_code
+            if role in allowed:
+                ok = status == 200 or (status == 405 and "GET" not in response.get("Allow", ""))
+            else:
+                ok = status == 403
+            if not ok:
+                failures.append(f"GET {path} as {role}: {status}, expected {'allowed' if role in allowed else 403}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize(
+    ("resource", "allowed"),
+    [("members", PEOPLE), ("teams", PEOPLE), ("invitations", PEOPLE), ("audit-log", ADMINS)],
+)
+def test_api_list_routes_by_role(client, org_a, resource, allowed):
+    for role in ROLES:
+        client.force_login(org_a.members[role].user, backend="django.contrib.auth.backends.ModelBackend")
+        response = client.get(f"/api/v1/o/{org_a.slug}/{resource}/")
+        if role in allowed:
+            assert response.status_code == 200, (resource, role, response.status_code)
+            assert response.json()["count"] >= 1, (resource, role)
+        else:
+            assert response.status_code == 403, (resource, role, response.status_code)
+
+
+# -- navigation -----------------------------------------------------------------------------------
+
+_NAV = re.compile(r'<nav class="orgnav"[^>]*>(.*?)</nav>', re.S)
+_LINK = re.compile(r'<a href="([^"]+)"[^>]*>(.*?)</a>', re.S)
+
+
+def nav_links(client, org) -> dict[str, str]:
+    """The organization navigation of the dashboard: link text -> URL name."""
+    response = client.get(f"/o/{org.slug}/")
+    assert response.status_code == 200
+    match = _NAV.search(response.content.decode())
+    assert match, "the dashboard has no organization navigation"
+    return {text.strip(): resolve(href).url_name for href, text in _LINK.findall(match.group(1))}
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_navigation_shows_exactly_the_pages_the_role_may_open(client, org_a, role):
+    client.force_login(org_a.members[role].user, backend="django.contrib.auth.backends.ModelBackend")
+    links = nav_links(client, org_a)
+    assert set(links.values()) <= set(NAV_LINKS.values()), f"unexpected navigation links: {links}"
+    expected = {text: name for text, name in NAV_LINKS.items() if role in EXPECTED[name]}
+    assert links == expected
+
+
+def test_navigation_examples(client, org_a):
+    def links_of(role):
+        client.force_login(org_a.members[role].user, backend="django.contrib.auth.backends.ModelBackend")
+        return nav_links(client, org_a)
+
+    employee, hr, approver = links_of("employee"), links_of("hr"), links_of("approver")
+    admin, owner = links_of("admin"), links_of("owner")
+    assert "Members" not in employee and "Members" not in approver
+    assert "Members" in hr and "Teams" in hr and "Invitations" in hr
+    assert "Audit log" not in hr and "Settings" not in hr
+    for links in (admin, owner):
+        assert {"Members", "Audit log", "Settings"} <= links.keys()
+    for links in (employee, hr, approver, admin, owner):
+        assert links["My allowance"] == "dashboard"

@@ -1,0 +1,121 @@
+"""The demo seed: two organizations with an owner, HR, an approver and three employees in two teams.
+
+It is idempotent, and the logins it prints really work.
+"""
+
+import re
+from io import StringIO
+
+import pytest
+from allauth.account.models import EmailAddress
+from django.core.management import call_command
+from django.test import Client
+
+from portal.models import Member, Organization, Team, User
+from portal.tenancy import unscoped
+
+LOGIN_LINE = re.compile(r"^login (?P<email>\S+@\S+) (?P<password>\S+) (?P<roles>[a-z]+(?:,[a-z]+)*)$")
+
+pytestmark = pytest.mark.django_db
+
+
+def seed() -> str:
+    out = StringIO()
+    call_command("seed_demo", stdout=out)
+    return out.getvalue()
+
+
+def logins(output: str) -> dict[str, tuple[str, list[str]]]:
+    """email -> (password, roles) of every `login EMAIL PASSWORD ROLES` line."""
+    result = {}
+    for line in output.splitlines():
+        match = LOGIN_LINE.match(line.strip())
+        if match:
+            assert match["email"] not in result, f"{match['email']} printed twice"
+            result[match["email"]] = (match["password"], match["roles"].split(","))
+    return result
+
+
+def counts() -> dict[str, int]:
+    with unscoped():
+        return {
+            "organizations": Organization.objects.count(),
+            "users": User.objects.count(),
+            "members": Member.objects.count(),
+            "teams": Team.objects.count(),
+            "email_addresses": EmailAddress.objects.count(),
+        }
+
+
+def test_seed_creates_two_organizations_with_every_role():
+    seed()
+    organizations = list(Organization.objects.order_by("slug"))
+    assert len(organizations) == 2
+    with unscoped():
+        for organization in organizations:
+            members = list(Member.objects.filter(organization=organization).select_related("team"))
+            by_role = {role: [m for m in members if m.roles == [role]] for role in ("owner", "hr", "approver", "employee")}
+            assert len(by_role["owner"]) == 1, organization.slug
+            assert len(by_role["hr"]) == 1, organization.slug
+            assert len(by_role["approver"]) == 1, organization.slug
+            assert len(by_role["employee"]) == 3, organization.slug
+            assert len(members) == 6, f"{organization.slug}: members with other role sets: {[m.roles for m in members]}"
+            assert all(m.is_active for m in members)
+            teams = Team.objects.filter(organization=organization)
+            assert teams.count() == 2
+            employee_teams = {m.team_id for m in by_role["employee"]}
+            assert len(employee_teams) == 2 and employee_teams == set(teams.values_list("pk", flat=True))
+            assert all(m.team is not None and m.team.organization_id == organization.pk for m in members)
+
+
+def test_seed_twice_creates_no_duplicates():
+    first_output = seed()
+    first = counts()
+    assert first["organizations"] == 2 and first["members"] == 12 and first["users"] == 12 and first["teams"] == 4
+    second_output = seed()
+    assert counts() == first
+    assert logins(second_output) == logins(first_output)
+
+
+def test_seed_prints_a_login_for_every_demo_user():
+    output = seed()
+    printed = logins(output)
+    with unscoped():
+        members = list(Member.objects.select_related("user"))
+    assert len(printed) == len(members) == 12
+    assert set(printed) == {m.user.email for m in members}
+    for member in members:
+        _password, roles = printed[member.user.email]
+        assert roles == member.roles, member.user.email
+    for organization in Organization.objects.all():
+        assert f"(/o/{organization.slug}/)" in output
+
+
+def test_printed_credentials_log_in_and_reach_the_organization():
+    seed()
+    output = seed()  # the second run must leave working logins too
+    printed = logins(output)
+    assert len(printed) == 12
+    with unscoped():
+        slug_of = {m.user.email: m.organization.slug for m in Member.objects.select_related("user", "organization")}
+    for email, (password, _roles) in printed.items():
+        client = Client()
+        response = client.post("/accounts/login/", {"login": email, "password": password})
+        assert response.status_code == 302, f"{email} could not log in: {response.status_code}"
+        response = client.get(f"/o/{slug_of[email]}/")
+        assert response.status_code == 200, email
+        assert email in response.content.decode()
+        # A wrong password is refused: the page, not a redirect.
+        refused = Client().post("/accounts/login/", {"login": email, "password": password + "x"})
+        assert refused.status_code == 200
+
+
+def test_seed_resets_a_changed_demo_password():
+    printed = logins(seed())
+    email, (password, _roles) = next(iter(printed.items()))
+    user = User.objects.get(email=email)
+    user.set_password("something-else-entirely")
+    user.save()
+    assert not Client().login(email=email, password=password)
+    seed()
+    assert Client().post("/accounts/login/", {"login": email, "password": password}).status_code == 302

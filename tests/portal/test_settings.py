@@ -1,0 +1,126 @@
+"""The settings module, imported fresh in a subprocess with a controlled environment.
+
+(a) With nothing configured the portal runs on its embedded default: SQLite, in-process Celery,
+console email. (b) The production profile passes `manage.py check --deploy` without warnings.
+(c) The production profile refuses to start without its required secrets.
+"""
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+# Every variable portal/settings.py reads that would change the profile under test.
+PORTAL_VARIABLES = {
+    "DJANGO_SETTINGS_MODULE", "PORTAL_ENV", "DEBUG", "SECRET_KEY", "ALLOWED_HOSTS", "CSRF_TRUSTED_ORIGINS",
+    "DATABASE_URL", "DB_CONN_MAX_AGE", "REDIS_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND",
+    "EMAIL_BACKEND", "SECURE_SSL_REDIRECT", "SECURE_HSTS_SECONDS", "PORTAL_TEST_BROKER_URL",
+}
+
+
+def clean_env(**extra) -> dict:
+    env = {key: value for key, value in os.environ.items() if key not in PORTAL_VARIABLES}
+    env.update(extra)
+    return env
+
+
+def run(args, env, timeout=120):
+    return subprocess.run([sys.executable, *args], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+PRINT_SETTINGS = """
+import json
+import portal.settings as s
+print(json.dumps({
+    "engine": s.DATABASES["default"]["ENGINE"],
+    "db_name": str(s.DATABASES["default"]["NAME"]),
+    "eager": s.CELERY_TASK_ALWAYS_EAGER,
+    "broker": s.CELERY_BROKER_URL,
+    "email": s.EMAIL_BACKEND,
+    "cache": s.CACHES["default"]["BACKEND"],
+    "debug": s.DEBUG,
+    "production": s.PRODUCTION,
+}))
+"""
+
+
+def test_embedded_default_needs_no_services():
+    result = run(["-c", PRINT_SETTINGS], clean_env())
+    assert result.returncode == 0, result.stderr
+    values = json.loads(result.stdout.strip().splitlines()[-1])
+    assert values["engine"] == "django.db.backends.sqlite3"
+    assert values["db_name"] == str(PROJECT_ROOT / "var" / "portal.sqlite3")
+    assert values["eager"] is True
+    assert values["broker"] == "memory://"
+    assert values["email"] == "django.core.mail.backends.console.EmailBackend"
+    assert values["cache"] == "django.core.cache.backends.locmem.LocMemCache"
+    assert values["debug"] is True and values["production"] is False
+
+
+def test_configured_services_replace_the_embedded_default():
+    env = clean_env(DATABASE_URL="postgres://u:p@db.example:5432/portal", CELERY_BROKER_URL="redis://cache.example:6379/1",
+                    REDIS_URL="redis://cache.example:6379/0")
+    result = run(["-c", PRINT_SETTINGS], env)
+    assert result.returncode == 0, result.stderr
+    values = json.loads(result.stdout.strip().splitlines()[-1])
+    assert values["engine"] == "django.db.backends.postgresql"
+    assert values["eager"] is False and values["broker"] == "redis://cache.example:6379/1"
+    assert values["cache"] == "django.core.cache.backends.redis.RedisCache"
+
+
+def production_env(tmp_path, **overrides):
+    env = clean_env(
+        PORTAL_ENV="production",
+        SECRET_KEY=secrets.token_urlsafe(64),  # 86 random characters
+        ALLOWED_HOSTS="portal.example.com",
+        DATABASE_URL=f"sqlite:///{tmp_path / 'x.sqlite3'}",
+    )
+    env.update(overrides)
+    return {key: value for key, value in env.items() if value is not None}
+
+
+def test_production_profile_passes_check_deploy(tmp_path):
+    env = production_env(tmp_path)
+    assert len(env["SECRET_KEY"]) >= 60
+    result = run(["manage.py", "check", "--deploy", "--fail-level", "WARNING"], env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "WARNINGS" not in output and "ERRORS" not in output, output
+    assert "System check identified no issues" in output, output
+
+
+def test_production_profile_is_checked_with_debug_off(tmp_path):
+    """Guard for the test above: the same check fails loudly when the profile is weakened."""
+    env = production_env(tmp_path, DEBUG="1")
+    result = run(["manage.py", "check", "--deploy", "--fail-level", "WARNING"], env)
+    assert result.returncode != 0
+    assert "security.W018" in result.stdout + result.stderr  # DEBUG in deployment
+
+
+@pytest.mark.parametrize(
+    ("missing", "message"),
+    [("SECRET_KEY", "SECRET_KEY must be set in production"), ("ALLOWED_HOSTS", "ALLOWED_HOSTS must be set in production")],
+)
+def test_production_profile_refuses_to_start_without_required_settings(tmp_path, missing, message):
+    env = production_env(tmp_path, **{missing: None})
+    assert missing not in env
+    result = run(["manage.py", "check"], env)
+    assert result.returncode != 0
+    assert "django.core.exceptions.ImproperlyConfigured: " + message in result.stderr, result.stderr
+    # The same when the settings are imported directly (e.g. by a WSGI server).
+    result = run(["-c", "import portal.settings"], env)
+    assert result.returncode != 0
+    assert "ImproperlyConfigured: " + message in result.stderr, result.stderr
+
+
+def test_unknown_portal_env_is_refused():
+    result = run(["-c", "import portal.settings"], clean_env(PORTAL_ENV="staging"))
+    assert result.returncode != 0
+    assert "ImproperlyConfigured: PORTAL_ENV must be 'development' or 'production'" in result.stderr
