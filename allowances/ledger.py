@@ -2,13 +2,14 @@
 
 One call is one transaction of two statements:
 
-1. a conditional `UPDATE account ... WHERE <the balance allows it> RETURNING period_start`:
-   the check and the write are one statement, so concurrent holds can never take the available
-   balance below the approved overdraft (no check-then-write);
-2. `INSERT ledger entry ... ON CONFLICT DO NOTHING RETURNING id`: the unique
-   (account, idempotency key) and the unique `closes_hold` make retries and races harmless. When
-   the insert conflicts, the transaction is rolled back (undoing the UPDATE) and the entry that
-   already exists is returned.
+1. `INSERT ledger entry ... SELECT ... FROM account FOR UPDATE ... ON CONFLICT DO NOTHING`: locks
+   the account row and appends the entry, unless the unique (account, idempotency key) or the
+   unique `closes_hold` says it exists already, in which case nothing moves and the existing entry
+   is returned (retries and races are harmless);
+2. a conditional `UPDATE account ... WHERE <the balance allows it>`: the check and the write are
+   one statement under the row lock, so concurrent holds can never take the available balance
+   below the approved overdraft (no check-then-write). When the condition fails, the transaction
+   rolls back, entry included.
 
 SQL is written by hand here because this is the gateway's hot path; everything else uses the ORM.
 """
@@ -43,15 +44,22 @@ _ACCOUNT = Account._meta.db_table
 _ENTRY = LedgerEntry._meta.db_table
 _UPDATE_SQL = {
     guard: (f"UPDATE {_ACCOUNT} SET granted = granted + %(g)s, held = held + %(h)s, used = used + %(u)s "
-            f"WHERE id = %(account)s AND organization_id = %(org)s{condition} RETURNING period_start")
+            f"WHERE id = %(account)s{condition} RETURNING id")
     for guard, condition in GUARDS.items()
 }
-_INSERT_SQL = (
-    f"INSERT INTO {_ENTRY} (organization_id, account_id, kind, tokens, granted_delta, held_delta, used_delta, "
-    "period_start, idempotency_key, closes_hold_id, expires_at, model, actor_id, reason, reference, created_at) "
-    "VALUES (%(org)s, %(account)s, %(kind)s, %(tokens)s, %(g)s, %(h)s, %(u)s, %(period)s, %(key)s, %(closes)s, "
-    "%(expires)s, %(model)s, %(actor)s, %(reason)s, %(reference)s, %(now)s) ON CONFLICT DO NOTHING RETURNING id"
-)
+
+
+def _insert_sql(vendor: str) -> str:
+    # SQLite serialises writers on the whole database and has no row locks to ask for.
+    lock = " FOR UPDATE" if vendor == "postgresql" else ""
+    return (
+        f"INSERT INTO {_ENTRY} (organization_id, account_id, kind, tokens, granted_delta, held_delta, used_delta, "
+        "period_start, idempotency_key, closes_hold_id, expires_at, model, actor_id, reason, reference, created_at) "
+        "SELECT %(org)s, %(account)s, %(kind)s, %(tokens)s, %(g)s, %(h)s, %(u)s, a.period_start, %(key)s, %(closes)s, "
+        "%(expires)s, %(model)s, %(actor)s, %(reason)s, %(reference)s, %(now)s "
+        f"FROM {_ACCOUNT} a WHERE a.id = %(account)s AND a.organization_id = %(org)s{lock} "
+        "ON CONFLICT DO NOTHING RETURNING id"
+    )
 
 
 class LedgerError(Exception):
@@ -125,22 +133,22 @@ def post(
     }
     try:
         with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute(_UPDATE_SQL[guard], params)
-            row = cursor.fetchone()
-            if row is None:
-                raise _insufficient(account, requested=held_delta + used_delta - granted_delta)
-            params["period"] = row[0]
-            cursor.execute(_INSERT_SQL, params)
+            cursor.execute(_insert_sql(connection.vendor), params)
             inserted = cursor.fetchone()
             if inserted is None:
                 raise _AlreadyPosted
+            cursor.execute(_UPDATE_SQL[guard], params)
+            if cursor.fetchone() is None:
+                raise _insufficient(account, requested=held_delta + used_delta - granted_delta)
             return Posted(entry_id=inserted[0], created=True)
     except _AlreadyPosted:
         existing = LedgerEntry.all_objects.filter(account_id=account.pk, idempotency_key=idempotency_key).values_list(
             "id", flat=True).first()
-        if existing is None:
-            raise  # the conflict was on closes_hold: the caller decides what that means
-        return Posted(entry_id=existing, created=False)
+        if existing is not None:
+            return Posted(entry_id=existing, created=False)
+        if not Account.all_objects.filter(pk=account.pk, organization_id=account.organization_id).exists():
+            raise LedgerError(f"no account {account.pk} in organization {account.organization_id}") from None
+        raise  # the conflict was on closes_hold: the caller decides what that means
 
 
 def _insufficient(account: Account, *, requested: int) -> LedgerError:

@@ -4,8 +4,12 @@ import pytest
 from django.core.cache import cache
 from django.db import connection
 
+from django.core.files.uploadedfile import SimpleUploadedFile
+
+from allowances import ledger
+from allowances import services as allowance_services
 from portal.audit import log_action
-from portal.tenancy import ROLES, unscoped
+from portal.tenancy import ROLES, scope, unscoped
 from tests.factories import PASSWORD, InvitationFactory, MemberFactory, OrganizationFactory, TeamFactory, UserFactory
 
 SERVICE_MARKERS = {"postgres", "services"}
@@ -45,8 +49,30 @@ def make_org(label: str):
                                    email=f"newcomer@{label}.example")
     with unscoped():
         log_action(actor=members["owner"].user, organization=organization, action="test.seeded", obj=team)
+    with scope(organization):
+        allowance = seed_allowance_objects(organization, team=team, members=members)
     return SimpleNamespace(organization=organization, slug=organization.slug, team=team, members=members,
-                           invitation=invitation, invitation_token=f"token-of-{label}", password=PASSWORD)
+                           invitation=invitation, invitation_token=f"token-of-{label}", password=PASSWORD, **allowance)
+
+
+def seed_allowance_objects(organization, *, team, members):
+    """One of each allowances object, made through the services: policy, assignment, grant, batch, hold."""
+    hr = members["hr"].user
+    catalog_model = allowance_services.catalog_model_create(
+        organization=organization, actor=hr, model_id="gpt-test", display_name="GPT test", provider="openai",
+        input_multiplier="1", output_multiplier="2", cached_multiplier="0.5")
+    policy = allowance_services.policy_create(organization=organization, actor=hr, name="Standard",
+                                              monthly_tokens=1_000_000)
+    assignment = allowance_services.policy_assign(organization=organization, actor=hr, policy=policy, team=team)
+    employee = members["employee"]
+    grant = allowance_services.grant_create(organization=organization, actor=hr, tokens=5_000, reason="welcome",
+                                            member=employee)
+    upload = SimpleUploadedFile("grants.csv", f"email,tokens,reason\n{employee.user.email},100,csv bonus\n".encode())
+    batch = allowance_services.grant_batch_preview(organization=organization, actor=hr, upload=upload)
+    account = allowance_services.account_open(member=employee)
+    hold = ledger.authorize(account=account, tokens=1_000, idempotency_key="fixture-hold")
+    return {"catalog_model": catalog_model, "policy": policy, "assignment": assignment, "grant": grant,
+            "grant_batch": batch, "account": account, "hold": hold}
 
 
 @pytest.fixture

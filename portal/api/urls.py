@@ -3,6 +3,7 @@ from drf_spectacular.views import SpectacularAPIView
 from rest_framework.permissions import AllowAny
 from rest_framework.routers import SimpleRouter
 
+from allowances.api import views as allowance_views
 from portal.api import views
 
 router = SimpleRouter(use_regex_path=False)
@@ -10,6 +11,12 @@ router.register("teams", views.TeamViewSet, basename="api-team")
 router.register("members", views.MemberViewSet, basename="api-member")
 router.register("invitations", views.InvitationViewSet, basename="api-invitation")
 router.register("audit-log", views.AuditLogViewSet, basename="api-audit-log")
+router.register("policies", allowance_views.PolicyViewSet, basename="api-policy")
+router.register("assignments", allowance_views.AssignmentViewSet, basename="api-assignment")
+router.register("grants", allowance_views.GrantViewSet, basename="api-grant")
+router.register("balances", allowance_views.BalanceViewSet, basename="api-balance")
+router.register("ledger-entries", allowance_views.LedgerEntryViewSet, basename="api-ledger-entry")
+router.register("models", allowance_views.CatalogModelViewSet, basename="api-catalog-model")
 
 urlpatterns = [
     path("api/v1/o/<slug:org_slug>/", include(router.urls)),

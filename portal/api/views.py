@@ -7,6 +7,7 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from portal import selectors, services
+from portal.models import Team
 from portal.api.serializers import AuditLogEntrySerializer, InvitationSerializer, MemberSerializer, TeamSerializer
 
 
@@ -19,13 +20,14 @@ class OrganizationViewSet(viewsets.GenericViewSet):
     def organization(self):
         return self.request.organization
 
-    def team_or_none(self, team_id):
-        if team_id is None:
+    def lookup(self, model, pk, field: str):
+        """An object of this organization named by id in a request body; 400 naming the field if not."""
+        if pk is None:
             return None
-        team = selectors.team_list(organization=self.organization).filter(pk=team_id).first()
-        if team is None:
-            raise ValidationError({"team": f"No team with id {team_id} in this organization."})
-        return team
+        obj = model.objects.filter(organization=self.organization, pk=pk).first()
+        if obj is None:
+            raise ValidationError({field: f"No {field} with id {pk} in this organization."})
+        return obj
 
 
 class TeamViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, OrganizationViewSet):
@@ -67,7 +69,7 @@ class MemberViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Organizati
         serializer = self.get_serializer(member, data=request.data, partial=True)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
-        team = self.team_or_none(data["team_id"]) if "team_id" in data else member.team
+        team = self.lookup(Team, data["team_id"], "team") if "team_id" in data else member.team
         member = services.member_update(member=member, actor_member=request.member, team=team,
                                         roles=data.get("roles"), is_active=data.get("is_active"))
         return Response(self.get_serializer(member).data)
@@ -87,7 +89,7 @@ class InvitationViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Organi
         data = serializer.validated_data
         invitation, _token = services.invitation_create(
             organization=self.organization, actor_member=request.member, email=data["email"], roles=data["roles"],
-            team=self.team_or_none(data.get("team_id")),
+            team=self.lookup(Team, data.get("team_id"), "team"),
         )
         return Response(self.get_serializer(invitation).data, status=status.HTTP_201_CREATED)
 
