@@ -45,8 +45,9 @@ def member_balances(*, organization: Organization, search: str = "", team_id: in
     period = period_start_for(organization)
     members = (Member.objects.filter(organization=organization, is_active=True)
                .select_related("user", "team", "account").annotate(used_this_period=_used_in_period(period)))
+    search = search.replace("\x00", "").strip()  # PostgreSQL refuses NUL characters: a 500 for ?q=%00
     if search:
-        members = members.filter(user__email__icontains=search.strip())
+        members = members.filter(user__email__icontains=search)
     if team_id:
         members = members.filter(team_id=team_id)
     return members.order_by("user__email")
@@ -64,6 +65,10 @@ class Dashboard:
     run_out_on: date | None  # None: not before the period ends at this pace
     daily: list[tuple[date, int]]
     by_model: list[tuple[str, int]]
+
+    @property
+    def last_day(self) -> date:
+        return (self.period_end - timedelta(days=1)).date()
 
 
 def dashboard(*, account: Account, at: datetime | None = None) -> Dashboard:
@@ -103,6 +108,9 @@ def ledger_history(*, account: Account, kind: str = "", since: date | None = Non
     entries = LedgerEntry.objects.filter(account=account).select_related("actor")
     if kind:
         entries = entries.filter(kind=kind)
+    else:
+        # Holds and their releases net to nothing once a request ends; shown when asked for by kind.
+        entries = entries.exclude(kind__in=[LedgerEntry.Kind.HOLD, LedgerEntry.Kind.RELEASE])
     zone = ZoneInfo(account.organization.time_zone)
     if since:
         entries = entries.filter(created_at__gte=datetime.combine(since, datetime.min.time(), tzinfo=zone))

@@ -155,7 +155,8 @@ def _clean_policy(organization: Organization, data: dict, *, exclude_pk=None) ->
     elif cap_percent is not None:
         errors["rollover_cap_percent"] = "A percentage cap only applies to the “up to a percentage” rule."
     try:
-        lifetime = int(data.get("rollover_lifetime_periods") or 1)
+        lifetime = data.get("rollover_lifetime_periods")
+        lifetime = 1 if lifetime in (None, "") else int(lifetime)  # not `or 1`: 0 is an error, not the default
         if not 1 <= lifetime <= 24:
             raise ValueError
     except (TypeError, ValueError):
@@ -319,6 +320,8 @@ def account_open(*, member: Member, at: datetime | None = None) -> Account:
                     pro_rata = "" if fraction == 1 else f", pro rata ({float(fraction):.0%} of the period left)"
                     ledger.post(account=account, kind=Kind.GRANT, tokens=amount, idempotency_key=f"grant:{period}",
                                 reason=f"{policy.name}: monthly allowance{pro_rata}", reference=f"policy:{policy.pk}")
+                    # post() moved the stored buckets in SQL; the caller gets the account as stored.
+                    account.refresh_from_db(fields=["granted", "held", "used"])
     except IntegrityError:  # opened concurrently by another request
         return Account.objects.get(member=member)
     return account

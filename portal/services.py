@@ -145,11 +145,13 @@ def member_update(*, member: Member, actor_member: Member, team: Team | None, ro
         new["is_active"] = is_active
         if member.pk == actor_member.pk and not is_active:
             raise ValidationError({"is_active": "You cannot deactivate yourself."})
+        if is_active != member.is_active and not member.effective_roles <= grantable_roles(actor_member):
+            raise ValidationError({"is_active": "Only someone who holds all of this member's roles can (de)activate them."})
     losing_owner = member.is_owner and member.is_active and (
         (roles is not None and "owner" not in roles) or is_active is False
     )
     if losing_owner and _active_owner_count(member.organization) <= 1:
-        raise ValidationError({"roles": "An organization needs at least one active owner."})
+        raise ValidationError({"is_active" if is_active is False else "roles": "An organization needs at least one active owner."})
 
     diff = changes(member, new.keys(), new)
     if roles is not None and roles != member.roles:

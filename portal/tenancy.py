@@ -16,12 +16,14 @@ from __future__ import annotations
 import contextvars
 from contextlib import contextmanager
 from functools import wraps
+from zoneinfo import ZoneInfo
 
 from django.conf import settings
 from django.core.exceptions import PermissionDenied
 from django.db import models
 from django.http import Http404, JsonResponse
 from django.urls import Resolver404, resolve
+from django.utils import timezone
 
 _UNSCOPED = object()
 _active_scope: contextvars.ContextVar = contextvars.ContextVar("portal_tenant_scope", default=None)
@@ -184,7 +186,8 @@ class TenancyMiddleware:
 
         request.organization = member.organization
         request.member = member
-        with scope(member.organization):
+        # Pages show times in the organization's zone, the zone its periods are counted in.
+        with scope(member.organization), timezone.override(ZoneInfo(member.organization.time_zone)):
             return self.get_response(request)
 
     def process_view(self, request, view_func, view_args, view_kwargs):

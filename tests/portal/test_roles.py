@@ -33,6 +33,17 @@ EXPECTED = {
     "invitation_revoke": PEOPLE,
     "audit_log": ADMINS,
     "organization_settings": ADMINS,
+    # Allowances: HR runs budgets; admins own the model catalog (DESIGN.md roles).
+    "balances": PEOPLE,
+    "policy_list": PEOPLE,
+    "policy_assign": PEOPLE,
+    "policy_edit": PEOPLE,
+    "grant_list": PEOPLE,
+    "grant_import": PEOPLE,  # POST-only
+    "grant_batch": PEOPLE,
+    "grant_revoke": PEOPLE,  # POST-only
+    "catalog": ADMINS,
+    "catalog_model_edit": ADMINS,
 }
 
 # API route name -> the roles that may GET it. Everyone else gets 403.
@@ -45,11 +56,28 @@ EXPECTED_API = {
     "api-invitation-detail": PEOPLE,
     "api-invitation-revoke": PEOPLE,  # POST-only: GET answers 405 to those allowed
     "api-audit-log-list": ADMINS,
+    "api-policy-list": PEOPLE,
+    "api-policy-detail": PEOPLE,
+    "api-assignment-list": PEOPLE,
+    "api-assignment-detail": PEOPLE,
+    "api-grant-list": PEOPLE,
+    "api-grant-detail": PEOPLE,
+    "api-grant-revoke": PEOPLE,  # POST-only
+    "api-grant-bulk": PEOPLE,  # POST-only
+    # Every member reads their own balance and history and the models they may use; HR sees all rows.
+    "api-balance-list": EVERYONE,
+    "api-ledger-entry-list": EVERYONE,
+    "api-catalog-model-list": EVERYONE,
+    "api-catalog-model-detail": EVERYONE,
 }
 
 # The organization navigation: link text -> the page it opens.
 NAV_LINKS = {
     "My allowance": "dashboard",
+    "Balances": "balances",
+    "Policies": "policy_list",
+    "Grants": "grant_list",
+    "Models": "catalog",
     "Members": "member_list",
     "Teams": "team_list",
     "Invitations": "invitation_list",

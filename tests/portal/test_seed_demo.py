@@ -105,9 +105,9 @@ def test_printed_credentials_log_in_and_reach_the_organization():
         response = client.get(f"/o/{slug_of[email]}/")
         assert response.status_code == 200, email
         assert email in response.content.decode()
-        # A wrong password is refused: the page, not a redirect.
-        refused = Client().post("/accounts/login/", {"login": email, "password": password + "x"})
-        assert refused.status_code == 200
+    # A wrong password is refused (once: failed logins are rate limited per IP).
+    refused = Client().post("/accounts/login/", {"login": email, "password": password + "x"})
+    assert refused.status_code == 200 and "_auth_user_id" not in refused.client.session
 
 
 def test_seed_resets_a_changed_demo_password():

@@ -272,11 +272,24 @@ def test_the_last_active_owner_cannot_be_demoted(org_a):
     assert state(org_a.organization) == before
 
 
+def test_only_a_member_holding_all_their_roles_can_deactivate_them(org_a):
+    before = state(org_a.organization)
+    for actor, target in [("admin", "owner"), ("hr", "admin"), ("hr", "approver")]:
+        with pytest.raises(ValidationError) as excinfo:
+            update(org_a, org_a.members[target], actor, is_active=False)
+        assert "is_active" in field_errors(excinfo)
+    assert state(org_a.organization) == before
+    update(org_a, org_a.members["employee"], "hr", is_active=False)
+    assert fresh(org_a.members["employee"]).is_active is False
+
+
 def test_the_last_active_owner_cannot_be_deactivated(org_a):
+    # The only other owner is inactive: reactivating nobody, the last active one stays.
+    inactive_owner = MemberFactory(organization=org_a.organization, is_owner=True, is_active=False)
     before = state(org_a.organization)
     with pytest.raises(ValidationError) as excinfo:
-        update(org_a, org_a.members["owner"], "admin", is_active=False)
-    assert "roles" in field_errors(excinfo)
+        update(org_a, org_a.members["owner"], inactive_owner, is_active=False)
+    assert "is_active" in field_errors(excinfo)
     assert state(org_a.organization) == before
 
 
@@ -296,12 +309,12 @@ def test_an_owner_can_step_down_when_there_is_a_second_owner(org_a):
 
 
 def test_an_owner_can_be_deactivated_when_there_is_a_second_owner(org_a):
-    MemberFactory(organization=org_a.organization, is_owner=True)
+    second_owner = MemberFactory(organization=org_a.organization, is_owner=True)
     owner = org_a.members["owner"]
-    update(org_a, owner, "admin", is_active=False)
+    update(org_a, owner, second_owner, is_active=False)
     assert fresh(owner).is_active is False
     (entry,) = entries(org_a.organization, "member.deactivated")
-    assert entry.actor == org_a.members["admin"].user
+    assert entry.actor == second_owner.user
     assert entry.object_id == str(owner.pk)
     assert entry.data == {"is_active": [True, False]}
     assert not entries(org_a.organization, "member.updated")
