@@ -1,17 +1,23 @@
 """The token ledger: every change to an account's balance goes through `post`.
 
-One call is one transaction of two statements:
+On PostgreSQL one call is one SQL statement, so one transaction and one round trip:
 
-1. `INSERT ledger entry ... SELECT ... FROM account FOR UPDATE ... ON CONFLICT DO NOTHING`: locks
-   the account row and appends the entry, unless the unique (account, idempotency key) or the
-   unique `closes_hold` says it exists already, in which case nothing moves and the existing entry
-   is returned (retries and races are harmless);
-2. a conditional `UPDATE account ... WHERE <the balance allows it>`: the check and the write are
-   one statement under the row lock, so concurrent holds can never take the available balance
-   below the approved overdraft (no check-then-write). When the condition fails, the transaction
-   rolls back, entry included.
+    WITH entry AS (INSERT INTO ledger entry SELECT ... FROM account WHERE <the balance allows it>
+                   FOR UPDATE ON CONFLICT DO NOTHING RETURNING ...)
+    UPDATE account SET <buckets moved by the entry> FROM entry ...
 
-SQL is written by hand here because this is the gateway's hot path; everything else uses the ORM.
+- The account row is locked and the balance condition is checked on its newest version in the
+  same statement that writes, so concurrent holds can never take the available balance below the
+  approved overdraft (no check-then-write).
+- The unique (account, idempotency key) and the unique `closes_hold` make retries and races
+  harmless: a conflicting entry is not inserted, and then nothing moves.
+- The entry and the balance change commit together or not at all.
+
+SQLite (the embedded default) has no data-modifying CTEs: there the same INSERT and UPDATE run
+as two statements in one transaction (SQLite admits one writer at a time).
+
+When nothing was inserted, the slow path says why: a retry (the existing entry is returned), a
+closed hold, or not enough tokens. SQL is written by hand because this is the gateway's hot path.
 """
 
 from __future__ import annotations
@@ -42,24 +48,45 @@ GUARDS = {
 }
 _ACCOUNT = Account._meta.db_table
 _ENTRY = LedgerEntry._meta.db_table
-_UPDATE_SQL = {
-    guard: (f"UPDATE {_ACCOUNT} SET granted = granted + %(g)s, held = held + %(h)s, used = used + %(u)s "
-            f"WHERE id = %(account)s{condition} RETURNING id")
-    for guard, condition in GUARDS.items()
+_ENTRY_COLUMNS = ("organization_id, account_id, kind, tokens, granted_delta, held_delta, used_delta, period_start, "
+                  "idempotency_key, closes_hold_id, expires_at, model, actor_id, reason, reference, created_at")
+_ENTRY_VALUES = ("%(org)s, %(account)s, %(kind)s, %(tokens)s, %(g)s, %(h)s, %(u)s, a.period_start, %(key)s, %(closes)s, "
+                 "%(expires)s, %(model)s, %(actor)s, %(reason)s, %(reference)s, %(now)s")
+_GUARD_ON_A = {guard: condition.replace("granted", "a.granted").replace("used", "a.used").replace("held", "a.held")
+               .replace("overdraft_limit", "a.overdraft_limit") for guard, condition in GUARDS.items()}
+_MOVE = "granted = {t}.granted + %(g)s, held = {t}.held + %(h)s, used = {t}.used + %(u)s"
+
+
+def _insert_entry(guard: str | None, lock: str) -> str:
+    return (f"INSERT INTO {_ENTRY} ({_ENTRY_COLUMNS}) SELECT {_ENTRY_VALUES} FROM {_ACCOUNT} a "
+            f"WHERE a.id = %(account)s AND a.organization_id = %(org)s{_GUARD_ON_A[guard]}{lock} "
+            "ON CONFLICT DO NOTHING RETURNING id")
+
+
+_POSTGRES_SQL = {
+    guard: (f"WITH entry AS ({_insert_entry(guard, ' FOR UPDATE')}) "
+            f"UPDATE {_ACCOUNT} SET {_MOVE.format(t=_ACCOUNT)} FROM entry WHERE {_ACCOUNT}.id = %(account)s "
+            "RETURNING entry.id")
+    for guard in GUARDS
 }
+_SQLITE_SQL = {guard: _insert_entry(guard, "") for guard in GUARDS}
+_SQLITE_MOVE = f"UPDATE {_ACCOUNT} SET {_MOVE.format(t=_ACCOUNT)} WHERE id = %(account)s"
 
 
-def _insert_sql(vendor: str) -> str:
-    # SQLite serialises writers on the whole database and has no row locks to ask for.
-    lock = " FOR UPDATE" if vendor == "postgresql" else ""
-    return (
-        f"INSERT INTO {_ENTRY} (organization_id, account_id, kind, tokens, granted_delta, held_delta, used_delta, "
-        "period_start, idempotency_key, closes_hold_id, expires_at, model, actor_id, reason, reference, created_at) "
-        "SELECT %(org)s, %(account)s, %(kind)s, %(tokens)s, %(g)s, %(h)s, %(u)s, a.period_start, %(key)s, %(closes)s, "
-        "%(expires)s, %(model)s, %(actor)s, %(reason)s, %(reference)s, %(now)s "
-        f"FROM {_ACCOUNT} a WHERE a.id = %(account)s AND a.organization_id = %(org)s{lock} "
-        "ON CONFLICT DO NOTHING RETURNING id"
-    )
+def _insert_and_move(guard: str | None, params: dict) -> int | None:
+    """Append the entry and move the buckets atomically; the new entry's id, or None if nothing happened."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(_POSTGRES_SQL[guard], params)
+            row = cursor.fetchone()
+            return row[0] if row else None
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(_SQLITE_SQL[guard], params)
+        row = cursor.fetchone()
+        if row is None:
+            return None
+        cursor.execute(_SQLITE_MOVE, params)
+        return row[0]
 
 
 class LedgerError(Exception):
@@ -131,24 +158,17 @@ def post(
         "expires": expires_at, "model": model, "actor": getattr(actor, "pk", None), "reason": reason[:500],
         "reference": reference[:100], "now": timezone.now(),
     }
-    try:
-        with transaction.atomic(), connection.cursor() as cursor:
-            cursor.execute(_insert_sql(connection.vendor), params)
-            inserted = cursor.fetchone()
-            if inserted is None:
-                raise _AlreadyPosted
-            cursor.execute(_UPDATE_SQL[guard], params)
-            if cursor.fetchone() is None:
-                raise _insufficient(account, requested=held_delta + used_delta - granted_delta)
-            return Posted(entry_id=inserted[0], created=True)
-    except _AlreadyPosted:
-        existing = LedgerEntry.all_objects.filter(account_id=account.pk, idempotency_key=idempotency_key).values_list(
-            "id", flat=True).first()
-        if existing is not None:
-            return Posted(entry_id=existing, created=False)
-        if not Account.all_objects.filter(pk=account.pk, organization_id=account.organization_id).exists():
-            raise LedgerError(f"no account {account.pk} in organization {account.organization_id}") from None
-        raise  # the conflict was on closes_hold: the caller decides what that means
+    entry_id = _insert_and_move(guard, params)
+    if entry_id is not None:
+        return Posted(entry_id=entry_id, created=True)
+    # Nothing happened: find out why (only refusals and retries come here).
+    existing = LedgerEntry.all_objects.filter(account_id=account.pk, idempotency_key=idempotency_key).values_list(
+        "id", flat=True).first()
+    if existing is not None:
+        return Posted(entry_id=existing, created=False)
+    if closes_hold_id is not None and LedgerEntry.all_objects.filter(closes_hold_id=closes_hold_id).exists():
+        raise _AlreadyPosted  # the hold was closed by another entry: the caller decides what that means
+    raise _insufficient(account, requested=held_delta + used_delta - granted_delta)
 
 
 def _insufficient(account: Account, *, requested: int) -> LedgerError:

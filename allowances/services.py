@@ -568,6 +568,9 @@ def account_close_period(*, account: Account, period, at: datetime | None = None
             book(Kind.EXPIRY, tranche_unused, f"expire:{until}", reason="Rolled-over tokens reached the end of their life")
         else:
             carried[until] = tranche_unused
+    # What is left came back from holds taken in an earlier period and released in this one: it
+    # is older base allowance and follows the same rule as this period's.
+    base_unused += rest
     rolled = closing_policy.rollover_amount(base_unused) if closing_policy else 0
     book(Kind.EXPIRY, base_unused - rolled, "expire:base",
          reason=f"Unused this period beyond what {closing_policy.name if closing_policy else 'the policy'} rolls over")

@@ -50,9 +50,11 @@ cleanup() {
 trap cleanup EXIT
 
 "${as_pg[@]}" "$PG_BIN/initdb" -D "$work/pg/data" -U postgres --auth=trust -E UTF8 >/dev/null
-# fsync off: test data is disposable. The benchmarks start their own durable server.
+# fsync off: test data is disposable. PG_DURABLE=1 (the benchmarks) keeps PostgreSQL's durable defaults.
+durability="-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+[ "${PG_DURABLE:-}" = 1 ] && durability=""
 "${as_pg[@]}" "$PG_BIN/pg_ctl" -D "$work/pg/data" -l "$work/pg/server.log" -w \
-    -o "-h 127.0.0.1 -p $pg_port -k $work/pg -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400" \
+    -o "-h 127.0.0.1 -p $pg_port -k $work/pg $durability -c max_connections=400 -c shared_buffers=256MB" \
     start >/dev/null
 
 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \

@@ -113,6 +113,9 @@ class LedgerMachine(RuleBasedStateMachine):
         if hold.id in self.open_holds:
             del self.open_holds[hold.id]
             self.exceeded_a_hold |= used > hold.tokens
+        else:
+            # Released first (time-to-live passed): the late usage is recorded with no hold behind it.
+            self.exceeded_a_hold |= used > 0
 
     @precondition(lambda self: self.holds_by_key)
     @rule(data=st.data())
