@@ -32,6 +32,7 @@ from allowances.models import Account, LedgerEntry
 from portal.tenancy import ScopeError, current_organization
 
 HOLD_TTL = timedelta(minutes=15)
+SWEEP_BATCH = 1000
 
 Kind = LedgerEntry.Kind
 # Which bucket an entry of each kind moves: +1 adds its tokens, -1 subtracts them.
@@ -240,7 +241,7 @@ def hold_is_open(hold_id: int) -> bool:
     return not LedgerEntry.all_objects.filter(closes_hold_id=hold_id).exists()
 
 
-def release_expired_holds(*, now: datetime | None = None, limit: int = 1000) -> int:
+def release_expired_holds(*, now: datetime | None = None, limit: int = SWEEP_BATCH) -> int:
     """Release holds that outlived their time-to-live. Returns how many were released."""
     now = now or timezone.now()
     expired = (LedgerEntry.all_objects.filter(kind=Kind.HOLD, expires_at__lte=now, closed_by__isnull=True)

@@ -178,3 +178,20 @@ def test_ledger_invariants_hold_for_random_operation_sequences():
 def test_period_dates_roll_over_the_year():
     assert next_period_start(date(2026, 12, 1)) == date(2027, 1, 1)
     assert next_period_start(date(2028, 1, 1)) == date(2028, 2, 1)
+
+
+@pytest.mark.django_db
+def test_the_sweeper_job_releases_only_holds_past_their_time_to_live():
+    from allowances.tasks import release_expired_holds
+
+    member = MemberFactory(organization=OrganizationFactory())
+    with scope(member.organization):
+        account = Account.objects.create(organization=member.organization, member=member, period_start=date(2026, 11, 1))
+        ledger.post(account=account, kind=ledger.Kind.GRANT, tokens=10_000, idempotency_key="g")
+        stale = ledger.authorize(account=account, tokens=3_000, idempotency_key="stale", ttl=timedelta(seconds=-1))
+        fresh = ledger.authorize(account=account, tokens=2_000, idempotency_key="fresh")
+    assert release_expired_holds() == 1
+    assert release_expired_holds() == 0  # running it again releases nothing more
+    assert not ledger.hold_is_open(stale.id) and ledger.hold_is_open(fresh.id)
+    account.refresh_from_db()
+    assert (account.held, account.available) == (2_000, 8_000)
