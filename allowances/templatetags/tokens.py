@@ -23,4 +23,4 @@ def tokens(value):
     """Tokens for people, with the exact number on hover: <span title="12,400,000">12.4M</span>."""
     if value is None or value == "":
         return "—"
-    return format_html('<span class="tokens" title="{}">{}</span>', f"{int(value):,}", humanize_tokens(value))
+    return format_html('<span class="tokens" title="{} tokens">{}</span>', f"{int(value):,}", humanize_tokens(value))
