@@ -3,6 +3,7 @@ import uuid
 from django import forms
 
 from allowances.models import AllowancePolicy, CatalogModel, LedgerEntry
+from portal.forms import DateRangeFilterForm
 
 APPLY_CHOICES = [
     ("next", "From the next period (nothing changes this month)"),
@@ -26,37 +27,14 @@ class PolicyEditForm(PolicyForm):
                                 label="The change applies")
 
 
-class AssignmentForm(forms.Form):
-    policy = forms.ModelChoiceField(queryset=None)
-    team = forms.ModelChoiceField(queryset=None, required=False, empty_label="—")
-    member = forms.ModelChoiceField(queryset=None, required=False, empty_label="—",
-                                    help_text="A member's own policy wins over their team's.")
-    applies = forms.ChoiceField(choices=APPLY_CHOICES, initial="next", widget=forms.RadioSelect)
+class TeamOrMemberForm(forms.Form):
+    """A form aimed at one team or one member of the organization, not both."""
 
-    def __init__(self, *args, policies, teams, members, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.fields["policy"].queryset = policies
-        self.fields["team"].queryset = teams
-        self.fields["member"].queryset = members
-        self.fields["member"].label_from_instance = lambda m: m.user.email
-
-    def clean(self):
-        cleaned = super().clean()
-        if bool(cleaned.get("team")) == bool(cleaned.get("member")):
-            raise forms.ValidationError("Choose a team or a member (one of them).")
-        return cleaned
-
-
-class GrantForm(forms.Form):
-    tokens = forms.CharField(help_text="Whole tokens, e.g. 250000.")
-    reason = forms.CharField(max_length=500)
     team = forms.ModelChoiceField(queryset=None, required=False, empty_label="—")
     member = forms.ModelChoiceField(queryset=None, required=False, empty_label="—")
-    # Generated when the form is shown, so a double submit grants once.
-    idempotency_key = forms.CharField(widget=forms.HiddenInput, max_length=100)
+    target_error = "Choose a team or a member (one of them)."
 
     def __init__(self, *args, teams, members, **kwargs):
-        kwargs.setdefault("initial", {}).setdefault("idempotency_key", uuid.uuid4().hex)
         super().__init__(*args, **kwargs)
         self.fields["team"].queryset = teams
         self.fields["member"].queryset = members
@@ -65,8 +43,32 @@ class GrantForm(forms.Form):
     def clean(self):
         cleaned = super().clean()
         if bool(cleaned.get("team")) == bool(cleaned.get("member")):
-            raise forms.ValidationError("Grant to a team or to a member (one of them).")
+            raise forms.ValidationError(self.target_error)
         return cleaned
+
+
+class AssignmentForm(TeamOrMemberForm):
+    policy = forms.ModelChoiceField(queryset=None)
+    applies = forms.ChoiceField(choices=APPLY_CHOICES, initial="next", widget=forms.RadioSelect)
+    field_order = ["policy", "team", "member", "applies"]
+
+    def __init__(self, *args, policies, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["policy"].queryset = policies
+        self.fields["member"].help_text = "A member's own policy wins over their team's."
+
+
+class GrantForm(TeamOrMemberForm):
+    tokens = forms.CharField(help_text="Whole tokens, e.g. 250000.")
+    reason = forms.CharField(max_length=500)
+    # Generated when the form is shown, so a double submit grants once.
+    idempotency_key = forms.CharField(widget=forms.HiddenInput, max_length=100)
+    field_order = ["tokens", "reason", "team", "member", "idempotency_key"]
+    target_error = "Grant to a team or to a member (one of them)."
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("initial", {}).setdefault("idempotency_key", uuid.uuid4().hex)
+        super().__init__(*args, **kwargs)
 
 
 class GrantImportForm(forms.Form):
@@ -86,13 +88,6 @@ class CatalogModelForm(forms.Form):
     is_active = forms.BooleanField(required=False, initial=True)
 
 
-class HistoryFilterForm(forms.Form):
+class HistoryFilterForm(DateRangeFilterForm):
     kind = forms.ChoiceField(choices=[("", "All kinds"), *LedgerEntry.Kind.choices], required=False)
-    since = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}))
-    until = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}))
-
-    def clean(self):
-        cleaned = super().clean()
-        if cleaned.get("since") and cleaned.get("until") and cleaned["since"] > cleaned["until"]:
-            self.add_error("until", "The end date is before the start date.")
-        return cleaned
+    field_order = ["kind", "since", "until"]

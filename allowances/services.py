@@ -108,6 +108,22 @@ def catalog_model_update(*, catalog_model: CatalogModel, actor, **data) -> Catal
     return catalog_model
 
 
+def _target_members(*, organization: Organization, team: Team | None, member: Member | None) -> tuple[dict, list[Member]]:
+    """Check a team-or-member target; return (errors by field, the active members it reaches)."""
+    errors = {}
+    if (team is None) == (member is None):
+        errors["target"] = "Choose a team or a member (one of them)."
+    for obj, field in ((team, "team"), (member, "member")):
+        if obj is not None and obj.organization_id != organization.pk:
+            errors[field] = "Choose one of this organization's."
+    if member is not None and not member.is_active:
+        errors["member"] = "This member is deactivated."
+    if errors or member is not None:
+        return errors, [member] if member is not None else []
+    return errors, list(Member.objects.filter(organization=organization, team=team, is_active=True)
+                        .select_related("organization"))
+
+
 # -- policies ----------------------------------------------------------------------------------
 
 POLICY_FIELDS = ["name", "monthly_tokens", "rollover_rule", "rollover_cap_tokens", "rollover_cap_percent",
@@ -227,20 +243,16 @@ def policy_assign(*, organization: Organization, actor, policy: AllowancePolicy,
                   member: Member | None = None, immediately: bool = False, at: datetime | None = None) -> PolicyAssignment:
     """Assign a policy to a team or one member, from the next period or immediately (pro rata)."""
     at = at or timezone.now()
-    if (team is None) == (member is None):
-        raise ValidationError({"target": "Assign the policy to a team or to a member."})
-    for obj, field in ((policy, "policy"), (team, "team"), (member, "member")):
-        if obj is not None and obj.organization_id != organization.pk:
-            raise ValidationError({field: "Choose one of this organization's."})
-    if member is not None and not member.is_active:
-        raise ValidationError({"member": "This member is deactivated."})
+    errors, affected = _target_members(organization=organization, team=team, member=member)
+    if policy.organization_id != organization.pk:
+        errors["policy"] = "Choose one of this organization's."
+    if errors:
+        raise ValidationError(errors)
     if immediately:
         effective_from = at
     else:
         start = next_period_start(period_start_for(organization, at))
         effective_from = period_bounds(organization, start)[0]
-    affected = [member] if member is not None else list(
-        Member.objects.filter(organization=organization, team=team, is_active=True).select_related("organization"))
     before = {m.pk: policy_in_force(member=m, at=at) for m in affected}
     # A later assignment for the same target and moment replaces the earlier one.
     PolicyAssignment.objects.filter(organization=organization, team=team, member=member,
@@ -334,7 +346,7 @@ def account_open(*, member: Member, at: datetime | None = None) -> Account:
 def grant_create(*, organization: Organization, actor, tokens, reason: str, member: Member | None = None,
                  team: Team | None = None, idempotency_key: str = "", batch: GrantBatch | None = None) -> Grant:
     """A one-off bonus to a member or to every active member of a team. Safe to submit twice with one key."""
-    errors = {}
+    errors, members = _target_members(organization=organization, team=team, member=member)
     try:
         tokens = _tokens(tokens, field="tokens")
     except ValidationError as error:
@@ -342,15 +354,6 @@ def grant_create(*, organization: Organization, actor, tokens, reason: str, memb
     reason = (reason or "").strip()
     if not reason:
         errors["reason"] = "Say why: the member sees the reason in their history."
-    if (team is None) == (member is None):
-        errors["target"] = "Grant to a member or to a team."
-    for obj, field in ((team, "team"), (member, "member")):
-        if obj is not None and obj.organization_id != organization.pk:
-            errors[field] = "Choose one of this organization's."
-    if member is not None and not member.is_active:
-        errors["member"] = "This member is deactivated."
-    members = [member] if member is not None else list(
-        Member.objects.filter(organization=organization, team=team, is_active=True).select_related("organization"))
     if team is not None and not members and "team" not in errors:
         errors["team"] = "This team has no active members."
     if errors:

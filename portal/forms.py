@@ -108,10 +108,9 @@ class InvitationSignupForm(forms.Form):
         return cleaned
 
 
-class AuditFilterForm(forms.Form):
-    action = forms.CharField(required=False, widget=forms.TextInput(attrs={"list": "actions"}))
-    actor = forms.CharField(required=False, label="Actor email")
-    object_type = forms.CharField(required=False)
+class DateRangeFilterForm(forms.Form):
+    """A filter with an optional since/until day range (both days included)."""
+
     since = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}))
     until = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}))
 
@@ -120,3 +119,10 @@ class AuditFilterForm(forms.Form):
         if cleaned.get("since") and cleaned.get("until") and cleaned["since"] > cleaned["until"]:
             self.add_error("until", "The end date is before the start date.")
         return cleaned
+
+
+class AuditFilterForm(DateRangeFilterForm):
+    action = forms.CharField(required=False, widget=forms.TextInput(attrs={"list": "actions"}))
+    actor = forms.CharField(required=False, label="Actor email")
+    object_type = forms.CharField(required=False)
+    field_order = ["action", "actor", "object_type", "since", "until"]
