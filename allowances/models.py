@@ -280,6 +280,8 @@ class GrantBatch(TenantModel):
     rows = models.JSONField(default=list, help_text="[{line, email, tokens, reason, member_id}] of the valid rows.")
     errors = models.JSONField(default=list, help_text="[{line, message}] of the rows that cannot be applied.")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PREVIEW)
+    # For API bulk requests: a retry with the same Idempotency-Key finds this batch.
+    idempotency_key = models.CharField(max_length=100, blank=True)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(default=timezone.now)
     applied_at = models.DateTimeField(null=True, blank=True)
@@ -287,6 +289,8 @@ class GrantBatch(TenantModel):
     class Meta:
         ordering = ["-created_at"]
         verbose_name_plural = "grant batches"
+        constraints = [models.UniqueConstraint(fields=["organization", "idempotency_key"], condition=~Q(idempotency_key=""),
+                                               name="grant_batch_idempotency_key_unique")]
 
     def __str__(self):
         return f"CSV {self.filename or self.pk} ({self.status})"

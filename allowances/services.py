@@ -38,11 +38,16 @@ MAX_CSV_BYTES = 2 * 1024 * 1024
 MAX_BULK_ROWS = 5000
 
 
-def _tokens(value, *, field: str, allow_zero: bool = False) -> int:
+def _whole(value) -> int:
+    """A whole number from a form or JSON value; 1.5, true and "1e3" are refused, not truncated."""
     if isinstance(value, bool):
-        raise ValidationError({field: "Enter a whole number of tokens."})
+        raise ValueError("not a number")
+    return int(str(value).strip().replace("_", ""))
+
+
+def _tokens(value, *, field: str, allow_zero: bool = False) -> int:
     try:
-        number = int(str(value).strip().replace("_", ""))
+        number = _whole(value)
     except (TypeError, ValueError):
         raise ValidationError({field: "Enter a whole number of tokens."}) from None
     if number < (0 if allow_zero else 1):
@@ -70,16 +75,21 @@ def _clean_catalog(organization: Organization, data: dict, *, exclude_pk=None) -
     cleaned = {"model_id": model_id, "display_name": str(data.get("display_name") or model_id).strip(),
                "provider": data.get("provider"), "is_active": bool(data.get("is_active", True))}
     for field in CATALOG_FIELDS[3:9]:
+        is_multiplier = "multiplier" in field
+        places, ceiling = (3, 10_000) if is_multiplier else (4, 10**8)  # what the column holds
         try:
-            value = Decimal(str(data.get(field, "1" if "multiplier" in field else "0")))
+            value = Decimal(str(data.get(field, "1" if is_multiplier else "0")).strip())
         except InvalidOperation:
             errors[field] = "Enter a number."
             continue
-        ceiling = 10_000 if "multiplier" in field else 10**8
-        if not value.is_finite() or value < 0 or (value == 0 and field in ("input_multiplier", "output_multiplier")):
-            errors[field] = "Must be positive." if "multiplier" in field else "Cannot be negative."
+        if not value.is_finite():
+            errors[field] = "Enter a number."
+        elif value < 0 or (value == 0 and field in ("input_multiplier", "output_multiplier")):
+            errors[field] = "Must be positive." if is_multiplier else "Cannot be negative."
         elif value >= ceiling:
             errors[field] = f"Must be below {ceiling:,}."
+        elif value != value.quantize(Decimal(1).scaleb(-places)):
+            errors[field] = f"Use at most {places} decimal places."
         cleaned[field] = value
     if errors:
         raise ValidationError(errors)
@@ -163,7 +173,7 @@ def _clean_policy(organization: Organization, data: dict, *, exclude_pk=None) ->
         errors["rollover_cap_tokens"] = "A cap in tokens only applies to the “up to a number of tokens” rule."
     if rollover == AllowancePolicy.Rollover.CAPPED_PERCENT:
         try:
-            cap_percent = int(cap_percent)
+            cap_percent = _whole(cap_percent)
             if not 1 <= cap_percent <= 100:
                 raise ValueError
         except (TypeError, ValueError):
@@ -172,7 +182,7 @@ def _clean_policy(organization: Organization, data: dict, *, exclude_pk=None) ->
         errors["rollover_cap_percent"] = "A percentage cap only applies to the “up to a percentage” rule."
     try:
         lifetime = data.get("rollover_lifetime_periods")
-        lifetime = 1 if lifetime in (None, "") else int(lifetime)  # not `or 1`: 0 is an error, not the default
+        lifetime = 1 if lifetime in (None, "") else _whole(lifetime)  # not `or 1`: 0 is an error, not the default
         if not 1 <= lifetime <= 24:
             raise ValueError
     except (TypeError, ValueError):
@@ -501,15 +511,15 @@ def grant_batch_apply(*, batch: GrantBatch, actor) -> GrantBatch:
 def grant_bulk(*, organization: Organization, actor, rows: list[dict], idempotency_key: str = "") -> GrantBatch:
     """Bulk grants from the API: all rows are valid and granted, or a ValidationError names each bad row."""
     if idempotency_key:
-        existing = GrantBatch.objects.filter(organization=organization, filename=f"api:{idempotency_key}").first()
+        existing = GrantBatch.objects.filter(organization=organization, idempotency_key=idempotency_key).first()
         if existing is not None:
             return existing
     numbered = [{"line": index + 1, **row} for index, row in enumerate(rows)]
     valid, errors = _validate_bulk_rows(organization, numbered)
     if errors:
         raise ValidationError({"grants": [f"row {error['line']}: {error['message']}" for error in errors]})
-    batch = GrantBatch.objects.create(organization=organization, filename=f"api:{idempotency_key or uuid.uuid4().hex}",
-                                      rows=valid, created_by=actor)
+    batch = GrantBatch.objects.create(organization=organization, filename="API request", rows=valid, created_by=actor,
+                                      idempotency_key=idempotency_key or uuid.uuid4().hex)
     return grant_batch_apply(batch=batch, actor=actor)
 
 

@@ -641,7 +641,8 @@ def test_htmx_history_filter_returns_only_the_filtered_partial(as_employee, org_
     response = as_employee.get(url(org_a, "dashboard"), {"kind": "bonus"},
                                headers={"HX-Request": "true", "HX-Target": "history"})
     assert response.status_code == 200
-    assert [t.name for t in response.templates] == ["allowances/_history.html"]
+    names = [t.name for t in response.templates]
+    assert names[0] == "allowances/_history.html" and "allowances/dashboard.html" not in names and "base.html" not in names
     page = response.content.decode()
     assert "<html" not in page and "Usage by day" not in page and "<svg" not in page
     rows = _HISTORY_ROW.findall(page)
@@ -745,3 +746,15 @@ def test_tokens_filter_humanizes_with_the_exact_number_in_the_title(value, text)
     from allowances.templatetags.tokens import tokens
 
     assert str(tokens(value)) == text
+
+
+def test_history_paging_links_keep_the_filter_and_name_the_page_once(org_a, login):
+    employee = org_a.members["employee"]
+    with scope(org_a.organization):
+        for i in range(30):
+            ledger.post(account=org_a.account, kind="bonus", tokens=1, idempotency_key=f"paging-{i}")
+    client = login(employee)
+    response = client.get(f"/o/{org_a.slug}/", {"kind": "bonus", "page": "2"})
+    html = response.content.decode()
+    assert response.status_code == 200
+    assert 'href="?kind=bonus&amp;page=1"' in html and html.count("page=2&amp;page") == 0

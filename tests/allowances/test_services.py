@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from django.core.exceptions import ValidationError
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import CommandError, call_command
 from django.db import connection
 
@@ -696,3 +697,44 @@ def test_verify_ledger_is_clean_after_normal_operations_and_names_a_corrupted_ac
     call_command("verify_ledger", "--org", org_b.slug, stdout=StringIO(), stderr=StringIO())
     with pytest.raises(CommandError):
         call_command("verify_ledger", "--org", org_a.slug, stdout=StringIO(), stderr=StringIO())
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("input_multiplier", "9999.9999", "decimal places"),  # would round to 10000.000 and overflow the column
+    ("output_price_per_million", "0.12345", "decimal places"),
+    ("cached_multiplier", "NaN", "Enter a number"),
+    ("input_multiplier", "10000", "below"),
+])
+def test_catalog_numbers_the_columns_cannot_hold_are_refused(org_a, field, value, message):
+    before = snapshot()
+    data = {"model_id": "precise", "provider": "openai", field: value}
+    with scope(org_a.organization), pytest.raises(ValidationError) as error:
+        services.catalog_model_create(organization=org_a.organization, actor=None, **data)
+    assert message in error.value.message_dict[field][0]
+    assert snapshot() == before
+
+
+@pytest.mark.parametrize("field, value", [
+    ("rollover_cap_percent", 1.5), ("rollover_cap_percent", True), ("rollover_lifetime_periods", 2.5),
+    ("rollover_lifetime_periods", True),
+])
+def test_fractional_or_boolean_whole_numbers_are_refused_not_truncated(org_a, field, value):
+    rules = {"rollover_rule": "capped_percent", "rollover_cap_percent": 10} | {field: value}
+    before = snapshot()
+    with scope(org_a.organization), pytest.raises(ValidationError) as error:
+        services.policy_create(organization=org_a.organization, actor=None, name="Strict", monthly_tokens=1000, **rules)
+    assert field in error.value.message_dict
+    assert snapshot() == before
+
+
+def test_bulk_grants_retried_with_one_key_grant_once_and_a_csv_name_cannot_collide(org_a):
+    employee = org_a.members["employee"]
+    rows = [{"email": employee.user.email, "tokens": 700, "reason": "retro"}]
+    with scope(org_a.organization):
+        services.grant_batch_preview(organization=org_a.organization, actor=None, upload=SimpleUploadedFile(
+            "api:key-1", f"email,tokens,reason\n{employee.user.email},5,x\n".encode()))
+        first = services.grant_bulk(organization=org_a.organization, actor=None, rows=rows, idempotency_key="key-1")
+        before = balance(employee)
+        again = services.grant_bulk(organization=org_a.organization, actor=None, rows=rows, idempotency_key="key-1")
+    assert again.pk == first.pk and first.status == "applied"
+    assert balance(employee) == before
