@@ -60,7 +60,30 @@ def current_organization():
     return None if active is _UNSCOPED else active
 
 
-class TenantManager(models.Manager):
+def _refuse_other_organization(organization_id, what: str) -> None:
+    active = _active_scope.get()
+    if active is not None and active is not _UNSCOPED and organization_id != active.pk:
+        raise ScopeError(f"refusing to {what} of another organization")
+
+
+class TenantQuerySet(models.QuerySet):
+    """Writes that skip Model.save() get the same guard: no row moves to or lands in another org."""
+
+    def update(self, **kwargs):
+        for field in ("organization", "organization_id"):
+            if field in kwargs:
+                value = kwargs[field]
+                _refuse_other_organization(getattr(value, "pk", value), f"move {self.model.__name__} rows to a scope")
+        return super().update(**kwargs)
+
+    def bulk_create(self, objs, *args, **kwargs):
+        objs = list(objs)
+        for obj in objs:
+            _refuse_other_organization(obj.organization_id, f"create a {self.model.__name__}")
+        return super().bulk_create(objs, *args, **kwargs)
+
+
+class TenantManager(models.Manager.from_queryset(TenantQuerySet)):
     def get_queryset(self):
         queryset = super().get_queryset()
         active = _active_scope.get()
@@ -87,9 +110,7 @@ class TenantModel(models.Model):
         abstract = True
 
     def save(self, *args, **kwargs):
-        active = _active_scope.get()
-        if active is not None and active is not _UNSCOPED and self.organization_id != active.pk:
-            raise ScopeError(f"refusing to save a {type(self).__name__} of another organization")
+        _refuse_other_organization(self.organization_id, f"save a {type(self).__name__}")
         super().save(*args, **kwargs)
 
 

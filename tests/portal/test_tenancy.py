@@ -433,3 +433,18 @@ def test_team_names_are_unique_per_organization_ignoring_case(org_a, org_b):
     other = OrganizationFactory()
     TeamFactory(organization=other, name="team a")
     assert Team.all_objects.filter(name__iexact="team a").count() == 3
+
+
+def test_bulk_writes_cannot_move_or_create_rows_in_another_organization(org_a, org_b):
+    with scope(org_a.organization):
+        with pytest.raises(ScopeError):
+            Team.objects.bulk_create([Team(organization=org_b.organization, name="smuggled")])
+        with pytest.raises(ScopeError):
+            Team.objects.update(organization=org_b.organization)
+        with pytest.raises(ScopeError):
+            Team.objects.filter(pk=org_a.team.pk).update(organization_id=org_b.organization.pk)
+        Team.objects.bulk_create([Team(organization=org_a.organization, name="allowed")])
+        assert Team.objects.filter(name="allowed").exists()
+    with unscoped():
+        assert Team.objects.filter(organization=org_b.organization).count() == 1
+        assert Team.objects.get(pk=org_a.team.pk).organization_id == org_a.organization.pk
