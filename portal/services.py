@@ -19,7 +19,7 @@ from django.utils.text import slugify
 
 from portal.audit import changes, log_action
 from portal.models import Invitation, Member, Organization, Team, User, hash_token
-from portal.tenancy import ROLES, effective_roles, scope
+from portal.tenancy import ROLES, scope
 
 INVITATION_LIFETIME = timedelta(days=14)
 RESERVED_SLUGS = {"new", "admin", "api", "static", "accounts", "invitations", "orgs"}

@@ -9,15 +9,13 @@ from allowances import ledger, services
 from allowances.models import (
     Account,
     AllowancePolicy,
-    CatalogModel,
-    Grant,
-    GrantBatch,
     LedgerEntry,
     PolicyAssignment,
 )
 from allowances.periods import next_period_start, period_bounds, period_start_for
 from portal.models import AuditLogEntry
 from portal.tenancy import scope, unscoped
+from tests.allowances.helpers import snapshot
 from tests.factories import MemberFactory, TeamFactory, UserFactory
 
 
@@ -44,22 +42,6 @@ def ok(response, status=200):
     assert response.status_code == status, (response.status_code, response.content[:500])
     return response.json()
 
-
-def snapshot() -> dict:
-    with unscoped():
-        return {
-            "grants": Grant.all_objects.count(),
-            "entries": LedgerEntry.all_objects.count(),
-            "policies": sorted(AllowancePolicy.all_objects.values_list(
-                "id", "name", "monthly_tokens", "rollover_rule", "rollover_cap_tokens", "rollover_cap_percent",
-                "rollover_lifetime_periods", "overage_rule", "auto_approve_tokens")),
-            "assignments": PolicyAssignment.all_objects.count(),
-            "batches": GrantBatch.all_objects.count(),
-            "catalog": CatalogModel.all_objects.count(),
-            "accounts": sorted(Account.all_objects.values_list("id", "granted", "held", "used", "overdraft_limit")),
-            "revoked": sorted(Grant.all_objects.exclude(revoked_at=None).values_list("id", flat=True)),
-            "audit": AuditLogEntry.all_objects.count(),
-        }
 
 
 def available(member) -> int:

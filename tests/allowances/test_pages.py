@@ -23,6 +23,7 @@ from allowances.periods import next_period_start, period_bounds, period_start_fo
 from allowances.templatetags.tokens import humanize_tokens
 from portal.models import AuditLogEntry
 from portal.tenancy import scope, unscoped
+from tests.allowances.helpers import snapshot
 from tests.factories import MemberFactory, TeamFactory, UserFactory
 
 _BAR = re.compile(r'<rect [^>]*class="bar" data-day="([0-9-]+)" data-tokens="(\d+)"')
@@ -39,21 +40,6 @@ _CELL = re.compile(r"<td[^>]*>(.*?)</td>", re.S)
 def url(org, name, **kwargs):
     return reverse(name, kwargs={"org_slug": org.slug, **kwargs})
 
-
-def snapshot() -> dict:
-    with unscoped():
-        return {
-            "grants": Grant.all_objects.count(),
-            "entries": LedgerEntry.all_objects.count(),
-            "policies": sorted(AllowancePolicy.all_objects.values_list(
-                "id", "name", "monthly_tokens", "rollover_rule", "rollover_cap_tokens", "rollover_cap_percent",
-                "rollover_lifetime_periods", "overage_rule", "auto_approve_tokens")),
-            "assignments": PolicyAssignment.all_objects.count(),
-            "batches": GrantBatch.all_objects.count(),
-            "catalog": CatalogModel.all_objects.count(),
-            "accounts": sorted(Account.all_objects.values_list("id", "granted", "held", "used", "overdraft_limit")),
-            "audit": AuditLogEntry.all_objects.count(),
-        }
 
 
 def without(state: dict, *keys) -> dict:
