@@ -67,6 +67,7 @@ INSTALLED_APPS = [
     "allauth.mfa",
     "portal",
     "allowances",
+    "apikeys",
     "billing",
 ]
 
@@ -184,7 +185,10 @@ STORAGES = {
 }
 
 REST_FRAMEWORK = {
-    "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"],
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "portal.api.authentication.ApiKeyAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
     "DEFAULT_PERMISSION_CLASSES": ["portal.api.permissions.OrganizationPermission"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
@@ -211,6 +215,9 @@ CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULE = {
     "release-expired-holds": {"task": "allowances.release_expired_holds", "schedule": 60.0},
 }
+
+# Keys the HMAC of API key secrets; defaults to SECRET_KEY. Changing it invalidates every API key.
+API_KEY_HASH_KEY = env("API_KEY_HASH_KEY")
 
 STRIPE_SECRET_KEY = env("STRIPE_SECRET_KEY")
 STRIPE_PUBLISHABLE_KEY = env("STRIPE_PUBLISHABLE_KEY")

@@ -162,6 +162,14 @@ def _is_api_path(path: str) -> bool:
     return path.startswith("/api/")
 
 
+def _presented_key(request) -> str | None:
+    """An API key from `Authorization: Bearer ...` or `x-api-key` (what the OpenAI and Anthropic SDKs send)."""
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer ":
+        return header[7:].strip()
+    return request.headers.get("X-Api-Key") or None
+
+
 class TenancyMiddleware:
     """Resolve the organization of the URL, check membership, and keep its scope active.
 
@@ -193,7 +201,21 @@ class TenancyMiddleware:
         if slug is None:
             return self.get_response(request)
 
-        member = self._member_for(request, slug)
+        request.api_key = None
+        presented = _presented_key(request) if _is_api_path(request.path_info) else None
+        if presented is not None:
+            # Checked before the session is even looked at: a malformed key costs no database query.
+            from apikeys.services import KeyRefused, authenticate
+
+            try:
+                request.api_key = authenticate(presented, ip=request.META.get("REMOTE_ADDR"))
+            except KeyRefused as refused:
+                return JsonResponse({"detail": str(refused)}, status=401, headers={"WWW-Authenticate": "Bearer"})
+            member = self._key_member(request.api_key, slug)
+            if member is None:
+                return JsonResponse({"detail": "Not found."}, status=404)
+        else:
+            member = self._member_for(request, slug)
         if member is None:
             if not request.user.is_authenticated:
                 from django.contrib.auth.views import redirect_to_login  # needs the app registry
@@ -214,6 +236,13 @@ class TenancyMiddleware:
     def process_view(self, request, view_func, view_args, view_kwargs):
         # Views read the organization from request.organization, never from the URL.
         view_kwargs.pop("org_slug", None)
+
+    @staticmethod
+    def _key_member(identity, slug):
+        from portal.models import Member
+
+        return (Member.all_objects.select_related("organization", "user", "team")
+                .filter(pk=identity.member_id, organization__slug=slug, is_active=True).first())
 
     @staticmethod
     def _member_for(request, slug):

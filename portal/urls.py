@@ -21,6 +21,7 @@ urlpatterns = [
     path("invitations/<str:token>/", views.invitation_accept, name="invitation_accept"),
     path("o/<slug:org_slug>/", include(organization_patterns)),
     path("o/<slug:org_slug>/", include("allowances.urls")),
+    path("o/<slug:org_slug>/", include("apikeys.urls")),
     path("accounts/", include("allauth.urls")),
     path("admin/", admin.site.urls),
     path("", include("portal.api.urls")),

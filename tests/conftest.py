@@ -8,6 +8,8 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 
 from allowances import ledger
 from allowances import services as allowance_services
+from apikeys import services as api_key_services
+from apikeys.models import ENDPOINTS
 from portal.audit import log_action
 from portal.tenancy import ROLES, scope, unscoped
 from tests.factories import PASSWORD, InvitationFactory, MemberFactory, OrganizationFactory, TeamFactory, UserFactory
@@ -71,8 +73,11 @@ def seed_allowance_objects(organization, *, team, members):
     batch = allowance_services.grant_batch_preview(organization=organization, actor=hr, upload=upload)
     account = allowance_services.account_open(member=employee)
     hold = ledger.authorize(account=account, tokens=1_000, idempotency_key="fixture-hold")
+    api_key, api_key_secret = api_key_services.api_key_create(
+        member=employee, actor=employee.user, name="fixture key", endpoints=list(ENDPOINTS))
     return {"catalog_model": catalog_model, "policy": policy, "assignment": assignment, "grant": grant,
-            "grant_batch": batch, "account": account, "hold": hold}
+            "grant_batch": batch, "account": account, "hold": hold, "api_key": api_key,
+            "api_key_secret": api_key_secret}
 
 
 @pytest.fixture

@@ -111,12 +111,14 @@ class _OwnOrAllMixin:
     """Employees see their own rows; HR sees everyone's."""
 
     def sees_everyone(self) -> bool:
-        return self.request.member.has_any_role(["hr"])
+        # A key reads its owner's own usage only, whatever the owner's roles.
+        return self.request.auth is None and self.request.member.has_any_role(["hr"])
 
 
 class BalanceViewSet(_OwnOrAllMixin, mixins.ListModelMixin, OrganizationViewSet):
     serializer_class = BalanceSerializer
     required_roles = {"GET": ANY_MEMBER}
+    key_scope = "usage_read"
 
     def get_queryset(self):
         accounts = selectors.account_list(organization=self.organization)
@@ -130,6 +132,7 @@ class BalanceViewSet(_OwnOrAllMixin, mixins.ListModelMixin, OrganizationViewSet)
 class LedgerEntryViewSet(_OwnOrAllMixin, mixins.ListModelMixin, OrganizationViewSet):
     serializer_class = LedgerEntrySerializer
     required_roles = {"GET": ANY_MEMBER}
+    key_scope = "usage_read"
 
     @extend_schema(parameters=[OpenApiParameter("member", int, description="Only this member's entries (HR)."),
                                OpenApiParameter("kind", str)])

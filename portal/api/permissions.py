@@ -18,6 +18,14 @@ class OrganizationPermission(BasePermission):
         member = getattr(request._request, "member", None)
         if member is None:
             return False
+        key = getattr(request._request, "api_key", None)
+        if key is not None:
+            # A key reaches only the endpoints its scopes name (views declare `key_scope`).
+            scope = getattr(view, "key_scope", None)
+            if scope is None or scope not in key.endpoints:
+                self.message = f"This API key's scopes do not include {scope or 'this endpoint'}."
+                return False
         method = "GET" if request.method in ("HEAD", "OPTIONS") else request.method
         roles = getattr(view, "required_roles", {}).get(method)
+        self.message = OrganizationPermission.message
         return bool(roles) and member.has_any_role(roles)

@@ -140,6 +140,30 @@ def test_every_route_refuses_another_organizations_objects(client, org_a, org_b)
     assert snapshot(org_b.organization) == before, "organization B changed"
 
 
+def test_an_api_key_of_one_organization_never_reaches_anothers_routes(client, org_a, org_b):
+    """A's key (every endpoint scope) aimed at every discovered API route of B, and at B's ids."""
+    before = snapshot(org_b.organization)
+    body = hostile_body(org_b)
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {org_a.api_key_secret}"}
+    checked = 0
+    for route in walk():
+        if not route.route.startswith("api/") or "org_slug" not in route.kwarg_names:
+            continue
+        aims = [kwargs_for(route, org_b, org_b)]
+        if len(route.kwarg_names) > 1:  # A's own URL carrying B's ids
+            aims.append(kwargs_for(route, org_a, org_b))
+        for values in aims:
+            for method in METHODS:
+                data = {} if method == "get" else {"data": json.dumps(body), "content_type": "application/json"}
+                response = getattr(client, method)(route.build(**values), **data, **headers)
+                checked += 1
+                own_org = values["org_slug"] == org_a.slug
+                allowed = DENIED | ({405} if own_org else set())
+                assert response.status_code in allowed, (method, route.build(**values), response.status_code)
+    assert checked > 40
+    assert snapshot(org_b.organization) == before
+
+
 def test_anonymous_requests_to_organization_routes_are_refused(client, org_b):
     before = snapshot(org_b.organization)
     for route in walk():

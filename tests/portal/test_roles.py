@@ -44,6 +44,12 @@ EXPECTED = {
     "grant_revoke": PEOPLE,  # POST-only
     "catalog": ADMINS,
     "catalog_model_edit": ADMINS,
+    # API keys: every member manages their own; admins see and revoke all.
+    "key_list": EVERYONE,
+    "key_create": EVERYONE,  # POST-only
+    "key_rotate": EVERYONE,  # POST-only, own keys
+    "key_revoke": EVERYONE,  # POST-only, own keys (admins: any)
+    "key_admin": ADMINS,
 }
 
 # API route name -> the roles that may GET it. Everyone else gets 403.
@@ -78,6 +84,8 @@ NAV_LINKS = {
     "Policies": "policy_list",
     "Grants": "grant_list",
     "Models": "catalog",
+    "API keys": "key_list",
+    "All keys": "key_admin",
     "Members": "member_list",
     "Teams": "team_list",
     "Invitations": "invitation_list",

@@ -1,0 +1,9 @@
+from django.apps import AppConfig
+
+
+class ApiKeysConfig(AppConfig):
+    name = "apikeys"
+    verbose_name = "API keys"
+
+    def ready(self):
+        from apikeys import signals  # noqa: F401  (cache invalidation when a member changes)

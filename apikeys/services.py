@@ -1,0 +1,206 @@
+"""Minting, rotating, revoking and checking API keys. Every write is audited; no secret is logged."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+from django.core.cache import cache
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.utils import timezone
+
+from allowances.models import MAX_TOKENS, CatalogModel
+from allowances.selectors import policy_in_force
+from apikeys import secrets
+from apikeys.models import ENDPOINTS, MAX_ROTATION_GRACE_HOURS, ApiKey
+from portal.audit import log_action
+from portal.models import Member
+from portal.tenancy import unscoped
+
+MAX_CIDRS = 20
+LAST_USED_RESOLUTION = timedelta(minutes=1)  # how often last_used_at is written, at most
+
+
+class KeyRefused(Exception):
+    """A presented key cannot be used; the message says why, without revealing anything secret."""
+
+
+def _clean(*, member: Member, name, model_ids, endpoints, token_cap, expires_at, allowed_cidrs) -> dict:
+    errors = {}
+    name = (name or "").strip()
+    if not name:
+        errors["name"] = "Name the key after the tool that will use it."
+    endpoints = sorted(set(endpoints or []))
+    if not endpoints:
+        errors["endpoints"] = "Choose at least one endpoint."
+    elif set(endpoints) - ENDPOINTS.keys():
+        errors["endpoints"] = f"Unknown endpoints: {', '.join(sorted(set(endpoints) - ENDPOINTS.keys()))}."
+    model_ids = sorted(set(model_ids or []))
+    offered = set(CatalogModel.objects.filter(organization=member.organization, is_active=True)
+                  .values_list("model_id", flat=True))
+    if set(model_ids) - offered:
+        errors["model_ids"] = f"Not in the catalog: {', '.join(sorted(set(model_ids) - offered))}."
+    if token_cap not in (None, ""):
+        try:
+            token_cap = int(str(token_cap).strip())
+            if token_cap <= 0 or token_cap > MAX_TOKENS:
+                raise ValueError
+        except (TypeError, ValueError):
+            errors["token_cap"] = "A cap is a positive whole number of tokens."
+        else:
+            policy = policy_in_force(member=member)
+            allowance = (policy.monthly_tokens + policy.overdraft_tokens) if policy else 0
+            if token_cap > allowance:
+                errors["token_cap"] = (f"A key's cap cannot exceed your own allowance of {allowance:,} tokens "
+                                       "per period.")
+    else:
+        token_cap = None
+    if expires_at is not None and expires_at <= timezone.now():
+        errors["expires_at"] = "The expiry must be in the future."
+    networks = []
+    for text in allowed_cidrs or []:
+        try:
+            networks.append(str(ipaddress.ip_network(text.strip(), strict=False)))
+        except ValueError:
+            errors["allowed_cidrs"] = f"“{text}” is not an IP range (write e.g. 203.0.113.0/24 or 2001:db8::/32)."
+    if len(networks) > MAX_CIDRS:
+        errors["allowed_cidrs"] = f"At most {MAX_CIDRS} ranges."
+    if errors:
+        raise ValidationError(errors)
+    return {"name": name, "model_ids": model_ids, "endpoints": endpoints, "token_cap": token_cap,
+            "expires_at": expires_at, "allowed_cidrs": networks}
+
+
+def _settings_for_audit(key: ApiKey) -> dict:
+    return {"name": key.name, "key": f"{key.display_prefix}…{key.last_four}", "models": key.model_ids or "all allowed",
+            "endpoints": key.endpoints, "token_cap": key.token_cap, "allowed_cidrs": key.allowed_cidrs,
+            "expires_at": key.expires_at.isoformat() if key.expires_at else None}
+
+
+def _mint(*, member: Member, actor, settings: dict) -> tuple[ApiKey, str]:
+    secret, parts = secrets.new_key()
+    key = ApiKey.objects.create(organization=member.organization, member=member, public_id=parts.public_id,
+                                secret_hash=secrets.hash_secret(parts.secret), last_four=secret[-4:],
+                                created_by=actor, **settings)
+    return key, secret
+
+
+@transaction.atomic
+def api_key_create(*, member: Member, actor, name: str, endpoints, model_ids=(), token_cap=None,
+                   expires_at: datetime | None = None, allowed_cidrs=()) -> tuple[ApiKey, str]:
+    """Mint a key for `member`. Returns the key and its secret, which is never available again."""
+    settings = _clean(member=member, name=name, model_ids=model_ids, endpoints=endpoints, token_cap=token_cap,
+                      expires_at=expires_at, allowed_cidrs=allowed_cidrs)
+    key, secret = _mint(member=member, actor=actor, settings=settings)
+    log_action(actor=actor, organization=member.organization, action="api_key.created", obj=key,
+               data=_settings_for_audit(key))
+    return key, secret
+
+
+@transaction.atomic
+def api_key_revoke(*, key: ApiKey, actor) -> ApiKey:
+    key = ApiKey.objects.select_for_update().get(pk=key.pk)
+    if key.revoked_at is not None:
+        raise ValidationError("This key is already revoked.")
+    key.revoked_at, key.revoked_by = timezone.now(), actor
+    key.save(update_fields=["revoked_at", "revoked_by"])
+    log_action(actor=actor, organization=key.organization, action="api_key.revoked", obj=key,
+               data={"key": f"{key.display_prefix}…{key.last_four}", "owner": key.member.user.email})
+    return key
+
+
+@transaction.atomic
+def api_key_rotate(*, key: ApiKey, actor, grace_hours: int = 0) -> tuple[ApiKey, str]:
+    """Issue a new secret with the same scopes; the old one keeps working for the grace period."""
+    key = ApiKey.objects.select_for_update().get(pk=key.pk)
+    if key.refusal() is not None or key.rotated_to_id is not None:
+        raise ValidationError("Only a key in use can be rotated.")
+    if not 0 <= grace_hours <= MAX_ROTATION_GRACE_HOURS:
+        raise ValidationError({"grace_hours": f"The grace period is 0 to {MAX_ROTATION_GRACE_HOURS} hours."})
+    settings = {field: getattr(key, field) for field in
+                ("name", "model_ids", "endpoints", "token_cap", "expires_at", "allowed_cidrs")}
+    new_key, secret = _mint(member=key.member, actor=actor, settings=settings)
+    key.rotated_to, key.works_until = new_key, timezone.now() + timedelta(hours=grace_hours)
+    key.save(update_fields=["rotated_to", "works_until"])
+    log_action(actor=actor, organization=key.organization, action="api_key.rotated", obj=new_key, data={
+        "old": f"{key.display_prefix}…{key.last_four}", "new": f"{new_key.display_prefix}…{new_key.last_four}",
+        "old_works_until": key.works_until.isoformat()})
+    return new_key, secret
+
+
+# -- authentication ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyIdentity:
+    """What a request authenticated by a key may do: the cached, secret-free view of the key."""
+
+    id: int
+    organization_id: int
+    member_id: int
+    secret_hash: str
+    endpoints: tuple
+    model_ids: tuple
+    allowed_cidrs: tuple
+    token_cap: int | None
+    refusal_at: datetime | None  # the first moment the key stops working (expiry or end of grace)
+    refused: str | None  # revoked, or the member deactivated
+    last_used_at: datetime | None
+
+
+def cache_key(public_id: str) -> str:
+    return f"apikey:{public_id}"
+
+
+def _load(public_id: str) -> KeyIdentity | None:
+    with unscoped():
+        key = ApiKey.objects.select_related("member").filter(public_id=public_id).first()
+    if key is None:
+        return None
+    ends = [moment for moment in (key.expires_at, key.works_until) if moment is not None]
+    refused = "this API key was revoked" if key.revoked_at else (
+        None if key.member.is_active else "the key's owner is no longer an active member")
+    return KeyIdentity(id=key.pk, organization_id=key.organization_id, member_id=key.member_id,
+                       secret_hash=key.secret_hash, endpoints=tuple(key.endpoints), model_ids=tuple(key.model_ids),
+                       allowed_cidrs=tuple(key.allowed_cidrs), token_cap=key.token_cap,
+                       refusal_at=min(ends) if ends else None, refused=refused, last_used_at=key.last_used_at)
+
+
+def authenticate(raw_key: str, *, ip: str | None) -> KeyIdentity:
+    """The identity of a presented key, or KeyRefused saying why. Malformed keys never reach the database."""
+    try:
+        parts = secrets.parse(raw_key.strip())
+    except secrets.MalformedKey as error:
+        raise KeyRefused(f"Invalid API key: {error}.") from None
+    identity = cache.get(cache_key(parts.public_id))
+    if identity is None:
+        identity = _load(parts.public_id)
+        if identity is None:
+            raise KeyRefused("Invalid API key: no such key.")
+        cache.set(cache_key(parts.public_id), identity, timeout=300)
+    if not secrets.secret_matches(parts.secret, identity.secret_hash):
+        raise KeyRefused("Invalid API key: no such key.")
+    now = timezone.now()
+    if identity.refused:
+        raise KeyRefused(f"API key refused: {identity.refused}.")
+    if identity.refusal_at is not None and identity.refusal_at <= now:
+        raise KeyRefused("API key refused: it has expired or was rotated out.")
+    if identity.allowed_cidrs:
+        try:
+            address = ipaddress.ip_address(ip or "")
+        except ValueError:
+            address = None
+        if address is None or not any(address in ipaddress.ip_network(net) for net in identity.allowed_cidrs):
+            raise KeyRefused(f"API key refused: requests from {ip} are outside the key's allowed IP ranges.")
+    if identity.last_used_at is None or now - identity.last_used_at > LAST_USED_RESOLUTION:
+        with unscoped():
+            ApiKey.objects.filter(pk=identity.id).update(last_used_at=now)
+        identity = replace(identity, last_used_at=now)
+        cache.set(cache_key(parts.public_id), identity, timeout=300)
+    return identity
+
+
+def invalidate(public_ids) -> None:
+    cache.delete_many([cache_key(public_id) for public_id in public_ids])

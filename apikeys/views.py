@@ -1,0 +1,93 @@
+"""API key pages: members mint and manage their own keys; admins see and revoke every key."""
+
+from allauth.account.decorators import reauthentication_required
+from django.conf import settings
+from django.contrib import messages
+from django.core.exceptions import ValidationError
+from django.shortcuts import redirect, render
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_POST
+
+from allowances.selectors import catalog
+from apikeys import selectors, services
+from apikeys.forms import ApiKeyForm, RotateForm
+from portal.forms import apply_service_error
+from portal.tenancy import require_roles
+from portal.views import org_url
+
+
+def _form(request, data=None):
+    return ApiKeyForm(data, catalog=catalog(organization=request.organization, active_only=True).order_by("display_name"))
+
+
+def _show_secret_once(request, key, secret, status=201):
+    """The only response that ever carries the secret: not cached, not stored, not logged."""
+    return render(request, "apikeys/created.html", {"key": key, "secret": secret, "base_url": settings.PORTAL_BASE_URL},
+                  status=status)
+
+
+@require_GET
+def key_list(request):
+    return render(request, "apikeys/key_list.html", {
+        "form": _form(request), "keys": selectors.keys_of(member=request.member), "rotate_form": RotateForm(),
+    })
+
+
+@never_cache
+@require_POST
+@reauthentication_required
+def key_create(request):
+    form = _form(request, request.POST)
+    if form.is_valid():
+        try:
+            key, secret = services.api_key_create(member=request.member, actor=request.user, **form.cleaned_data)
+        except ValidationError as error:
+            apply_service_error(form, error)
+        else:
+            return _show_secret_once(request, key, secret)
+    return render(request, "apikeys/key_list.html", {
+        "form": form, "keys": selectors.keys_of(member=request.member), "rotate_form": RotateForm(),
+    }, status=400)
+
+
+@never_cache
+@require_POST
+def key_rotate(request, api_key_id):
+    # Find the key first: someone else's key answers 404 before any re-authentication prompt.
+    key = selectors.key_get(organization=request.organization, api_key_id=api_key_id, member=request.member)
+    return _rotate(request, key)
+
+
+@reauthentication_required
+def _rotate(request, key):
+    form = RotateForm(request.POST)
+    if form.is_valid():
+        try:
+            new_key, secret = services.api_key_rotate(key=key, actor=request.user, grace_hours=form.cleaned_data["grace_hours"])
+        except ValidationError as error:
+            messages.error(request, " ".join(error.messages))
+        else:
+            return _show_secret_once(request, new_key, secret)
+    else:
+        messages.error(request, "The grace period is a whole number of hours from 0 to 24.")
+    return redirect(org_url(request, "key_list"))
+
+
+@require_POST
+def key_revoke(request, api_key_id):
+    # Members revoke their own keys; admins any key of the organization.
+    owner = None if request.member.has_any_role(["admin"]) else request.member
+    key = selectors.key_get(organization=request.organization, api_key_id=api_key_id, member=owner)
+    try:
+        services.api_key_revoke(key=key, actor=request.user)
+    except ValidationError as error:
+        messages.error(request, " ".join(error.messages))
+    else:
+        messages.success(request, f"Key {key.name} revoked; it is refused from the next request on.")
+    return redirect(request.POST.get("next") == "all" and org_url(request, "key_admin") or org_url(request, "key_list"))
+
+
+@require_roles("admin")
+@require_GET
+def key_admin(request):
+    return render(request, "apikeys/key_admin.html", {"keys": selectors.keys_of_organization(organization=request.organization)})
