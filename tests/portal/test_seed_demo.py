@@ -119,3 +119,20 @@ def test_seed_resets_a_changed_demo_password():
     assert not Client().login(email=email, password=password)
     seed()
     assert Client().post("/accounts/login/", {"login": email, "password": password}).status_code == 302
+
+
+def test_seed_prints_a_working_api_key_per_employee_and_a_rerun_replaces_them():
+    first = dict(re.findall(r"^api key for (\S+): (\S+)$", seed(), re.MULTILINE))
+    output = seed()
+    second = dict(re.findall(r"^api key for (\S+): (\S+)$", output, re.MULTILINE))
+    employees = {email for email, (_password, roles) in logins(output).items() if "employee" in roles}
+    assert set(first) == set(second) == employees and len(employees) == 6
+    client = Client()
+    for email, secret in second.items():
+        slug = "acme" if email.endswith("@acme.example") else "globex"
+        response = client.get(f"/api/v1/o/{slug}/balances/", HTTP_AUTHORIZATION=f"Bearer {secret}")
+        assert response.status_code == 200 and [row["email"] for row in response.json()["results"]] == [email]
+    # The first run's keys were revoked when the second run minted new ones.
+    email, old_secret = next(iter(first.items()))
+    slug = "acme" if email.endswith("@acme.example") else "globex"
+    assert Client().get(f"/api/v1/o/{slug}/balances/", HTTP_AUTHORIZATION=f"Bearer {old_secret}").status_code == 401
