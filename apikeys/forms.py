@@ -1,3 +1,5 @@
+import uuid
+
 from django import forms
 
 from apikeys.models import ENDPOINTS, MAX_ROTATION_GRACE_HOURS
@@ -15,8 +17,10 @@ class ApiKeyForm(forms.Form):
                                      widget=forms.DateTimeInput(attrs={"type": "datetime-local"}))
     allowed_cidrs = forms.CharField(required=False, label="Allowed IP ranges", widget=forms.Textarea(attrs={"rows": 2}),
                                     help_text="Optional, one per line or comma-separated, e.g. 203.0.113.0/24.")
+    form_token = forms.CharField(widget=forms.HiddenInput, max_length=64)
 
     def __init__(self, *args, catalog, **kwargs):
+        kwargs.setdefault("initial", {}).setdefault("form_token", uuid.uuid4().hex)
         super().__init__(*args, **kwargs)
         self.fields["model_ids"].choices = [(m.model_id, m.display_name) for m in catalog]
 

@@ -38,10 +38,16 @@ class ApiKey(TenantModel):
     # Set when the key was rotated: it keeps working until then, its successor from the start.
     rotated_to = models.OneToOneField("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="rotated_from")
     works_until = models.DateTimeField(null=True, blank=True)
+    # The one-time token of the form that minted it: a resubmitted form cannot mint a second key.
+    form_token = models.CharField(max_length=64, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
-        constraints = [models.CheckConstraint(condition=Q(token_cap__isnull=True) | Q(token_cap__gt=0), name="api_key_cap_positive")]
+        constraints = [
+            models.CheckConstraint(condition=Q(token_cap__isnull=True) | Q(token_cap__gt=0), name="api_key_cap_positive"),
+            models.UniqueConstraint(fields=["member", "form_token"], condition=~Q(form_token=""),
+                                    name="api_key_form_token_unique"),
+        ]
 
     def __str__(self):
         return f"{self.name} ({self.display_prefix}…{self.last_four})"

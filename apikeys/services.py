@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 
 from django.core.cache import cache
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from allowances.models import MAX_TOKENS, CatalogModel
@@ -89,11 +89,22 @@ def _mint(*, member: Member, actor, settings: dict) -> tuple[ApiKey, str]:
 
 @transaction.atomic
 def api_key_create(*, member: Member, actor, name: str, endpoints, model_ids=(), token_cap=None,
-                   expires_at: datetime | None = None, allowed_cidrs=()) -> tuple[ApiKey, str]:
-    """Mint a key for `member`. Returns the key and its secret, which is never available again."""
+                   expires_at: datetime | None = None, allowed_cidrs=(), form_token: str = "") -> tuple[ApiKey, str]:
+    """Mint a key for `member`. Returns the key and its secret, which is never available again.
+
+    A form submitted twice (a reload of the page that showed the secret) does not mint a second key.
+    """
+    previous = ApiKey.objects.filter(member=member, form_token=form_token).first() if form_token else None
+    if previous is not None:
+        raise ValidationError(f"This form already created the key “{previous.name}”; its secret was shown once. "
+                              "Revoke it and create a new key if you did not copy it.")
     settings = _clean(member=member, name=name, model_ids=model_ids, endpoints=endpoints, token_cap=token_cap,
-                      expires_at=expires_at, allowed_cidrs=allowed_cidrs)
-    key, secret = _mint(member=member, actor=actor, settings=settings)
+                      expires_at=expires_at, allowed_cidrs=allowed_cidrs) | {"form_token": form_token}
+    try:
+        with transaction.atomic():
+            key, secret = _mint(member=member, actor=actor, settings=settings)
+    except IntegrityError:  # the same form submitted twice at once: the other submission minted it
+        raise ValidationError("This form was already submitted; its key was created once.") from None
     log_action(actor=actor, organization=member.organization, action="api_key.created", obj=key,
                data=_settings_for_audit(key))
     return key, secret
@@ -120,7 +131,7 @@ def api_key_rotate(*, key: ApiKey, actor, grace_hours: int = 0) -> tuple[ApiKey,
     if not 0 <= grace_hours <= MAX_ROTATION_GRACE_HOURS:
         raise ValidationError({"grace_hours": f"The grace period is 0 to {MAX_ROTATION_GRACE_HOURS} hours."})
     settings = {field: getattr(key, field) for field in
-                ("name", "model_ids", "endpoints", "token_cap", "expires_at", "allowed_cidrs")}
+                ("name", "model_ids", "endpoints", "token_cap", "expires_at", "allowed_cidrs")}  # not the form token
     new_key, secret = _mint(member=key.member, actor=actor, settings=settings)
     key.rotated_to, key.works_until = new_key, timezone.now() + timedelta(hours=grace_hours)
     key.save(update_fields=["rotated_to", "works_until"])

@@ -1,6 +1,5 @@
 """API key pages: members mint and manage their own keys; admins see and revoke every key."""
 
-from allauth.account.decorators import reauthentication_required
 from django.conf import settings
 from django.contrib import messages
 from django.core.exceptions import ValidationError
@@ -12,6 +11,7 @@ from allowances.selectors import catalog
 from apikeys import selectors, services
 from apikeys.forms import ApiKeyForm, RotateForm
 from portal.forms import apply_service_error
+from portal.reauth import confirm_password_first
 from portal.tenancy import require_roles
 from portal.views import org_url
 
@@ -35,8 +35,9 @@ def key_list(request):
 
 @never_cache
 @require_POST
-@reauthentication_required
 def key_create(request):
+    if prompt := confirm_password_first(request, then=org_url(request, "key_list")):
+        return prompt
     form = _form(request, request.POST)
     if form.is_valid():
         try:
@@ -53,13 +54,10 @@ def key_create(request):
 @never_cache
 @require_POST
 def key_rotate(request, api_key_id):
-    # Find the key first: someone else's key answers 404 before any re-authentication prompt.
+    # Find the key first: someone else's key answers 404 before any password prompt.
     key = selectors.key_get(organization=request.organization, api_key_id=api_key_id, member=request.member)
-    return _rotate(request, key)
-
-
-@reauthentication_required
-def _rotate(request, key):
+    if prompt := confirm_password_first(request, then=org_url(request, "key_list")):
+        return prompt
     form = RotateForm(request.POST)
     if form.is_valid():
         try:
