@@ -65,7 +65,7 @@ def parse(key: str) -> ParsedKey:
     public_id, separator, secret = body[len(PREFIX):].partition("_")
     if separator != "_" or len(public_id) != PUBLIC_ID_LENGTH or not (public_id + secret + checksum).isascii() \
             or not all(ch in ALPHABET for ch in public_id + secret + checksum):
-        raise MalformedKey("the API key has characters in the wrong places")
+        raise MalformedKey("an API key is letters and digits in the form tap_<12>_<38>; this one is not")
     if not hmac.compare_digest(checksum, _checksum(body)):
         raise MalformedKey("the API key's checksum does not match (mistyped or altered)")
     return ParsedKey(public_id, secret)

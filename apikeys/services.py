@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.core.cache import cache
@@ -158,7 +158,6 @@ class KeyIdentity:
     token_cap: int | None
     refusal_at: datetime | None  # the first moment the key stops working (expiry or end of grace)
     refused: str | None  # revoked, or the member deactivated
-    last_used_at: datetime | None
 
 
 def cache_key(public_id: str) -> str:
@@ -176,7 +175,7 @@ def _load(public_id: str) -> KeyIdentity | None:
     return KeyIdentity(id=key.pk, organization_id=key.organization_id, member_id=key.member_id,
                        secret_hash=key.secret_hash, endpoints=tuple(key.endpoints), model_ids=tuple(key.model_ids),
                        allowed_cidrs=tuple(key.allowed_cidrs), token_cap=key.token_cap,
-                       refusal_at=min(ends) if ends else None, refused=refused, last_used_at=key.last_used_at)
+                       refusal_at=min(ends) if ends else None, refused=refused)
 
 
 def authenticate(raw_key: str, *, ip: str | None) -> KeyIdentity:
@@ -205,13 +204,18 @@ def authenticate(raw_key: str, *, ip: str | None) -> KeyIdentity:
             address = None
         if address is None or not any(address in ipaddress.ip_network(net) for net in identity.allowed_cidrs):
             raise KeyRefused(f"API key refused: requests from {ip} are outside the key's allowed IP ranges.")
-    if identity.last_used_at is None or now - identity.last_used_at > LAST_USED_RESOLUTION:
+    # Record the use at most once a minute, under a cache key of its own: the cached identity is
+    # only ever written from the database, so a revocation cannot be overwritten by a stale copy.
+    if cache.add(f"apikey-used:{identity.id}", 1, timeout=int(LAST_USED_RESOLUTION.total_seconds())):
         with unscoped():
             ApiKey.objects.filter(pk=identity.id).update(last_used_at=now)
-        identity = replace(identity, last_used_at=now)
-        cache.set(cache_key(parts.public_id), identity, timeout=300)
     return identity
 
 
 def invalidate(public_ids) -> None:
-    cache.delete_many([cache_key(public_id) for public_id in public_ids])
+    """Drop cached identities now and again once the change commits: a request that read the old
+    row while the change was in flight must not leave it cached."""
+    keys = [cache_key(public_id) for public_id in public_ids]
+    if keys:
+        cache.delete_many(keys)
+        transaction.on_commit(lambda: cache.delete_many(keys))

@@ -18,4 +18,4 @@ def _key_changed(sender, instance, **kwargs):
 @receiver(post_save, sender=Member)
 def _member_changed(sender, instance, **kwargs):
     with unscoped():
-        invalidate(ApiKey.objects.filter(member_id=instance.pk).values_list("public_id", flat=True))
+        invalidate(list(ApiKey.objects.filter(member_id=instance.pk).values_list("public_id", flat=True)))

@@ -82,7 +82,8 @@ def key_revoke(request, api_key_id):
         messages.error(request, " ".join(error.messages))
     else:
         messages.success(request, f"Key {key.name} revoked; it is refused from the next request on.")
-    return redirect(request.POST.get("next") == "all" and org_url(request, "key_admin") or org_url(request, "key_list"))
+    back_to_all = owner is None and request.POST.get("next") == "all"
+    return redirect(org_url(request, "key_admin" if back_to_all else "key_list"))
 
 
 @require_roles("admin")

@@ -18,6 +18,8 @@ class OrganizationPermission(BasePermission):
         member = getattr(request._request, "member", None)
         if member is None:
             return False
+        if request.method not in view.allowed_methods:
+            return True  # nothing to protect: DRF answers 405 Method Not Allowed
         key = getattr(request._request, "api_key", None)
         if key is not None:
             # A key reaches only the endpoints its scopes name (views declare `key_scope`).

@@ -248,14 +248,13 @@ def test_each_role_gets_exactly_its_api_routes(client, org_a):
         path = _path(route, org_a)
         for role in ROLES:
             client.force_login(org_a.members[role].user, backend="django.contrib.auth.backends.ModelBackend")
-            response = client.get(path)
+            method, response = "GET", client.get(path)
+            if response.status_code == 405:  # a POST-only action: ask with the method it takes
+                method, response = "POST", client.post(path, data="{}", content_type="application/json")
             status = response.status_code
-            if role in allowed:
-                ok = status == 200 or (status == 405 and "GET" not in response.get("Allow", ""))
-            else:
-                ok = status == 403
+            ok = status not in (403, 405) if role in allowed else status == 403
             if not ok:
-                failures.append(f"GET {path} as {role}: {status}, expected {'allowed' if role in allowed else 403}")
+                failures.append(f"{method} {path} as {role}: {status}, expected {'allowed' if role in allowed else 403}")
     assert not failures, "\n".join(failures)
 
 
