@@ -100,3 +100,15 @@ def login(client):
         return client
 
     return _login
+
+
+def _logged_in_as(role: str):
+    @pytest.fixture
+    def fixture(login, org_a):
+        """The test client, logged in as org A's member with this role."""
+        return login(org_a.members[role])
+
+    return fixture
+
+
+as_owner, as_admin, as_hr, as_approver, as_employee = (_logged_in_as(role) for role in ROLES)

@@ -61,21 +61,6 @@ def audit(org, action):
     return list(AuditLogEntry.all_objects.filter(organization=org.organization, action=action).order_by("id"))
 
 
-@pytest.fixture
-def as_hr(login, org_a):
-    return login(org_a.members["hr"])
-
-
-@pytest.fixture
-def as_employee(login, org_a):
-    return login(org_a.members["employee"])
-
-
-@pytest.fixture
-def as_admin(login, org_a):
-    return login(org_a.members["admin"])
-
-
 # -- grants ------------------------------------------------------------------------------------------------------
 
 

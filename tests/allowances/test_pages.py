@@ -87,21 +87,6 @@ def csv_file(content, name="grants.csv"):
     return SimpleUploadedFile(name, content if isinstance(content, bytes) else content.encode(), content_type="text/csv")
 
 
-@pytest.fixture
-def as_hr(login, org_a):
-    return login(org_a.members["hr"])
-
-
-@pytest.fixture
-def as_employee(login, org_a):
-    return login(org_a.members["employee"])
-
-
-@pytest.fixture
-def as_admin(login, org_a):
-    return login(org_a.members["admin"])
-
-
 # -- grants ------------------------------------------------------------------------------------------------------
 
 

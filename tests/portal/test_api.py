@@ -40,21 +40,6 @@ def fresh(member):
     return Member.all_objects.get(pk=member.pk)
 
 
-@pytest.fixture
-def as_hr(login, org_a):
-    return login(org_a.members["hr"])
-
-
-@pytest.fixture
-def as_admin(login, org_a):
-    return login(org_a.members["admin"])
-
-
-@pytest.fixture
-def as_owner(login, org_a):
-    return login(org_a.members["owner"])
-
-
 # -- reads ---------------------------------------------------------------------------------------------------
 
 
