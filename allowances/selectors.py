@@ -27,6 +27,15 @@ def assignment_in_force(*, member: Member, at: datetime | None = None) -> Policy
     return in_force.filter(team_id=member.team_id).first()
 
 
+def members_governed_by(*, policy: AllowancePolicy, at: datetime) -> QuerySet[Member]:
+    """The active members `policy` governs at `at`, by the rule of assignment_in_force, in one query."""
+    in_force = PolicyAssignment.objects.filter(effective_from__lte=at).order_by("-effective_from", "-id")
+    own = Subquery(in_force.filter(member=OuterRef("pk")).values("policy_id")[:1])
+    team = Subquery(in_force.filter(team=OuterRef("team_id")).values("policy_id")[:1])
+    return (Member.objects.filter(organization=policy.organization, is_active=True).select_related("organization")
+            .annotate(policy_in_force=Coalesce(own, team)).filter(policy_in_force=policy.pk))
+
+
 def policy_in_force(*, member: Member, at: datetime | None = None) -> AllowancePolicy | None:
     assignment = assignment_in_force(member=member, at=at)
     return assignment.policy if assignment is not None else None

@@ -29,7 +29,7 @@ from allowances.models import (
     PolicyAssignment,
 )
 from allowances.periods import next_period_start, period_bounds, period_start_for, prorate, remaining_fraction
-from allowances.selectors import assignment_in_force, policy_in_force
+from allowances.selectors import assignment_in_force, members_governed_by, policy_in_force
 from portal.audit import changes, log_action
 from portal.models import Member, Organization, Team
 
@@ -235,17 +235,12 @@ def policy_update(*, policy: AllowancePolicy, actor, immediately: bool = False, 
     policy.save()
     change_id = uuid.uuid4().hex[:12]
     if immediately:
-        for member in _members_governed_by(policy, at=at):
+        for member in members_governed_by(policy=policy, at=at):
             _apply_policy_change(member=member, old=before, new=policy, at=at, actor=actor,
                                  key=f"policy-change:{policy.pk}:{change_id}")
     log_action(actor=actor, organization=policy.organization, action="policy.updated", obj=policy,
                data={**diff, "applies": "immediately, pro rata" if immediately else "from the next period"})
     return policy
-
-
-def _members_governed_by(policy: AllowancePolicy, *, at: datetime) -> list[Member]:
-    candidates = Member.objects.filter(organization=policy.organization, is_active=True).select_related("organization")
-    return [member for member in candidates if (p := policy_in_force(member=member, at=at)) and p.pk == policy.pk]
 
 
 @transaction.atomic

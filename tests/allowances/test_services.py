@@ -12,6 +12,7 @@ from django.core.exceptions import ValidationError
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import CommandError, call_command
 from django.db import connection
+from django.utils import timezone
 
 from allowances import ledger, services
 from allowances.models import (
@@ -23,7 +24,7 @@ from allowances.models import (
 )
 from allowances.periods import next_period_start, period_bounds, period_start_for, prorate, remaining_fraction
 from allowances.selectors import policy_in_force
-from portal.models import AuditLogEntry
+from portal.models import AuditLogEntry, Member
 from portal.tenancy import scope, unscoped
 from tests.allowances.helpers import balance, snapshot
 from tests.factories import MemberFactory, TeamFactory, UserFactory
@@ -713,3 +714,25 @@ def test_bulk_grants_retried_with_one_key_grant_once_and_a_csv_name_cannot_colli
         again = services.grant_bulk(organization=org_a.organization, actor=None, rows=rows, idempotency_key="key-1")
     assert again.pk == first.pk and first.status == "applied"
     assert balance(employee) == before
+
+
+def test_members_governed_by_agrees_with_the_per_member_rule(org_a):
+    """Own assignment wins over the team's; the latest in force counts; deactivated members are out."""
+    from allowances.selectors import members_governed_by
+
+    at = timezone.now() + timedelta(days=400)  # after every assignment made below takes effect
+    with scope(org_a.organization):
+        other = services.policy_create(organization=org_a.organization, actor=None, name="Other", monthly_tokens=5)
+        team_member, own_member, loner = (org_a.members[r] for r in ("hr", "approver", "employee"))
+        services.policy_assign(organization=org_a.organization, actor=None, policy=other, member=own_member)
+        loner.team = None
+        loner.save()
+        services.policy_assign(organization=org_a.organization, actor=None, policy=org_a.policy, member=loner)
+        inactive = MemberFactory(organization=org_a.organization, team=org_a.team, is_active=False)
+        members = Member.objects.filter(organization=org_a.organization)
+        for policy in (org_a.policy, other):
+            expected = {m.pk for m in members if m.is_active and (p := policy_in_force(member=m, at=at)) and p.pk == policy.pk}
+            assert {m.pk for m in members_governed_by(policy=policy, at=at)} == expected
+        governed = {m.pk for m in members_governed_by(policy=org_a.policy, at=at)}
+    assert team_member.pk in governed and loner.pk in governed
+    assert own_member.pk not in governed and inactive.pk not in governed
