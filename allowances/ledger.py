@@ -40,13 +40,14 @@ Kind = LedgerEntry.Kind
 GRANTED_SIGN = {Kind.GRANT: 1, Kind.BONUS: 1, Kind.ROLLOVER_IN: 1, Kind.OVERAGE_GRANT: 1, Kind.ADJUSTMENT: 1,
                 Kind.ROLLOVER_OUT: -1, Kind.EXPIRY: -1}
 
-# Guards: how low the available balance may go after the entry. None: no limit (usage is a fact
-# and is recorded whatever it costs); "overdraft": down to minus the approved overdraft (holds);
-# "zero": not below zero (revoking or reducing grants).
+# Guards: how low the account's (alias a) available balance may go after the entry. None: no limit
+# (usage is a fact and is recorded whatever it costs); "overdraft": down to minus the approved
+# overdraft (holds); "zero": not below zero (revoking or reducing grants).
+_AVAILABLE_AFTER = "a.granted + %(g)s - a.used - %(u)s - a.held - %(h)s"
 GUARDS = {
     None: "",
-    "overdraft": " AND granted + %(g)s - used - %(u)s - held - %(h)s >= -overdraft_limit",
-    "zero": " AND granted + %(g)s - used - %(u)s - held - %(h)s >= 0",
+    "overdraft": f" AND {_AVAILABLE_AFTER} >= -a.overdraft_limit",
+    "zero": f" AND {_AVAILABLE_AFTER} >= 0",
 }
 _ACCOUNT = Account._meta.db_table
 _ENTRY = LedgerEntry._meta.db_table
@@ -54,14 +55,12 @@ _ENTRY_COLUMNS = ("organization_id, account_id, kind, tokens, granted_delta, hel
                   "idempotency_key, closes_hold_id, expires_at, model, actor_id, reason, reference, created_at")
 _ENTRY_VALUES = ("%(org)s, %(account)s, %(kind)s, %(tokens)s, %(g)s, %(h)s, %(u)s, a.period_start, %(key)s, %(closes)s, "
                  "%(expires)s, %(model)s, %(actor)s, %(reason)s, %(reference)s, %(now)s")
-_GUARD_ON_A = {guard: condition.replace("granted", "a.granted").replace("used", "a.used").replace("held", "a.held")
-               .replace("overdraft_limit", "a.overdraft_limit") for guard, condition in GUARDS.items()}
 _MOVE = "granted = {t}.granted + %(g)s, held = {t}.held + %(h)s, used = {t}.used + %(u)s"
 
 
 def _insert_entry(guard: str | None, lock: str) -> str:
     return (f"INSERT INTO {_ENTRY} ({_ENTRY_COLUMNS}) SELECT {_ENTRY_VALUES} FROM {_ACCOUNT} a "
-            f"WHERE a.id = %(account)s AND a.organization_id = %(org)s{_GUARD_ON_A[guard]}{lock} "
+            f"WHERE a.id = %(account)s AND a.organization_id = %(org)s{GUARDS[guard]}{lock} "
             "ON CONFLICT DO NOTHING RETURNING id")
 
 
