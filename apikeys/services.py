@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -204,12 +205,26 @@ def authenticate(raw_key: str, *, ip: str | None) -> KeyIdentity:
             address = None
         if address is None or not any(address in ipaddress.ip_network(net) for net in identity.allowed_cidrs):
             raise KeyRefused(f"API key refused: requests from {ip} are outside the key's allowed IP ranges.")
-    # Record the use at most once a minute, under a cache key of its own: the cached identity is
-    # only ever written from the database, so a revocation cannot be overwritten by a stale copy.
-    if cache.add(f"apikey-used:{identity.id}", 1, timeout=int(LAST_USED_RESOLUTION.total_seconds())):
-        with unscoped():
-            ApiKey.objects.filter(pk=identity.id).update(last_used_at=now)
+    _record_use(parts.public_id, identity.id, now)
     return identity
+
+
+_recorded_here: dict[str, float] = {}  # public id -> when this process last recorded a use (monotonic)
+
+
+def _record_use(public_id: str, key_id: int, now: datetime) -> None:
+    """Write last_used_at at most once a minute per key, without a cache round trip on most requests.
+
+    The cross-process throttle has a cache key of its own: the cached identity is only ever written
+    from the database, so a revocation can never be overwritten by a stale copy.
+    """
+    seconds = LAST_USED_RESOLUTION.total_seconds()
+    if time.monotonic() - _recorded_here.get(public_id, float("-inf")) < seconds:
+        return
+    _recorded_here[public_id] = time.monotonic()
+    if cache.add(f"apikey-used:{public_id}", 1, timeout=int(seconds)):
+        with unscoped():
+            ApiKey.objects.filter(pk=key_id).update(last_used_at=now)
 
 
 def invalidate(public_ids) -> None:
