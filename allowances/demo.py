@@ -5,16 +5,17 @@ from decimal import Decimal
 from allowances.models import AllowancePolicy, CatalogModel, PolicyAssignment
 from allowances.periods import period_bounds, period_start_for
 from allowances.services import account_open
+from gateway.models import ProviderConnection
 from portal.models import Member, Team
 
 # Multipliers count a premium model's tokens several times against the allowance; prices are per
 # million tokens in the organization's currency.
 DEFAULT_CATALOG = [
-    ("gpt-4o-mini", "GPT-4o mini", "openai", "1", "1", "0.5", "0.15", "0.60", "0.075"),
-    ("gpt-4o", "GPT-4o", "openai", "5", "5", "2.5", "2.50", "10.00", "1.25"),
-    ("text-embedding-3-small", "Embeddings (small)", "openai", "0.2", "0.2", "0.2", "0.02", "0.02", "0.02"),
-    ("claude-haiku", "Claude Haiku", "anthropic", "1", "1", "0.1", "0.80", "4.00", "0.08"),
-    ("claude-sonnet", "Claude Sonnet", "anthropic", "4", "4", "0.4", "3.00", "15.00", "0.30"),
+    ("gpt-4o-mini", "GPT-4o mini", "1", "1", "0.5", "0.15", "0.60", "0.075"),
+    ("gpt-4o", "GPT-4o", "5", "5", "2.5", "2.50", "10.00", "1.25"),
+    ("text-embedding-3-small", "Embeddings (small)", "0.2", "0.2", "0.2", "0.02", "0.02", "0.02"),
+    ("claude-haiku", "Claude Haiku", "1", "1", "0.1", "0.80", "4.00", "0.08"),
+    ("claude-sonnet", "Claude Sonnet", "4", "4", "0.4", "3.00", "15.00", "0.30"),
 ]
 DEMO_POLICIES = {
     "Engineering": {"name": "Standard", "monthly_tokens": 5_000_000, "rollover_rule": "capped_percent",
@@ -25,9 +26,12 @@ DEMO_POLICIES = {
 
 
 def seed_allowances(organization) -> None:
-    for model_id, name, provider, m_in, m_out, m_cached, p_in, p_out, p_cached in DEFAULT_CATALOG:
+    # The demo works offline: every model is served by the built-in sandbox provider.
+    sandbox, _ = ProviderConnection.objects.get_or_create(organization=organization, name="Sandbox",
+                                                          defaults={"kind": ProviderConnection.Kind.SANDBOX})
+    for model_id, name, m_in, m_out, m_cached, p_in, p_out, p_cached in DEFAULT_CATALOG:
         CatalogModel.objects.get_or_create(organization=organization, model_id=model_id, defaults={
-            "display_name": name, "provider": provider, "input_multiplier": Decimal(m_in),
+            "display_name": name, "connection": sandbox, "input_multiplier": Decimal(m_in),
             "output_multiplier": Decimal(m_out), "cached_multiplier": Decimal(m_cached),
             "input_price_per_million": Decimal(p_in), "output_price_per_million": Decimal(p_out),
             "cached_price_per_million": Decimal(p_cached),

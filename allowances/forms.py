@@ -78,7 +78,10 @@ class GrantImportForm(forms.Form):
 class CatalogModelForm(forms.Form):
     model_id = forms.CharField(max_length=100)
     display_name = forms.CharField(max_length=120, required=False)
-    provider = forms.ChoiceField(choices=CatalogModel.Provider.choices)
+    connection = forms.ModelChoiceField(queryset=None, label="Provider connection")
+    upstream_model = forms.CharField(max_length=100, required=False, label="Provider's model name",
+                                     help_text="Leave empty when the provider uses the same id.")
+    max_output_tokens = forms.IntegerField(initial=4096, label="Reserve for replies without max_tokens (tokens)")
     input_multiplier = forms.CharField(initial="1")
     output_multiplier = forms.CharField(initial="1")
     cached_multiplier = forms.CharField(initial="1")
@@ -86,6 +89,10 @@ class CatalogModelForm(forms.Form):
     output_price_per_million = forms.CharField(initial="0", label="Output price per million tokens")
     cached_price_per_million = forms.CharField(initial="0", label="Cached price per million tokens")
     is_active = forms.BooleanField(required=False, initial=True)
+
+    def __init__(self, *args, connections, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["connection"].queryset = connections
 
 
 class HistoryFilterForm(DateRangeFilterForm):

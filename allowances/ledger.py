@@ -29,7 +29,7 @@ import psycopg
 from django.db import connection, transaction
 from django.utils import timezone
 
-from allowances.models import Account, LedgerEntry
+from allowances.models import Account, KeySpend, LedgerEntry
 from portal.tenancy import ScopeError, current_organization
 
 HOLD_TTL = timedelta(minutes=15)
@@ -51,46 +51,68 @@ GUARDS = {
 }
 _ACCOUNT = Account._meta.db_table
 _ENTRY = LedgerEntry._meta.db_table
+_SPEND = KeySpend._meta.db_table
 _ENTRY_COLUMNS = ("organization_id, account_id, kind, tokens, granted_delta, held_delta, used_delta, period_start, "
-                  "idempotency_key, closes_hold_id, expires_at, model, actor_id, reason, reference, created_at")
+                  "idempotency_key, closes_hold_id, expires_at, model, actor_id, api_key_id, reason, reference, "
+                  "created_at")
 _ENTRY_VALUES = ("%(org)s, %(account)s, %(kind)s, %(tokens)s, %(g)s, %(h)s, %(u)s, a.period_start, %(key)s, %(closes)s, "
-                 "%(expires)s, %(model)s, %(actor)s, %(reason)s, %(reference)s, %(now)s")
+                 "%(expires)s, %(model)s, %(actor)s, %(api_key)s, %(reason)s, %(reference)s, %(now)s")
 _MOVE = "granted = {t}.granted + %(g)s, held = {t}.held + %(h)s, used = {t}.used + %(u)s"
 
+# An entry made with an API key also moves the key's spend counter (alias s), and a hold must fit
+# the key's cap. Counters of an older period count as zero (see KeySpend).
+_KEY_SPENT = "CASE WHEN s.period_start = a.period_start THEN s.held + s.used ELSE 0 END"
+_KEY_JOIN = f" JOIN {_SPEND} s ON s.id = %(spend)s AND s.organization_id = a.organization_id"
+_KEY_CAP = f" AND (s.token_cap IS NULL OR {_KEY_SPENT} + %(h)s + %(u)s <= s.token_cap)"
+_KEY_MOVE = ("period_start = {p}, "
+             "held = GREATEST(CASE WHEN {t}.period_start = {p} THEN {t}.held ELSE 0 END + %(h)s, 0), "
+             "used = CASE WHEN {t}.period_start = {p} THEN {t}.used ELSE 0 END + %(u)s")
 
-def _insert_entry(guard: str | None, lock: str) -> str:
-    return (f"INSERT INTO {_ENTRY} ({_ENTRY_COLUMNS}) SELECT {_ENTRY_VALUES} FROM {_ACCOUNT} a "
-            f"WHERE a.id = %(account)s AND a.organization_id = %(org)s{GUARDS[guard]}{lock} "
-            "ON CONFLICT DO NOTHING RETURNING id")
+
+def _insert_entry(guard: str | None, keyed: bool, lock: str) -> str:
+    join, cap = (_KEY_JOIN, _KEY_CAP if guard else "") if keyed else ("", "")
+    return (f"INSERT INTO {_ENTRY} ({_ENTRY_COLUMNS}) SELECT {_ENTRY_VALUES} FROM {_ACCOUNT} a{join} "
+            f"WHERE a.id = %(account)s AND a.organization_id = %(org)s{GUARDS[guard]}{cap}{lock} "
+            "ON CONFLICT DO NOTHING RETURNING id, period_start")
 
 
-_POSTGRES_SQL = {
-    guard: (f"WITH entry AS ({_insert_entry(guard, ' FOR UPDATE')}) "
-            f"UPDATE {_ACCOUNT} SET {_MOVE.format(t=_ACCOUNT)} FROM entry WHERE {_ACCOUNT}.id = %(account)s "
-            "RETURNING entry.id")
-    for guard in GUARDS
-}
-_SQLITE_SQL = {guard: _insert_entry(guard, "") for guard in GUARDS}
+def _postgres_sql(guard: str | None, keyed: bool) -> str:
+    insert = _insert_entry(guard, keyed, " FOR UPDATE")
+    move_account = f"UPDATE {_ACCOUNT} SET {_MOVE.format(t=_ACCOUNT)} FROM entry WHERE {_ACCOUNT}.id = %(account)s"
+    if not keyed:
+        return f"WITH entry AS ({insert}) {move_account} RETURNING entry.id"
+    # Data-modifying CTEs always run, referenced or not: one statement moves entry, account and key.
+    return (f"WITH entry AS ({insert}), moved AS ({move_account}) "
+            f"UPDATE {_SPEND} SET {_KEY_MOVE.format(t=_SPEND, p='entry.period_start')} FROM entry "
+            f"WHERE {_SPEND}.id = %(spend)s RETURNING entry.id")
+
+
+_POSTGRES_SQL = {(guard, keyed): _postgres_sql(guard, keyed) for guard in GUARDS for keyed in (False, True)}
+_SQLITE_SQL = {(guard, keyed): _insert_entry(guard, keyed, "") for guard in GUARDS for keyed in (False, True)}
 _SQLITE_MOVE = f"UPDATE {_ACCOUNT} SET {_MOVE.format(t=_ACCOUNT)} WHERE id = %(account)s"
+_SQLITE_KEY_MOVE = (f"UPDATE {_SPEND} SET {_KEY_MOVE.format(t=_SPEND, p='%(period)s')} WHERE id = %(spend)s")
 
 
 def _insert_and_move(guard: str | None, params: dict) -> int | None:
     """Append the entry and move the buckets atomically; the new entry's id, or None if nothing happened."""
+    keyed = params["spend"] is not None
     if connection.vendor == "postgresql":
         # Django's own connection (and so its transaction), but psycopg's server-side binding with a
-        # prepared plan: this statement runs on every gateway request, and binding its sixteen
-        # parameters client-side was the largest cost of a call.
+        # prepared plan: this statement runs on every gateway request, and binding its parameters
+        # client-side was the largest cost of a call.
         connection.ensure_connection()
         with psycopg.Cursor(connection.connection) as cursor:
-            cursor.execute(_POSTGRES_SQL[guard], params, prepare=True)
+            cursor.execute(_POSTGRES_SQL[guard, keyed], params, prepare=True)
             row = cursor.fetchone()
             return row[0] if row else None
     with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute(_SQLITE_SQL[guard], params)
+        cursor.execute(_SQLITE_SQL[guard, keyed], params)
         row = cursor.fetchone()
         if row is None:
             return None
         cursor.execute(_SQLITE_MOVE, params)
+        if keyed:
+            cursor.execute(_SQLITE_KEY_MOVE, params | {"period": row[1]})
         return row[0]
 
 
@@ -108,6 +130,13 @@ class InsufficientTokens(LedgerError):
         )
 
 
+class KeyCapExceeded(LedgerError):
+    def __init__(self, *, requested: int, cap: int, spent: int):
+        self.requested, self.cap, self.spent = requested, cap, spent
+        super().__init__(f"{requested:,} tokens requested but this API key's cap of {cap:,} tokens per period "
+                         f"has {max(cap - spent, 0):,} left")
+
+
 @dataclass(frozen=True)
 class Hold:
     """A reservation of tokens for a request in flight (a ledger entry of kind hold)."""
@@ -118,6 +147,8 @@ class Hold:
     tokens: int
     expires_at: datetime
     model: str = ""
+    api_key_id: int | None = None
+    spend_id: int | None = None  # the key's spend counter (KeySpend), moved with the account
 
 
 @dataclass(frozen=True)
@@ -150,6 +181,8 @@ def post(
     expires_at: datetime | None = None,
     model: str = "",
     actor=None,
+    api_key_id: int | None = None,
+    spend_id: int | None = None,
     reason: str = "",
     reference: str = "",
 ) -> Posted:
@@ -160,7 +193,7 @@ def post(
     params = {
         "org": account.organization_id, "account": account.pk, "kind": kind, "tokens": tokens,
         "g": granted_delta, "h": held_delta, "u": used_delta, "key": idempotency_key, "closes": closes_hold_id,
-        "expires": expires_at, "model": model, "actor": getattr(actor, "pk", None), "reason": reason[:500],
+        "expires": expires_at, "model": model, "actor": getattr(actor, "pk", None), "api_key": api_key_id, "spend": spend_id, "reason": reason[:500],
         "reference": reference[:100], "now": timezone.now(),
     }
     entry_id = _insert_and_move(guard, params)
@@ -173,10 +206,17 @@ def post(
         return Posted(entry_id=existing, created=False)
     if closes_hold_id is not None and LedgerEntry.all_objects.filter(closes_hold_id=closes_hold_id).exists():
         raise _AlreadyPosted  # the hold was closed by another entry: the caller decides what that means
-    raise _insufficient(account, requested=held_delta + used_delta - granted_delta)
+    raise _insufficient(account, requested=held_delta + used_delta - granted_delta, spend_id=spend_id)
 
 
-def _insufficient(account: Account, *, requested: int) -> LedgerError:
+def _insufficient(account: Account, *, requested: int, spend_id: int | None) -> LedgerError:
+    if spend_id is not None:
+        spend = KeySpend.all_objects.filter(pk=spend_id, organization_id=account.organization_id).first()
+        period = Account.all_objects.filter(pk=account.pk).values_list("period_start", flat=True).first()
+        if spend is None:
+            return LedgerError(f"no key spend counter {spend_id} in organization {account.organization_id}")
+        if spend.token_cap is not None and spend.spent_in(period) + requested > spend.token_cap:
+            return KeyCapExceeded(requested=requested, cap=spend.token_cap, spent=spend.spent_in(period))
     current = Account.all_objects.filter(pk=account.pk, organization_id=account.organization_id).values(
         "granted", "held", "used", "overdraft_limit").first()
     if current is None:
@@ -187,18 +227,19 @@ def _insufficient(account: Account, *, requested: int) -> LedgerError:
 
 
 def authorize(*, account: Account, tokens: int, idempotency_key: str, ttl: timedelta = HOLD_TTL, model: str = "",
-              reference: str = "", actor=None) -> Hold:
-    """Reserve `tokens` for a request in flight, or raise InsufficientTokens. Safe to retry with the same key."""
+              reference: str = "", actor=None, api_key_id: int | None = None, spend_id: int | None = None) -> Hold:
+    """Reserve `tokens` for a request in flight, or raise InsufficientTokens (or KeyCapExceeded when
+    made with a capped key). Safe to retry with the same key."""
     if not isinstance(tokens, int) or tokens <= 0:
         raise ValueError("a hold needs a positive whole number of tokens")
     expires_at = timezone.now() + ttl
     posted = post(account=account, kind=Kind.HOLD, tokens=tokens, held_delta=tokens, guard="overdraft",
                   idempotency_key=f"hold:{idempotency_key}", expires_at=expires_at, model=model, reference=reference,
-                  actor=actor)
+                  actor=actor, api_key_id=api_key_id, spend_id=spend_id)
     if not posted.created:
         return hold_get(account=account, hold_id=posted.entry_id)
     return Hold(id=posted.entry_id, account_id=account.pk, organization_id=account.organization_id, tokens=tokens,
-                expires_at=expires_at, model=model)
+                expires_at=expires_at, model=model, api_key_id=api_key_id, spend_id=spend_id)
 
 
 def settle(*, hold: Hold, used_tokens: int, model: str = "", reference: str = "") -> Posted:
@@ -212,7 +253,8 @@ def settle(*, hold: Hold, used_tokens: int, model: str = "", reference: str = ""
     account = _account_ref(hold)
     key = f"settle:{hold.id}"
     common = {"account": account, "kind": Kind.USAGE, "tokens": used_tokens, "used_delta": used_tokens,
-              "idempotency_key": key, "model": model or hold.model, "reference": reference}
+              "idempotency_key": key, "model": model or hold.model, "reference": reference,
+              "api_key_id": hold.api_key_id, "spend_id": hold.spend_id}
     try:
         return post(**common, held_delta=-hold.tokens, closes_hold_id=hold.id)
     except _AlreadyPosted:
@@ -225,7 +267,8 @@ def release(*, hold: Hold, reason: str = "") -> Posted | None:
     another caller); a retry of this same release returns the existing entry with created=False."""
     try:
         return post(account=_account_ref(hold), kind=Kind.RELEASE, tokens=hold.tokens, held_delta=-hold.tokens,
-                    idempotency_key=f"release:{hold.id}", closes_hold_id=hold.id, reason=reason, model=hold.model)
+                    idempotency_key=f"release:{hold.id}", closes_hold_id=hold.id, reason=reason, model=hold.model,
+                    api_key_id=hold.api_key_id, spend_id=hold.spend_id)
     except _AlreadyPosted:
         return None
 
@@ -235,10 +278,19 @@ def _account_ref(hold: Hold) -> Account:
     return Account(pk=hold.account_id, organization_id=hold.organization_id)
 
 
+_HOLD_FIELDS = ("id", "account_id", "organization_id", "tokens", "expires_at", "model", "api_key_id",
+                "api_key__spend_id")
+
+
+def _hold(row: dict) -> Hold:
+    return Hold(id=row["id"], account_id=row["account_id"], organization_id=row["organization_id"],
+                tokens=row["tokens"], expires_at=row["expires_at"], model=row["model"], api_key_id=row["api_key_id"],
+                spend_id=row["api_key__spend_id"])
+
+
 def hold_get(*, account: Account, hold_id: int) -> Hold:
-    entry = LedgerEntry.all_objects.get(pk=hold_id, account_id=account.pk, kind=Kind.HOLD)
-    return Hold(id=entry.pk, account_id=entry.account_id, organization_id=entry.organization_id, tokens=entry.tokens,
-                expires_at=entry.expires_at, model=entry.model)
+    return _hold(LedgerEntry.all_objects.filter(account_id=account.pk, kind=Kind.HOLD).values(*_HOLD_FIELDS)
+                 .get(pk=hold_id))
 
 
 def hold_is_open(hold_id: int) -> bool:
@@ -249,12 +301,10 @@ def release_expired_holds(*, now: datetime | None = None, limit: int = SWEEP_BAT
     """Release holds that outlived their time-to-live. Returns how many were released."""
     now = now or timezone.now()
     expired = (LedgerEntry.all_objects.filter(kind=Kind.HOLD, expires_at__lte=now, closed_by__isnull=True)
-               .order_by("expires_at").values("id", "account_id", "organization_id", "tokens", "expires_at", "model")[:limit])
+               .order_by("expires_at").values(*_HOLD_FIELDS)[:limit])
     released = 0
     for row in expired:
-        hold = Hold(id=row["id"], account_id=row["account_id"], organization_id=row["organization_id"],
-                    tokens=row["tokens"], expires_at=row["expires_at"], model=row["model"])
-        result = release(hold=hold, reason="time-to-live passed")
+        result = release(hold=_hold(row), reason="time-to-live passed")
         if result is not None and result.created:
             released += 1
     return released

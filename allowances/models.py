@@ -27,15 +27,14 @@ MAX_TOKENS = 10_000_000_000
 class CatalogModel(TenantModel):
     """A model the organization offers, with how it counts against allowances and what it costs."""
 
-    class Provider(models.TextChoices):
-        OPENAI = "openai", "OpenAI"
-        ANTHROPIC = "anthropic", "Anthropic"
-        OPENAI_COMPATIBLE = "openai_compatible", "OpenAI-compatible server"
-        SANDBOX = "sandbox", "Sandbox (no network)"
-
     model_id = models.CharField(max_length=100, help_text="The id clients send, e.g. gpt-4o-mini.")
     display_name = models.CharField(max_length=120)
-    provider = models.CharField(max_length=32, choices=Provider.choices)
+    connection = models.ForeignKey("gateway.ProviderConnection", on_delete=models.PROTECT, related_name="models",
+                                   help_text="The provider that serves this model.")
+    upstream_model = models.CharField(max_length=100, blank=True,
+                                      help_text="The provider's name for the model, if not the same id.")
+    # What the gateway reserves for a reply when the request does not say max_tokens.
+    max_output_tokens = models.PositiveIntegerField(default=4096)
     input_multiplier = models.DecimalField(max_digits=7, decimal_places=3, default=Decimal("1"))
     output_multiplier = models.DecimalField(max_digits=7, decimal_places=3, default=Decimal("1"))
     cached_multiplier = models.DecimalField(max_digits=7, decimal_places=3, default=Decimal("1"))
@@ -58,10 +57,15 @@ class CatalogModel(TenantModel):
                             cached_price_per_million__gte=0),
                 name="catalog_prices_not_negative",
             ),
+            models.CheckConstraint(condition=Q(max_output_tokens__gt=0), name="catalog_max_output_positive"),
         ]
 
     def __str__(self):
         return self.display_name
+
+    @property
+    def provider_model(self) -> str:
+        return self.upstream_model or self.model_id
 
     def weighted_tokens(self, *, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> int:
         """The tokens a request counts against the allowance, rounded up to a whole token."""
@@ -189,6 +193,32 @@ class Account(TenantModel):
         return self.granted - self.used - self.held
 
 
+class KeySpend(TenantModel):
+    """What an API key spent in its account's open period: the counter behind a key's own cap.
+
+    A rotated key shares its predecessor's counter, so rotating never resets the cap. The ledger
+    moves it in the same statement as the account (under the same row locks), so a capped key can
+    no more be overspent by concurrent requests than the account can. Counters from an older
+    period count as zero: the first entry of a new period restarts them.
+    """
+
+    period_start = models.DateField(null=True, blank=True)
+    held = models.BigIntegerField(default=0)
+    used = models.BigIntegerField(default=0)
+    token_cap = models.BigIntegerField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(condition=Q(held__gte=0), name="key_spend_held_not_negative"),
+            models.CheckConstraint(condition=Q(token_cap__isnull=True) | Q(token_cap__gt=0),
+                                   name="key_spend_cap_positive"),
+        ]
+
+    def spent_in(self, period_start) -> int:
+        """Tokens used plus held in the given period."""
+        return self.used + self.held if self.period_start == period_start else 0
+
+
 class LedgerEntry(TenantModel):
     """One append-only movement of tokens on an account."""
 
@@ -218,6 +248,8 @@ class LedgerEntry(TenantModel):
     expires_at = models.DateTimeField(null=True, blank=True, help_text="For holds: when the sweeper releases it.")
     model = models.CharField(max_length=100, blank=True, help_text="Catalog model id, for holds and usage.")
     actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    # The API key a hold or usage was made with (gateway and usage ingest).
+    api_key = models.ForeignKey("apikeys.ApiKey", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
     reason = models.CharField(max_length=500, blank=True)
     reference = models.CharField(max_length=100, blank=True, help_text="What caused it, e.g. grant:12 or policy:3.")
     created_at = models.DateTimeField(default=timezone.now)

@@ -18,6 +18,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from allowances import ledger
+from gateway.models import ProviderConnection
 from allowances.models import (
     MAX_TOKENS,
     Account,
@@ -59,8 +60,21 @@ def _tokens(value, *, field: str, allow_zero: bool = False) -> int:
 
 # -- catalog -----------------------------------------------------------------------------------
 
-CATALOG_FIELDS = ["model_id", "display_name", "provider", "input_multiplier", "output_multiplier", "cached_multiplier",
-                  "input_price_per_million", "output_price_per_million", "cached_price_per_million", "is_active"]
+CATALOG_FIELDS = ["model_id", "display_name", "connection", "upstream_model", "max_output_tokens", "input_multiplier",
+                  "output_multiplier", "cached_multiplier", "input_price_per_million", "output_price_per_million",
+                  "cached_price_per_million", "is_active"]
+_CATALOG_DECIMALS = CATALOG_FIELDS[5:11]
+
+
+def _connection_of(organization: Organization, value) -> ProviderConnection | None:
+    """The organization's provider connection named by an instance or an id; None if not theirs."""
+    if isinstance(value, ProviderConnection):
+        return value if value.organization_id == organization.pk else None
+    try:
+        pk = int(str(value))
+    except (TypeError, ValueError):
+        return None
+    return ProviderConnection.objects.filter(organization=organization, pk=pk).first()
 
 
 def _clean_catalog(organization: Organization, data: dict, *, exclude_pk=None) -> dict:
@@ -70,11 +84,20 @@ def _clean_catalog(organization: Organization, data: dict, *, exclude_pk=None) -
         errors["model_id"] = "Enter the model id clients send."
     elif CatalogModel.objects.filter(organization=organization, model_id=model_id).exclude(pk=exclude_pk).exists():
         errors["model_id"] = f"{model_id} is already in the catalog."
-    if data.get("provider") not in CatalogModel.Provider.values:
-        errors["provider"] = "Choose a provider."
+    connection = _connection_of(organization, data.get("connection"))
+    if connection is None:
+        errors["connection"] = "Choose one of the organization's provider connections."
+    try:
+        max_output = int(str(data.get("max_output_tokens", 4096)).strip())
+        if not 0 < max_output <= 1_000_000:
+            raise ValueError
+    except (TypeError, ValueError):
+        errors["max_output_tokens"] = "A whole number of tokens from 1 to 1,000,000."
+        max_output = None
     cleaned = {"model_id": model_id, "display_name": str(data.get("display_name") or model_id).strip(),
-               "provider": data.get("provider"), "is_active": bool(data.get("is_active", True))}
-    for field in CATALOG_FIELDS[3:9]:
+               "connection": connection, "upstream_model": str(data.get("upstream_model") or "").strip()[:100],
+               "max_output_tokens": max_output, "is_active": bool(data.get("is_active", True))}
+    for field in _CATALOG_DECIMALS:
         is_multiplier = "multiplier" in field
         places, ceiling = (3, 10_000) if is_multiplier else (4, 10**8)  # what the column holds
         try:

@@ -8,6 +8,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from allowances import selectors, services
 from allowances.charts import daily_usage_svg
+from gateway.selectors import connections_of
 from allowances.forms import (
     AssignmentForm,
     CatalogModelForm,
@@ -185,7 +186,7 @@ def grant_batch(request, grant_batch_id):
 @require_roles("admin")
 @require_http_methods(["GET", "POST"])
 def catalog(request):
-    form = CatalogModelForm(request.POST or None)
+    form = CatalogModelForm(request.POST or None, connections=connections_of(organization=request.organization))
     if request.method == "POST" and form.is_valid():
         try:
             entry = services.catalog_model_create(organization=request.organization, actor=request.user, **form.cleaned_data)
@@ -204,7 +205,8 @@ def catalog(request):
 @require_http_methods(["GET", "POST"])
 def catalog_model_edit(request, catalog_model_id):
     entry = selectors.catalog_model_get(organization=request.organization, catalog_model_id=catalog_model_id)
-    form = CatalogModelForm(request.POST or None, initial={field: getattr(entry, field) for field in services.CATALOG_FIELDS})
+    form = CatalogModelForm(request.POST or None, connections=connections_of(organization=request.organization),
+                            initial={field: getattr(entry, field) for field in services.CATALOG_FIELDS})
     if request.method == "POST" and form.is_valid():
         try:
             services.catalog_model_update(catalog_model=entry, actor=request.user, **form.cleaned_data)

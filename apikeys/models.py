@@ -28,6 +28,8 @@ class ApiKey(TenantModel):
     model_ids = models.JSONField(default=list, blank=True)
     endpoints = models.JSONField(default=list)
     token_cap = models.BigIntegerField(null=True, blank=True, help_text="A sub-budget per period for this key.")
+    # The counter the cap is checked against; shared with the keys this one was rotated from.
+    spend = models.ForeignKey("allowances.KeySpend", on_delete=models.PROTECT, related_name="keys")
     allowed_cidrs = models.JSONField(default=list, blank=True)
     expires_at = models.DateTimeField(null=True, blank=True)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")

@@ -12,7 +12,7 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from allowances.models import MAX_TOKENS, CatalogModel
+from allowances.models import MAX_TOKENS, Account, CatalogModel, KeySpend
 from allowances.selectors import policy_in_force
 from apikeys import secrets
 from apikeys.models import ENDPOINTS, MAX_ROTATION_GRACE_HOURS, ApiKey
@@ -80,11 +80,13 @@ def _settings_for_audit(key: ApiKey) -> dict:
             "expires_at": key.expires_at.isoformat() if key.expires_at else None}
 
 
-def _mint(*, member: Member, actor, settings: dict) -> tuple[ApiKey, str]:
+def _mint(*, member: Member, actor, settings: dict, spend: KeySpend | None = None) -> tuple[ApiKey, str]:
     secret, parts = secrets.new_key()
+    if spend is None:
+        spend = KeySpend.objects.create(organization=member.organization, token_cap=settings["token_cap"])
     key = ApiKey.objects.create(organization=member.organization, member=member, public_id=parts.public_id,
                                 secret_hash=secrets.hash_secret(parts.secret), last_four=secret[-4:],
-                                created_by=actor, **settings)
+                                created_by=actor, spend=spend, **settings)
     return key, secret
 
 
@@ -133,7 +135,8 @@ def api_key_rotate(*, key: ApiKey, actor, grace_hours: int = 0) -> tuple[ApiKey,
         raise ValidationError({"grace_hours": f"The grace period is 0 to {MAX_ROTATION_GRACE_HOURS} hours."})
     settings = {field: getattr(key, field) for field in
                 ("name", "model_ids", "endpoints", "token_cap", "expires_at", "allowed_cidrs")}  # not the form token
-    new_key, secret = _mint(member=key.member, actor=actor, settings=settings)
+    # The successor shares the spend counter: rotating never resets the key's cap.
+    new_key, secret = _mint(member=key.member, actor=actor, settings=settings, spend=key.spend)
     key.rotated_to, key.works_until = new_key, timezone.now() + timedelta(hours=grace_hours)
     key.save(update_fields=["rotated_to", "works_until"])
     log_action(actor=actor, organization=key.organization, action="api_key.rotated", obj=new_key, data={
@@ -159,6 +162,8 @@ class KeyIdentity:
     token_cap: int | None
     refusal_at: datetime | None  # the first moment the key stops working (expiry or end of grace)
     refused: str | None  # revoked, or the member deactivated
+    account_id: int | None = None  # the owner's allowance account, once one is open
+    spend_id: int | None = None  # the key's spend counter (its cap), shared across rotations
 
 
 def cache_key(public_id: str) -> str:
@@ -176,7 +181,9 @@ def _load(public_id: str) -> KeyIdentity | None:
     return KeyIdentity(id=key.pk, organization_id=key.organization_id, member_id=key.member_id,
                        secret_hash=key.secret_hash, endpoints=tuple(key.endpoints), model_ids=tuple(key.model_ids),
                        allowed_cidrs=tuple(key.allowed_cidrs), token_cap=key.token_cap,
-                       refusal_at=min(ends) if ends else None, refused=refused)
+                       refusal_at=min(ends) if ends else None, refused=refused,
+                       account_id=Account.all_objects.filter(member_id=key.member_id).values_list("id", flat=True).first(),
+                       spend_id=key.spend_id)
 
 
 def authenticate(raw_key: str, *, ip: str | None) -> KeyIdentity:

@@ -68,6 +68,7 @@ INSTALLED_APPS = [
     "portal",
     "allowances",
     "apikeys",
+    "gateway",
     "billing",
 ]
 
@@ -219,6 +220,9 @@ CELERY_BEAT_SCHEDULE = {
 # Keys the HMAC of API key secrets; defaults to SECRET_KEY. Changing it invalidates every API key.
 API_KEY_HASH_KEY = env("API_KEY_HASH_KEY")
 
+# Encrypts provider secrets at rest (a Fernet key: `python -c "from cryptography.fernet import Fernet;
+# print(Fernet.generate_key().decode())"`); defaults to one derived from SECRET_KEY.
+PROVIDER_SECRETS_KEY = env("PROVIDER_SECRETS_KEY")
 STRIPE_SECRET_KEY = env("STRIPE_SECRET_KEY")
 STRIPE_PUBLISHABLE_KEY = env("STRIPE_PUBLISHABLE_KEY")
 STRIPE_WEBHOOK_SECRET = env("STRIPE_WEBHOOK_SECRET")

@@ -159,7 +159,8 @@ def require_roles(*roles: str):
 
 
 def _is_api_path(path: str) -> bool:
-    return path.startswith("/api/")
+    # The REST API and the gateway answer in JSON, also when no route matches.
+    return path.startswith(("/api/", "/v1/"))
 
 
 def _presented_key(request) -> str | None:
@@ -170,17 +171,65 @@ def _presented_key(request) -> str | None:
     return request.headers.get("X-Api-Key") or None
 
 
+# What the middleware decided for a request: go on without a scope, across tenants, or in one
+# organization; or answer at once.
+_PASS, _UNSCOPED_ADMIN = "pass", "admin"
+
+
 class TenancyMiddleware:
     """Resolve the organization of the URL, check membership, and keep its scope active.
 
     The scope stays active while the response renders. A user who is not an active member of
-    the organization gets the same 404 as for an organization that does not exist.
+    the organization gets the same 404 as for an organization that does not exist. Works under
+    WSGI and ASGI: under ASGI the membership look-up runs in a thread and the gateway's async
+    views (which authenticate their own keys) pass straight through.
     """
 
+    sync_capable = async_capable = True
+
     def __init__(self, get_response):
+        from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+
         self.get_response = get_response
+        self.async_mode = iscoroutinefunction(get_response)
+        if self.async_mode:
+            markcoroutinefunction(self)
 
     def __call__(self, request):
+        if self.async_mode:
+            return self._acall(request)
+        decision = self._decide(request)
+        if decision == _PASS:
+            return self.get_response(request)
+        if decision == _UNSCOPED_ADMIN:
+            with unscoped():
+                return self.get_response(request)
+        if not isinstance(decision, tuple):
+            return decision
+        organization, zone = decision
+        with scope(organization), timezone.override(zone):
+            return self.get_response(request)
+
+    async def _acall(self, request):
+        from asgiref.sync import sync_to_async
+
+        request.organization = request.member = None
+        if request.path_info.startswith("/v1/"):
+            return await self.get_response(request)  # the gateway: its views resolve the key themselves
+        decision = await sync_to_async(self._decide)(request)
+        if decision == _PASS:
+            return await self.get_response(request)
+        if decision == _UNSCOPED_ADMIN:
+            with unscoped():
+                return await self.get_response(request)
+        if not isinstance(decision, tuple):
+            return decision
+        organization, zone = decision
+        # The scope and zone are context variables: the sync views Django runs in threads see them.
+        with scope(organization), timezone.override(zone):
+            return await self.get_response(request)
+
+    def _decide(self, request):
         request.organization = None
         request.member = None
         try:
@@ -190,16 +239,15 @@ class TenancyMiddleware:
                 # API clients get JSON for every error, also for a path no route matches
                 # (e.g. a non-integer id): Django's own 404 page is HTML.
                 return JsonResponse({"detail": "Not found."}, status=404)
-            return self.get_response(request)
+            return _PASS
 
         if match.app_name == "admin" or match.namespace == "admin":
             # Platform staff work across tenants; Django's admin itself requires is_staff.
-            with unscoped():
-                return self.get_response(request)
+            return _UNSCOPED_ADMIN
 
         slug = match.kwargs.get("org_slug")
         if slug is None:
-            return self.get_response(request)
+            return _PASS
 
         request.api_key = None
         presented = _presented_key(request) if _is_api_path(request.path_info) else None
@@ -230,8 +278,7 @@ class TenancyMiddleware:
         request.organization = member.organization
         request.member = member
         # Pages show times in the organization's zone, the zone its periods are counted in.
-        with scope(member.organization), timezone.override(ZoneInfo(member.organization.time_zone)):
-            return self.get_response(request)
+        return member.organization, ZoneInfo(member.organization.time_zone)
 
     def process_view(self, request, view_func, view_args, view_kwargs):
         # Views read the organization from request.organization, never from the URL.

@@ -10,6 +10,8 @@ from allowances import ledger
 from allowances import services as allowance_services
 from apikeys import services as api_key_services
 from apikeys.models import ENDPOINTS
+from gateway import services as gateway_services
+from gateway.models import UsageRecord
 from portal.audit import log_action
 from portal.tenancy import ROLES, scope, unscoped
 from tests.factories import PASSWORD, InvitationFactory, MemberFactory, OrganizationFactory, TeamFactory, UserFactory
@@ -60,8 +62,12 @@ def make_org(label: str):
 def seed_allowance_objects(organization, *, team, members):
     """One of each allowances object, made through the services: policy, assignment, grant, batch, hold."""
     hr = members["hr"].user
+    provider_connection = gateway_services.provider_connection_create(
+        organization=organization, actor=members["admin"].user, name="Sandbox", kind="sandbox", connect_timeout=5,
+        read_timeout=60)
     catalog_model = allowance_services.catalog_model_create(
-        organization=organization, actor=hr, model_id="gpt-test", display_name="GPT test", provider="openai",
+        organization=organization, actor=hr, model_id="gpt-test", display_name="GPT test",
+        connection=provider_connection,
         input_multiplier="1", output_multiplier="2", cached_multiplier="0.5")
     policy = allowance_services.policy_create(organization=organization, actor=hr, name="Standard",
                                               monthly_tokens=1_000_000)
@@ -75,7 +81,11 @@ def seed_allowance_objects(organization, *, team, members):
     hold = ledger.authorize(account=account, tokens=1_000, idempotency_key="fixture-hold")
     api_key, api_key_secret = api_key_services.api_key_create(
         member=employee, actor=employee.user, name="fixture key", endpoints=list(ENDPOINTS))
-    return {"catalog_model": catalog_model, "policy": policy, "assignment": assignment, "grant": grant,
+    usage_record = UsageRecord.objects.create(
+        organization=organization, member=employee, api_key=api_key, model="gpt-test", endpoint="chat",
+        status=UsageRecord.Status.OK, input_tokens=10, output_tokens=5, charged_tokens=20)
+    return {"provider_connection": provider_connection, "usage_record": usage_record,
+            "key_spend": api_key.spend, "catalog_model": catalog_model, "policy": policy, "assignment": assignment, "grant": grant,
             "grant_batch": batch, "account": account, "hold": hold, "api_key": api_key,
             "api_key_secret": api_key_secret}
 

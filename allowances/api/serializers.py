@@ -83,7 +83,8 @@ class LedgerEntrySerializer(serializers.ModelSerializer):
 class CatalogModelSerializer(serializers.ModelSerializer):
     class Meta:
         model = CatalogModel
-        fields = ["id", "model_id", "display_name", "provider", "input_multiplier", "output_multiplier",
+        fields = ["id", "model_id", "display_name", "connection", "upstream_model", "max_output_tokens",
+                  "input_multiplier", "output_multiplier",
                   "cached_multiplier", "input_price_per_million", "output_price_per_million",
                   "cached_price_per_million", "is_active"]
         read_only_fields = ["id"]

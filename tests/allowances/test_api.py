@@ -438,7 +438,7 @@ def test_hr_sees_all_ledger_entries_and_can_filter_by_member(as_hr, org_a, org_b
 
 # -- catalog -----------------------------------------------------------------------------------------------------
 
-GOOD_MODEL = {"model_id": "claude-test", "display_name": "Claude test", "provider": "anthropic",
+GOOD_MODEL = {"model_id": "claude-test", "display_name": "Claude test",
               "input_multiplier": "1", "output_multiplier": "3", "cached_multiplier": "0.1",
               "input_price_per_million": "3", "output_price_per_million": "15", "cached_price_per_million": "0.3"}
 
@@ -452,14 +452,14 @@ def test_any_member_can_read_the_catalog(login, org_a, org_b, role):
 @pytest.mark.parametrize("role", ["employee", "approver", "hr"])
 def test_only_admins_add_catalog_models(login, org_a, role):
     before = snapshot()
-    error(send(login(org_a.members[role]), "post", api(org_a, "models/"), GOOD_MODEL), 403)
+    error(send(login(org_a.members[role]), "post", api(org_a, "models/"), GOOD_MODEL | {"connection": org_a.provider_connection.pk}), 403)
     error(send(login(org_a.members[role]), "patch", api(org_a, f"models/{org_a.catalog_model.pk}/"),
                {"output_multiplier": "9"}), 403)
     assert snapshot() == before
 
 
 def test_admin_adds_a_catalog_model(as_admin, org_a):
-    created = ok(send(as_admin, "post", api(org_a, "models/"), GOOD_MODEL), 201)
+    created = ok(send(as_admin, "post", api(org_a, "models/"), GOOD_MODEL | {"connection": org_a.provider_connection.pk}), 201)
     assert (created["model_id"], created["output_multiplier"], created["is_active"]) == ("claude-test", "3.000", True)
     assert audit(org_a, "catalog_model.created")[-1].object_id == str(created["id"])
 
@@ -473,6 +473,6 @@ def test_admin_adds_a_catalog_model(as_admin, org_a):
 ], ids=repr)
 def test_bad_catalog_models_are_400s_naming_the_field(as_admin, org_a, overrides, field):
     before = snapshot()
-    body = error(send(as_admin, "post", api(org_a, "models/"), GOOD_MODEL | overrides), 400)
+    body = error(send(as_admin, "post", api(org_a, "models/"), GOOD_MODEL | {"connection": org_a.provider_connection.pk} | overrides), 400)
     assert field in body, body
     assert snapshot() == before

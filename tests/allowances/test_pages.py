@@ -448,8 +448,9 @@ def test_assign_page_needs_a_team_or_a_member(as_hr, org_a):
 # -- catalog -----------------------------------------------------------------------------------------------------
 
 
-def catalog_form(**overrides):
-    return {"model_id": "claude-test", "display_name": "Claude test", "provider": "anthropic",
+def catalog_form(org, **overrides):
+    return {"model_id": "claude-test", "display_name": "Claude test", "connection": org.provider_connection.pk,
+            "max_output_tokens": "4096",
             "input_multiplier": "1", "output_multiplier": "3", "cached_multiplier": "0.1",
             "input_price_per_million": "3", "output_price_per_million": "15", "cached_price_per_million": "0.3",
             "is_active": "on"} | overrides
@@ -468,18 +469,18 @@ def catalog_form(**overrides):
 ], ids=repr)
 def test_catalog_form_with_bad_values_shows_the_error_and_changes_nothing(as_admin, org_a, overrides, field):
     before = snapshot()
-    response = as_admin.post(url(org_a, "catalog"), catalog_form(**overrides))
+    response = as_admin.post(url(org_a, "catalog"), catalog_form(org_a, **overrides))
     assert response.status_code == 200
     assert list(response.context["form"].errors) == [field]
     assert snapshot() == before
 
 
 def test_catalog_form_adds_a_model(as_admin, org_a):
-    response = as_admin.post(url(org_a, "catalog"), catalog_form(), follow=True)
+    response = as_admin.post(url(org_a, "catalog"), catalog_form(org_a), follow=True)
     assert "Claude test added to the catalog." in messages_of(response)
     with unscoped():
         entry = CatalogModel.all_objects.get(organization=org_a.organization, model_id="claude-test")
-    assert (str(entry.output_multiplier), entry.provider) == ("3.000", "anthropic")
+    assert (str(entry.output_multiplier), entry.connection) == ("3.000", org_a.provider_connection)
     assert "<code>claude-test</code>" in response.content.decode()
 
 
@@ -488,7 +489,7 @@ def test_catalog_is_for_admins_only(login, org_a):
     for role in ("hr", "approver", "employee"):
         client = login(org_a.members[role])
         assert client.get(url(org_a, "catalog")).status_code == 403
-        assert client.post(url(org_a, "catalog"), catalog_form()).status_code == 403
+        assert client.post(url(org_a, "catalog"), catalog_form(org_a)).status_code == 403
         assert client.get(url(org_a, "catalog_model_edit", catalog_model_id=org_a.catalog_model.pk)).status_code == 403
     assert snapshot() == before
     for role in ("admin", "owner"):

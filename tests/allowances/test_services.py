@@ -581,7 +581,7 @@ def test_weighted_tokens_rounds_up_to_a_whole_token(multipliers, usage, expected
     assert result == expected and isinstance(result, int)
 
 
-GOOD_MODEL = {"model_id": "claude-test", "display_name": "Claude test", "provider": "anthropic",
+GOOD_MODEL = {"model_id": "claude-test", "display_name": "Claude test",
               "input_multiplier": "1", "output_multiplier": "3", "cached_multiplier": "0.1",
               "input_price_per_million": "3", "output_price_per_million": "15", "cached_price_per_million": "0.3"}
 BAD_MODELS = [
@@ -599,7 +599,10 @@ BAD_MODELS = [
     ({"cached_price_per_million": "100000000"}, "cached_price_per_million"),
     ({"model_id": "gpt-test"}, "model_id"),  # already in org a's catalog
     ({"model_id": "  "}, "model_id"),
-    ({"provider": "skynet"}, "provider"),
+    ({"connection": 999_999}, "connection"),
+    ({"connection": None}, "connection"),
+    ({"max_output_tokens": "0"}, "max_output_tokens"),
+    ({"max_output_tokens": "many"}, "max_output_tokens"),
 ]
 
 
@@ -608,7 +611,7 @@ def test_bad_catalog_model_is_a_field_error_and_changes_nothing(org_a, overrides
     before = snapshot()
     with scope(org_a.organization), pytest.raises(ValidationError) as caught:
         services.catalog_model_create(organization=org_a.organization, actor=org_a.members["admin"].user,
-                                      **(GOOD_MODEL | overrides))
+                                      **(GOOD_MODEL | {"connection": org_a.provider_connection} | overrides))
     assert set(caught.value.message_dict) == {field}
     assert snapshot() == before
 
@@ -616,10 +619,10 @@ def test_bad_catalog_model_is_a_field_error_and_changes_nothing(org_a, overrides
 def test_the_same_model_id_is_fine_in_another_organization(org_a, org_b):
     with scope(org_b.organization):
         entry = services.catalog_model_create(organization=org_b.organization, actor=org_b.members["admin"].user,
-                                              **(GOOD_MODEL | {"model_id": "claude-test"}))
+                                              **(GOOD_MODEL | {"connection": org_b.provider_connection}))
     with scope(org_a.organization):
         other = services.catalog_model_create(organization=org_a.organization, actor=org_a.members["admin"].user,
-                                              **GOOD_MODEL)
+                                              **(GOOD_MODEL | {"connection": org_a.provider_connection}))
     assert entry.model_id == other.model_id and entry.pk != other.pk
     assert other.output_multiplier == Decimal("3") and other.cached_price_per_million == Decimal("0.3")
     assert audit(org_a, "catalog_model.created")[-1].object_id == str(other.pk)
@@ -628,7 +631,7 @@ def test_the_same_model_id_is_fine_in_another_organization(org_a, org_b):
 def test_catalog_update_to_a_taken_model_id_is_refused(org_a):
     with scope(org_a.organization):
         entry = services.catalog_model_create(organization=org_a.organization, actor=org_a.members["admin"].user,
-                                              **GOOD_MODEL)
+                                              **(GOOD_MODEL | {"connection": org_a.provider_connection}))
         before = snapshot()
         with pytest.raises(ValidationError) as caught:
             services.catalog_model_update(catalog_model=entry, actor=org_a.members["admin"].user, model_id="gpt-test")
@@ -683,7 +686,7 @@ def test_verify_ledger_is_clean_after_normal_operations_and_names_a_corrupted_ac
 ])
 def test_catalog_numbers_the_columns_cannot_hold_are_refused(org_a, field, value, message):
     before = snapshot()
-    data = {"model_id": "precise", "provider": "openai", field: value}
+    data = {"model_id": "precise", "connection": org_a.provider_connection, field: value}
     with scope(org_a.organization), pytest.raises(ValidationError) as error:
         services.catalog_model_create(organization=org_a.organization, actor=None, **data)
     assert message in error.value.message_dict[field][0]

@@ -216,7 +216,8 @@ def test_models_must_be_in_the_organizations_active_catalog(org_a, org_b):
     assert refused(member, "model_ids", model_ids=["gpt-test", "gpt-nope"]) == "Not in the catalog: gpt-nope."
     with scope(org_b.organization):
         allowance_services.catalog_model_create(organization=org_b.organization, actor=org_b.members["admin"].user,
-                                                model_id="only-in-b", display_name="B only", provider="openai")
+                                                model_id="only-in-b", display_name="B only",
+                                                connection=org_b.provider_connection)
     assert "only-in-b" in refused(member, "model_ids", model_ids=["only-in-b"])
     with scope(org_a.organization):
         allowance_services.catalog_model_update(catalog_model=org_a.catalog_model, actor=org_a.members["admin"].user,

@@ -1,0 +1,294 @@
+"""The gateway's database side: who is calling, what the model costs, the hold, and the settlement.
+
+Each request makes two trips to a worker thread (the event loop never waits on the database):
+`begin` authenticates the key, checks its scopes, prices the worst case and takes the hold;
+`finish` settles the hold with the usage the provider reported (or releases it) and writes the
+usage record, in one transaction. Key identities and each organization's catalog are cached in
+the shared cache and dropped the moment they change (apikeys.signals, gateway.signals).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from decimal import ROUND_CEILING, Decimal
+
+from django.conf import settings
+from django.core.cache import cache
+from django.db import close_old_connections, transaction
+from django.urls import reverse
+
+from allowances import ledger
+from allowances.models import Account, CatalogModel
+from apikeys.services import KeyIdentity, KeyRefused, authenticate
+from gateway import sandbox
+from gateway.models import ProviderConnection, UsageRecord
+from gateway.upstream import Usage
+from portal.models import Organization
+from portal.tenancy import scope, unscoped
+
+log = logging.getLogger(__name__)
+CONFIG_TTL = 300
+MILLION = Decimal(1_000_000)
+
+# What each gateway endpoint is called in a key's scopes, and which provider API it speaks.
+ENDPOINT_PATHS = {"chat": "/v1/chat/completions", "embeddings": "/v1/embeddings", "messages": "/v1/messages"}
+ENDPOINT_FAMILY = {"chat": "openai", "embeddings": "openai", "messages": "anthropic"}
+
+
+class GatewayError(Exception):
+    """A refusal in the API's own words: HTTP status, error type (OpenAI-style) and message."""
+
+    def __init__(self, status: int, kind: str, message: str, *, code: str | None = None, param: str | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.message, self.code, self.param = status, kind, message, code, param
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    model_id: str
+    provider_model: str
+    is_active: bool
+    family: str  # "openai", "anthropic" or "any" (sandbox)
+    is_sandbox: bool
+    base_url: str
+    secret_ciphertext: str
+    connect_timeout: int
+    read_timeout: int
+    connection_active: bool
+    max_output_tokens: int
+    multipliers: tuple[Decimal, Decimal, Decimal]  # input, output, cached
+    prices: tuple[Decimal, Decimal, Decimal]  # per million tokens
+
+    def weighted(self, usage: Usage) -> int:
+        m_in, m_out, m_cached = self.multipliers
+        total = usage.input * m_in + usage.output * m_out + usage.cached * m_cached
+        return int(total.to_integral_value(rounding=ROUND_CEILING))
+
+    def cost(self, usage: Usage) -> Decimal:
+        p_in, p_out, p_cached = self.prices
+        return (usage.input * p_in + usage.output * p_out + usage.cached * p_cached) / MILLION
+
+
+@dataclass(frozen=True)
+class OrgConfig:
+    organization_id: int
+    slug: str
+    models: dict[str, ModelRoute]
+
+
+def config_cache_key(organization_id: int) -> str:
+    return f"gateway:org:{organization_id}"
+
+
+def _load_config(organization_id: int) -> OrgConfig:
+    with unscoped():
+        organization = Organization.objects.get(pk=organization_id)
+        catalog = CatalogModel.all_objects.filter(organization_id=organization_id).select_related("connection")
+        models = {}
+        for entry in catalog:
+            connection: ProviderConnection = entry.connection
+            models[entry.model_id] = ModelRoute(
+                model_id=entry.model_id, provider_model=entry.provider_model, is_active=entry.is_active,
+                family=connection.family, is_sandbox=connection.is_sandbox, base_url=connection.base_url,
+                secret_ciphertext=connection.secret_ciphertext, connect_timeout=connection.connect_timeout,
+                read_timeout=connection.read_timeout, connection_active=connection.is_active,
+                max_output_tokens=entry.max_output_tokens,
+                multipliers=(entry.input_multiplier, entry.output_multiplier, entry.cached_multiplier),
+                prices=(entry.input_price_per_million, entry.output_price_per_million,
+                        entry.cached_price_per_million))
+    return OrgConfig(organization_id=organization_id, slug=organization.slug, models=models)
+
+
+def org_config(organization_id: int) -> OrgConfig:
+    config = cache.get(config_cache_key(organization_id))
+    if config is None:
+        config = _load_config(organization_id)
+        cache.set(config_cache_key(organization_id), config, timeout=CONFIG_TTL)
+    return config
+
+
+def invalidate_config(organization_id: int) -> None:
+    """Drop the cached catalog now and again on commit (a request may read the old rows meanwhile)."""
+    cache.delete(config_cache_key(organization_id))
+    transaction.on_commit(lambda: cache.delete(config_cache_key(organization_id)))
+
+
+def models_for(identity: KeyIdentity, config: OrgConfig, *, endpoint_family: str | None = None) -> list[ModelRoute]:
+    """The catalog models a key may call (for GET /v1/models)."""
+    return [route for route in config.models.values()
+            if route.is_active and route.connection_active
+            and (not identity.model_ids or route.model_id in identity.model_ids)]
+
+
+# -- a request -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Begun:
+    identity: KeyIdentity
+    config: OrgConfig
+    route: ModelRoute
+    endpoint: str
+    hold: ledger.Hold
+    input_estimate: int
+    request_id: str
+    started: float
+    stream: bool = False
+    extras: dict = field(default_factory=dict)
+
+
+def lookup(*, raw_key: str | None, ip: str | None, endpoint: str | None) -> tuple[KeyIdentity, OrgConfig]:
+    """The key's identity and its organization's catalog; GatewayError if the key may not call `endpoint`."""
+    if not raw_key:
+        raise GatewayError(401, "authentication_error",
+                           "No API key: send it as `Authorization: Bearer tap_...` or `x-api-key: tap_...`.",
+                           code="missing_api_key")
+    try:
+        identity = authenticate(raw_key, ip=ip)
+    except KeyRefused as refused:
+        raise GatewayError(401, "authentication_error", str(refused), code="invalid_api_key") from None
+    if endpoint is not None and endpoint not in identity.endpoints:
+        allowed = ", ".join(ENDPOINT_PATHS.get(e, e) for e in identity.endpoints) or "none"
+        raise GatewayError(403, "permission_error",
+                           f"This API key may not call {ENDPOINT_PATHS[endpoint]}; its endpoints are: {allowed}.",
+                           code="endpoint_not_allowed")
+    return identity, org_config(identity.organization_id)
+
+
+def _positive_int(body: dict, name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise GatewayError(400, "invalid_request_error", f"`{name}` must be a positive whole number.", param=name)
+    return value
+
+
+def _route(identity: KeyIdentity, config: OrgConfig, endpoint: str, body: dict) -> ModelRoute:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise GatewayError(400, "invalid_request_error", "`model` is required (a model id from GET /v1/models).",
+                           param="model")
+    route = config.models.get(model)
+    if route is None or not route.is_active:
+        raise GatewayError(404, "not_found_error",
+                           f"The model `{model}` is not in your organization's catalog; GET /v1/models lists yours.",
+                           code="model_not_found", param="model")
+    if identity.model_ids and model not in identity.model_ids:
+        raise GatewayError(403, "permission_error", f"This API key may not use the model `{model}`; it may use: "
+                           f"{', '.join(identity.model_ids)}.", code="model_not_allowed", param="model")
+    family = ENDPOINT_FAMILY[endpoint]
+    if route.family not in ("any", family):
+        right = "/v1/messages" if route.family == "anthropic" else "/v1/chat/completions"
+        raise GatewayError(400, "invalid_request_error",
+                           f"The model `{model}` is served by an {route.family.title()} provider: call {right}.",
+                           param="model")
+    if not route.connection_active:
+        raise GatewayError(503, "api_error", f"The provider for `{model}` is switched off by your administrators.",
+                           code="provider_disabled")
+    return route
+
+
+def estimate_input_tokens(endpoint: str, body: dict) -> int:
+    """An upper-leaning guess of the prompt's tokens, from its size (about 3 bytes a token, and more
+    than the words a tokenizer splits); the settlement uses the provider's own count."""
+    if endpoint == "embeddings":
+        text = json.dumps(body.get("input"), ensure_ascii=False)
+    else:
+        text = json.dumps([body.get("system"), body.get("messages"), body.get("tools")], ensure_ascii=False)
+    return len(text.encode()) // 3 + 8
+
+
+def begin(*, raw_key: str | None, ip: str | None, endpoint: str, body: dict, request_id: str, started: float) -> Begun:
+    close_old_connections()
+    identity, config = lookup(raw_key=raw_key, ip=ip, endpoint=endpoint)
+    route = _route(identity, config, endpoint, body)
+    if endpoint == "embeddings":
+        max_output = 0
+    else:
+        max_output = _positive_int(body, "max_completion_tokens") or _positive_int(body, "max_tokens")
+        if endpoint == "messages" and max_output is None:
+            raise GatewayError(400, "invalid_request_error", "`max_tokens` is required.", param="max_tokens")
+        max_output = max_output or route.max_output_tokens
+    input_estimate = estimate_input_tokens(endpoint, body)
+    reserve = max(route.weighted(Usage(input=input_estimate, output=max_output)), 1)
+    organization = Organization(pk=identity.organization_id, slug=config.slug)
+    if identity.account_id is None:
+        _refused(identity, organization, route, endpoint, request_id, started, "no allowance")
+        raise GatewayError(429, "insufficient_quota", "You have no token allowance in this organization yet; "
+                           f"ask your HR team. {_more_url(config)}", code="insufficient_quota")
+    with scope(organization):
+        try:
+            hold = ledger.authorize(
+                account=Account(pk=identity.account_id, organization_id=identity.organization_id), tokens=reserve,
+                idempotency_key=request_id, model=route.model_id, reference=f"request:{request_id}"[:100],
+                api_key_id=identity.id, spend_id=identity.spend_id)
+        except (ledger.InsufficientTokens, ledger.KeyCapExceeded) as refusal:
+            _refused(identity, organization, route, endpoint, request_id, started, str(refusal))
+            raise GatewayError(429, "insufficient_quota", _refusal_message(refusal, config), code="insufficient_quota")
+    return Begun(identity=identity, config=config, route=route, endpoint=endpoint, hold=hold,
+                 input_estimate=input_estimate, request_id=request_id, started=started,
+                 stream=bool(body.get("stream")))
+
+
+def _more_url(config: OrgConfig) -> str:
+    return f"Request more at {settings.PORTAL_BASE_URL}{reverse('dashboard', kwargs={'org_slug': config.slug})}"
+
+
+def _refusal_message(refusal, config: OrgConfig) -> str:
+    if isinstance(refusal, ledger.KeyCapExceeded):
+        return (f"This request may use up to {refusal.requested:,} tokens, but this API key's own cap of "
+                f"{refusal.cap:,} tokens per period has {max(refusal.cap - refusal.spent, 0):,} left. "
+                "Use a key with a larger cap, or lower max_tokens.")
+    remaining = max(refusal.available + refusal.overdraft_limit, 0)
+    return (f"Token allowance exceeded: this request may use up to {refusal.requested:,} tokens and your remaining "
+            f"balance is {remaining:,} tokens. Lower max_tokens, or ask for more. {_more_url(config)}")
+
+
+def _refused(identity, organization, route, endpoint, request_id, started, detail) -> None:
+    import time
+
+    with scope(organization):
+        UsageRecord.objects.create(
+            organization=organization, member_id=identity.member_id, api_key_id=identity.id, model=route.model_id,
+            endpoint=endpoint, status=UsageRecord.Status.REFUSED, request_id=request_id, detail=detail[:300],
+            latency_ms=int((time.perf_counter() - started) * 1000))
+
+
+def finish(begun: Begun, *, status: str, usage: Usage | None, produced_tokens: int = 0, latency_ms: int,
+           detail: str = "") -> int:
+    """Settle the hold with what the request consumed and record it; returns the tokens charged.
+
+    With no usage from the provider, a request that produced output (a stream cut short, or one
+    that ended without its usage chunk) is charged its estimated input plus the text it produced:
+    a fault to record, never free.
+    """
+    close_old_connections()
+    if usage is None:
+        if status == UsageRecord.Status.OK:
+            status = UsageRecord.Status.NO_USAGE_REPORTED
+        usage = Usage(input=begun.input_estimate, output=produced_tokens) if (
+            produced_tokens or status == UsageRecord.Status.NO_USAGE_REPORTED) else Usage()
+    charged = begun.route.weighted(usage)
+    organization = Organization(pk=begun.identity.organization_id, slug=begun.config.slug)
+    with scope(organization), transaction.atomic():
+        if charged or usage.input or usage.output or usage.cached:
+            ledger.settle(hold=begun.hold, used_tokens=charged, reference=f"request:{begun.request_id}"[:100])
+        else:
+            ledger.release(hold=begun.hold, reason=f"{status}: nothing consumed")
+        UsageRecord.objects.create(
+            organization=organization, member_id=begun.identity.member_id, api_key_id=begun.identity.id,
+            model=begun.route.model_id, endpoint=begun.endpoint, status=status, input_tokens=usage.input,
+            output_tokens=usage.output, cached_tokens=usage.cached, charged_tokens=charged,
+            cost=begun.route.cost(usage), latency_ms=min(latency_ms, 2**31 - 1), request_id=begun.request_id,
+            detail=detail[:300])
+    return charged
+
+
+def sandbox_limit(begun: Begun, body: dict) -> int:
+    return (body.get("max_completion_tokens") or body.get("max_tokens") or begun.route.max_output_tokens)
+
+
+__all__ = ["GatewayError", "Begun", "begin", "finish", "lookup", "models_for", "sandbox", "invalidate_config"]

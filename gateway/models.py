@@ -1,0 +1,106 @@
+"""The gateway: the providers an organization forwards to, and the record every request leaves."""
+
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+from portal.models import Member
+from portal.tenancy import TenantModel
+
+
+class ProviderConnection(TenantModel):
+    """Where an organization's catalog models are served: a provider's API and the secret for it.
+
+    The secret is stored encrypted (see gateway.crypto); only its last four characters are kept in
+    the clear, to recognise it.
+    """
+
+    class Kind(models.TextChoices):
+        SANDBOX = "sandbox", "Sandbox (built in, no network, deterministic replies)"
+        OPENAI = "openai", "OpenAI"
+        ANTHROPIC = "anthropic", "Anthropic"
+        OPENAI_COMPATIBLE = "openai_compatible", "OpenAI-compatible server (vLLM, Ollama, ...)"
+
+    name = models.CharField(max_length=100)
+    kind = models.CharField(max_length=32, choices=Kind.choices)
+    base_url = models.URLField(blank=True, help_text="e.g. https://api.openai.com/v1 (not for the sandbox).")
+    secret_ciphertext = models.TextField(blank=True)
+    secret_last_four = models.CharField(max_length=4, blank=True)
+    connect_timeout = models.PositiveIntegerField(default=5, help_text="Seconds to connect.")
+    read_timeout = models.PositiveIntegerField(default=120, help_text="Seconds to wait for the next bytes.")
+    is_active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(fields=["organization", "name"], name="provider_connection_name_unique"),
+            models.CheckConstraint(condition=Q(kind="sandbox") | ~Q(base_url=""), name="provider_needs_base_url"),
+            models.CheckConstraint(condition=Q(connect_timeout__gt=0, read_timeout__gt=0),
+                                   name="provider_timeouts_positive"),
+        ]
+
+    def __str__(self):
+        return f"{self.name} (sandbox)" if self.is_sandbox else self.name
+
+    @property
+    def is_sandbox(self) -> bool:
+        return self.kind == self.Kind.SANDBOX
+
+    @property
+    def family(self) -> str:
+        """Which API the provider speaks: "anthropic", "openai", or "any" (the sandbox speaks both)."""
+        return {"sandbox": "any", "anthropic": "anthropic"}.get(self.kind, "openai")
+
+
+class UsageRecord(TenantModel):
+    """What one request through the gateway (or one ingested event) consumed. Dashboards and
+    billing read these; the ledger is the balance, this is the detail."""
+
+    class Status(models.TextChoices):
+        OK = "ok", "Completed"
+        REFUSED = "refused", "Refused (allowance or key cap)"
+        UPSTREAM_ERROR = "upstream_error", "Provider error"
+        TIMEOUT = "timeout", "Provider timed out"
+        CLIENT_DISCONNECT = "client_disconnect", "Client disconnected"
+        NO_USAGE_REPORTED = "no_usage", "Provider reported no usage (estimated)"
+
+    class Source(models.TextChoices):
+        GATEWAY = "gateway", "Gateway"
+        INGEST = "ingest", "Usage ingest API"
+
+    member = models.ForeignKey(Member, on_delete=models.PROTECT, related_name="+")
+    api_key = models.ForeignKey("apikeys.ApiKey", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    model = models.CharField(max_length=100)
+    endpoint = models.CharField(max_length=20)
+    source = models.CharField(max_length=10, choices=Source.choices, default=Source.GATEWAY)
+    status = models.CharField(max_length=20, choices=Status.choices)
+    input_tokens = models.BigIntegerField(default=0)
+    output_tokens = models.BigIntegerField(default=0)
+    cached_tokens = models.BigIntegerField(default=0)
+    # Tokens counted against the allowance (after the model's multipliers).
+    charged_tokens = models.BigIntegerField(default=0)
+    # Chargeback at the catalog's prices, in the organization's currency.
+    cost = models.DecimalField(max_digits=18, decimal_places=6, default=0)
+    latency_ms = models.PositiveIntegerField(default=0)
+    request_id = models.CharField(max_length=64, blank=True)
+    idempotency_key = models.CharField(max_length=200, blank=True)
+    detail = models.CharField(max_length=300, blank=True)
+    occurred_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-occurred_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["organization", "idempotency_key"], condition=~Q(idempotency_key=""),
+                                    name="usage_record_idempotency_key_unique"),
+            models.CheckConstraint(condition=Q(input_tokens__gte=0, output_tokens__gte=0, cached_tokens__gte=0,
+                                               charged_tokens__gte=0), name="usage_record_tokens_not_negative"),
+        ]
+        indexes = [
+            models.Index(fields=["organization", "occurred_at"], name="usage_org_time"),
+            models.Index(fields=["member", "occurred_at"], name="usage_member_time"),
+            models.Index(fields=["api_key", "occurred_at"], name="usage_key_time"),
+        ]
+
+    def __str__(self):
+        return f"{self.model} {self.status} {self.charged_tokens}"

@@ -1,0 +1,119 @@
+"""Talking to providers: one pooled async HTTP client per event loop, and reading usage from replies.
+
+The gateway passes a provider's bytes through as they arrive. For streams it reads each
+server-sent event as it goes by, to find the usage the provider reports (OpenAI's last chunk
+when `stream_options.include_usage` is set, which the gateway always asks for; Anthropic's
+`message_start` and `message_delta`) and to count the text produced, so that a stream cut short
+is still charged for what it produced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+
+import httpx
+
+from gateway import sandbox
+
+_clients: dict[int, httpx.AsyncClient] = {}
+
+
+def client() -> httpx.AsyncClient:
+    """The pooled client of the running event loop (a pool cannot be shared across loops)."""
+    loop = asyncio.get_running_loop()
+    found = _clients.get(id(loop))
+    if found is None or found.is_closed:
+        found = _clients[id(loop)] = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=200, max_keepalive_connections=100), http2=False)
+    return found
+
+
+@dataclass
+class Usage:
+    input: int = 0  # uncached input tokens
+    output: int = 0
+    cached: int = 0  # input tokens read from the provider's cache
+
+    @classmethod
+    def from_openai(cls, usage: dict) -> Usage:
+        cached = ((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+        prompt = usage.get("prompt_tokens") or 0
+        return cls(input=max(int(prompt) - int(cached), 0), output=int(usage.get("completion_tokens") or 0),
+                   cached=int(cached))
+
+    @classmethod
+    def from_anthropic(cls, usage: dict) -> Usage:
+        return cls(input=int(usage.get("input_tokens") or 0) + int(usage.get("cache_creation_input_tokens") or 0),
+                   output=int(usage.get("output_tokens") or 0), cached=int(usage.get("cache_read_input_tokens") or 0))
+
+
+class StreamReader:
+    """Splits a provider's server-sent events, remembers the usage they report and the text they carry."""
+
+    def __init__(self, family: str, *, pass_usage_chunk: bool):
+        self.family = family
+        self.pass_usage_chunk = pass_usage_chunk
+        self.usage: Usage | None = None
+        self.produced_text_tokens = 0
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The complete events in `data` (with what came before), each to send on or not."""
+        self._buffer += data.replace(b"\r\n", b"\n")
+        out = []
+        while b"\n\n" in self._buffer:
+            block, self._buffer = self._buffer.split(b"\n\n", 1)
+            if self._read(block):
+                out.append(block + b"\n\n")
+        return out
+
+    def _read(self, block: bytes) -> bool:
+        payload = b"".join(line[5:].strip() for line in block.split(b"\n") if line.startswith(b"data:"))
+        if not payload or payload == b"[DONE]":
+            return True
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            return True
+        if not isinstance(event, dict):
+            return True
+        if self.family == "anthropic":
+            self._read_anthropic(event)
+            return True
+        if isinstance(event.get("usage"), dict):
+            self.usage = Usage.from_openai(event["usage"])
+            if not event.get("choices"):
+                return self.pass_usage_chunk  # the chunk the gateway asked for, not the client
+        for choice in event.get("choices") or []:
+            content = (choice.get("delta") or {}).get("content")
+            if isinstance(content, str):
+                self.produced_text_tokens += sandbox.count_tokens(content)
+        return True
+
+    def _read_anthropic(self, event: dict) -> None:
+        kind = event.get("type")
+        if kind == "message_start":
+            self.usage = Usage.from_anthropic((event.get("message") or {}).get("usage") or {})
+        elif kind == "message_delta" and isinstance(event.get("usage"), dict):
+            reported = Usage.from_anthropic(event["usage"] | {"input_tokens": 0})
+            self.usage = self.usage or Usage()
+            self.usage.output = reported.output
+        elif kind == "content_block_delta":
+            text = (event.get("delta") or {}).get("text")
+            if isinstance(text, str):
+                self.produced_text_tokens += sandbox.count_tokens(text)
+
+
+def provider_headers(family: str, secret: str) -> dict:
+    if family == "anthropic":
+        return {"x-api-key": secret, "anthropic-version": "2023-06-01", "content-type": "application/json"}
+    headers = {"content-type": "application/json"}
+    if secret:
+        headers["authorization"] = f"Bearer {secret}"
+    return headers
+
+
+def timeouts(connect: int, read: int) -> httpx.Timeout:
+    return httpx.Timeout(connect=connect, read=read, write=read, pool=connect)
