@@ -65,7 +65,7 @@ _KEY_SPENT = "CASE WHEN s.period_start = a.period_start THEN s.held + s.used ELS
 _KEY_JOIN = f" JOIN {_SPEND} s ON s.id = %(spend)s AND s.organization_id = a.organization_id"
 _KEY_CAP = f" AND (s.token_cap IS NULL OR {_KEY_SPENT} + %(h)s + %(u)s <= s.token_cap)"
 _KEY_MOVE = ("period_start = {p}, "
-             "held = GREATEST(CASE WHEN {t}.period_start = {p} THEN {t}.held ELSE 0 END + %(h)s, 0), "
+             "held = {greatest}(CASE WHEN {t}.period_start = {p} THEN {t}.held ELSE 0 END + %(h)s, 0), "
              "used = CASE WHEN {t}.period_start = {p} THEN {t}.used ELSE 0 END + %(u)s")
 
 
@@ -83,14 +83,14 @@ def _postgres_sql(guard: str | None, keyed: bool) -> str:
         return f"WITH entry AS ({insert}) {move_account} RETURNING entry.id"
     # Data-modifying CTEs always run, referenced or not: one statement moves entry, account and key.
     return (f"WITH entry AS ({insert}), moved AS ({move_account}) "
-            f"UPDATE {_SPEND} SET {_KEY_MOVE.format(t=_SPEND, p='entry.period_start')} FROM entry "
+            f"UPDATE {_SPEND} SET {_KEY_MOVE.format(t=_SPEND, p='entry.period_start', greatest='GREATEST')} FROM entry "
             f"WHERE {_SPEND}.id = %(spend)s RETURNING entry.id")
 
 
 _POSTGRES_SQL = {(guard, keyed): _postgres_sql(guard, keyed) for guard in GUARDS for keyed in (False, True)}
 _SQLITE_SQL = {(guard, keyed): _insert_entry(guard, keyed, "") for guard in GUARDS for keyed in (False, True)}
 _SQLITE_MOVE = f"UPDATE {_ACCOUNT} SET {_MOVE.format(t=_ACCOUNT)} WHERE id = %(account)s"
-_SQLITE_KEY_MOVE = (f"UPDATE {_SPEND} SET {_KEY_MOVE.format(t=_SPEND, p='%(period)s')} WHERE id = %(spend)s")
+_SQLITE_KEY_MOVE = f"UPDATE {_SPEND} SET {_KEY_MOVE.format(t=_SPEND, p='%(period)s', greatest='MAX')} WHERE id = %(spend)s"
 
 
 def _insert_and_move(guard: str | None, params: dict) -> int | None:

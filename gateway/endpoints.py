@@ -12,6 +12,7 @@ import json
 import logging
 import time
 import uuid
+from functools import wraps
 
 import httpx
 from asgiref.sync import sync_to_async
@@ -205,27 +206,39 @@ async def _provider_refused(begun: Begun, response: httpx.Response):
 
 
 def _streaming(begun: Begun, reader: StreamReader, source, *, close=None) -> StreamingHttpResponse:
+    """Pass the provider's events through as they arrive. The stream's final event ([DONE], or
+    Anthropic's message_stop) is held back until the request is settled, so a client that has read
+    to the end of the stream sees its balance already debited."""
     family = ENDPOINT_FAMILY[begun.endpoint]
 
     async def events():
-        outcome = {"status": Status.OK, "detail": ""}
+        outcome, settled, final = {"status": Status.OK, "detail": ""}, False, []
         try:
             async for data in source:
                 for block in reader.feed(data):
-                    yield block
+                    if reader.is_final(block):
+                        final.append(block)
+                    else:
+                        yield block
         except (asyncio.CancelledError, GeneratorExit):
             outcome = {"status": Status.CLIENT_DISCONNECT, "detail": "the client went away mid-stream"}
             raise
         except httpx.TimeoutException:
             outcome = {"status": Status.TIMEOUT, "detail": "the provider stopped sending mid-stream"}
-            yield _stream_error(family, "The provider stopped answering; you are charged for what was sent.")
+            final = [_stream_error(family, "The provider stopped answering; you are charged for what was sent.")]
         except httpx.HTTPError as error:
             outcome = {"status": Status.UPSTREAM_ERROR, "detail": f"{type(error).__name__} mid-stream"}
-            yield _stream_error(family, "The provider's stream broke off; you are charged for what was sent.")
+            final = [_stream_error(family, "The provider's stream broke off; you are charged for what was sent.")]
         finally:
             if close is not None:
                 await asyncio.shield(close())
+            if outcome["status"] == Status.CLIENT_DISCONNECT:
+                await _finish(begun, usage=reader.usage, produced_tokens=reader.produced_text_tokens, **outcome)
+                settled = True
+        if not settled:
             await _finish(begun, usage=reader.usage, produced_tokens=reader.produced_text_tokens, **outcome)
+        for block in final:
+            yield block
 
     response = StreamingHttpResponse(events(), content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
@@ -236,22 +249,42 @@ def _streaming(begun: Begun, reader: StreamReader, source, *, close=None) -> Str
 # -- the views ---------------------------------------------------------------------------------
 
 
+def _never_html(view):
+    """Whatever goes wrong inside, the client gets JSON in its API's shape, never Django's 500 page."""
+    family = "anthropic" if view.__name__ == "messages" else "openai"
+
+    @wraps(view)
+    async def wrapped(request, *args, **kwargs):
+        try:
+            return await view(request, *args, **kwargs)
+        except Exception:
+            log.exception("gateway error on %s", request.path)
+            return error_response(family, GatewayError(500, "api_error", "The gateway failed on this request; it was "
+                                                       "not charged. Try again, or tell your administrators."))
+
+    return wrapped
+
+
 @csrf_exempt
+@_never_html
 async def chat_completions(request):
     return await _proxy(request, "chat")
 
 
 @csrf_exempt
+@_never_html
 async def embeddings(request):
     return await _proxy(request, "embeddings")
 
 
 @csrf_exempt
+@_never_html
 async def messages(request):
     return await _proxy(request, "messages")
 
 
 @csrf_exempt
+@_never_html
 async def models(request):
     """The catalog models this key may use, in OpenAI's shape (or Anthropic's, for its SDK)."""
     anthropic = "anthropic-version" in request.headers
@@ -274,5 +307,6 @@ async def models(request):
 
 
 @csrf_exempt
+@_never_html
 async def not_found(request):
     return error_response("openai", GatewayError(404, "not_found_error", f"No gateway endpoint at {request.path}."))

@@ -69,6 +69,11 @@ class StreamReader:
                 out.append(block + b"\n\n")
         return out
 
+    @staticmethod
+    def is_final(block: bytes) -> bool:
+        """The event that tells a client the stream is complete."""
+        return block.startswith(b"data: [DONE]") or block.startswith(b"event: message_stop")
+
     def _read(self, block: bytes) -> bool:
         payload = b"".join(line[5:].strip() for line in block.split(b"\n") if line.startswith(b"data:"))
         if not payload or payload == b"[DONE]":
