@@ -11,4 +11,4 @@ pid=$!
 trap 'kill -- -$pid 2>/dev/null || true; rm -f "$log"' EXIT
 
 .venv/bin/python scripts/smoke_login.py "http://127.0.0.1:$port" "$log" "$pid"
-echo "smoke: make run served the portal and the demo HR login works"
+echo "smoke: make run served the portal, the demo HR login works and a demo key gets a sandbox reply"

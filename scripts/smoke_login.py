@@ -38,3 +38,14 @@ with httpx.Client(base_url=base, follow_redirects=True) as client:
     members = client.get(f"/o/{org}/members/")
     if members.status_code != 200 or email not in members.text:
         sys.exit(f"members page answered {members.status_code} without {email}")
+    if client.get("/static/css/portal.css").status_code != 200:
+        sys.exit("the stylesheet is not served")
+
+# The API keys seed_demo printed work against the sandbox provider at once, offline.
+key = re.search(r"^api key for (\S+): (tap_\S+)$", log, re.MULTILINE)
+if not key:
+    sys.exit(f"make run printed no API key:\n{log}")
+reply = httpx.post(base + "/v1/chat/completions", headers={"Authorization": f"Bearer {key.group(2)}"},
+                   json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 20})
+if reply.status_code != 200 or not reply.json()["choices"][0]["message"]["content"]:
+    sys.exit(f"the demo key's chat completion answered {reply.status_code}: {reply.text[:500]}")
