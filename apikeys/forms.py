@@ -2,7 +2,7 @@ import uuid
 
 from django import forms
 
-from apikeys.models import ENDPOINTS, MAX_ROTATION_GRACE_HOURS
+from apikeys.models import ENDPOINT_ROLES, ENDPOINTS, MAX_ROTATION_GRACE_HOURS
 
 
 class ApiKeyForm(forms.Form):
@@ -19,10 +19,12 @@ class ApiKeyForm(forms.Form):
                                     help_text="Optional, one per line or comma-separated, e.g. 203.0.113.0/24.")
     form_token = forms.CharField(widget=forms.HiddenInput, max_length=64)
 
-    def __init__(self, *args, catalog, **kwargs):
+    def __init__(self, *args, catalog, member, **kwargs):
         kwargs.setdefault("initial", {}).setdefault("form_token", uuid.uuid4().hex)
         super().__init__(*args, **kwargs)
         self.fields["model_ids"].choices = [(m.model_id, m.display_name) for m in catalog]
+        self.fields["endpoints"].choices = [(e, label) for e, label in ENDPOINTS.items()
+                                            if e not in ENDPOINT_ROLES or member.has_any_role(ENDPOINT_ROLES[e])]
 
     def clean_allowed_cidrs(self):
         text = self.cleaned_data["allowed_cidrs"].replace(",", "\n")

@@ -12,7 +12,10 @@ ENDPOINTS = {
     "embeddings": "Embeddings (/v1/embeddings)",
     "messages": "Messages (/v1/messages)",
     "usage_read": "Read own balance and usage (REST API)",
+    "usage_write": "Report usage and hold tokens from your own gateway (REST API; admins only)",
 }
+# Scopes only members with these roles may put on a key.
+ENDPOINT_ROLES = {"usage_write": ("admin",)}
 MAX_ROTATION_GRACE_HOURS = 24
 
 

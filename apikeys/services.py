@@ -15,7 +15,7 @@ from django.utils import timezone
 from allowances.models import MAX_TOKENS, Account, CatalogModel, KeySpend
 from allowances.selectors import policy_in_force
 from apikeys import secrets
-from apikeys.models import ENDPOINTS, MAX_ROTATION_GRACE_HOURS, ApiKey
+from apikeys.models import ENDPOINT_ROLES, ENDPOINTS, MAX_ROTATION_GRACE_HOURS, ApiKey
 from portal.audit import log_action
 from portal.models import Member
 from portal.tenancy import unscoped
@@ -38,6 +38,8 @@ def _clean(*, member: Member, name, model_ids, endpoints, token_cap, expires_at,
         errors["endpoints"] = "Choose at least one endpoint."
     elif set(endpoints) - ENDPOINTS.keys():
         errors["endpoints"] = f"Unknown endpoints: {', '.join(sorted(set(endpoints) - ENDPOINTS.keys()))}."
+    elif any(not member.has_any_role(ENDPOINT_ROLES[e]) for e in endpoints if e in ENDPOINT_ROLES):
+        errors["endpoints"] = "Only administrators may create keys that report usage for the organization."
     model_ids = sorted(set(model_ids or []))
     offered = set(CatalogModel.objects.filter(organization=member.organization, is_active=True)
                   .values_list("model_id", flat=True))

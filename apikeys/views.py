@@ -17,7 +17,8 @@ from portal.views import org_url
 
 
 def _form(request, data=None):
-    return ApiKeyForm(data, catalog=catalog(organization=request.organization, active_only=True).order_by("display_name"))
+    return ApiKeyForm(data, catalog=catalog(organization=request.organization, active_only=True).order_by("display_name"),
+                      member=request.member)
 
 
 def _show_secret_once(request, key, secret, status=201):

@@ -1,15 +1,27 @@
-"""Writes for the gateway's admin side: provider connections. Every write is audited; secrets never are."""
+"""Writes for the gateway: provider connections (audited; secrets never are), and usage and holds
+reported by an organization's own gateway through the REST API."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
-from django.db import transaction
+from django.db import connection, transaction
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 
+from allowances import ledger
+from allowances.models import Account, KeySpend, LedgerEntry
+from apikeys.models import ApiKey
 from gateway import crypto
-from gateway.models import ProviderConnection
+from gateway.metering import org_config
+from gateway.models import ProviderConnection, UsageRecord
+from gateway.upstream import Usage
 from portal.audit import changes, log_action
-from portal.models import Organization
+from portal.models import Member, Organization
 
 CONNECTION_FIELDS = ["name", "kind", "base_url", "connect_timeout", "read_timeout", "is_active"]
 
@@ -85,3 +97,273 @@ def provider_connection_update(*, connection: ProviderConnection, actor, secret:
         log_action(actor=actor, organization=connection.organization, action="provider_connection.updated",
                    obj=connection, data=diff)
     return connection
+
+
+# -- usage from an organization's own gateway -------------------------------------------------------
+
+MAX_EVENTS = 1000
+MAX_EVENT_TOKENS = 10**9  # per kind in one event: more is a typo, not a request
+
+
+@dataclass
+class _Event:
+    index: int
+    key: str
+    member_id: int
+    account_id: int
+    api_key_id: int | None
+    spend_id: int | None
+    model: str
+    usage: Usage
+    charged: int
+    cost: Decimal
+    occurred_at: datetime
+
+
+def _whole(value, name: str, errors: dict, *, required: bool = False) -> int:
+    if value is None and not required:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_EVENT_TOKENS:
+        errors[name] = f"A whole number of tokens from 0 to {MAX_EVENT_TOKENS:,}."
+        return 0
+    return value
+
+
+def _clean_event(raw, index: int, *, config, members: dict, keys: dict, accounts: dict, now: datetime):
+    """(_Event, None) or (None, {field: message}) for one event of a batch."""
+    if not isinstance(raw, dict):
+        return None, {"event": "Each event is a JSON object."}
+    errors: dict = {}
+    key = raw.get("idempotency_key")
+    if not isinstance(key, str) or not 0 < len(key.strip()) <= 200:
+        errors["idempotency_key"] = "Required: a string of 1 to 200 characters that identifies this event."
+    route = config.models.get(raw.get("model")) if isinstance(raw.get("model"), str) else None
+    if route is None:
+        errors["model"] = "Not a model of this organization's catalog."
+    usage = Usage(input=_whole(raw.get("input_tokens"), "input_tokens", errors, required=True),
+                  output=_whole(raw.get("output_tokens"), "output_tokens", errors),
+                  cached=_whole(raw.get("cached_tokens"), "cached_tokens", errors))
+    member_id = api_key_id = spend_id = None
+    if ("api_key" in raw) == ("member" in raw):
+        errors["member"] = "Name the member (email) or the API key (tap_<id>), one of them."
+    elif "api_key" in raw:
+        found = keys.get(str(raw["api_key"]).removeprefix("tap_")[:12])
+        if found is None:
+            errors["api_key"] = "No API key with this id in the organization."
+        else:
+            api_key_id, member_id, spend_id = found
+    else:
+        member_id = members.get(str(raw["member"]).strip().lower())
+        if member_id is None:
+            errors["member"] = "No member with this email in the organization."
+    occurred_at = now
+    if raw.get("timestamp") is not None:
+        parsed = parse_datetime(raw["timestamp"]) if isinstance(raw["timestamp"], str) else None
+        if parsed is None or parsed.tzinfo is None:
+            errors["timestamp"] = "An ISO 8601 time with its offset, e.g. 2026-11-23T10:00:00Z."
+        elif parsed > now + timedelta(minutes=5):
+            errors["timestamp"] = "In the future."
+        else:
+            occurred_at = parsed
+    if member_id is not None and member_id not in accounts and not errors:
+        errors["member"] = "This member has no allowance account yet."
+    if errors:
+        return None, errors
+    return _Event(index=index, key=key.strip(), member_id=member_id, account_id=accounts[member_id],
+                  api_key_id=api_key_id, spend_id=spend_id, model=route.model_id, usage=usage,
+                  charged=route.weighted(usage), cost=route.cost(usage), occurred_at=occurred_at), None
+
+
+def usage_ingest(*, organization: Organization, actor, events: list) -> list[dict]:
+    """Record a batch of usage that happened elsewhere; one answer per event, in order.
+
+    Each event is counted once whatever the retries: its idempotency key is unique per
+    organization. Usage is a fact, so it is recorded even beyond the balance. Good events are
+    applied even when others in the batch are rejected.
+    """
+    if not isinstance(events, list) or not events:
+        raise ValidationError({"events": "A non-empty list of usage events."})
+    if len(events) > MAX_EVENTS:
+        raise ValidationError({"events": f"At most {MAX_EVENTS} events per batch; this one has {len(events)}."})
+    config = org_config(organization.pk)
+    emails = {str(e["member"]).strip().lower() for e in events if isinstance(e, dict) and "member" in e}
+    key_ids = {str(e["api_key"]).removeprefix("tap_")[:12] for e in events if isinstance(e, dict) and "api_key" in e}
+    members = dict(Member.objects.filter(organization=organization, user__email__in=emails)
+                   .values_list("user__email", "pk")) if emails else {}
+    members = {email.lower(): pk for email, pk in members.items()}
+    keys = {public_id: (pk, member_id, spend_id) for public_id, pk, member_id, spend_id in
+            ApiKey.objects.filter(organization=organization, public_id__in=key_ids)
+            .values_list("public_id", "pk", "member_id", "spend_id")} if key_ids else {}
+    member_ids = set(members.values()) | {member_id for _, member_id, _ in keys.values()}
+    accounts = dict(Account.objects.filter(organization=organization, member_id__in=member_ids)
+                    .values_list("member_id", "pk"))
+    now = timezone.now()
+    answers, good, seen = [], [], set()
+    for index, raw in enumerate(events):
+        event, errors = _clean_event(raw, index, config=config, members=members, keys=keys, accounts=accounts, now=now)
+        if event is not None and event.key in seen:
+            event, errors = None, None
+            answers.append({"index": index, "idempotency_key": raw["idempotency_key"], "status": "duplicate"})
+            continue
+        if event is None:
+            answers.append({"index": index, "idempotency_key": raw.get("idempotency_key") if isinstance(raw, dict)
+                            else None, "status": "rejected", "errors": errors})
+            continue
+        seen.add(event.key)
+        good.append(event)
+        answers.append({"index": index, "idempotency_key": event.key, "status": "recorded",
+                        "charged_tokens": event.charged})
+    recorded = _apply_usage(organization, actor, good) if good else set()
+    for answer in answers:
+        if answer["status"] == "recorded" and answer["idempotency_key"] not in recorded:
+            answer["status"] = "duplicate"  # an earlier batch recorded it
+            del answer["charged_tokens"]
+    return answers
+
+
+_ACCOUNT, _ENTRY, _SPEND = Account._meta.db_table, LedgerEntry._meta.db_table, KeySpend._meta.db_table
+_RECORD, _KEY = UsageRecord._meta.db_table, ApiKey._meta.db_table
+# One statement for a whole batch: the usage records that are new (idempotency key not yet seen in
+# the organization), a ledger usage entry for each, and the sums moved onto accounts and key
+# spend counters. The rows are locked first, in id order, so batches and gateway requests that
+# touch the same accounts wait for each other instead of deadlocking.
+_INGEST_SQL = f"""
+WITH ev AS (
+    SELECT * FROM unnest(%(keys)s::text[], %(members)s::bigint[], %(api_keys)s::bigint[], %(models)s::text[],
+                         %(input)s::bigint[], %(output)s::bigint[], %(cached)s::bigint[], %(charged)s::bigint[],
+                         %(cost)s::numeric[], %(at)s::timestamptz[], %(accounts)s::bigint[])
+        AS t(key, member_id, api_key_id, model, input, output, cached, charged, cost, at, account_id)),
+rec AS (
+    INSERT INTO {_RECORD} (organization_id, member_id, api_key_id, model, endpoint, source, status, input_tokens,
+                           output_tokens, cached_tokens, charged_tokens, cost, latency_ms, request_id,
+                           idempotency_key, detail, occurred_at)
+    SELECT %(org)s, member_id, api_key_id, model, 'ingest', 'ingest', 'ok', input, output, cached, charged, cost, 0,
+           '', key, '', at FROM ev
+    ON CONFLICT DO NOTHING RETURNING idempotency_key),
+led AS (
+    INSERT INTO {_ENTRY} (organization_id, account_id, kind, tokens, granted_delta, held_delta, used_delta,
+                          period_start, idempotency_key, model, actor_id, api_key_id, reason, reference, created_at)
+    SELECT %(org)s, ev.account_id, 'usage', ev.charged, 0, 0, ev.charged, a.period_start, 'ingest:' || ev.key,
+           ev.model, %(actor)s, ev.api_key_id, '', 'usage ingest', %(now)s
+    FROM ev JOIN rec ON rec.idempotency_key = ev.key JOIN {_ACCOUNT} a ON a.id = ev.account_id
+    ON CONFLICT DO NOTHING RETURNING account_id, api_key_id, used_delta, period_start),
+acc AS (
+    UPDATE {_ACCOUNT} a SET used = a.used + s.total
+    FROM (SELECT account_id, SUM(used_delta) AS total FROM led GROUP BY account_id) s WHERE a.id = s.account_id),
+spent AS (
+    UPDATE {_SPEND} ks SET period_start = s.period_start,
+        held = CASE WHEN ks.period_start = s.period_start THEN ks.held ELSE 0 END,
+        used = CASE WHEN ks.period_start = s.period_start THEN ks.used ELSE 0 END + s.total
+    FROM (SELECT k.spend_id, led.period_start, SUM(led.used_delta) AS total
+          FROM led JOIN {_KEY} k ON k.id = led.api_key_id GROUP BY k.spend_id, led.period_start) s
+    WHERE ks.id = s.spend_id)
+SELECT idempotency_key FROM rec"""
+
+
+@transaction.atomic
+def _apply_usage(organization: Organization, actor, events: list[_Event]) -> set[str]:
+    """Apply the batch; the idempotency keys that were new (the others were recorded before)."""
+    if connection.vendor != "postgresql":
+        return {event.key for event in events if _apply_one(organization, actor, event)}
+    account_ids = sorted({event.account_id for event in events})
+    spend_ids = sorted({event.spend_id for event in events if event.spend_id})
+    params = {
+        "org": organization.pk, "actor": getattr(actor, "pk", None), "now": timezone.now(),
+        "keys": [e.key for e in events], "members": [e.member_id for e in events],
+        "api_keys": [e.api_key_id for e in events], "models": [e.model for e in events],
+        "input": [e.usage.input for e in events], "output": [e.usage.output for e in events],
+        "cached": [e.usage.cached for e in events], "charged": [e.charged for e in events],
+        "cost": [e.cost for e in events], "at": [e.occurred_at for e in events],
+        "accounts": [e.account_id for e in events],
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT id FROM {_ACCOUNT} WHERE id = ANY(%s) ORDER BY id FOR UPDATE", [account_ids])
+        if spend_ids:
+            cursor.execute(f"SELECT id FROM {_SPEND} WHERE id = ANY(%s) ORDER BY id FOR UPDATE", [spend_ids])
+        cursor.execute(_INGEST_SQL, params)
+        return {row[0] for row in cursor.fetchall()}
+
+
+def _apply_one(organization: Organization, actor, event: _Event) -> bool:
+    """The same for one event, through the ledger's own post (SQLite, the embedded default)."""
+    _record, created = UsageRecord.objects.get_or_create(
+        organization=organization, idempotency_key=event.key, defaults={
+            "member_id": event.member_id, "api_key_id": event.api_key_id, "model": event.model, "endpoint": "ingest",
+            "source": UsageRecord.Source.INGEST, "status": UsageRecord.Status.OK, "input_tokens": event.usage.input,
+            "output_tokens": event.usage.output, "cached_tokens": event.usage.cached, "charged_tokens": event.charged,
+            "cost": event.cost, "occurred_at": event.occurred_at})
+    if created:
+        ledger.post(account=Account(pk=event.account_id, organization_id=organization.pk), kind=LedgerEntry.Kind.USAGE,
+                    tokens=event.charged, used_delta=event.charged, idempotency_key=f"ingest:{event.key}",
+                    model=event.model, actor=actor, api_key_id=event.api_key_id, spend_id=event.spend_id,
+                    reference="usage ingest")
+    return created
+
+
+# -- holds for an organization's own gateway ------------------------------------------------------------
+
+
+def _member_of(organization: Organization, *, member_email=None, api_key=None):
+    """(member_id, account, api_key_id, spend_id) named by an email or a key id, or ValidationError."""
+    if (member_email is None) == (api_key is None):
+        raise ValidationError({"member": "Name the member (email) or the API key (tap_<id>), one of them."})
+    api_key_id = spend_id = None
+    if api_key is not None:
+        found = ApiKey.objects.filter(organization=organization, public_id=str(api_key).removeprefix("tap_")[:12]).values_list(
+            "pk", "member_id", "spend_id").first()
+        if found is None:
+            raise ValidationError({"api_key": "No API key with this id in the organization."})
+        api_key_id, member_id, spend_id = found
+    else:
+        member_id = Member.objects.filter(organization=organization, user__email__iexact=str(member_email).strip(),
+                                          is_active=True).values_list("pk", flat=True).first()
+        if member_id is None:
+            raise ValidationError({"member": "No active member with this email in the organization."})
+    account = Account.objects.filter(organization=organization, member_id=member_id).first()
+    if account is None:
+        raise ValidationError({"member": "This member has no allowance account yet."})
+    return member_id, account, api_key_id, spend_id
+
+
+def hold_authorize(*, organization: Organization, actor, model: str, input_tokens: int, max_output_tokens: int,
+                   idempotency_key: str, member_email=None, api_key=None, ttl_seconds: int | None = None) -> ledger.Hold:
+    """Reserve the worst case of a request about to run elsewhere (ledger.InsufficientTokens or
+    KeyCapExceeded if it does not fit). Retrying with the same idempotency key returns the same hold."""
+    route = org_config(organization.pk).models.get(model)
+    if route is None:
+        raise ValidationError({"model": "Not a model of this organization's catalog."})
+    _member_id, account, api_key_id, spend_id = _member_of(organization, member_email=member_email, api_key=api_key)
+    tokens = max(route.weighted(Usage(input=input_tokens, output=max_output_tokens)), 1)
+    ttl = timedelta(seconds=ttl_seconds) if ttl_seconds else ledger.HOLD_TTL
+    return ledger.authorize(account=account, tokens=tokens, idempotency_key=f"api:{idempotency_key}", ttl=ttl,
+                            model=model, reference="authorize API", actor=actor, api_key_id=api_key_id,
+                            spend_id=spend_id)
+
+
+def hold_settle(*, organization: Organization, actor, hold_id: int, input_tokens: int, output_tokens: int,
+                cached_tokens: int = 0) -> tuple[int, bool]:
+    """Settle a hold taken with hold_authorize: (tokens charged, whether this call settled it).
+
+    A retry answers with the first settlement and records nothing more."""
+    entry = LedgerEntry.objects.filter(organization=organization, pk=hold_id, kind=LedgerEntry.Kind.HOLD).select_related(
+        "api_key").first()
+    if entry is None:
+        raise ValidationError({"hold_id": "No hold with this id in the organization."})
+    route = org_config(organization.pk).models.get(entry.model)
+    usage = Usage(input=input_tokens, output=output_tokens, cached=cached_tokens)
+    charged = route.weighted(usage) if route else input_tokens + output_tokens + cached_tokens
+    hold = ledger.Hold(id=entry.pk, account_id=entry.account_id, organization_id=organization.pk, tokens=entry.tokens,
+                       expires_at=entry.expires_at, model=entry.model, api_key_id=entry.api_key_id,
+                       spend_id=entry.api_key.spend_id if entry.api_key else None)
+    with transaction.atomic():
+        posted = ledger.settle(hold=hold, used_tokens=charged, reference="settle API")
+        if not posted.created:
+            first = LedgerEntry.objects.get(pk=posted.entry_id)
+            return first.used_delta, False
+        UsageRecord.objects.create(
+            organization=organization, member_id=Account.objects.get(pk=entry.account_id).member_id,
+            api_key_id=entry.api_key_id, model=entry.model, endpoint="ingest", source=UsageRecord.Source.INGEST,
+            status=UsageRecord.Status.OK, input_tokens=usage.input, output_tokens=usage.output,
+            cached_tokens=usage.cached, charged_tokens=charged, cost=route.cost(usage) if route else 0,
+            idempotency_key=f"settle:{hold_id}")
+    return charged, True

@@ -171,6 +171,10 @@ def _presented_key(request) -> str | None:
     return request.headers.get("X-Api-Key") or None
 
 
+# URL kwarg of API routes outside /o/<slug>/ whose organization is the presented API key's
+# (e.g. POST /api/v1/usage, called by an organization's own gateway).
+ORG_FROM_KEY = "organization_from_api_key"
+
 # What the middleware decided for a request: go on without a scope, across tenants, or in one
 # organization; or answer at once.
 _PASS, _UNSCOPED_ADMIN = "pass", "admin"
@@ -246,7 +250,8 @@ class TenancyMiddleware:
             return _UNSCOPED_ADMIN
 
         slug = match.kwargs.get("org_slug")
-        if slug is None:
+        org_from_key = match.kwargs.get(ORG_FROM_KEY, False)
+        if slug is None and not org_from_key:
             return _PASS
 
         request.api_key = None
@@ -262,6 +267,9 @@ class TenancyMiddleware:
             member = self._key_member(request.api_key, slug)
             if member is None:
                 return JsonResponse({"detail": "Not found."}, status=404)
+        elif org_from_key:
+            return JsonResponse({"detail": "This endpoint takes an API key: send `Authorization: Bearer tap_...`."},
+                                status=401, headers={"WWW-Authenticate": "Bearer"})
         else:
             member = self._member_for(request, slug)
         if member is None:
@@ -283,13 +291,15 @@ class TenancyMiddleware:
     def process_view(self, request, view_func, view_args, view_kwargs):
         # Views read the organization from request.organization, never from the URL.
         view_kwargs.pop("org_slug", None)
+        view_kwargs.pop(ORG_FROM_KEY, None)
 
     @staticmethod
     def _key_member(identity, slug):
         from portal.models import Member
 
-        return (Member.all_objects.select_related("organization", "user", "team")
-                .filter(pk=identity.member_id, organization__slug=slug, is_active=True).first())
+        members = Member.all_objects.select_related("organization", "user", "team").filter(
+            pk=identity.member_id, organization_id=identity.organization_id, is_active=True)
+        return (members.filter(organization__slug=slug) if slug is not None else members).first()
 
     @staticmethod
     def _member_for(request, slug):

@@ -9,7 +9,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from allowances import ledger
 from allowances import services as allowance_services
 from apikeys import services as api_key_services
-from apikeys.models import ENDPOINTS
+from apikeys.models import ENDPOINT_ROLES, ENDPOINTS
 from gateway import services as gateway_services
 from gateway.models import UsageRecord
 from portal.audit import log_action
@@ -80,7 +80,8 @@ def seed_allowance_objects(organization, *, team, members):
     account = allowance_services.account_open(member=employee)
     hold = ledger.authorize(account=account, tokens=1_000, idempotency_key="fixture-hold")
     api_key, api_key_secret = api_key_services.api_key_create(
-        member=employee, actor=employee.user, name="fixture key", endpoints=list(ENDPOINTS))
+        member=employee, actor=employee.user, name="fixture key",
+        endpoints=[e for e in ENDPOINTS if e not in ENDPOINT_ROLES])
     usage_record = UsageRecord.objects.create(
         organization=organization, member=employee, api_key=api_key, model="gpt-test", endpoint="chat",
         status=UsageRecord.Status.OK, input_tokens=10, output_tokens=5, charged_tokens=20)

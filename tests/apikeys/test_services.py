@@ -17,6 +17,7 @@ from django.db import connection, models
 from django.utils import timezone
 
 from allowances import services as allowance_services
+from gateway import services as gateway_services
 from apikeys import secrets, services
 from apikeys.models import ENDPOINTS, ApiKey
 from portal.models import AuditLogEntry
@@ -115,7 +116,12 @@ def test_scanner_finds_a_planted_secret(org_a):
 
 
 def test_no_column_of_any_table_holds_a_secret(org_a, org_b, client, login):
-    employee = org_a.members["employee"]
+    employee = org_a.members["admin"]  # an admin may use every scope
+    provider_secret = "sk-provider-plaintext-needle-0123456789"
+    with scope(org_a.organization):
+        gateway_services.provider_connection_create(
+            organization=org_a.organization, actor=employee.user, name="Real OpenAI", kind="openai",
+            base_url="https://api.openai.example/v1", secret=provider_secret, connect_timeout=5, read_timeout=60)
     key, secret = create(employee, name="everything", endpoints=list(ENDPOINTS), model_ids=["gpt-test"],
                          token_cap=5_000, expires_at=timezone.now() + timedelta(days=30),
                          allowed_cidrs=["127.0.0.0/8", "2001:db8::/32"])
@@ -131,7 +137,7 @@ def test_no_column_of_any_table_holds_a_secret(org_a, org_b, client, login):
 
     needles = [secret, parts.secret, secret[:-6], new_secret, secrets.parse(new_secret).secret,
                org_a.api_key_secret, secrets.parse(org_a.api_key_secret).secret,
-               org_b.api_key_secret, secrets.parse(org_b.api_key_secret).secret]
+               org_b.api_key_secret, secrets.parse(org_b.api_key_secret).secret, provider_secret, provider_secret[:-4]]
     assert leaks(needles) == set()
     # Not in the cached identity either, whatever the cache backend.
     identity = cache.get(services.cache_key(parts.public_id))
