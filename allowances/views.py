@@ -8,7 +8,6 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from allowances import selectors, services
 from allowances.charts import daily_usage_svg
-from gateway.selectors import connections_of
 from allowances.forms import (
     AssignmentForm,
     CatalogModelForm,
@@ -18,6 +17,7 @@ from allowances.forms import (
     PolicyEditForm,
     PolicyForm,
 )
+from gateway.selectors import connections_of
 from portal import selectors as portal_selectors
 from portal.forms import apply_service_error
 from portal.tenancy import require_roles

@@ -50,6 +50,10 @@ EXPECTED = {
     "key_rotate": EVERYONE,  # POST-only, own keys
     "key_revoke": EVERYONE,  # POST-only, own keys (admins: any)
     "key_admin": ADMINS,
+    # Gateway: admins own the provider connections; every member sees their own usage (HR: everyone's).
+    "provider_list": ADMINS,
+    "provider_edit": ADMINS,
+    "usage_list": EVERYONE,
 }
 
 # API route name -> the roles that may GET it. Everyone else gets 403.
@@ -86,6 +90,8 @@ NAV_LINKS = {
     "Models": "catalog",
     "API keys": "key_list",
     "All keys": "key_admin",
+    "Providers": "provider_list",
+    "Usage": "usage_list",
     "Members": "member_list",
     "Teams": "team_list",
     "Invitations": "invitation_list",

@@ -1,0 +1,23 @@
+from django import forms
+
+from gateway.models import ProviderConnection
+
+
+class ProviderConnectionForm(forms.Form):
+    name = forms.CharField(max_length=100)
+    kind = forms.ChoiceField(choices=ProviderConnection.Kind.choices)
+    base_url = forms.CharField(max_length=200, required=False, label="Base URL",
+                               help_text="e.g. https://api.openai.com/v1, https://api.anthropic.com/v1 or "
+                                         "http://vllm.internal:8000/v1. Not for the sandbox.")
+    secret = forms.CharField(required=False, label="API key of the provider", widget=forms.PasswordInput,
+                             help_text="Stored encrypted; never shown again.")
+    connect_timeout = forms.IntegerField(initial=5, label="Connect time-out (seconds)")
+    read_timeout = forms.IntegerField(initial=120, label="Read time-out (seconds)",
+                                      help_text="How long to wait for the next bytes of an answer.")
+    is_active = forms.BooleanField(required=False, initial=True, label="Active")
+
+
+class ProviderConnectionEditForm(ProviderConnectionForm):
+    secret = forms.CharField(required=False, label="New API key of the provider", widget=forms.PasswordInput,
+                             help_text="Leave empty to keep the stored one.")
+    clear_secret = forms.BooleanField(required=False, label="Remove the stored key")
