@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, Decimal
 
 from django.conf import settings
+import psycopg
 from django.core.cache import cache
-from django.db import close_old_connections, transaction
+from django.db import close_old_connections, connection, transaction
 from django.urls import reverse
+from django.utils import timezone
 
 from allowances import ledger
 from allowances.models import Account, CatalogModel
@@ -273,18 +275,37 @@ def finish(begun: Begun, *, status: str, usage: Usage | None, produced_tokens: i
             produced_tokens or status == UsageRecord.Status.NO_USAGE_REPORTED) else Usage()
     charged = begun.route.weighted(usage)
     organization = Organization(pk=begun.identity.organization_id, slug=begun.config.slug)
+    record = {"org": organization.pk, "member": begun.identity.member_id, "api_key": begun.identity.id,
+              "model": begun.route.model_id, "endpoint": begun.endpoint, "status": status, "input": usage.input,
+              "output": usage.output, "cached": usage.cached, "charged": charged, "cost": begun.route.cost(usage),
+              "latency": min(latency_ms, 2**31 - 1), "request_id": begun.request_id, "detail": detail[:300],
+              "at": timezone.now()}
     with scope(organization), transaction.atomic():
         if charged or usage.input or usage.output or usage.cached:
             ledger.settle(hold=begun.hold, used_tokens=charged, reference=f"request:{begun.request_id}"[:100])
         else:
             ledger.release(hold=begun.hold, reason=f"{status}: nothing consumed")
-        UsageRecord.objects.create(
-            organization=organization, member_id=begun.identity.member_id, api_key_id=begun.identity.id,
-            model=begun.route.model_id, endpoint=begun.endpoint, status=status, input_tokens=usage.input,
-            output_tokens=usage.output, cached_tokens=usage.cached, charged_tokens=charged,
-            cost=begun.route.cost(usage), latency_ms=min(latency_ms, 2**31 - 1), request_id=begun.request_id,
-            detail=detail[:300])
+        _insert_record(record)
     return charged
+
+
+_RECORD_SQL = (f"INSERT INTO {UsageRecord._meta.db_table} (organization_id, member_id, api_key_id, model, endpoint, "
+               "source, status, input_tokens, output_tokens, cached_tokens, charged_tokens, cost, latency_ms, "
+               "request_id, idempotency_key, detail, occurred_at) VALUES (%(org)s, %(member)s, %(api_key)s, "
+               "%(model)s, %(endpoint)s, 'gateway', %(status)s, %(input)s, %(output)s, %(cached)s, %(charged)s, "
+               "%(cost)s, %(latency)s, %(request_id)s, '', %(detail)s, %(at)s)")
+
+
+def _insert_record(record: dict) -> None:
+    """One usage record, written by hand with a prepared plan on PostgreSQL (the ORM's insert cost
+    as much as the ledger statement on this hot path)."""
+    if connection.vendor == "postgresql":
+        with psycopg.Cursor(connection.connection) as cursor:
+            cursor.execute(_RECORD_SQL, record, prepare=True)
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(_RECORD_SQL, record | {"at": connection.ops.adapt_datetimefield_value(record["at"]),
+                                              "cost": connection.ops.adapt_decimalfield_value(record["cost"])})
 
 
 def sandbox_limit(begun: Begun, body: dict) -> int:

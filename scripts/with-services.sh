@@ -26,6 +26,8 @@ pg_bin_dir() {
 PG_BIN=$(pg_bin_dir) || { apt_install postgresql; PG_BIN=$(pg_bin_dir); }
 command -v redis-server >/dev/null || apt_install redis-server
 command -v chromium >/dev/null || apt_install chromium fonts-dejavu-core
+# Tools only some callers need (the benchmarks' load generator): EXTRA_COMMANDS="wrk".
+for tool in ${EXTRA_COMMANDS:-}; do command -v "$tool" >/dev/null || apt_install "$tool"; done
 
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 

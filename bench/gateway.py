@@ -1,0 +1,177 @@
+"""Gateway throughput and latency, against the same instant fake provider called directly, in one run.
+
+- gateway.direct_rps / gateway.metered_rps: non-streaming chat completions per second at 16
+  connections (wrk), to the fake provider directly and through the portal's gateway (uvicorn,
+  PostgreSQL and Redis: key check, hold, forward, settle, usage record).
+- gateway.direct_p50 / gateway.metered_p50 / gateway.added_p50: median latency at 1 connection.
+- ingest.events_per_s: usage events recorded per second through POST /api/v1/usage in batches
+  of 1,000 (2 clients).
+
+Run with `make bench-gateway` (a private durable PostgreSQL and Redis are started for it).
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
+os.environ["DEBUG"] = "0"
+os.environ["LOG_LEVEL"] = "WARNING"
+os.environ["DATABASE_URL"] = os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/portal_bench_gateway"
+
+import django  # noqa: E402
+
+django.setup()
+
+import httpx  # noqa: E402
+import psycopg  # noqa: E402
+from django.core.management import call_command  # noqa: E402
+
+from tests.support.fake_upstream import free_port  # noqa: E402
+
+SECONDS = float(os.environ.get("BENCH_SECONDS", "8"))
+CONNECTIONS = 16
+INGEST_BATCH, INGEST_CLIENTS = 1000, 2
+BODY = {"model": "bench-gpt", "max_tokens": 16, "messages": [{"role": "user", "content": "Say hello in five words."}]}
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = [[%s]]
+wrk.headers["Content-Type"] = "application/json"
+%s
+"""
+
+
+def create_database():
+    admin_url = os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute("DROP DATABASE IF EXISTS portal_bench_gateway")
+        admin.execute("CREATE DATABASE portal_bench_gateway")
+    call_command("migrate", verbosity=0)
+
+
+def seed(upstream_url: str) -> tuple[str, str]:
+    """An organization whose model is served by the fake provider; a member key and an ingest key."""
+    from allowances import ledger
+    from allowances import services as allowance_services
+    from apikeys.services import api_key_create
+    from gateway import services as gateway_services
+    from portal.models import Member
+    from portal.services import organization_create
+    from portal.tenancy import scope
+    from tests.factories import UserFactory
+
+    owner = UserFactory(email="owner@bench.example")
+    organization = organization_create(owner=owner, name="Bench")
+    with scope(organization):
+        member = Member.objects.get(organization=organization)
+        connection = gateway_services.provider_connection_create(
+            organization=organization, actor=owner, name="Fake provider", kind="openai", base_url=upstream_url,
+            secret="sk-bench-secret-000000", connect_timeout=5, read_timeout=30)
+        allowance_services.catalog_model_create(organization=organization, actor=owner, model_id="bench-gpt",
+                                                display_name="Bench", connection=connection)
+        account = allowance_services.account_open(member=member)
+        ledger.post(account=account, kind="bonus", tokens=10**12, idempotency_key="bench-funds")
+        _key, secret = api_key_create(member=member, actor=owner, name="bench", endpoints=["chat"])
+        _key, ingest_secret = api_key_create(member=member, actor=owner, name="ingest", endpoints=["usage_write"])
+    return secret, ingest_secret
+
+
+def serve(app: str, port: int, env=None) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
+         "--log-level", "warning"], cwd=ROOT, env={**os.environ, **(env or {})})
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+            return process
+        except httpx.TransportError:
+            time.sleep(0.1)
+    process.kill()
+    raise SystemExit(f"{app} did not start")
+
+
+def wrk(url: str, *, connections: int, seconds: float, key: str | None = None) -> dict:
+    header = f'wrk.headers["Authorization"] = "Bearer {key}"' if key else ""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(WRK_SCRIPT % (json.dumps(BODY), header))
+    out = subprocess.run(["wrk", "-t", str(min(connections, 2)), "-c", str(connections), "-d", f"{max(int(seconds), 1)}s",
+                          "--latency", "-s", script.name, url], capture_output=True, text=True, check=True).stdout
+    os.unlink(script.name)
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if non_2xx:
+        raise SystemExit(f"{url} answered errors under load:\n{out}")
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
+    scale = {"us": 0.001, "ms": 1, "s": 1000}[p50.group(2)]
+    return {"rps": rps, "p50_ms": float(p50.group(1)) * scale}
+
+
+def ingest_rate(base: str, key: str, seconds: float) -> float:
+    events_done = [0]
+    deadline = time.monotonic() + seconds
+
+    def client():
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
+            while time.monotonic() < deadline:
+                events = [{"idempotency_key": uuid.uuid4().hex, "member": "owner@bench.example", "model": "bench-gpt",
+                           "input_tokens": 120, "output_tokens": 40} for _ in range(INGEST_BATCH)]
+                answer = http.post("/api/v1/usage", json={"events": events})
+                if answer.status_code != 200 or answer.json()["recorded"] != INGEST_BATCH:
+                    raise SystemExit(f"ingest answered {answer.status_code}: {answer.text[:300]}")
+                events_done[0] += INGEST_BATCH
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client) for _ in range(INGEST_CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return events_done[0] / (time.monotonic() - started)
+
+
+def main():
+    create_database()
+    upstream_port, gateway_port = free_port(), free_port()
+    upstream = serve("bench.fake_upstream_app:app", upstream_port)
+    try:
+        key, ingest_key = seed(f"http://127.0.0.1:{upstream_port}/v1")
+        gateway = serve("portal.asgi:application", gateway_port)
+        try:
+            direct_url = f"http://127.0.0.1:{upstream_port}/v1/chat/completions"
+            metered_url = f"http://127.0.0.1:{gateway_port}/v1/chat/completions"
+            wrk(metered_url, connections=CONNECTIONS, seconds=2, key=key)  # warm up caches and connections
+            direct = wrk(direct_url, connections=CONNECTIONS, seconds=SECONDS)
+            metered = wrk(metered_url, connections=CONNECTIONS, seconds=SECONDS, key=key)
+            direct_1 = wrk(direct_url, connections=1, seconds=SECONDS / 2)
+            metered_1 = wrk(metered_url, connections=1, seconds=SECONDS / 2, key=key)
+            ingest = ingest_rate(f"http://127.0.0.1:{gateway_port}", ingest_key, SECONDS)
+        finally:
+            gateway.terminate()
+            gateway.wait()
+    finally:
+        upstream.terminate()
+        upstream.wait()
+    from allowances.ledger import verify
+
+    print(f"gateway.direct_rps: {direct['rps']:.0f} req/s")
+    print(f"gateway.metered_rps: {metered['rps']:.0f} req/s")
+    print(f"gateway.metered_ratio: {metered['rps'] / direct['rps']:.3f}")
+    print(f"gateway.direct_p50: {direct_1['p50_ms']:.2f} ms")
+    print(f"gateway.metered_p50: {metered_1['p50_ms']:.2f} ms")
+    print(f"gateway.added_p50: {metered_1['p50_ms'] - direct_1['p50_ms']:.2f} ms")
+    print(f"ingest.events_per_s: {ingest:.0f} events/s")
+    print(f"gateway.verify_problems: {len(verify())} accounts")
+
+
+if __name__ == "__main__":
+    main()
