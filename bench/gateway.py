@@ -2,7 +2,8 @@
 
 - gateway.direct_rps / gateway.metered_rps: non-streaming chat completions per second at 16
   connections (wrk), to the fake provider directly and through the portal's gateway (uvicorn,
-  PostgreSQL and Redis: key check, hold, forward, settle, usage record).
+  PostgreSQL and Redis: key check, hold, forward, settle, usage record). The metered requests
+  come from 64 members' keys in turn, as an organization's traffic does.
 - gateway.direct_p50 / gateway.metered_p50 / gateway.added_p50: median latency at 1 connection.
 - ingest.events_per_s: usage events recorded per second through POST /api/v1/usage in batches
   of 1,000 (2 clients).
@@ -42,11 +43,17 @@ SECONDS = float(os.environ.get("BENCH_SECONDS", "8"))
 CONNECTIONS = 16
 INGEST_BATCH, INGEST_CLIENTS = 1000, 2
 BODY = {"model": "bench-gpt", "max_tokens": 16, "messages": [{"role": "user", "content": "Say hello in five words."}]}
+MEMBERS = 64
 WRK_SCRIPT = """
-wrk.method = "POST"
-wrk.body = [[%s]]
-wrk.headers["Content-Type"] = "application/json"
-%s
+local body = [[%s]]
+local keys = {%s}
+local counter = 0
+request = function()
+  counter = counter + 1
+  local headers = {["Content-Type"] = "application/json"}
+  if #keys > 0 then headers["Authorization"] = "Bearer " .. keys[(counter %% #keys) + 1] end
+  return wrk.format("POST", nil, headers, body)
+end
 """
 
 
@@ -58,8 +65,9 @@ def create_database():
     call_command("migrate", verbosity=0)
 
 
-def seed(upstream_url: str) -> tuple[str, str]:
-    """An organization whose model is served by the fake provider; a member key and an ingest key."""
+def seed(upstream_url: str) -> tuple[list[str], str]:
+    """An organization whose model is served by the fake provider; 64 funded members with a key
+    each, and an ingest key."""
     from allowances import ledger
     from allowances import services as allowance_services
     from apikeys.services import api_key_create
@@ -67,7 +75,7 @@ def seed(upstream_url: str) -> tuple[str, str]:
     from portal.models import Member
     from portal.services import organization_create
     from portal.tenancy import scope
-    from tests.factories import UserFactory
+    from tests.factories import MemberFactory, UserFactory
 
     owner = UserFactory(email="owner@bench.example")
     organization = organization_create(owner=owner, name="Bench")
@@ -78,11 +86,15 @@ def seed(upstream_url: str) -> tuple[str, str]:
             secret="sk-bench-secret-000000", connect_timeout=5, read_timeout=30)
         allowance_services.catalog_model_create(organization=organization, actor=owner, model_id="bench-gpt",
                                                 display_name="Bench", connection=connection)
-        account = allowance_services.account_open(member=member)
-        ledger.post(account=account, kind="bonus", tokens=10**12, idempotency_key="bench-funds")
-        _key, secret = api_key_create(member=member, actor=owner, name="bench", endpoints=["chat"])
+        allowance_services.account_open(member=member)
         _key, ingest_secret = api_key_create(member=member, actor=owner, name="ingest", endpoints=["usage_write"])
-    return secret, ingest_secret
+        secrets = []
+        for number in range(MEMBERS):
+            employee = MemberFactory(organization=organization, user__email=f"m{number}@bench.example")
+            account = allowance_services.account_open(member=employee)
+            ledger.post(account=account, kind="bonus", tokens=10**12, idempotency_key="bench-funds")
+            secrets.append(api_key_create(member=employee, actor=employee.user, name="bench", endpoints=["chat"])[1])
+    return secrets, ingest_secret
 
 
 def serve(app: str, port: int, env=None) -> subprocess.Popen:
@@ -100,10 +112,9 @@ def serve(app: str, port: int, env=None) -> subprocess.Popen:
     raise SystemExit(f"{app} did not start")
 
 
-def wrk(url: str, *, connections: int, seconds: float, key: str | None = None) -> dict:
-    header = f'wrk.headers["Authorization"] = "Bearer {key}"' if key else ""
+def wrk(url: str, *, connections: int, seconds: float, keys: list[str] = ()) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(WRK_SCRIPT % (json.dumps(BODY), header))
+        script.write(WRK_SCRIPT % (json.dumps(BODY), ", ".join(f'"{key}"' for key in keys)))
     out = subprocess.run(["wrk", "-t", str(min(connections, 2)), "-c", str(connections), "-d", f"{max(int(seconds), 1)}s",
                           "--latency", "-s", script.name, url], capture_output=True, text=True, check=True).stdout
     os.unlink(script.name)
@@ -123,8 +134,8 @@ def ingest_rate(base: str, key: str, seconds: float) -> float:
     def client():
         with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
             while time.monotonic() < deadline:
-                events = [{"idempotency_key": uuid.uuid4().hex, "member": "owner@bench.example", "model": "bench-gpt",
-                           "input_tokens": 120, "output_tokens": 40} for _ in range(INGEST_BATCH)]
+                events = [{"idempotency_key": uuid.uuid4().hex, "member": f"m{n % MEMBERS}@bench.example", "model": "bench-gpt",
+                           "input_tokens": 120, "output_tokens": 40} for n in range(INGEST_BATCH)]
                 answer = http.post("/api/v1/usage", json={"events": events})
                 if answer.status_code != 200 or answer.json()["recorded"] != INGEST_BATCH:
                     raise SystemExit(f"ingest answered {answer.status_code}: {answer.text[:300]}")
@@ -144,16 +155,16 @@ def main():
     upstream_port, gateway_port = free_port(), free_port()
     upstream = serve("bench.fake_upstream_app:app", upstream_port)
     try:
-        key, ingest_key = seed(f"http://127.0.0.1:{upstream_port}/v1")
+        keys, ingest_key = seed(f"http://127.0.0.1:{upstream_port}/v1")
         gateway = serve("portal.asgi:application", gateway_port)
         try:
             direct_url = f"http://127.0.0.1:{upstream_port}/v1/chat/completions"
             metered_url = f"http://127.0.0.1:{gateway_port}/v1/chat/completions"
-            wrk(metered_url, connections=CONNECTIONS, seconds=2, key=key)  # warm up caches and connections
+            wrk(metered_url, connections=CONNECTIONS, seconds=2, keys=keys)  # warm up caches and connections
             direct = wrk(direct_url, connections=CONNECTIONS, seconds=SECONDS)
-            metered = wrk(metered_url, connections=CONNECTIONS, seconds=SECONDS, key=key)
+            metered = wrk(metered_url, connections=CONNECTIONS, seconds=SECONDS, keys=keys)
             direct_1 = wrk(direct_url, connections=1, seconds=SECONDS / 2)
-            metered_1 = wrk(metered_url, connections=1, seconds=SECONDS / 2, key=key)
+            metered_1 = wrk(metered_url, connections=1, seconds=SECONDS / 2, keys=keys)
             ingest = ingest_rate(f"http://127.0.0.1:{gateway_port}", ingest_key, SECONDS)
         finally:
             gateway.terminate()
