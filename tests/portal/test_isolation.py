@@ -193,3 +193,50 @@ def test_admin_is_platform_staff_only(client, org_a, model_name):
     client.force_login(org_a.members["owner"].user, backend="django.contrib.auth.backends.ModelBackend")
     response = client.get(f"/admin/portal/{model_name}/")
     assert response.status_code == 302 and "/admin/login/" in response["Location"]
+
+
+def test_routes_whose_organization_is_the_keys_never_reach_another(client, org_a, org_b):
+    """The routes outside /o/<slug>/ whose organization is the presented key's (usage ingest, holds,
+    the gateway), discovered: A's admin key with every scope, aimed at B's members, keys, holds and
+    models, changes nothing of B and is answered as if they did not exist."""
+    from allowances import services as allowance_services
+    from apikeys.models import ENDPOINTS
+    from apikeys.services import api_key_create
+    from portal.tenancy import ORG_FROM_KEY, scope
+
+    admin = org_a.members["admin"]
+    with scope(org_a.organization):
+        _key, secret = api_key_create(member=admin, actor=admin.user, name="everything", endpoints=list(ENDPOINTS))
+    with scope(org_b.organization):
+        allowance_services.catalog_model_create(organization=org_b.organization, actor=org_b.members["admin"].user,
+                                                model_id="only-in-b", display_name="B only",
+                                                connection=org_b.provider_connection)
+    b_member, b_key = org_b.members["employee"].user.email, org_b.api_key.display_prefix
+    aimed = {"model": "only-in-b", "input_tokens": 5, "output_tokens": 5, "max_output_tokens": 5, "max_tokens": 5,
+             "messages": [{"role": "user", "content": "hi"}], "input": "hi", "hold_id": org_b.hold.id,
+             "idempotency_key": "intruder-1"}
+    bodies = [aimed | {"member": b_member}, aimed | {"api_key": b_key},
+              {"events": [aimed | {"member": b_member}, aimed | {"idempotency_key": "intruder-2", "api_key": b_key},
+                          aimed | {"idempotency_key": "intruder-3", "member": b_member, "model": "gpt-test"}]}]
+    routes = [route for route in walk() if ORG_FROM_KEY in route.parts[-1].default_args
+              or route.route.startswith("v1/")]
+    assert {"api-usage-ingest", "api-authorize", "api-settle", "gateway_chat_completions", "gateway_messages",
+            "gateway_embeddings", "gateway_models"} <= {route.name for route in routes}
+    before = snapshot(org_b.organization)
+    for route in routes:
+        path = route.build()
+        if path is None:
+            continue
+        for body in bodies:
+            for method in METHODS:
+                data = {} if method == "get" else {"data": json.dumps(body), "content_type": "application/json"}
+                response = getattr(client, method)(path, **data, HTTP_AUTHORIZATION=f"Bearer {secret}")
+                answer = response.content.decode()
+                assert b_member not in answer and b_key not in answer, (method, path, answer)
+                if route.name == "api-usage-ingest" and response.status_code == 200:
+                    assert {r["status"] for r in response.json()["results"]} == {"rejected"}, answer
+                elif route.name == "gateway_models" and method == "get":
+                    assert "only-in-b" not in answer and response.status_code == 200
+                else:
+                    assert response.status_code in {400, 403, 404, 405}, (method, path, response.status_code, answer)
+    assert snapshot(org_b.organization) == before
