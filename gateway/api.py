@@ -12,10 +12,11 @@ from rest_framework.views import APIView
 
 from allowances import ledger
 from gateway import services
+from portal.api.authentication import ApiKeyAuthentication
 
 
 class _EventSerializer(serializers.Serializer):
-    idempotency_key = serializers.CharField(max_length=200)
+    idempotency_key = serializers.CharField(max_length=services.MAX_EVENT_KEY)
     api_key = serializers.CharField(required=False, help_text="The key that made the request: tap_<id> (12 characters).")
     member = serializers.EmailField(required=False, help_text="Or the member's email.")
     model = serializers.CharField(help_text="A model id of the organization's catalog.")
@@ -30,6 +31,7 @@ class UsageBatchSerializer(serializers.Serializer):
 
 
 class _GatewayApiView(APIView):
+    authentication_classes = [ApiKeyAuthentication]  # a key, never a session
     required_roles = {"POST": ("admin",)}
     key_scope = "usage_write"
 

@@ -102,6 +102,8 @@ def provider_connection_update(*, connection: ProviderConnection, actor, secret:
 # -- usage from an organization's own gateway -------------------------------------------------------
 
 MAX_EVENTS = 1000
+# An event's idempotency key; the ledger entry's own key adds a prefix within its 200 characters.
+MAX_EVENT_KEY = 150
 MAX_EVENT_TOKENS = 10**9  # per kind in one event: more is a typo, not a request
 
 
@@ -135,8 +137,9 @@ def _clean_event(raw, index: int, *, config, members: dict, keys: dict, accounts
         return None, {"event": "Each event is a JSON object."}
     errors: dict = {}
     key = raw.get("idempotency_key")
-    if not isinstance(key, str) or not 0 < len(key.strip()) <= 200:
-        errors["idempotency_key"] = "Required: a string of 1 to 200 characters that identifies this event."
+    if not isinstance(key, str) or not 0 < len(key.strip()) <= MAX_EVENT_KEY:
+        errors["idempotency_key"] = (f"Required: a string of 1 to {MAX_EVENT_KEY} characters that identifies "
+                                     "this event.")
     route = config.models.get(raw.get("model")) if isinstance(raw.get("model"), str) else None
     if route is None:
         errors["model"] = "Not a model of this organization's catalog."
@@ -158,7 +161,10 @@ def _clean_event(raw, index: int, *, config, members: dict, keys: dict, accounts
             errors["member"] = "No member with this email in the organization."
     occurred_at = now
     if raw.get("timestamp") is not None:
-        parsed = parse_datetime(raw["timestamp"]) if isinstance(raw["timestamp"], str) else None
+        try:
+            parsed = parse_datetime(raw["timestamp"]) if isinstance(raw["timestamp"], str) else None
+        except ValueError:  # well formed but impossible, e.g. February 30
+            parsed = None
         if parsed is None or parsed.tzinfo is None:
             errors["timestamp"] = "An ISO 8601 time with its offset, e.g. 2026-11-23T10:00:00Z."
         elif parsed > now + timedelta(minutes=5):
@@ -365,5 +371,5 @@ def hold_settle(*, organization: Organization, actor, hold_id: int, input_tokens
             api_key_id=entry.api_key_id, model=entry.model, endpoint="ingest", source=UsageRecord.Source.INGEST,
             status=UsageRecord.Status.OK, input_tokens=usage.input, output_tokens=usage.output,
             cached_tokens=usage.cached, charged_tokens=charged, cost=route.cost(usage) if route else 0,
-            idempotency_key=f"settle:{hold_id}")
+            request_id=f"hold:{hold_id}")  # once per hold: the ledger's settle is the idempotent step
     return charged, True

@@ -1,11 +1,24 @@
+import logging
+
 from django.core.exceptions import ValidationError as DjangoValidationError
 from rest_framework import exceptions
+from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
+from rest_framework.views import set_rollback
+
+log = logging.getLogger(__name__)
 
 
 def exception_handler(exc, context):
-    """DRF's handler, plus services' Django ValidationErrors as 400 answers keyed by field."""
+    """DRF's handler, plus services' Django ValidationErrors as 400 answers keyed by field, and
+    JSON (not Django's HTML page) for an unexpected failure, logged with its traceback."""
     if isinstance(exc, DjangoValidationError):
         detail = exc.message_dict if hasattr(exc, "error_dict") else {"non_field_errors": exc.messages}
         exc = exceptions.ValidationError(detail=detail)
-    return drf_exception_handler(exc, context)
+    response = drf_exception_handler(exc, context)
+    if response is None:
+        log.error("API error", exc_info=exc)
+        set_rollback()
+        response = Response({"detail": "The server failed on this request and changed nothing. Try again later."},
+                            status=500)
+    return response

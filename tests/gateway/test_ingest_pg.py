@@ -1,0 +1,313 @@
+"""Usage ingest's set-based PostgreSQL path under concurrency: one SQL statement per batch, the
+accounts (and key spend counters) locked in id order first. Batches sent at the same moment must
+count every event exactly once, never deadlock, and leave a ledger that adds up."""
+
+import threading
+from collections import Counter, defaultdict
+
+import pytest
+from django.db import connection, transaction
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+
+from allowances import services as allowance_services
+from allowances.ledger import verify
+from allowances.models import Account, KeySpend, LedgerEntry
+from apikeys import services as api_key_services
+from gateway.models import UsageRecord
+from portal.tenancy import scope, unscoped
+from tests.factories import MemberFactory, UserFactory
+
+pytestmark = pytest.mark.postgres
+
+INGEST, AUTHORIZE, SETTLE = "/api/v1/usage", "/api/v1/authorize", "/api/v1/settle"
+MODEL = "gpt-test"  # input x1, output x2, cached x0.5
+ACCOUNTS = 20
+
+
+def charge(e) -> int:
+    halves = 2 * e["input_tokens"] + 4 * e.get("output_tokens", 0) + e.get("cached_tokens", 0)
+    return -(-halves // 2)
+
+
+@pytest.fixture
+def crowd(org_a):
+    """Org A with 20 more members, each with an open account, and an admin's usage_write key."""
+    organization, admin = org_a.organization, org_a.members["admin"]
+    emails = []
+    with scope(organization):
+        for i in range(ACCOUNTS):
+            member = MemberFactory(organization=organization, team=org_a.team,
+                                   user=UserFactory(email=f"crowd{i:02d}@a.example"))
+            allowance_services.account_open(member=member)
+            emails.append(member.user.email)
+        _key, secret = api_key_services.api_key_create(member=admin, actor=admin.user, name="ingest",
+                                                       endpoints=["usage_write"])
+    return org_a, emails, secret
+
+
+def used_by_email() -> dict:
+    with unscoped():
+        return dict(Account.all_objects.values_list("member__user__email", "used"))
+
+
+def run_together(*jobs):
+    """Run each job(client) in its own thread with its own client and connection, released at the same
+    moment; the answers in order, and every exception any thread raised."""
+    barrier = threading.Barrier(len(jobs))
+    answers, errors = [None] * len(jobs), []
+
+    def worker(index, job):
+        try:
+            client = Client()
+            barrier.wait(timeout=30)
+            answers[index] = job(client)
+        except BaseException as error:  # noqa: BLE001 - reported by the test
+            errors.append(error)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=worker, args=(i, job)) for i, job in enumerate(jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not any(thread.is_alive() for thread in threads), "a request never finished (deadlock?)"
+    return answers, errors
+
+
+def sender(secret, events):
+    def job(client):
+        response = client.post(INGEST, data={"events": events}, content_type="application/json",
+                               HTTP_AUTHORIZATION=f"Bearer {secret}")
+        return response.status_code, response.json()
+
+    return job
+
+
+def batch(prefix, emails, count, *, key_prefix=None):
+    """`count` events spread over the members in the given order (and every 7th, from the fourth on,
+    through the fixture employee's key)."""
+    events = []
+    for i in range(count):
+        e = {"idempotency_key": f"{prefix}-{i}", "model": MODEL, "input_tokens": 1 + i % 13,
+             "output_tokens": i % 5, "cached_tokens": i % 3}
+        if key_prefix is not None and i % 7 == 3:
+            e["api_key"] = key_prefix
+        else:
+            e["member"] = emails[i % len(emails)]
+        events.append(e)
+    return events
+
+
+def expected_used(events, employee_email) -> Counter:
+    totals = Counter()
+    for e in events:
+        totals[e.get("member", employee_email)] += charge(e)
+    return totals
+
+
+def test_a_batch_is_applied_in_a_fixed_number_of_statements(crowd):
+    """The set-based path: 20 or 500 events over the same accounts cost the same round trips."""
+    org, emails, secret = crowd
+    client = Client()
+
+    def measured(events):
+        with CaptureQueriesContext(connection) as queries:
+            status, body = sender(secret, events)(client)
+        assert status == 200 and body["recorded"] == len(events), body
+        return len(queries)
+
+    measured(batch("warm", emails, 20, key_prefix=org.api_key.display_prefix))
+    small = measured(batch("small", emails, 20, key_prefix=org.api_key.display_prefix))
+    large = measured(batch("large", emails, 500, key_prefix=org.api_key.display_prefix))
+    assert large == small, (small, large)
+    assert large <= 15, large
+    assert verify() == []
+
+
+@pytest.mark.parametrize("order", ["same order", "reversed order"])
+def test_the_same_batch_sent_twice_at_once_is_recorded_once(crowd, order):
+    org, emails, secret = crowd
+    employee = org.members["employee"]
+    events = batch("dup", emails, 500, key_prefix=org.api_key.display_prefix)
+    second = events if order == "same order" else list(reversed(events))
+    used_before = used_by_email()
+    spend_before = KeySpend.all_objects.get(pk=org.api_key.spend_id).used
+
+    answers, errors = run_together(sender(secret, events), sender(secret, second))
+
+    assert errors == [], errors
+    assert [status for status, _ in answers] == [200, 200], answers
+    # Every event is recorded by exactly one of the two batches, a duplicate in the other.
+    statuses = defaultdict(list)
+    for _status, body in answers:
+        assert body["rejected"] == 0
+        for result in body["results"]:
+            statuses[result["idempotency_key"]].append(result["status"])
+    assert len(statuses) == 500
+    assert all(sorted(s) == ["duplicate", "recorded"] for s in statuses.values()), statuses
+    assert sum(body["recorded"] for _, body in answers) == 500
+    assert sum(body["duplicates"] for _, body in answers) == 500
+
+    with unscoped():
+        records = UsageRecord.all_objects.filter(organization=org.organization, source=UsageRecord.Source.INGEST)
+        assert records.count() == 500
+        assert sorted(records.values_list("idempotency_key", flat=True)) == sorted(e["idempotency_key"] for e in events)
+        assert LedgerEntry.all_objects.filter(idempotency_key__startswith="ingest:dup-").count() == 500
+        spend_after = KeySpend.all_objects.get(pk=org.api_key.spend_id).used
+    totals = expected_used(events, employee.user.email)
+    used_after = used_by_email()
+    for email, total in totals.items():
+        assert used_after[email] - used_before[email] == total, email
+    assert spend_after - spend_before == sum(charge(e) for e in events if "api_key" in e)
+    assert verify() == []
+
+
+def test_retries_racing_in_both_orders_count_each_event_once(crowd):
+    """A gateway that retries a batch, re-chunked in another order, while the first attempt still
+    runs: four copies (two in each order) at once, over several rounds, each event counted once."""
+    org, emails, secret = crowd
+    employee_email = org.members["employee"].user.email
+    for round_ in range(3):
+        events = batch(f"race{round_}", emails, 500, key_prefix=org.api_key.display_prefix)
+        used_before = used_by_email()
+        copies = [events, events[::-1], events, events[250:] + events[:250]]
+
+        answers, errors = run_together(*(sender(secret, copy) for copy in copies))
+
+        assert errors == [], (round_, errors)
+        assert [status for status, _ in answers] == [200] * 4, answers
+        assert sum(body["recorded"] for _, body in answers) == 500
+        assert sum(body["duplicates"] for _, body in answers) == 3 * 500
+        used_after = used_by_email()
+        for email, total in expected_used(events, employee_email).items():
+            assert used_after[email] - used_before[email] == total, (round_, email)
+    with unscoped():
+        assert UsageRecord.all_objects.filter(source=UsageRecord.Source.INGEST).count() == 3 * 500
+    assert verify() == []
+
+
+class _RollBack(Exception):
+    pass
+
+
+def test_a_batch_and_its_reversed_retry_stalled_mid_insert_do_not_deadlock(crowd):
+    """Force the overlap the accounts' row locks exist for: another transaction holds the middle
+    event's usage record (uncommitted) while a batch and its reversed retry arrive. Without the
+    accounts locked first, each would insert half the events and then wait for the other's half."""
+    org, emails, secret = crowd
+    events = batch("stall", emails, 500, key_prefix=org.api_key.display_prefix)
+    middle = events[250]["idempotency_key"]
+    holding, release, blocker_errors = threading.Event(), threading.Event(), []
+
+    def blocker():
+        try:
+            with transaction.atomic():
+                UsageRecord.all_objects.create(
+                    organization=org.organization, member=org.members["employee"], model=MODEL, endpoint="ingest",
+                    source=UsageRecord.Source.INGEST, status=UsageRecord.Status.OK, idempotency_key=middle)
+                holding.set()
+                release.wait(timeout=60)
+                raise _RollBack
+        except _RollBack:
+            pass
+        except BaseException as error:  # noqa: BLE001 - reported by the test
+            blocker_errors.append(error)
+        finally:
+            holding.set()
+            connection.close()
+
+    def watcher():
+        """Let the blocker go once both requests are waiting on a lock (or after 10 seconds)."""
+        try:
+            for _ in range(200):
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                   "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()")
+                    if cursor.fetchone()[0] >= 2:
+                        break
+                threading.Event().wait(0.05)
+        finally:
+            release.set()
+            connection.close()
+
+    threads = [threading.Thread(target=blocker), threading.Thread(target=watcher)]
+    threads[0].start()
+    assert holding.wait(timeout=30)
+    threads[1].start()
+    answers, errors = run_together(sender(secret, events), sender(secret, events[::-1]))
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert blocker_errors == [] and errors == [], (blocker_errors, errors)
+    assert [status for status, _ in answers] == [200, 200], answers
+    assert sum(body["recorded"] for _, body in answers) == 500
+    assert sum(body["duplicates"] for _, body in answers) == 500
+    with unscoped():
+        assert UsageRecord.all_objects.filter(idempotency_key__startswith="stall-").count() == 500
+    assert verify() == []
+
+
+def test_batches_over_the_same_accounts_in_opposite_orders_do_not_deadlock(crowd):
+    org, emails, secret = crowd
+    forward = batch("fwd", emails, 400, key_prefix=org.api_key.display_prefix)
+    # The same accounts, first met in the opposite order.
+    backward = batch("bwd", list(reversed(emails)), 400, key_prefix=org.api_key.display_prefix)
+    used_before = used_by_email()
+
+    answers, errors = run_together(sender(secret, forward), sender(secret, backward),
+                                   sender(secret, forward[200:] + forward[:200]))
+
+    assert errors == [], errors
+    assert [status for status, _ in answers] == [200, 200, 200], answers
+    assert answers[1][1]["recorded"] == 400
+    assert answers[0][1]["recorded"] + answers[2][1]["recorded"] == 400
+    with unscoped():
+        assert UsageRecord.all_objects.filter(source=UsageRecord.Source.INGEST).count() == 800
+    totals = expected_used(forward, org.members["employee"].user.email) + expected_used(
+        backward, org.members["employee"].user.email)
+    used_after = used_by_email()
+    for email, total in totals.items():
+        assert used_after[email] - used_before[email] == total, email
+    assert verify() == []
+
+
+def test_ingest_alongside_holds_and_settlements_on_the_same_accounts(crowd):
+    """Batches lock all their accounts; authorize and settle lock one: run together, nothing deadlocks
+    and every hold, settlement and event is counted once."""
+    org, emails, secret = crowd
+    events = batch("mix", emails, 300)
+    used_before = used_by_email()
+
+    def holds(reverse):
+        def job(client):
+            charged = 0
+            for i, email in enumerate(reversed(emails) if reverse else emails):
+                auth = client.post(AUTHORIZE, data={"idempotency_key": f"h-{reverse}-{i}", "member": email,
+                                                    "model": MODEL, "input_tokens": 1, "max_output_tokens": 0},
+                                   content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {secret}")
+                if auth.status_code == 429:
+                    continue  # the new accounts may hold nothing: the race is what is under test
+                assert auth.status_code == 201, auth.content
+                done = client.post(SETTLE, data={"hold_id": auth.json()["hold_id"], "input_tokens": 3,
+                                                 "output_tokens": 1},
+                                   content_type="application/json", HTTP_AUTHORIZATION=f"Bearer {secret}")
+                assert done.status_code == 200, done.content
+                charged += done.json()["charged_tokens"]
+            return charged
+
+        return job
+
+    answers, errors = run_together(sender(secret, events), holds(False), holds(True), sender(secret, events[::-1]))
+
+    assert errors == [], errors
+    assert answers[0][0] == answers[3][0] == 200
+    assert answers[0][1]["recorded"] + answers[3][1]["recorded"] == 300
+    with unscoped():
+        settled = sum(UsageRecord.all_objects.filter(idempotency_key__startswith="settle:").values_list(
+            "charged_tokens", flat=True))
+    assert settled == answers[1] + answers[2]
+    used_after = used_by_email()
+    assert sum(used_after.values()) - sum(used_before.values()) == sum(charge(e) for e in events) + settled
+    assert verify() == []
