@@ -16,6 +16,7 @@ from functools import wraps
 
 import httpx
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
@@ -96,8 +97,12 @@ async def _proxy(request, endpoint: str):
     if request.method != "POST":
         return error_response(family, GatewayError(405, "invalid_request_error", f"Use POST for {request.path}."))
     started = time.perf_counter()
+    raw = request.read(settings.GATEWAY_MAX_BODY_BYTES + 1)  # Django's own form limit is far smaller
+    if len(raw) > settings.GATEWAY_MAX_BODY_BYTES:
+        return error_response(family, GatewayError(
+            413, "invalid_request_error", f"The request body is larger than {settings.GATEWAY_MAX_BODY_BYTES:,} bytes."))
     try:
-        body = json.loads(request.body or b"null")
+        body = json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError):
         body = None
     if not isinstance(body, dict):
@@ -201,7 +206,15 @@ async def _provider_refused(begun: Begun, response: httpx.Response):
         reason = ("refused the organization's credentials" if status in (401, 403) else f"failed ({status})")
         return error_response(family, GatewayError(502, "api_error", f"The provider {reason}; nothing was charged."),
                               request_id=begun.request_id)
-    return HttpResponse(content, status=status, content_type=response.headers.get("content-type", "application/json"),
+    try:
+        is_json_error = isinstance(json.loads(content), dict)
+    except (ValueError, UnicodeDecodeError):
+        is_json_error = False
+    if not is_json_error:  # e.g. a proxy's HTML page for a wrong base URL: say so in the API's shape
+        return error_response(family, GatewayError(status, "invalid_request_error", (
+            f"The provider answered {status} without an API error; nothing was charged. Check the provider "
+            "connection's base URL.")), request_id=begun.request_id)
+    return HttpResponse(content, status=status, content_type="application/json",
                         headers={"x-request-id": begun.request_id})
 
 

@@ -214,6 +214,10 @@ def begin(*, raw_key: str | None, ip: str | None, endpoint: str, body: dict, req
         if endpoint == "messages" and max_output is None:
             raise GatewayError(400, "invalid_request_error", "`max_tokens` is required.", param="max_tokens")
         max_output = max_output or route.max_output_tokens
+        if route.is_sandbox:
+            max_output = min(max_output, sandbox.MAX_REPLY_TOKENS)  # its replies are never longer
+        if endpoint == "chat":
+            max_output *= _positive_int(body, "n") or 1  # every choice may be as long
     input_estimate = estimate_input_tokens(endpoint, body)
     reserve = max(route.weighted(Usage(input=input_estimate, output=max_output)), 1)
     organization = Organization(pk=identity.organization_id, slug=config.slug)
@@ -268,6 +272,9 @@ def finish(begun: Begun, *, status: str, usage: Usage | None, produced_tokens: i
     a fault to record, never free.
     """
     close_old_connections()
+    if usage is not None and status != UsageRecord.Status.OK:
+        # Cut short: the output reported so far (Anthropic counts as it goes) may lag the text sent.
+        usage = Usage(input=usage.input, output=max(usage.output, produced_tokens), cached=usage.cached)
     if usage is None:
         if status == UsageRecord.Status.OK:
             status = UsageRecord.Status.NO_USAGE_REPORTED

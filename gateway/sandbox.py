@@ -21,6 +21,9 @@ def count_tokens(text: str) -> int:
     return len(_TOKEN.findall(text))
 
 
+MAX_REPLY_TOKENS = count_tokens(" ".join(REPLY_WORDS))
+
+
 def _text_of(content) -> str:
     """The text of an OpenAI or Anthropic message content (a string or a list of parts)."""
     if isinstance(content, str):

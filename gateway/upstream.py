@@ -100,7 +100,9 @@ class StreamReader:
     def _read_anthropic(self, event: dict) -> None:
         kind = event.get("type")
         if kind == "message_start":
-            self.usage = Usage.from_anthropic((event.get("message") or {}).get("usage") or {})
+            reported = (event.get("message") or {}).get("usage")
+            if isinstance(reported, dict) and reported:  # a start without usage leaves it unknown, not zero
+                self.usage = Usage.from_anthropic(reported)
         elif kind == "message_delta" and isinstance(event.get("usage"), dict):
             reported = Usage.from_anthropic(event["usage"] | {"input_tokens": 0})
             self.usage = self.usage or Usage()

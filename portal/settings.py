@@ -226,6 +226,8 @@ API_KEY_HASH_KEY = env("API_KEY_HASH_KEY")
 # Encrypts provider secrets at rest (a Fernet key: `python -c "from cryptography.fernet import Fernet;
 # print(Fernet.generate_key().decode())"`); defaults to one derived from SECRET_KEY.
 PROVIDER_SECRETS_KEY = env("PROVIDER_SECRETS_KEY")
+# The largest request the gateway forwards (prompts with images are large; forms keep Django's limit).
+GATEWAY_MAX_BODY_BYTES = int(env("GATEWAY_MAX_BODY_BYTES", str(32 * 1024 * 1024)))
 STRIPE_SECRET_KEY = env("STRIPE_SECRET_KEY")
 STRIPE_PUBLISHABLE_KEY = env("STRIPE_PUBLISHABLE_KEY")
 STRIPE_WEBHOOK_SECRET = env("STRIPE_WEBHOOK_SECRET")

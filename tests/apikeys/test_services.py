@@ -360,3 +360,17 @@ def test_revocation_is_audited(org_a):
     [entry] = audit(org_a.organization, "api_key.revoked")
     assert entry.actor == admin.user and entry.object_id == str(key.pk)
     assert entry.data == {"key": f"tap_{key.public_id}…{key.last_four}", "owner": employee.user.email}
+
+
+def test_without_a_policy_the_cap_is_bounded_by_what_the_owner_holds(org_a):
+    """A member living on bonus grants alone may cap a key at what they can spend, not at zero."""
+    from allowances import services as allowance_services
+    from tests.factories import MemberFactory
+
+    with scope(org_a.organization):
+        member = MemberFactory(organization=org_a.organization)  # no team, so no policy
+        allowance_services.grant_create(organization=org_a.organization, actor=org_a.members["hr"].user,
+                                        tokens=4_000, reason="hackathon", member=member)
+    assert "4,000" in refused(member, "token_cap", token_cap=4_001)
+    key, _secret = create(member, token_cap=4_000)
+    assert key.token_cap == key.spend.token_cap == 4_000

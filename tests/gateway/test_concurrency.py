@@ -1,0 +1,150 @@
+"""A hundred streams at once against an allowance that covers fifty: the holds, taken side by side,
+never spend more than the account has, and the ledger adds up afterwards."""
+
+import asyncio
+import json
+from collections import Counter
+
+import httpx
+import pytest
+
+from allowances import ledger
+from allowances.ledger import verify
+from allowances.models import Account
+from gateway.models import UsageRecord
+from portal.tenancy import scope, unscoped
+from tests.allowances.helpers import balance
+
+pytestmark = pytest.mark.postgres
+
+CONCURRENT, FITTING = 100, 50
+PROMPT = [{"role": "user", "content": "Hi"}]
+MAX_TOKENS = 100
+BODY = {"model": "fake-gpt", "messages": PROMPT, "max_tokens": MAX_TOKENS, "stream": True}
+# The reserve of each request: input estimate (JSON bytes // 3 + 8) x1, plus max_tokens x2 (fake-gpt).
+INPUT_ESTIMATE = len(json.dumps([None, PROMPT, None]).encode()) // 3 + 8
+RESERVE = INPUT_ESTIMATE * 1 + MAX_TOKENS * 2
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def available_tokens(member):
+    granted, held, used = balance(member)
+    return granted - held - used
+
+
+def set_available(org, member, tokens):
+    """Release the fixture's hold and top the account up so that exactly `tokens` are available."""
+    with scope(org.organization):
+        ledger.release(hold=org.hold, reason="test: start from nothing held")
+        top_up = tokens - available_tokens(member)
+        assert top_up > 0
+        ledger.post(account=org.account, kind="bonus", tokens=top_up, idempotency_key="test:concurrency-top-up")
+    with unscoped():
+        assert Account.all_objects.get(pk=org.account.pk).overdraft_limit == 0  # no overage to dip into
+    assert available_tokens(member) == tokens
+    assert balance(member)[1] == 0
+
+
+def last_record_id():
+    with unscoped():
+        return UsageRecord.all_objects.order_by("-id").values_list("id", flat=True).first() or 0
+
+
+def records_after(record_id):
+    with unscoped():
+        return list(UsageRecord.all_objects.filter(id__gt=record_id))
+
+
+async def _one_stream(client, url, key):
+    async with client.stream("POST", url + "/chat/completions", json=BODY,
+                             headers={"Authorization": f"Bearer {key}"}) as response:
+        content = await response.aread()
+    return response.status_code, response.headers, content.decode()
+
+
+async def _all_at_once(url, key, count):
+    limits = httpx.Limits(max_connections=count, max_keepalive_connections=count)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        return await asyncio.gather(*(_one_stream(client, url, key) for _ in range(count)))
+
+
+def storm(metered, count=CONCURRENT):
+    """`count` streaming chat requests sent at once; [(status, headers, body text)]."""
+    return asyncio.run(_all_at_once(metered.url, metered.key, count))
+
+
+def assert_refused_for_allowance(headers, text):
+    assert headers["content-type"].startswith("application/json")
+    assert headers["x-should-retry"] == "false"
+    error = json.loads(text)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["code"]) == ("insufficient_quota", "insufficient_quota")
+    assert "remaining balance" in error["message"]
+
+
+def assert_complete_stream(headers, text):
+    assert headers["content-type"].startswith("text/event-stream")
+    assert text.rstrip().endswith("data: [DONE]")
+    assert '"error"' not in text
+
+
+# -- tests ---------------------------------------------------------------------------------------
+
+
+def test_hundred_concurrent_streams_against_room_for_fifty_exactly_fifty_succeed(metered):
+    # Each request uses exactly its reserve: a settled request frees nothing for the others.
+    metered.upstream.behaviour.input_tokens, metered.upstream.behaviour.output_tokens = INPUT_ESTIMATE, MAX_TOKENS
+    metered.upstream.behaviour.chunk_delay = 0.01
+    set_available(metered.org, metered.member, FITTING * RESERVE)
+    granted, _, used = balance(metered.member)
+    record_id = last_record_id()
+
+    results = storm(metered)
+
+    statuses = Counter(status for status, _, _ in results)
+    assert statuses == {200: FITTING, 429: CONCURRENT - FITTING}
+    for status, headers, text in results:
+        if status == 200:
+            assert_complete_stream(headers, text)
+        else:
+            assert_refused_for_allowance(headers, text)
+    assert len(metered.upstream.requests) == FITTING
+    assert balance(metered.member) == (granted, 0, used + FITTING * RESERVE)
+    assert available_tokens(metered.member) == 0
+    records = records_after(record_id)
+    assert Counter(record.status for record in records) == {"ok": FITTING, "refused": CONCURRENT - FITTING}
+    charged = sum(record.charged_tokens for record in records if record.status == UsageRecord.Status.OK)
+    assert charged == balance(metered.member)[2] - used == FITTING * RESERVE
+    assert verify() == []
+
+
+def test_hundred_concurrent_streams_using_less_than_their_reserve_never_overspend(metered):
+    # Each request uses a quarter of its reserve: finished requests free room, so more may fit,
+    # but the account can never go below zero.
+    metered.upstream.behaviour.input_tokens, metered.upstream.behaviour.output_tokens = INPUT_ESTIMATE, MAX_TOKENS // 4
+    metered.upstream.behaviour.chunk_delay = 0.01
+    actual = INPUT_ESTIMATE + 2 * (MAX_TOKENS // 4)
+    set_available(metered.org, metered.member, FITTING * RESERVE)
+    granted, _, used = balance(metered.member)
+    record_id = last_record_id()
+
+    results = storm(metered)
+
+    statuses = Counter(status for status, _, _ in results)
+    assert set(statuses) <= {200, 429}
+    assert FITTING <= statuses[200] <= CONCURRENT
+    for status, headers, text in results:
+        if status == 200:
+            assert_complete_stream(headers, text)
+        else:
+            assert_refused_for_allowance(headers, text)
+    granted_after, held_after, used_after = balance(metered.member)
+    assert (granted_after, held_after) == (granted, 0)
+    assert used_after - used == statuses[200] * actual
+    assert available_tokens(metered.member) >= 0
+    records = records_after(record_id)
+    assert Counter(record.status for record in records) == {"ok": statuses[200], "refused": statuses[429]}
+    assert sum(record.charged_tokens for record in records if record.status == "ok") == used_after - used
+    assert verify() == []
