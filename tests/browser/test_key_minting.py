@@ -23,7 +23,7 @@ from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import expect
 
 from apikeys import secrets
-from apikeys.models import ENDPOINTS, ApiKey
+from apikeys.models import ENDPOINT_ROLES, ENDPOINTS, ApiKey
 from portal.demo import DEMO_PASSWORD
 from portal.models import Member
 from portal.tenancy import unscoped
@@ -109,7 +109,10 @@ def test_member_mints_a_key_sees_it_once_uses_it_and_revokes_it(live_server, con
     # -- 2. She names the key, scopes it to chat + reading her usage, and one model.
     def fill_the_form():
         _field(page, "Name").fill(KEY_NAME)
-        endpoint = {name: page.get_by_role("checkbox", name=label, exact=True) for name, label in ENDPOINTS.items()}
+        endpoint = {name: page.get_by_role("checkbox", name=label, exact=True) for name, label in ENDPOINTS.items()
+                    if name not in ENDPOINT_ROLES}
+        # Reporting usage for the organization is for admins: an employee is not even offered it.
+        expect(page.get_by_role("checkbox", name=ENDPOINTS["usage_write"], exact=True)).to_have_count(0)
         endpoint["chat"].check()
         endpoint["usage_read"].check()
         endpoint["messages"].uncheck()  # ticked by default
@@ -209,6 +212,24 @@ def test_member_mints_a_key_sees_it_once_uses_it_and_revokes_it(live_server, con
     # A wrong secret with the same public id is refused (the hash is checked, not just the id).
     forged_body = f"tap_{parts.public_id}_{'A' * secrets.SECRET_LENGTH}"
     assert _balances(live_server, forged_body + secrets._checksum(forged_body)).status_code == 401
+
+    # -- 6b. The key works with the OpenAI SDK through the gateway (chat is in its scopes; the demo's
+    # sandbox serves every model); the list shows what it spent this period, her usage page the request.
+    import openai
+
+    reply = openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=secret, max_retries=0).chat.completions.create(
+        model=MODEL_ID, max_tokens=20, messages=[{"role": "user", "content": "Hello from the browser test"}])
+    assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
+    with unscoped():
+        spent = ApiKey.objects.select_related("spend").get(pk=key.pk).spend.used
+    assert spent > 0
+    page.goto(f"{live_server.url}/o/acme/keys/")
+    spend_cell = page.locator("[data-testid=key-row]", has_text=KEY_NAME).locator("[data-testid=key-spend] .tokens")
+    expect(spend_cell).to_have_attribute("title", f"{spent:,} tokens")
+    page.get_by_role("navigation", name="Organization").get_by_role("link", name="Usage").click()
+    expect(page.locator("tbody tr").first).to_contain_text(MODEL_ID)
+    expect(page.locator("tbody tr").first).to_contain_text(KEY_NAME)
+    page.goto(f"{live_server.url}/o/acme/keys/")
 
     # -- 7. alice revokes the key from the page; the very next API call is refused.
     page.locator("[data-testid=key-row]", has_text=KEY_NAME).get_by_role("button", name="Revoke").click()
