@@ -44,6 +44,8 @@ CONNECTIONS = 16
 INGEST_BATCH, INGEST_CLIENTS = 1000, 2
 BODY = {"model": "bench-gpt", "max_tokens": 16, "messages": [{"role": "user", "content": "Say hello in five words."}]}
 MEMBERS = 64
+# One uvicorn process per core, as the portal would be deployed; the fake provider gets one.
+GATEWAY_WORKERS = int(os.environ.get("GATEWAY_WORKERS", str(os.cpu_count() or 1)))
 WRK_SCRIPT = """
 local body = [[%s]]
 local keys = {%s}
@@ -97,10 +99,10 @@ def seed(upstream_url: str) -> tuple[list[str], str]:
     return secrets, ingest_secret
 
 
-def serve(app: str, port: int, env=None) -> subprocess.Popen:
+def serve(app: str, port: int, workers: int = 1) -> subprocess.Popen:
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
-         "--log-level", "warning"], cwd=ROOT, env={**os.environ, **(env or {})})
+         "--log-level", "warning", "--workers", str(workers)], cwd=ROOT)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -156,7 +158,7 @@ def main():
     upstream = serve("bench.fake_upstream_app:app", upstream_port)
     try:
         keys, ingest_key = seed(f"http://127.0.0.1:{upstream_port}/v1")
-        gateway = serve("portal.asgi:application", gateway_port)
+        gateway = serve("portal.asgi:application", gateway_port, workers=GATEWAY_WORKERS)
         try:
             direct_url = f"http://127.0.0.1:{upstream_port}/v1/chat/completions"
             metered_url = f"http://127.0.0.1:{gateway_port}/v1/chat/completions"
@@ -174,6 +176,7 @@ def main():
         upstream.wait()
     from allowances.ledger import verify
 
+    print(f"gateway.workers: {GATEWAY_WORKERS} processes")
     print(f"gateway.direct_rps: {direct['rps']:.0f} req/s")
     print(f"gateway.metered_rps: {metered['rps']:.0f} req/s")
     print(f"gateway.metered_ratio: {metered['rps'] / direct['rps']:.3f}")
