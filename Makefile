@@ -19,7 +19,7 @@ run: install
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py seed_demo
 	@echo "The portal is at http://$(HOST_PORT)/ - log in with one of the logins above."
-	$(PY) -m uvicorn portal.asgi:application --host $(word 1,$(subst :, ,$(HOST_PORT))) --port $(word 2,$(subst :, ,$(HOST_PORT))) --no-access-log
+	PORTAL_EMBEDDED_SCHEDULER=1 $(PY) -m uvicorn portal.asgi:application --host $(word 1,$(subst :, ,$(HOST_PORT))) --port $(word 2,$(subst :, ,$(HOST_PORT))) --no-access-log
 
 # Everything: PostgreSQL and Redis (installed if missing) are started privately on loopback.
 test: install

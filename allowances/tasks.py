@@ -13,3 +13,24 @@ def release_expired_holds() -> int:
         batch = ledger.release_expired_holds()
         released += batch
     return released
+
+
+@shared_task(name="allowances.close_due_periods")
+def close_due_periods() -> int:
+    """Hourly: queue the close of every organization whose local month has ended."""
+    from allowances.closing import organizations_due
+
+    due = organizations_due()
+    for organization in due:
+        close_organization_periods.delay(organization.pk)
+    return len(due)
+
+
+@shared_task(name="allowances.close_organization_periods", acks_late=True)
+def close_organization_periods(organization_id: int) -> int:
+    """Close one organization's ended periods (chunked; a rerun finishes what a killed one left)."""
+    from allowances import closing
+    from portal.models import Organization
+
+    organization = Organization.objects.get(pk=organization_id)
+    return sum(count for _period, count in closing.close_organization_periods(organization=organization))

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import dj_database_url
+from celery.schedules import crontab
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -218,6 +219,8 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULE = {
     "release-expired-holds": {"task": "allowances.release_expired_holds", "schedule": 60.0},
+    # Hourly, so each organization's month closes within the hour after it ended in its own zone.
+    "close-due-periods": {"task": "allowances.close_due_periods", "schedule": crontab(minute=5)},
 }
 
 # Keys the HMAC of API key secrets; defaults to SECRET_KEY. Changing it invalidates every API key.
