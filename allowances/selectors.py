@@ -74,6 +74,8 @@ class Dashboard:
     run_out_on: date | None  # None: not before the period ends at this pace
     daily: list[tuple[date, int]]
     by_model: list[tuple[str, int]]
+    last_close: list = ()  # the ledger entries of the last period's close: what rolled over, expired, was billed
+    closed_period: date | None = None
 
     @property
     def last_day(self) -> date:
@@ -105,7 +107,11 @@ def dashboard(*, account: Account, at: datetime | None = None) -> Dashboard:
     elif burn > 0:
         run_out_at = at + timedelta(days=available / burn)
         run_out = run_out_at.astimezone(zone).date() if run_out_at < end else None
+    closed_period = date(period.year - (period.month == 1), (period.month - 2) % 12 + 1, 1)
+    last_close = list(LedgerEntry.objects.filter(account=account, idempotency_key__startswith=f"close:{closed_period}:")
+                      .order_by("id"))
     return Dashboard(
+        last_close=last_close, closed_period=closed_period,
         account=account, policy=policy_in_force(member=account.member, at=at), period_begin=begin, period_end=end,
         used_this_period=used, days_left=max((end.date() - today).days, 0), burn_per_day=burn, run_out_on=run_out,
         daily=daily, by_model=[(model or "unattributed", total) for model, total in by_model],
