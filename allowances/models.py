@@ -330,3 +330,26 @@ class GrantBatch(TenantModel):
     @property
     def total_tokens(self) -> int:
         return sum(row["tokens"] for row in self.rows)
+
+
+class UsageAlert(TenantModel):
+    """A member passed 80% or 100% of their allowance in a period: shown on their dashboard and
+    emailed, once per threshold per period (the unique constraint makes reruns harmless)."""
+
+    THRESHOLDS = (80, 100)
+
+    account = models.ForeignKey(Account, on_delete=models.CASCADE, related_name="alerts")
+    period_start = models.DateField()
+    threshold = models.PositiveSmallIntegerField()
+    used = models.BigIntegerField()
+    allowance = models.BigIntegerField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["account", "period_start", "threshold"], name="usage_alert_once_per_period"),
+        ]
+
+    def __str__(self):
+        return f"{self.threshold}% of the allowance used in the period of {self.period_start}"

@@ -11,7 +11,16 @@ from django.db.models.functions import Coalesce, TruncDate
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
 
-from allowances.models import Account, AllowancePolicy, CatalogModel, Grant, GrantBatch, LedgerEntry, PolicyAssignment
+from allowances.models import (
+    Account,
+    AllowancePolicy,
+    CatalogModel,
+    Grant,
+    GrantBatch,
+    LedgerEntry,
+    PolicyAssignment,
+    UsageAlert,
+)
 from allowances.periods import period_bounds, period_start_for
 from portal.models import Member, Organization
 
@@ -76,6 +85,7 @@ class Dashboard:
     by_model: list[tuple[str, int]]
     last_close: list = ()  # the ledger entries of the last period's close: what rolled over, expired, was billed
     closed_period: date | None = None
+    alerts: list = ()  # 80% / 100% alerts of the open period
 
     @property
     def last_day(self) -> date:
@@ -110,8 +120,9 @@ def dashboard(*, account: Account, at: datetime | None = None) -> Dashboard:
     closed_period = date(period.year - (period.month == 1), (period.month - 2) % 12 + 1, 1)
     last_close = list(LedgerEntry.objects.filter(account=account, idempotency_key__startswith=f"close:{closed_period}:")
                       .order_by("id"))
+    alerts = list(UsageAlert.objects.filter(account=account, period_start=account.period_start).order_by("-threshold"))
     return Dashboard(
-        last_close=last_close, closed_period=closed_period,
+        last_close=last_close, closed_period=closed_period, alerts=alerts,
         account=account, policy=policy_in_force(member=account.member, at=at), period_begin=begin, period_end=end,
         used_this_period=used, days_left=max((end.date() - today).days, 0), burn_per_day=burn, run_out_on=run_out,
         daily=daily, by_model=[(model or "unattributed", total) for model, total in by_model],

@@ -34,3 +34,11 @@ def close_organization_periods(organization_id: int) -> int:
 
     organization = Organization.objects.get(pk=organization_id)
     return sum(count for _period, count in closing.close_organization_periods(organization=organization))
+
+
+@shared_task(name="allowances.send_usage_alerts")
+def send_usage_alerts() -> int:
+    """Every few minutes: alert members who passed 80% or 100% of their allowance (once each)."""
+    from allowances.alerts import send_usage_alerts as send
+
+    return send()

@@ -43,6 +43,7 @@ class ApiKey(TenantModel):
     # Set when the key was rotated: it keeps working until then, its successor from the start.
     rotated_to = models.OneToOneField("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="rotated_from")
     works_until = models.DateTimeField(null=True, blank=True)
+    expiry_reminded_at = models.DateTimeField(null=True, blank=True)
     # The one-time token of the form that minted it: a resubmitted form cannot mint a second key.
     form_token = models.CharField(max_length=64, blank=True)
 

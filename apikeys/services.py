@@ -247,3 +247,35 @@ def invalidate(public_ids) -> None:
     if keys:
         cache.delete_many(keys)
         transaction.on_commit(lambda: cache.delete_many(keys))
+
+
+# -- reminders -----------------------------------------------------------------------------------
+
+EXPIRY_REMINDER_AHEAD = timedelta(days=7)
+
+
+def send_expiry_reminders(*, at: datetime | None = None) -> int:
+    """Email the owners of keys that expire within a week, once per key; returns how many."""
+    from django.conf import settings
+    from django.core.mail import send_mail
+    from django.urls import reverse
+
+    at = at or timezone.now()
+    with unscoped():
+        due = list(ApiKey.objects.filter(expires_at__gt=at, expires_at__lte=at + EXPIRY_REMINDER_AHEAD,
+                                         revoked_at=None, rotated_to=None, expiry_reminded_at=None,
+                                         member__is_active=True).select_related("member__user", "organization"))
+    sent = 0
+    for key in due:
+        with unscoped():
+            # Claimed by this update or by a concurrent run, never both: one email per key.
+            if not ApiKey.objects.filter(pk=key.pk, expiry_reminded_at=None).update(expiry_reminded_at=at):
+                continue
+        keys_page = settings.PORTAL_BASE_URL + reverse("key_list", kwargs={"org_slug": key.organization.slug})
+        send_mail(subject=f"{settings.ACCOUNT_EMAIL_SUBJECT_PREFIX}Your API key “{key.name}” expires soon",
+                  message=(f"Your API key “{key.name}” ({key.display_prefix}…{key.last_four}) in "
+                           f"{key.organization.name} stops working on {key.expires_at:%Y-%m-%d %H:%M} UTC.\n\n"
+                           f"Create a new key before then: {keys_page}\n"),
+                  from_email=None, recipient_list=[key.member.user.email])
+        sent += 1
+    return sent

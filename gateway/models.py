@@ -104,3 +104,29 @@ class UsageRecord(TenantModel):
 
     def __str__(self):
         return f"{self.model} {self.status} {self.charged_tokens}"
+
+
+class UsageRollup(TenantModel):
+    """One member's usage of one model on one day (in the organization's time zone), summed from
+    the usage records by the daily job; reports read these instead of every request."""
+
+    day = models.DateField()
+    member = models.ForeignKey(Member, on_delete=models.CASCADE, related_name="+")
+    team_name = models.CharField(max_length=100, blank=True, help_text="The member's team when it was rolled up.")
+    model = models.CharField(max_length=100)
+    requests = models.PositiveIntegerField(default=0)
+    input_tokens = models.BigIntegerField(default=0)
+    output_tokens = models.BigIntegerField(default=0)
+    cached_tokens = models.BigIntegerField(default=0)
+    charged_tokens = models.BigIntegerField(default=0)
+    cost = models.DecimalField(max_digits=18, decimal_places=6, default=0)
+
+    class Meta:
+        ordering = ["-day", "model"]
+        constraints = [
+            models.UniqueConstraint(fields=["organization", "day", "member", "model"], name="usage_rollup_unique"),
+        ]
+        indexes = [models.Index(fields=["organization", "day"], name="usage_rollup_org_day")]
+
+    def __str__(self):
+        return f"{self.day} {self.model} {self.charged_tokens}"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from django.db.models import QuerySet
-from django.shortcuts import get_object_or_404
+from datetime import timedelta
 
-from gateway.models import ProviderConnection, UsageRecord
+from django.db.models import QuerySet, Sum
+from django.shortcuts import get_object_or_404
+from django.utils import timezone
+
+from gateway.models import ProviderConnection, UsageRecord, UsageRollup
 from portal.models import Member, Organization
 
 
@@ -15,6 +18,14 @@ def connections_of(*, organization: Organization) -> QuerySet[ProviderConnection
 
 def connection_get(*, organization: Organization, connection_id: int) -> ProviderConnection:
     return get_object_or_404(connections_of(organization=organization), pk=connection_id)
+
+
+def usage_summary(*, organization: Organization, days: int = 30) -> list[dict]:
+    """Charged tokens, cost and requests by team and model over the last `days` days, from the roll-ups."""
+    since = timezone.localdate() - timedelta(days=days)
+    return list(UsageRollup.objects.filter(organization=organization, day__gt=since)
+                .values("team_name", "model").annotate(requests=Sum("requests"), charged=Sum("charged_tokens"),
+                                                       cost=Sum("cost")).order_by("-charged"))
 
 
 def usage_records(*, organization: Organization, member: Member | None = None) -> QuerySet[UsageRecord]:

@@ -63,5 +63,6 @@ def usage_list(request):
     if sees_everyone and query:
         records = records.filter(member__user__email__icontains=query)
     page = Paginator(records, 50).get_page(request.GET.get("page"))
+    summary = selectors.usage_summary(organization=request.organization) if sees_everyone else []
     return render(request, "gateway/usage.html", {"page": page, "sees_everyone": sees_everyone, "query": query,
-                                                  "currency": request.organization.currency})
+                                                  "currency": request.organization.currency, "summary": summary})

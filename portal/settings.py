@@ -221,6 +221,9 @@ CELERY_BEAT_SCHEDULE = {
     "release-expired-holds": {"task": "allowances.release_expired_holds", "schedule": 60.0},
     # Hourly, so each organization's month closes within the hour after it ended in its own zone.
     "close-due-periods": {"task": "allowances.close_due_periods", "schedule": crontab(minute=5)},
+    "usage-alerts": {"task": "allowances.send_usage_alerts", "schedule": 600.0},
+    "usage-rollups": {"task": "gateway.rollup_usage", "schedule": crontab(minute=15)},
+    "key-expiry-reminders": {"task": "apikeys.send_expiry_reminders", "schedule": crontab(minute=30)},
 }
 
 # Keys the HMAC of API key secrets; defaults to SECRET_KEY. Changing it invalidates every API key.

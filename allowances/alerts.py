@@ -1,0 +1,64 @@
+"""Alerts when a member passes 80% and 100% of their allowance: once per threshold per period,
+on their dashboard and by email. Run by a beat job; a rerun finds the alerts already there."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from django.conf import settings
+from django.core.mail import send_mail
+from django.db import IntegrityError, transaction
+from django.db.models import IntegerField, OuterRef, Subquery, Sum
+from django.db.models.functions import Coalesce
+from django.urls import reverse
+
+from allowances.models import Account, LedgerEntry, UsageAlert
+from portal.tenancy import scope, unscoped
+
+
+def _period_sum(field: str):
+    in_open_period = LedgerEntry.all_objects.filter(account=OuterRef("pk"), period_start=OuterRef("period_start"))
+    return Coalesce(Subquery(in_open_period.order_by().values("account").annotate(total=Sum(field)).values("total"),
+                             output_field=IntegerField()), 0)
+
+
+def send_usage_alerts(*, at: datetime | None = None) -> int:
+    """Record (and email) every alert newly due; returns how many."""
+    lowest = min(UsageAlert.THRESHOLDS)
+    with unscoped():
+        # Tokens granted into the open period (monthly grant, bonuses, rollover) against tokens used in it.
+        candidates = (Account.all_objects.annotate(allowance=_period_sum("granted_delta"), used_now=_period_sum("used_delta"))
+                      .filter(allowance__gt=0, member__is_active=True)
+                      .select_related("member__user", "organization"))
+        due = [account for account in candidates.iterator(chunk_size=2000)
+               if account.used_now * 100 >= lowest * account.allowance]
+    sent = 0
+    for account in due:
+        for threshold in UsageAlert.THRESHOLDS:
+            if account.used_now * 100 >= threshold * account.allowance and _record(account, threshold):
+                sent += 1
+    return sent
+
+
+def _record(account: Account, threshold: int) -> bool:
+    with scope(account.organization):
+        try:
+            with transaction.atomic():
+                alert = UsageAlert.objects.create(organization=account.organization, account=account,
+                                                  period_start=account.period_start, threshold=threshold,
+                                                  used=account.used_now, allowance=account.allowance)
+                transaction.on_commit(lambda: _email(account, alert))
+        except IntegrityError:  # sent before (or by a concurrent run): once per threshold per period
+            return False
+    return True
+
+
+def _email(account: Account, alert: UsageAlert) -> None:
+    dashboard = settings.PORTAL_BASE_URL + reverse("dashboard", kwargs={"org_slug": account.organization.slug})
+    passed = "used all of" if alert.threshold >= 100 else f"used {alert.threshold}% of"
+    send_mail(
+        subject=f"{settings.ACCOUNT_EMAIL_SUBJECT_PREFIX}You have {passed} your token allowance",
+        message=(f"In {account.organization.name} you have {passed} your token allowance for the period of "
+                 f"{alert.period_start:%B %Y}: {alert.used:,} of {alert.allowance:,} tokens.\n\n"
+                 f"Your balance and history, and where to ask for more: {dashboard}\n"),
+        from_email=None, recipient_list=[account.member.user.email])

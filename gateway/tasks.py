@@ -1,0 +1,11 @@
+"""Celery jobs of the gateway. Each only calls a service."""
+
+from celery import shared_task
+
+
+@shared_task(name="gateway.rollup_usage")
+def rollup_usage() -> int:
+    """Hourly: recompute yesterday's and today's usage roll-ups in every organization's zone."""
+    from gateway.rollups import rollup_recent
+
+    return rollup_recent()
