@@ -616,6 +616,8 @@ def account_close_period(*, account: Account, period, at: datetime | None = None
     Account.objects.filter(pk=account.pk, period_start=period).update(
         period_start=next_period, overdraft_limit=new_policy.overdraft_tokens if new_policy else 0)
     for until, tokens in carried.items():
+        if not tokens:
+            continue  # a tranche used up entirely carries nothing
         ledger.post(account=account, kind=Kind.ROLLOVER_IN, tokens=tokens, idempotency_key=f"open:{next_period}:in:{until}",
                     reason="Rolled over from last period", reference=f"{ROLLOVER_REFERENCE}{until}")
     if new_policy is not None and new_policy.monthly_tokens and member.is_active:

@@ -1,0 +1,135 @@
+"""The set-based close (PostgreSQL) books exactly what the per-account close books.
+
+Two organizations are built alike (same teams, policies, members) and live the same random
+months (grants, bonuses, usage beyond the balance, open holds, policy changes); one is closed
+account by account with `account_close_period`, the other by `closing_sql.close_chunk`. After
+every month the two ledgers must be the same entry for entry, and both must verify.
+"""
+
+import random
+from datetime import date, timedelta
+
+import pytest
+from django.db import transaction
+
+from allowances import ledger
+from allowances.closing_sql import close_chunk
+from allowances.models import Account, AllowancePolicy, LedgerEntry, PolicyAssignment
+from allowances.periods import next_period_start, period_bounds
+from allowances.services import account_close_period
+from portal.tenancy import scope
+from tests.factories import MemberFactory, OrganizationFactory, TeamFactory
+
+pytestmark = pytest.mark.postgres
+
+POLICIES = [
+    {"name": "None", "monthly_tokens": 1000, "rollover_rule": "none"},
+    {"name": "All", "monthly_tokens": 800, "rollover_rule": "all", "rollover_lifetime_periods": 2},
+    {"name": "Capped", "monthly_tokens": 1200, "rollover_rule": "capped_tokens", "rollover_cap_tokens": 300,
+     "rollover_lifetime_periods": 3},
+    {"name": "Percent", "monthly_tokens": 1500, "rollover_rule": "capped_percent", "rollover_cap_percent": 25},
+    {"name": "Overage", "monthly_tokens": 500, "rollover_rule": "all", "overage_rule": "auto_approve",
+     "auto_approve_tokens": 200, "rollover_lifetime_periods": 1},
+]
+FIRST = date(2026, 1, 1)
+
+
+def build(label: str, members: int):
+    organization = OrganizationFactory(slug=f"close-{label}", name=f"Close {label}", time_zone="Europe/Berlin")
+    with scope(organization):
+        teams = [TeamFactory(organization=organization, name=f"T{i}") for i in range(3)]
+        policies = [AllowancePolicy.objects.create(organization=organization, **spec) for spec in POLICIES]
+        begin = period_bounds(organization, FIRST)[0]
+        for index, team in enumerate(teams):
+            PolicyAssignment.objects.create(organization=organization, policy=policies[index], team=team,
+                                            effective_from=begin)
+        accounts = []
+        for index in range(members):
+            team = teams[index % 3] if index % 7 else None  # some members without a team (no policy)
+            member = MemberFactory(organization=organization, team=team, is_active=index % 11 != 5)
+            if index % 4 == 0:  # a member's own policy wins over the team's
+                PolicyAssignment.objects.create(organization=organization, policy=policies[3 + index % 2],
+                                                member=member, effective_from=begin)
+            accounts.append(Account.objects.create(organization=organization, member=member, period_start=FIRST))
+    return organization, policies, accounts
+
+
+def live_a_month(organization, policies, accounts, period, seed, month):
+    """The same random month for each organization (the seed decides, not the organization)."""
+    rng = random.Random(seed * 1000 + month)
+    with scope(organization):
+        if month == 2:  # a policy changes from next month on for team T0's members
+            PolicyAssignment.objects.create(organization=organization, policy=policies[2],
+                                            team=accounts[1].member.team,
+                                            effective_from=period_bounds(organization, next_period_start(period))[0])
+        for index, account in enumerate(accounts):
+            account.refresh_from_db()
+            key = f"{period}:{index}"
+            if month == 0:
+                ledger.post(account=account, kind="grant", tokens=rng.choice([0, 700, 1000]), idempotency_key=f"g:{key}")
+            if rng.random() < 0.4:
+                ledger.post(account=account, kind="bonus", tokens=rng.randint(1, 900), idempotency_key=f"b:{key}")
+            if rng.random() < 0.2:
+                Account.objects.filter(pk=account.pk).update(overdraft_limit=rng.choice([0, 100, 300]))
+                account.refresh_from_db()
+            for n in range(rng.randint(0, 3)):
+                tokens, settle, used = rng.randint(1, 400), rng.random() < 0.8, rng.randint(0, 600)
+                try:
+                    hold = ledger.authorize(account=account, tokens=tokens, idempotency_key=f"h:{key}:{n}",
+                                            ttl=timedelta(days=90))
+                except ledger.InsufficientTokens:
+                    continue  # refused alike in both organizations
+                if settle:  # else the hold stays open across the close
+                    ledger.settle(hold=hold, used_tokens=used)  # sometimes beyond the hold
+            if rng.random() < 0.15:  # usage recorded beyond the balance (e.g. a late settle)
+                tokens = rng.randint(1, 2000)
+                ledger.post(account=account, kind="usage", tokens=tokens, used_delta=tokens, idempotency_key=f"u:{key}")
+
+
+def ledger_of(organization):
+    """Entries per account position, in a form that does not depend on ids or the organization."""
+    with scope(organization):
+        accounts = list(Account.objects.order_by("pk"))
+        position = {account.pk: index for index, account in enumerate(accounts)}
+        entries = sorted((position[e.account_id], e.kind, e.tokens, e.granted_delta, e.held_delta, e.used_delta,
+                          str(e.period_start), e.idempotency_key, e.reason, e.reference.split(":")[0]
+                          if e.reference.startswith("policy:") else e.reference)
+                         for e in LedgerEntry.objects.exclude(idempotency_key__regex=r"^(g|b|h|u|hold|settle|release):"))
+        balances = [(a.period_start, a.granted, a.held, a.used, a.overdraft_limit) for a in accounts]
+    return entries, balances
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_set_based_close_books_what_the_per_account_close_books(seed):
+    one, policies_one, accounts_one = build("one", 40)
+    two, policies_two, accounts_two = build("two", 40)
+    period = FIRST
+    for month in range(4):
+        live_a_month(one, policies_one, accounts_one, period, seed, month)
+        live_a_month(two, policies_two, accounts_two, period, seed, month)
+        with scope(one):
+            for account in accounts_one:
+                with transaction.atomic():
+                    assert account_close_period(account=Account(pk=account.pk, organization_id=one.pk), period=period)
+        closed, after = 0, 0
+        while True:
+            count, after = close_chunk(organization=two, period=period, after=after, limit=7)
+            if after is None:
+                break
+            closed += count
+        assert closed == len(accounts_two)
+        assert ledger_of(one) == ledger_of(two), f"month {month}"
+        assert ledger.verify() == []
+        period = next_period_start(period)
+
+
+def test_a_chunk_is_closed_once_and_a_rerun_finds_nothing():
+    organization, _policies, accounts = build("once", 10)
+    with scope(organization):
+        for account in accounts:
+            ledger.post(account=account, kind="bonus", tokens=100, idempotency_key=f"b:{account.pk}")
+    assert close_chunk(organization=organization, period=FIRST, after=0, limit=100)[0] == 10
+    before = ledger_of(organization)
+    assert close_chunk(organization=organization, period=FIRST, after=0, limit=100) == (0, None)
+    assert ledger_of(organization) == before
+    assert ledger.verify() == []
