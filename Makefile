@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-from-lock
 HOST_PORT ?= 127.0.0.1:8000
 
-.PHONY: install run test test-fast lock bench bench-ledger bench-gateway
+.PHONY: install run test test-fast lock bench bench-ledger bench-gateway bench-close
 
 $(INSTALLED): requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -35,10 +35,13 @@ lock: install
 	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
 
 # Benchmarks print `name: value unit` lines, each with the baseline measured in the same run.
-bench: bench-ledger bench-gateway
+bench: bench-ledger bench-gateway bench-close
 
 bench-ledger: install
 	PG_DURABLE=1 scripts/with-services.sh $(PY) bench/ledger.py
 
 bench-gateway: install
 	PG_DURABLE=1 EXTRA_COMMANDS=wrk scripts/with-services.sh $(PY) bench/gateway.py
+
+bench-close: install
+	PG_DURABLE=1 scripts/with-services.sh $(PY) bench/close.py

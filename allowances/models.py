@@ -234,7 +234,10 @@ class LedgerEntry(TenantModel):
         OVERAGE_GRANT = "overage_grant", "Overage grant"
         ADJUSTMENT = "adjustment", "Adjustment"
 
-    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="entries")
+    # No single-column indexes for these two: the unique (account, idempotency key) and the
+    # (organization, created at) indexes lead with them, and every index slows each insert.
+    organization = models.ForeignKey("portal.Organization", on_delete=models.CASCADE, related_name="+", db_index=False)
+    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="entries", db_index=False)
     kind = models.CharField(max_length=16, choices=Kind.choices)
     # The entry's amount as a person reads it: positive, except adjustments which carry their sign.
     # The deltas say exactly how it moves each bucket; available moves by granted - held - used.
