@@ -124,6 +124,9 @@ UPDATE {_A} a SET period_start = %(next)s, overdraft_limit = p.new_overdraft,
 FROM close_plan p LEFT JOIN (SELECT account_id, SUM(granted_delta) AS total FROM inserted GROUP BY account_id) s
      ON s.account_id = p.account_id
 WHERE a.id = p.account_id;
+
+-- Dropped here as well as on commit: inside an outer transaction the next chunk reuses the names.
+DROP TABLE close_carry, close_plan, close_tranche, close_base;
 """
 
 

@@ -1,6 +1,7 @@
 """Periods: calendar months in the organization's time zone."""
 
 from datetime import date, datetime
+from datetime import timezone as dt_timezone
 from fractions import Fraction
 from zoneinfo import ZoneInfo
 
@@ -27,6 +28,9 @@ def remaining_fraction(organization, at: datetime | None = None) -> Fraction:
     """Which part of the open period is still ahead at `at` (1 at its first instant)."""
     at = at or timezone.now()
     begin, end = period_bounds(organization, period_start_for(organization, at))
+    # In UTC: two datetimes of one zone subtract as wall-clock time, an hour off in a DST month.
+    utc = dt_timezone.utc
+    at, begin, end = at.astimezone(utc), begin.astimezone(utc), end.astimezone(utc)
     return Fraction(int((end - at).total_seconds()), int((end - begin).total_seconds()))
 
 
