@@ -3,8 +3,6 @@ on their dashboard and by email. Run by a beat job; a rerun finds the alerts alr
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from django.conf import settings
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
@@ -22,8 +20,8 @@ def _period_sum(field: str):
                              output_field=IntegerField()), 0)
 
 
-def send_usage_alerts(*, at: datetime | None = None) -> int:
-    """Record (and email) every alert newly due; returns how many."""
+def send_usage_alerts() -> int:
+    """Record (and email) every alert newly due in the accounts' open periods; returns how many."""
     lowest = min(UsageAlert.THRESHOLDS)
     with unscoped():
         # Tokens granted into the open period (monthly grant, bonuses, rollover) against tokens used in it.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from zoneinfo import ZoneInfo
 
 from django.db.models import QuerySet, Sum
 from django.shortcuts import get_object_or_404
@@ -22,7 +23,7 @@ def connection_get(*, organization: Organization, connection_id: int) -> Provide
 
 def usage_summary(*, organization: Organization, days: int = 30) -> list[dict]:
     """Charged tokens, cost and requests by team and model over the last `days` days, from the roll-ups."""
-    since = timezone.localdate() - timedelta(days=days)
+    since = timezone.localdate(timezone=ZoneInfo(organization.time_zone)) - timedelta(days=days)
     return list(UsageRollup.objects.filter(organization=organization, day__gt=since)
                 .values("team_name", "model").annotate(requests=Sum("requests"), charged=Sum("charged_tokens"),
                                                        cost=Sum("cost")).order_by("-charged"))
