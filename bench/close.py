@@ -18,16 +18,17 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._database import create_database, database_url  # noqa: E402
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 os.environ["DEBUG"] = "0"
-os.environ["DATABASE_URL"] = os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/portal_bench_close"
+os.environ["DATABASE_URL"] = database_url("portal_bench_close")
 
 import django  # noqa: E402
 
+
 django.setup()
 
-import psycopg  # noqa: E402
-from django.core.management import call_command  # noqa: E402
 from django.db import connection, connections  # noqa: E402
 
 ACCOUNTS = int(os.environ.get("ACCOUNTS", "1000000"))
@@ -36,12 +37,6 @@ WORKERS = int(os.environ.get("WORKERS", str(os.cpu_count() or 1)))
 PERIOD, NEXT = date(2026, 10, 1), date(2026, 11, 1)
 
 
-def create_database():
-    admin_url = os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/postgres"
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute("DROP DATABASE IF EXISTS portal_bench_close")
-        admin.execute("CREATE DATABASE portal_bench_close")
-    call_command("migrate", verbosity=0)
 
 
 def seed() -> list[int]:
@@ -101,7 +96,7 @@ def close_organizations(organization_ids: list[int]) -> int:
 
 
 def main():
-    create_database()
+    create_database("portal_bench_close")
     organizations = seed()
     connections.close_all()
     shares = [organizations[i::WORKERS] for i in range(WORKERS)]

@@ -24,18 +24,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench._database import create_database, database_url  # noqa: E402
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 os.environ["DEBUG"] = "0"
 os.environ["LOG_LEVEL"] = "WARNING"
-os.environ["DATABASE_URL"] = os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/portal_bench_gateway"
+os.environ["DATABASE_URL"] = database_url("portal_bench_gateway")
 
 import django  # noqa: E402
+
 
 django.setup()
 
 import httpx  # noqa: E402
-import psycopg  # noqa: E402
-from django.core.management import call_command  # noqa: E402
 
 from tests.support.fake_upstream import free_port  # noqa: E402
 
@@ -59,12 +60,6 @@ end
 """
 
 
-def create_database():
-    admin_url = os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/postgres"
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute("DROP DATABASE IF EXISTS portal_bench_gateway")
-        admin.execute("CREATE DATABASE portal_bench_gateway")
-    call_command("migrate", verbosity=0)
 
 
 def seed(upstream_url: str) -> tuple[list[str], str]:
@@ -153,7 +148,7 @@ def ingest_rate(base: str, key: str, seconds: float) -> float:
 
 
 def main():
-    create_database()
+    create_database("portal_bench_gateway")
     upstream_port, gateway_port = free_port(), free_port()
     upstream = serve("bench.fake_upstream_app:app", upstream_port)
     try:

@@ -17,16 +17,18 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._database import create_database, database_url  # noqa: E402
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 os.environ["DEBUG"] = "0"
-os.environ["DATABASE_URL"] = os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/portal_bench"
+os.environ["DATABASE_URL"] = database_url("portal_bench")
 
 import django  # noqa: E402
+
 
 django.setup()
 
 import psycopg  # noqa: E402
-from django.core.management import call_command  # noqa: E402
 from django.db import connection, connections  # noqa: E402
 
 from allowances import ledger  # noqa: E402
@@ -38,12 +40,6 @@ ACCOUNTS = 10_000
 HOLD, USED = 100, 60
 
 
-def create_database():
-    admin_url = os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/postgres"
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute("DROP DATABASE IF EXISTS portal_bench")
-        admin.execute("CREATE DATABASE portal_bench")
-    call_command("migrate", verbosity=0)
 
 
 def seed_accounts() -> list[tuple[int, int]]:
@@ -128,7 +124,7 @@ def measure(mode, accounts, seconds) -> float:
 
 
 def main():
-    create_database()
+    create_database("portal_bench")
     accounts = seed_accounts()
     hot = accounts[:1]
     # Warm both paths (caches, prepared plans) before measuring.

@@ -16,6 +16,7 @@ from gateway.models import UsageRecord
 from portal.tenancy import scope, unscoped
 from tests.allowances.helpers import balance
 from tests.support.fake_upstream import FakeUpstream, ServerThread, free_port
+from tests.gateway.records import last_record_id, records_after, the_record_after
 
 pytestmark = pytest.mark.postgres
 
@@ -75,22 +76,6 @@ def assert_error_shape(response, endpoint, status):
     else:
         assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["message"]
     return body["error"]
-
-
-def last_record_id():
-    with unscoped():
-        return UsageRecord.all_objects.order_by("-id").values_list("id", flat=True).first() or 0
-
-
-def records_after(record_id):
-    with unscoped():
-        return list(UsageRecord.all_objects.filter(id__gt=record_id).order_by("id"))
-
-
-def the_record_after(record_id):
-    found = records_after(record_id)
-    assert len(found) == 1, found
-    return found[0]
 
 
 def ledger_entries():

@@ -14,6 +14,7 @@ from gateway import sandbox
 from gateway.models import UsageRecord
 from portal.tenancy import scope, unscoped
 from tests.allowances.helpers import balance
+from tests.gateway.records import last_record_id, records_after, the_record_after
 
 pytestmark = pytest.mark.postgres
 
@@ -49,22 +50,6 @@ def charged_for(input_tokens, output_tokens, cached_tokens=0):
 
 def cost_of(input_tokens, output_tokens, cached_tokens=0):
     return (input_tokens * PRICES[0] + output_tokens * PRICES[1] + cached_tokens * PRICES[2]) / Decimal(1_000_000)
-
-
-def last_record_id():
-    with unscoped():
-        return UsageRecord.all_objects.order_by("-id").values_list("id", flat=True).first() or 0
-
-
-def records_after(record_id):
-    with unscoped():
-        return list(UsageRecord.all_objects.filter(id__gt=record_id).order_by("id"))
-
-
-def the_record_after(record_id):
-    found = records_after(record_id)
-    assert len(found) == 1, found
-    return found[0]
 
 
 def is_sandbox_text(text):
