@@ -247,12 +247,17 @@ class LedgerEntry(TenantModel):
     used_delta = models.BigIntegerField(default=0)
     period_start = models.DateField()
     idempotency_key = models.CharField(max_length=200)
-    closes_hold = models.OneToOneField("self", null=True, blank=True, on_delete=models.PROTECT, related_name="closed_by")
+    # Unique where set (see Meta): a hold is closed by one entry only. Most entries close nothing,
+    # so this and the rarely set columns below are indexed only where they are set.
+    closes_hold = models.ForeignKey("self", null=True, blank=True, on_delete=models.PROTECT, related_name="closed_by",
+                                    db_index=False)
     expires_at = models.DateTimeField(null=True, blank=True, help_text="For holds: when the sweeper releases it.")
     model = models.CharField(max_length=100, blank=True, help_text="Catalog model id, for holds and usage.")
-    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+                              db_index=False)
     # The API key a hold or usage was made with (gateway and usage ingest).
-    api_key = models.ForeignKey("apikeys.ApiKey", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    api_key = models.ForeignKey("apikeys.ApiKey", null=True, blank=True, on_delete=models.PROTECT, related_name="+",
+                                db_index=False)
     reason = models.CharField(max_length=500, blank=True)
     reference = models.CharField(max_length=100, blank=True, help_text="What caused it, e.g. grant:12 or policy:3.")
     created_at = models.DateTimeField(default=timezone.now)
@@ -262,6 +267,8 @@ class LedgerEntry(TenantModel):
         verbose_name_plural = "ledger entries"
         constraints = [
             models.UniqueConstraint(fields=["account", "idempotency_key"], name="ledger_idempotency_key_unique"),
+            models.UniqueConstraint(fields=["closes_hold"], condition=Q(closes_hold__isnull=False),
+                                    name="ledger_hold_closed_once"),
             models.CheckConstraint(name="ledger_hold_shape", condition=~Q(kind="hold") | Q(
                 held_delta=F("tokens"), tokens__gt=0, granted_delta=0, used_delta=0, expires_at__isnull=False)),
         ]
@@ -269,6 +276,8 @@ class LedgerEntry(TenantModel):
             models.Index(fields=["account", "period_start"], name="ledger_account_period"),
             models.Index(fields=["expires_at"], name="ledger_open_hold_expiry", condition=Q(kind="hold")),
             models.Index(fields=["organization", "created_at"], name="ledger_org_created"),
+            models.Index(fields=["actor"], condition=Q(actor__isnull=False), name="ledger_actor"),
+            models.Index(fields=["api_key"], condition=Q(api_key__isnull=False), name="ledger_api_key"),
         ]
 
     def __str__(self):
