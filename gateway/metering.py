@@ -10,7 +10,7 @@ the shared cache and dropped the moment they change (apikeys.signals, gateway.si
 from __future__ import annotations
 
 import json
-import logging
+import time
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, Decimal
 
@@ -30,7 +30,6 @@ from gateway.upstream import Usage
 from portal.models import Organization
 from portal.tenancy import scope, unscoped
 
-log = logging.getLogger(__name__)
 CONFIG_TTL = 300
 MILLION = Decimal(1_000_000)
 
@@ -254,8 +253,6 @@ def _refusal_message(refusal, config: OrgConfig) -> str:
 
 
 def _refused(identity, organization, route, endpoint, request_id, started, detail) -> None:
-    import time
-
     with scope(organization):
         UsageRecord.objects.create(
             organization=organization, member_id=identity.member_id, api_key_id=identity.id, model=route.model_id,
@@ -317,6 +314,3 @@ def _insert_record(record: dict) -> None:
 
 def sandbox_limit(begun: Begun, body: dict) -> int:
     return (body.get("max_completion_tokens") or body.get("max_tokens") or begun.route.max_output_tokens)
-
-
-__all__ = ["GatewayError", "Begun", "begin", "finish", "lookup", "models_for", "sandbox", "invalidate_config"]
