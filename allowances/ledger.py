@@ -293,6 +293,13 @@ def hold_get(*, account: Account, hold_id: int) -> Hold:
                  .get(pk=hold_id))
 
 
+def hold_find(*, organization_id: int, hold_id: int) -> Hold | None:
+    """A hold of the organization by id, or None (another organization's answers the same)."""
+    row = LedgerEntry.all_objects.filter(organization_id=organization_id, kind=Kind.HOLD, pk=hold_id).values(
+        *_HOLD_FIELDS).first()
+    return _hold(row) if row is not None else None
+
+
 def hold_is_open(hold_id: int) -> bool:
     return not LedgerEntry.all_objects.filter(closes_hold_id=hold_id).exists()
 

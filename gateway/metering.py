@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
 
 from django.conf import settings
@@ -116,7 +116,7 @@ def invalidate_config(organization_id: int) -> None:
     transaction.on_commit(lambda: cache.delete(config_cache_key(organization_id)))
 
 
-def models_for(identity: KeyIdentity, config: OrgConfig, *, endpoint_family: str | None = None) -> list[ModelRoute]:
+def models_for(identity: KeyIdentity, config: OrgConfig) -> list[ModelRoute]:
     """The catalog models a key may call (for GET /v1/models)."""
     return [route for route in config.models.values()
             if route.is_active and route.connection_active
@@ -137,7 +137,6 @@ class Begun:
     request_id: str
     started: float
     stream: bool = False
-    extras: dict = field(default_factory=dict)
 
 
 def lookup(*, raw_key: str | None, ip: str | None, endpoint: str | None) -> tuple[KeyIdentity, OrgConfig]:

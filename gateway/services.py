@@ -122,6 +122,11 @@ class _Event:
     occurred_at: datetime
 
 
+def _public_id(value) -> str:
+    """The public id of a key named as `tap_<id>` (or the id alone): 12 characters."""
+    return str(value).removeprefix("tap_")[:12]
+
+
 def _whole(value, name: str, errors: dict, *, required: bool = False) -> int:
     if value is None and not required:
         return 0
@@ -150,7 +155,7 @@ def _clean_event(raw, index: int, *, config, members: dict, keys: dict, accounts
     if ("api_key" in raw) == ("member" in raw):
         errors["member"] = "Name the member (email) or the API key (tap_<id>), one of them."
     elif "api_key" in raw:
-        found = keys.get(str(raw["api_key"]).removeprefix("tap_")[:12])
+        found = keys.get(_public_id(raw["api_key"]))
         if found is None:
             errors["api_key"] = "No API key with this id in the organization."
         else:
@@ -193,7 +198,7 @@ def usage_ingest(*, organization: Organization, actor, events: list) -> list[dic
         raise ValidationError({"events": f"At most {MAX_EVENTS} events per batch; this one has {len(events)}."})
     config = org_config(organization.pk)
     emails = {str(e["member"]).strip().lower() for e in events if isinstance(e, dict) and "member" in e}
-    key_ids = {str(e["api_key"]).removeprefix("tap_")[:12] for e in events if isinstance(e, dict) and "api_key" in e}
+    key_ids = {_public_id(e["api_key"]) for e in events if isinstance(e, dict) and "api_key" in e}
     members = dict(Member.objects.filter(organization=organization, user__email__in=emails)
                    .values_list("user__email", "pk")) if emails else {}
     members = {email.lower(): pk for email, pk in members.items()}
@@ -315,7 +320,7 @@ def _member_of(organization: Organization, *, member_email=None, api_key=None):
         raise ValidationError({"member": "Name the member (email) or the API key (tap_<id>), one of them."})
     api_key_id = spend_id = None
     if api_key is not None:
-        found = ApiKey.objects.filter(organization=organization, public_id=str(api_key).removeprefix("tap_")[:12]).values_list(
+        found = ApiKey.objects.filter(organization=organization, public_id=_public_id(api_key)).values_list(
             "pk", "member_id", "spend_id").first()
         if found is None:
             raise ValidationError({"api_key": "No API key with this id in the organization."})
@@ -351,24 +356,21 @@ def hold_settle(*, organization: Organization, actor, hold_id: int, input_tokens
     """Settle a hold taken with hold_authorize: (tokens charged, whether this call settled it).
 
     A retry answers with the first settlement and records nothing more."""
-    entry = LedgerEntry.objects.filter(organization=organization, pk=hold_id, kind=LedgerEntry.Kind.HOLD).select_related(
-        "api_key").first()
-    if entry is None:
+    hold = ledger.hold_find(organization_id=organization.pk, hold_id=hold_id)
+    if hold is None:
         raise ValidationError({"hold_id": "No hold with this id in the organization."})
-    route = org_config(organization.pk).models.get(entry.model)
+    route = org_config(organization.pk).models.get(hold.model)
     usage = Usage(input=input_tokens, output=output_tokens, cached=cached_tokens)
     charged = route.weighted(usage) if route else input_tokens + output_tokens + cached_tokens
-    hold = ledger.Hold(id=entry.pk, account_id=entry.account_id, organization_id=organization.pk, tokens=entry.tokens,
-                       expires_at=entry.expires_at, model=entry.model, api_key_id=entry.api_key_id,
-                       spend_id=entry.api_key.spend_id if entry.api_key else None)
     with transaction.atomic():
         posted = ledger.settle(hold=hold, used_tokens=charged, reference="settle API")
         if not posted.created:
             first = LedgerEntry.objects.get(pk=posted.entry_id)
             return first.used_delta, False
         UsageRecord.objects.create(
-            organization=organization, member_id=Account.objects.get(pk=entry.account_id).member_id,
-            api_key_id=entry.api_key_id, model=entry.model, endpoint="ingest", source=UsageRecord.Source.INGEST,
+            organization=organization,
+            member_id=Account.objects.values_list("member_id", flat=True).get(pk=hold.account_id),
+            api_key_id=hold.api_key_id, model=hold.model, endpoint="ingest", source=UsageRecord.Source.INGEST,
             status=UsageRecord.Status.OK, input_tokens=usage.input, output_tokens=usage.output,
             cached_tokens=usage.cached, charged_tokens=charged, cost=route.cost(usage) if route else 0,
             request_id=f"hold:{hold_id}")  # once per hold: the ledger's settle is the idempotent step

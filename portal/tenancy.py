@@ -185,8 +185,8 @@ class TenancyMiddleware:
 
     The scope stays active while the response renders. A user who is not an active member of
     the organization gets the same 404 as for an organization that does not exist. Works under
-    WSGI and ASGI: under ASGI the membership look-up runs in a thread and the gateway's async
-    views (which authenticate their own keys) pass straight through.
+    WSGI and ASGI: under ASGI the membership look-up runs in a thread. (The gateway's /v1/ paths
+    never come here under ASGI: portal.asgi serves them without the page middleware.)
     """
 
     sync_capable = async_capable = True
@@ -217,9 +217,6 @@ class TenancyMiddleware:
     async def _acall(self, request):
         from asgiref.sync import sync_to_async
 
-        request.organization = request.member = None
-        if request.path_info.startswith("/v1/"):
-            return await self.get_response(request)  # the gateway: its views resolve the key themselves
         decision = await sync_to_async(self._decide)(request)
         if decision == _PASS:
             return await self.get_response(request)
