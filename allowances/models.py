@@ -183,6 +183,8 @@ class Account(TenantModel):
         constraints = [
             models.CheckConstraint(condition=Q(held__gte=0), name="account_held_not_negative"),
             models.CheckConstraint(condition=Q(overdraft_limit__gte=0), name="account_overdraft_not_negative"),
+            # What ledger entries reference (with their organization): see LedgerEntry.
+            models.UniqueConstraint(fields=["id", "organization"], name="account_id_organization"),
         ]
 
     def __str__(self):
@@ -234,10 +236,15 @@ class LedgerEntry(TenantModel):
         OVERAGE_GRANT = "overage_grant", "Overage grant"
         ADJUSTMENT = "adjustment", "Adjustment"
 
-    # No single-column indexes for these two: the unique (account, idempotency key) and the
-    # (organization, created at) indexes lead with them, and every index slows each insert.
-    organization = models.ForeignKey("portal.Organization", on_delete=models.CASCADE, related_name="+", db_index=False)
-    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="entries", db_index=False)
+    # On PostgreSQL these two are checked by ONE foreign key, (account, organization) -> the
+    # account's (id, organization) (migration 0008): an entry can only name an account of its own
+    # organization, and a period close inserting millions of entries pays one check per entry, not
+    # two. No single-column indexes: the unique (account, idempotency key) and the (organization,
+    # created at) indexes lead with them, and every index slows each insert.
+    organization = models.ForeignKey("portal.Organization", on_delete=models.CASCADE, related_name="+", db_index=False,
+                                     db_constraint=False)
+    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="entries", db_index=False,
+                                db_constraint=False)
     kind = models.CharField(max_length=16, choices=Kind.choices)
     # The entry's amount as a person reads it: positive, except adjustments which carry their sign.
     # The deltas say exactly how it moves each bucket; available moves by granted - held - used.
