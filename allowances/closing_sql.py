@@ -139,6 +139,9 @@ def close_chunk(*, organization: Organization, period: date, after: int, limit: 
     next_period = next_period_start(period)
     opening_at = period_bounds(organization, next_period)[0]
     with transaction.atomic(), connection.cursor() as cursor:
+        # JIT compiling the plan cost more than it saved (about 35 ms a chunk), and the sort of a
+        # chunk's entries spilled to disk at the default work_mem.
+        cursor.execute("SET LOCAL jit = off; SET LOCAL work_mem = '64MB'")
         cursor.execute(f"SELECT id FROM {_A} WHERE organization_id = %s AND period_start = %s AND id > %s "
                        "ORDER BY id LIMIT %s FOR UPDATE", [organization.pk, period, after, limit])
         ids = [row[0] for row in cursor.fetchall()]
