@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -22,6 +23,8 @@ from portal.tenancy import unscoped
 
 MAX_CIDRS = 20
 LAST_USED_RESOLUTION = timedelta(minutes=1)  # how often last_used_at is written, at most
+
+log = logging.getLogger(__name__)
 
 
 class KeyRefused(Exception):
@@ -272,10 +275,18 @@ def send_expiry_reminders(*, at: datetime | None = None) -> int:
             if not ApiKey.objects.filter(pk=key.pk, expiry_reminded_at=None).update(expiry_reminded_at=at):
                 continue
         keys_page = settings.PORTAL_BASE_URL + reverse("key_list", kwargs={"org_slug": key.organization.slug})
-        send_mail(subject=f"{settings.ACCOUNT_EMAIL_SUBJECT_PREFIX}Your API key “{key.name}” expires soon",
-                  message=(f"Your API key “{key.name}” ({key.display_prefix}…{key.last_four}) in "
-                           f"{key.organization.name} stops working on {key.expires_at:%Y-%m-%d %H:%M} UTC.\n\n"
-                           f"Create a new key before then: {keys_page}\n"),
-                  from_email=None, recipient_list=[key.member.user.email])
+        try:
+            send_mail(subject=f"{settings.ACCOUNT_EMAIL_SUBJECT_PREFIX}Your API key “{key.name}” expires soon",
+                      message=(f"Your API key “{key.name}” ({key.display_prefix}…{key.last_four}) in "
+                               f"{key.organization.name} stops working on {key.expires_at:%Y-%m-%d %H:%M} UTC.\n\n"
+                               f"Create a new key before then: {keys_page}\n"),
+                      from_email=None, recipient_list=[key.member.user.email])
+        except Exception:
+            # Not sent: give the claim back so that the next hourly run tries again, and go on
+            # with the other owners.
+            log.exception("expiry reminder for key %s not sent", key.pk)
+            with unscoped():
+                ApiKey.objects.filter(pk=key.pk, expiry_reminded_at=at).update(expiry_reminded_at=None)
+            continue
         sent += 1
     return sent

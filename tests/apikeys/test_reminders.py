@@ -163,3 +163,28 @@ def test_task_runs_eagerly_and_is_scheduled(org_a, mailoutbox):
     schedule = settings.CELERY_BEAT_SCHEDULE["key-expiry-reminders"]
     assert schedule["task"] == task.name == "apikeys.send_expiry_reminders"
     assert schedule["task"] in app.tasks
+
+
+def test_a_reminder_that_could_not_be_sent_is_tried_again_next_run(org_a, org_b, mailoutbox, monkeypatch):
+    """A failing mail server for one owner neither loses that reminder nor stops the others."""
+    at = timezone.now()
+    create(org_a.members["employee"], "bounces", at + 2 * DAY)
+    create(org_b.members["employee"], "fine", at + 3 * DAY)
+    real_send_mail = django.core.mail.send_mail
+
+    def send_mail_failing_once(*args, **kwargs):
+        if "“bounces”" in kwargs["subject"] and not failed:
+            failed.append(True)
+            raise ConnectionRefusedError("mail server down")
+        return real_send_mail(*args, **kwargs)
+
+    failed = []
+    monkeypatch.setattr(django.core.mail, "send_mail", send_mail_failing_once)
+    assert services.send_expiry_reminders(at=at) == 1
+    assert [mail.subject for mail in mailoutbox] == [
+        f"{settings.ACCOUNT_EMAIL_SUBJECT_PREFIX}Your API key “fine” expires soon"]
+    assert set(reminded()) == {"fine"}
+
+    assert services.send_expiry_reminders(at=at + timedelta(hours=1)) == 1
+    assert len(mailoutbox) == 2
+    assert set(reminded()) == {"fine", "bounces"}
