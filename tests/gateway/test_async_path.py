@@ -5,11 +5,13 @@ falls back to begin and finish in a thread. Both paths keep the ledger's promise
 import asyncio
 import time
 from collections import Counter
+from datetime import timedelta
 from decimal import Decimal
 
 import httpx
 import pytest
 from django.core.cache import cache
+from django.utils import timezone
 
 from allowances import ledger
 from allowances.ledger import verify
@@ -33,10 +35,10 @@ from tests.gateway.test_concurrency import (
     set_available,
     storm,
 )
+from tests.gateway.test_scopes import call, error_of, make_key, same_public_id_wrong_secret
 
 pytestmark = pytest.mark.postgres
 
-FIXTURE_HOLD = 1_000  # the hold the shared fixture leaves open on the employee's account
 BODY = {"model": "fake-gpt", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20}
 CHARGED = 11 * 1 + 7 * 2  # the fake provider's usage (11 in, 7 out) at fake-gpt's multipliers
 
@@ -100,6 +102,39 @@ def test_a_cached_key_is_metered_without_a_worker_thread(metered, threads):
         assert record.cost == Decimal("0.000025")
     assert {r.request_id for r in records} == {first.headers["x-request-id"], second.headers["x-request-id"]}
     assert verify() == []
+
+
+def test_a_cached_identity_is_refused_a_wrong_secret(metered, threads):
+    _, secret = make_key(metered.member)
+    assert call(metered.url, secret, "chat").status_code == 200  # its identity is cached now
+
+    error = error_of(call(metered.url, same_public_id_wrong_secret(secret), "chat"), "chat", 401)
+
+    assert error["code"] == "invalid_api_key"
+    assert threads["begin"] == 1  # refused on the event loop, from the cached identity
+    assert len(metered.upstream.requests) == 1
+
+
+def test_a_cached_identity_is_refused_outside_its_ip_ranges(metered, threads):
+    _, secret = make_key(metered.member, allowed_cidrs=["10.0.0.0/8"])
+    for _ in range(2):  # the first refusal loaded and cached the identity; the second used it
+        error = error_of(call(metered.url, secret, "chat"), "chat", 401)
+        assert "127.0.0.1" in error["message"] and "IP ranges" in error["message"]
+    assert threads["begin"] == 1
+    assert metered.upstream.requests == []
+
+
+def test_a_cached_identity_is_refused_once_its_key_expires(metered, threads):
+    expires_at = timezone.now() + timedelta(seconds=2)
+    _, secret = make_key(metered.member, expires_at=expires_at)
+    assert call(metered.url, secret, "chat").status_code == 200  # its identity is cached now
+    time.sleep(max((expires_at - timezone.now()).total_seconds(), 0) + 0.1)
+
+    error = error_of(call(metered.url, secret, "chat"), "chat", 401)
+
+    assert "expired" in error["message"]
+    assert threads["begin"] == 1
+    assert len(metered.upstream.requests) == 1
 
 
 def test_concurrent_requests_on_the_event_loop_path_never_overspend(metered, threads):
