@@ -6,7 +6,7 @@ usage record, in one transaction. Key identities and each organization's catalog
 the shared cache and dropped the moment they change (apikeys.signals, gateway.signals).
 
 The async views call `abegin` and `afinish`. On PostgreSQL, with the key and catalog cached, they
-never leave the event loop: two cache reads, then one ledger statement each (portal.async_db).
+never leave the event loop: one cache read, then one ledger statement each (portal.async_db).
 Everything rarer (a cache miss, a refusal, a retry, a hold already closed, SQLite) is `begin` or
 `finish` in a worker thread, so the rules are written once.
 """
@@ -163,20 +163,33 @@ def lookup(*, raw_key: str | None, ip: str | None, endpoint: str | None) -> tupl
     return identity, org_config(identity.organization_id)
 
 
+_organization_of: dict[str, int] = {}  # a key's public id -> its organization, which never changes
+
+
 async def _cached_lookup(*, raw_key: str | None, ip: str | None,
                          endpoint: str) -> tuple[KeyIdentity, OrgConfig] | None:
-    """lookup() from the cache alone, without leaving the event loop; None when either is not cached."""
+    """lookup() from the cache alone, without leaving the event loop; None when either is not cached.
+
+    The identity is read from the cache on every request (a revocation drops it there); only its
+    organization is remembered here, so that the catalog comes in the same round trip.
+    """
     _require_key(raw_key)
     try:
         parts = presented(raw_key)
-        identity = await cache.aget(identity_cache_key(parts.public_id))
+        wanted = [identity_cache_key(parts.public_id)]
+        if parts.public_id in _organization_of:
+            wanted.append(config_cache_key(_organization_of[parts.public_id]))
+        found = await cache.aget_many(wanted)
+        identity = found.get(wanted[0])
         if identity is None:
             return None
         now = admit(parts, identity, ip=ip)
     except KeyRefused as refused:
         raise _key_refused(refused) from None
     _check_endpoint(identity, endpoint)
-    config = await cache.aget(config_cache_key(identity.organization_id))
+    _organization_of[parts.public_id] = identity.organization_id
+    config_key = config_cache_key(identity.organization_id)
+    config = found.get(config_key) if config_key in wanted else (await cache.aget_many([config_key])).get(config_key)
     if config is None:
         return None
     if use_to_record(parts.public_id):

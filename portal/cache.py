@@ -5,9 +5,9 @@ built its own connection pool: a new TCP connection and Redis handshake per requ
 most of the gateway's time under load). Django also builds a `redis.Redis` object for every
 cache call (about 0.1 ms each). Pools and clients are thread-safe, so one per server is enough.
 
-Django's async cache methods run the sync ones in a thread; `aget` here is a real asyncio GET
-(the gateway reads key identities and catalogs on every request), with the same keys and
-serialization as every other cache call.
+Django's async cache methods run the sync ones in a thread; `aget_many` here is a real asyncio
+MGET (the gateway reads a key's identity and its catalog on every request), with the same keys
+and serialization as every other cache call.
 """
 
 import asyncio
@@ -40,9 +40,11 @@ class RedisCache(DjangoRedisCache):
         super().__init__(server, params)
         self._class = _SharedClient
 
-    async def aget(self, key, default=None, version=None):
-        value = await _async_client(self._cache).get(self.make_and_validate_key(key, version=version))
-        return default if value is None else self._cache._serializer.loads(value)
+    async def aget_many(self, keys, version=None):
+        names = {self.make_and_validate_key(key, version=version): key for key in keys}
+        values = await _async_client(self._cache).mget(list(names))
+        return {names[name]: self._cache._serializer.loads(value)
+                for name, value in zip(names, values) if value is not None}
 
 
 _async_clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> {server: client}

@@ -14,8 +14,10 @@ from django.core.cache import cache
 from django.utils import timezone
 
 from allowances import ledger
+from allowances import services as allowance_services
 from allowances.ledger import verify
 from allowances.models import LedgerEntry
+from apikeys import services as api_key_services
 from gateway import metering
 from gateway.models import UsageRecord
 from gateway.upstream import Usage
@@ -104,6 +106,19 @@ def test_a_cached_key_is_metered_without_a_worker_thread(metered, threads):
     assert verify() == []
 
 
+def test_a_key_revoked_is_refused_on_the_next_request_on_the_event_loop_path(metered, threads):
+    key, secret = make_key(metered.member)
+    assert [call(metered.url, secret, "chat").status_code for _ in range(2)] == [200, 200]
+    assert threads["begin"] == 1  # the second request ran on the event loop
+    with scope(metered.org.organization):
+        api_key_services.api_key_revoke(key=key, actor=metered.member.user)
+
+    error = error_of(call(metered.url, secret, "chat"), "chat", 401)
+
+    assert "revoked" in error["message"]
+    assert len(metered.upstream.requests) == 2
+
+
 def test_a_cached_identity_is_refused_a_wrong_secret(metered, threads):
     _, secret = make_key(metered.member)
     assert call(metered.url, secret, "chat").status_code == 200  # its identity is cached now
@@ -135,6 +150,18 @@ def test_a_cached_identity_is_refused_once_its_key_expires(metered, threads):
     assert "expired" in error["message"]
     assert threads["begin"] == 1
     assert len(metered.upstream.requests) == 1
+
+
+def test_a_catalog_change_reaches_the_next_request_on_the_event_loop_path(metered, threads):
+    assert [chat(metered).status_code for _ in range(2)] == [200, 200]  # the second ran on the event loop
+    with scope(metered.org.organization):
+        allowance_services.catalog_model_update(catalog_model=metered.gpt, actor=metered.org.members["admin"].user,
+                                                is_active=False)
+
+    response = chat(metered)
+
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+    assert len(metered.upstream.requests) == 2
 
 
 def test_concurrent_requests_on_the_event_loop_path_never_overspend(metered, threads):
@@ -244,7 +271,7 @@ def test_a_connection_goes_back_for_reuse_only_after_a_statement_that_ended_norm
 def test_the_async_cache_read_sees_what_the_cache_wrote_and_dropped():
     cache.set("async-path:object", {"tokens": 5}, timeout=60)
     cache.set("async-path:number", 7, timeout=60)
-    assert asyncio.run(cache.aget("async-path:object")) == {"tokens": 5}
-    assert asyncio.run(cache.aget("async-path:number")) == 7
+    assert asyncio.run(cache.aget_many(["async-path:object", "async-path:number", "async-path:never"])) == {
+        "async-path:object": {"tokens": 5}, "async-path:number": 7}
     cache.delete("async-path:object")
-    assert asyncio.run(cache.aget("async-path:object", "gone")) == "gone"
+    assert asyncio.run(cache.aget_many(["async-path:object"])) == {}
