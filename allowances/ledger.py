@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 import psycopg
 from django.db import connection, transaction
@@ -146,6 +147,14 @@ class KeyCapExceeded(LedgerError):
                          f"has {max(cap - spent, 0):,} left")
 
 
+class AccountRef(NamedTuple):
+    """An account by its ids, which is all a post needs: no row to load, and no model instance to
+    build (on the gateway's hot path that cost more than the rest of a post's Python)."""
+
+    pk: int
+    organization_id: int
+
+
 @dataclass(frozen=True)
 class Hold:
     """A reservation of tokens for a request in flight (a ledger entry of kind hold)."""
@@ -202,7 +211,7 @@ def post(
         model=model, actor=actor, api_key_id=api_key_id, spend_id=spend_id, reason=reason, reference=reference)))
 
 
-def _params(*, account: Account, kind: str, tokens: int, idempotency_key: str, held_delta: int = 0,
+def _params(*, account: Account | AccountRef, kind: str, tokens: int, idempotency_key: str, held_delta: int = 0,
             used_delta: int = 0, granted_delta: int | None = None, closes_hold_id: int | None = None,
             expires_at: datetime | None = None, model: str = "", actor=None, api_key_id: int | None = None,
             spend_id: int | None = None, reason: str = "", reference: str = "") -> dict:
@@ -243,11 +252,11 @@ def _post(statement: Statement) -> Posted:
         return Posted(entry_id=existing, created=False)
     if params["closes"] is not None and LedgerEntry.all_objects.filter(closes_hold_id=params["closes"]).exists():
         raise _AlreadyPosted  # the hold was closed by another entry: the caller decides what that means
-    raise _insufficient(Account(pk=params["account"], organization_id=params["org"]),
+    raise _insufficient(AccountRef(pk=params["account"], organization_id=params["org"]),
                         requested=params["h"] + params["u"] - params["g"], spend_id=params["spend"])
 
 
-def _insufficient(account: Account, *, requested: int, spend_id: int | None) -> LedgerError:
+def _insufficient(account: Account | AccountRef, *, requested: int, spend_id: int | None) -> LedgerError:
     if spend_id is not None:
         spend = KeySpend.all_objects.filter(pk=spend_id, organization_id=account.organization_id).first()
         period = Account.all_objects.filter(pk=account.pk).values_list("period_start", flat=True).first()
@@ -264,7 +273,7 @@ def _insufficient(account: Account, *, requested: int, spend_id: int | None) -> 
                               overdraft_limit=current["overdraft_limit"])
 
 
-def hold_statement(*, account: Account, tokens: int, idempotency_key: str, ttl: timedelta = HOLD_TTL,
+def hold_statement(*, account: Account | AccountRef, tokens: int, idempotency_key: str, ttl: timedelta = HOLD_TTL,
                    model: str = "", reference: str = "", actor=None, api_key_id: int | None = None,
                    spend_id: int | None = None) -> Statement:
     """The post that takes a hold (see `authorize`); `hold_made` is the hold once it ran."""
@@ -283,8 +292,9 @@ def hold_made(statement: Statement, entry_id: int) -> Hold:
                 spend_id=params["spend"])
 
 
-def authorize(*, account: Account, tokens: int, idempotency_key: str, ttl: timedelta = HOLD_TTL, model: str = "",
-              reference: str = "", actor=None, api_key_id: int | None = None, spend_id: int | None = None) -> Hold:
+def authorize(*, account: Account | AccountRef, tokens: int, idempotency_key: str, ttl: timedelta = HOLD_TTL,
+              model: str = "", reference: str = "", actor=None, api_key_id: int | None = None,
+              spend_id: int | None = None) -> Hold:
     """Reserve `tokens` for a request in flight, or raise InsufficientTokens (or KeyCapExceeded when
     made with a capped key). Safe to retry with the same key."""
     statement = hold_statement(account=account, tokens=tokens, idempotency_key=idempotency_key, ttl=ttl, model=model,
@@ -340,9 +350,8 @@ def release(*, hold: Hold, reason: str = "") -> Posted | None:
         return None
 
 
-def _account_ref(hold: Hold) -> Account:
-    # post() needs only the ids; no need to load the account row.
-    return Account(pk=hold.account_id, organization_id=hold.organization_id)
+def _account_ref(hold: Hold) -> AccountRef:
+    return AccountRef(pk=hold.account_id, organization_id=hold.organization_id)
 
 
 _HOLD_FIELDS = ("id", "account_id", "organization_id", "tokens", "expires_at", "model", "api_key_id",
@@ -355,7 +364,7 @@ def _hold(row: dict) -> Hold:
                 spend_id=row["api_key__spend_id"])
 
 
-def hold_get(*, account: Account, hold_id: int) -> Hold:
+def hold_get(*, account: Account | AccountRef, hold_id: int) -> Hold:
     return _hold(LedgerEntry.all_objects.filter(account_id=account.pk, kind=Kind.HOLD).values(*_HOLD_FIELDS)
                  .get(pk=hold_id))
 

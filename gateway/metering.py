@@ -27,7 +27,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from allowances import ledger
-from allowances.models import Account, CatalogModel
+from allowances.models import CatalogModel
 from apikeys.services import KeyIdentity, KeyRefused, admit, authenticate, presented, record_use, use_to_record
 from apikeys.services import cache_key as identity_cache_key
 from gateway import sandbox
@@ -282,7 +282,8 @@ def _reference(request_id: str) -> str:
 
 
 def _hold_args(identity: KeyIdentity, route: ModelRoute, reserve: int, request_id: str) -> dict:
-    return {"account": Account(pk=identity.account_id, organization_id=identity.organization_id), "tokens": reserve,
+    return {"account": ledger.AccountRef(pk=identity.account_id, organization_id=identity.organization_id),
+            "tokens": reserve,
             "idempotency_key": request_id, "model": route.model_id, "reference": _reference(request_id),
             "api_key_id": identity.id, "spend_id": identity.spend_id}
 

@@ -22,7 +22,7 @@ django_application = get_asgi_application()
 from django.core.exceptions import RequestAborted  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler, get_script_prefix  # noqa: E402  (after Django is set up)
 from django.core.handlers.exception import convert_exception_to_response  # noqa: E402
-from django.urls import set_script_prefix  # noqa: E402
+from django.urls import get_resolver, set_script_prefix  # noqa: E402
 
 GATEWAY_PREFIX = "/v1/"
 
@@ -34,6 +34,12 @@ class GatewayHandler(ASGIHandler):
 
     async def __call__(self, scope, receive, send):
         await self.handle(scope, receive, send)  # without a ThreadSensitiveContext: no thread per request
+
+    def resolve_request(self, request):
+        # Only gateway paths come here: match them against the gateway's patterns alone, not after
+        # every portal pattern. The portal's URLs stay the ones reverse() uses.
+        request.resolver_match = get_resolver("gateway.urls").resolve(request.path_info)
+        return request.resolver_match
 
     async def handle(self, scope, receive, send):
         """ASGIHandler.handle (Django 5.2) without the request signals, so without response.close()

@@ -8,6 +8,7 @@ connection belongs to the event loop that opened it, so each loop keeps its own 
 """
 
 import asyncio
+import functools
 import weakref
 from contextlib import asynccontextmanager
 
@@ -27,7 +28,9 @@ class _Pool:
 _pools: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> _Pool
 
 
+@functools.cache
 def available() -> bool:
+    # Once: connections["default"] builds a new connection object in every request's context.
     return connections["default"].vendor == "postgresql"
 
 
