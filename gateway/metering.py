@@ -333,11 +333,21 @@ async def abegin(*, raw_key: str | None, ip: str | None, endpoint: str, body: di
 
 
 async def _post(statement: ledger.Statement, with_entry: str = "", params: dict | None = None) -> int | None:
-    """Run a ledger statement on an async connection: the new entry's id, or None if nothing was posted."""
-    async with async_db.connection() as conn, conn.cursor() as cursor:
-        await cursor.execute(statement.sql(with_entry), statement.params | (params or {}), prepare=True)
-        row = await cursor.fetchone()
-    return row[0] if row else None
+    """Run a ledger statement on an async connection: the new entry's id, or None if nothing was posted.
+
+    A connection found dead (the server restarted since it was last used) is replaced once: running
+    the statement again is safe, as a post that did commit posts nothing the second time (its
+    idempotency key), and the caller's fallback then finds it.
+    """
+    for attempt in (1, 2):
+        try:
+            async with async_db.connection() as conn, conn.cursor() as cursor:
+                await cursor.execute(statement.sql(with_entry), statement.params | (params or {}), prepare=True)
+                row = await cursor.fetchone()
+            return row[0] if row else None
+        except psycopg.OperationalError:
+            if attempt == 2:
+                raise
 
 
 def _more_url(config: OrgConfig) -> str:

@@ -24,6 +24,7 @@ from gateway.upstream import Usage
 from portal import async_db
 from portal.tenancy import scope, unscoped
 from tests.allowances.helpers import balance
+from tests.gateway.conftest import close_server_connections
 from tests.gateway.records import last_record_id, records_after
 from tests.gateway.test_concurrency import (
     CONCURRENT,
@@ -249,6 +250,20 @@ def test_a_request_that_consumed_nothing_releases_its_hold_on_the_event_loop(met
     assert balance(metered.member) == (granted, held, used)
     assert [(r.status, r.charged_tokens) for r in records_after(record_id)] == [("upstream_error", 0)]
     assert threads == {}
+    assert verify() == []
+
+
+def test_a_request_after_the_database_dropped_its_connections_is_metered_once(metered, threads):
+    assert [chat(metered).status_code for _ in range(2)] == [200, 200]  # the event loop holds connections now
+    granted, held, used = balance(metered.member)
+    record_id = last_record_id()
+    close_server_connections()  # as a database restart would
+
+    response = chat(metered)
+
+    assert response.status_code == 200, response.text
+    assert balance(metered.member) == (granted, held, used + CHARGED)
+    assert [(r.status, r.charged_tokens) for r in records_after(record_id)] == [("ok", CHARGED)]
     assert verify() == []
 
 
