@@ -283,9 +283,8 @@ def _reference(request_id: str) -> str:
 
 def _hold_args(identity: KeyIdentity, route: ModelRoute, reserve: int, request_id: str) -> dict:
     return {"account": ledger.AccountRef(pk=identity.account_id, organization_id=identity.organization_id),
-            "tokens": reserve,
-            "idempotency_key": request_id, "model": route.model_id, "reference": _reference(request_id),
-            "api_key_id": identity.id, "spend_id": identity.spend_id}
+            "tokens": reserve, "idempotency_key": request_id, "model": route.model_id,
+            "reference": _reference(request_id), "api_key_id": identity.id, "spend_id": identity.spend_id}
 
 
 def begin(*, raw_key: str | None, ip: str | None, endpoint: str, body: dict, request_id: str, started: float) -> Begun:

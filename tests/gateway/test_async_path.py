@@ -5,6 +5,7 @@ falls back to begin and finish in a thread. Both paths keep the ledger's promise
 import asyncio
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from decimal import Decimal
 
@@ -61,6 +62,13 @@ def threads(monkeypatch):
     return calls
 
 
+def run(coroutine):
+    """asyncio.run in a thread of its own: the browser tests' Playwright leaves an event loop set
+    on the main thread."""
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        return thread.submit(asyncio.run, coroutine).result()
+
+
 def chat(metered, body=BODY):
     return httpx.post(metered.url + "/chat/completions", json=body,
                       headers={"Authorization": f"Bearer {metered.key}"}, timeout=30)
@@ -72,12 +80,12 @@ def warm(metered):
 
 
 def begin(metered, request_id):
-    return asyncio.run(metering.abegin(raw_key=metered.key, ip="127.0.0.1", endpoint="chat", body=BODY,
+    return run(metering.abegin(raw_key=metered.key, ip="127.0.0.1", endpoint="chat", body=BODY,
                                        request_id=request_id, started=time.perf_counter()))
 
 
 def finish(begun, *, status=UsageRecord.Status.OK, usage=Usage(input=11, output=7)):
-    return asyncio.run(metering.afinish(begun, status=status, usage=usage, latency_ms=5))
+    return run(metering.afinish(begun, status=status, usage=usage, latency_ms=5))
 
 
 def entries_of(hold):
@@ -280,13 +288,13 @@ def test_a_connection_goes_back_for_reuse_only_after_a_statement_that_ended_norm
         async with async_db.connection() as fresh:
             assert fresh is not failed and not fresh.closed
 
-    asyncio.run(scenario())
+    run(scenario())
 
 
 def test_the_async_cache_read_sees_what_the_cache_wrote_and_dropped():
     cache.set("async-path:object", {"tokens": 5}, timeout=60)
     cache.set("async-path:number", 7, timeout=60)
-    assert asyncio.run(cache.aget_many(["async-path:object", "async-path:number", "async-path:never"])) == {
+    assert run(cache.aget_many(["async-path:object", "async-path:number", "async-path:never"])) == {
         "async-path:object": {"tokens": 5}, "async-path:number": 7}
     cache.delete("async-path:object")
-    assert asyncio.run(cache.aget_many(["async-path:object"])) == {}
+    assert run(cache.aget_many(["async-path:object"])) == {}
