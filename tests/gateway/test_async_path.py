@@ -47,6 +47,13 @@ BODY = {"model": "fake-gpt", "messages": [{"role": "user", "content": "Hi"}], "m
 CHARGED = 11 * 1 + 7 * 2  # the fake provider's usage (11 in, 7 out) at fake-gpt's multipliers
 
 
+@pytest.fixture(autouse=True)
+def _no_connection_left():
+    """End the sessions of the event loops these tests ran (they are gone, their connections not yet)."""
+    yield
+    close_server_connections()
+
+
 @pytest.fixture
 def threads(monkeypatch):
     """How often the thread path (begin, finish) ran, in the server or in the test."""
