@@ -3,8 +3,9 @@
 On PostgreSQL one call is one SQL statement, so one transaction and one round trip:
 
     WITH entry AS (INSERT INTO ledger entry SELECT ... FROM account WHERE <the balance allows it>
-                   FOR UPDATE ON CONFLICT DO NOTHING RETURNING ...)
-    UPDATE account SET <buckets moved by the entry> FROM entry ...
+                   FOR UPDATE ON CONFLICT DO NOTHING RETURNING ...),
+         moved AS (UPDATE account SET <buckets moved by the entry> FROM entry ...)
+    SELECT id FROM entry
 
 - The account row is locked and the balance condition is checked on its newest version in the
   same statement that writes, so concurrent holds can never take the available balance below the
@@ -17,13 +18,16 @@ SQLite (the embedded default) has no data-modifying CTEs: there the same INSERT 
 as two statements in one transaction (SQLite admits one writer at a time).
 
 When nothing was inserted, the slow path says why: a retry (the existing entry is returned), a
-closed hold, or not enough tokens. SQL is written by hand because this is the gateway's hot path.
+closed hold, or not enough tokens. SQL is written by hand because this is the gateway's hot path;
+the gateway runs the same statements (`Statement`) on its own async connections.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 import psycopg
 from django.db import connection, transaction
@@ -76,18 +80,24 @@ def _insert_entry(guard: str | None, keyed: bool, lock: str) -> str:
             "ON CONFLICT DO NOTHING RETURNING id, period_start")
 
 
-def _postgres_sql(guard: str | None, keyed: bool) -> str:
+@functools.cache
+def postgres_sql(guard: str | None, keyed: bool, with_entry: str = "") -> str:
+    """A post as one statement, returning the new entry's id (no row: nothing was posted).
+
+    `with_entry` adds a caller's own CTEs that read the new entry (alias `entry`): they write only
+    when an entry was made, in the same transaction (the gateway's usage record).
+    """
     insert = _insert_entry(guard, keyed, " FOR UPDATE")
-    move_account = f"UPDATE {_ACCOUNT} SET {_MOVE.format(t=_ACCOUNT)} FROM entry WHERE {_ACCOUNT}.id = %(account)s"
-    if not keyed:
-        return f"WITH entry AS ({insert}) {move_account} RETURNING entry.id"
     # Data-modifying CTEs always run, referenced or not: one statement moves entry, account and key.
-    return (f"WITH entry AS ({insert}), moved AS ({move_account}) "
-            f"UPDATE {_SPEND} SET {_KEY_MOVE.format(t=_SPEND, p='entry.period_start', greatest='GREATEST')} FROM entry "
-            f"WHERE {_SPEND}.id = %(spend)s RETURNING entry.id")
+    ctes = f"WITH entry AS ({insert}), moved AS (UPDATE {_ACCOUNT} SET {_MOVE.format(t=_ACCOUNT)} FROM entry " \
+           f"WHERE {_ACCOUNT}.id = %(account)s)"
+    if keyed:
+        ctes += (f", spent AS (UPDATE {_SPEND} SET "
+                 f"{_KEY_MOVE.format(t=_SPEND, p='entry.period_start', greatest='GREATEST')} FROM entry "
+                 f"WHERE {_SPEND}.id = %(spend)s)")
+    return f"{ctes}{with_entry} SELECT id FROM entry"
 
 
-_POSTGRES_SQL = {(guard, keyed): _postgres_sql(guard, keyed) for guard in GUARDS for keyed in (False, True)}
 _SQLITE_SQL = {(guard, keyed): _insert_entry(guard, keyed, "") for guard in GUARDS for keyed in (False, True)}
 _SQLITE_MOVE = f"UPDATE {_ACCOUNT} SET {_MOVE.format(t=_ACCOUNT)} WHERE id = %(account)s"
 _SQLITE_KEY_MOVE = f"UPDATE {_SPEND} SET {_KEY_MOVE.format(t=_SPEND, p='%(period)s', greatest='MAX')} WHERE id = %(spend)s"
@@ -102,7 +112,7 @@ def _insert_and_move(guard: str | None, params: dict) -> int | None:
         # client-side was the largest cost of a call.
         connection.ensure_connection()
         with psycopg.Cursor(connection.connection) as cursor:
-            cursor.execute(_POSTGRES_SQL[guard, keyed], params, prepare=True)
+            cursor.execute(postgres_sql(guard, keyed), params, prepare=True)
             row = cursor.fetchone()
             return row[0] if row else None
     with transaction.atomic(), connection.cursor() as cursor:
@@ -135,6 +145,14 @@ class KeyCapExceeded(LedgerError):
         self.requested, self.cap, self.spent = requested, cap, spent
         super().__init__(f"{requested:,} tokens requested but this API key's cap of {cap:,} tokens per period "
                          f"has {max(cap - spent, 0):,} left")
+
+
+class AccountRef(NamedTuple):
+    """An account by its ids, which is all a post needs: no row to load, and no model instance to
+    build (on the gateway's hot path that cost more than the rest of a post's Python)."""
+
+    pk: int
+    organization_id: int
 
 
 @dataclass(frozen=True)
@@ -187,29 +205,58 @@ def post(
     reference: str = "",
 ) -> Posted:
     """Append one entry and move the account's stored buckets with it, atomically and idempotently."""
+    return _post(Statement(guard, _params(
+        account=account, kind=kind, tokens=tokens, idempotency_key=idempotency_key, held_delta=held_delta,
+        used_delta=used_delta, granted_delta=granted_delta, closes_hold_id=closes_hold_id, expires_at=expires_at,
+        model=model, actor=actor, api_key_id=api_key_id, spend_id=spend_id, reason=reason, reference=reference)))
+
+
+def _params(*, account: Account | AccountRef, kind: str, tokens: int, idempotency_key: str, held_delta: int = 0,
+            used_delta: int = 0, granted_delta: int | None = None, closes_hold_id: int | None = None,
+            expires_at: datetime | None = None, model: str = "", actor=None, api_key_id: int | None = None,
+            spend_id: int | None = None, reason: str = "", reference: str = "") -> dict:
     _check_scope(account.organization_id)
     if granted_delta is None:
         granted_delta = GRANTED_SIGN.get(kind, 0) * tokens
-    params = {
+    return {
         "org": account.organization_id, "account": account.pk, "kind": kind, "tokens": tokens,
         "g": granted_delta, "h": held_delta, "u": used_delta, "key": idempotency_key, "closes": closes_hold_id,
-        "expires": expires_at, "model": model, "actor": getattr(actor, "pk", None), "api_key": api_key_id, "spend": spend_id, "reason": reason[:500],
-        "reference": reference[:100], "now": timezone.now(),
+        "expires": expires_at, "model": model, "actor": getattr(actor, "pk", None), "api_key": api_key_id,
+        "spend": spend_id, "reason": reason[:500], "reference": reference[:100], "now": timezone.now(),
     }
-    entry_id = _insert_and_move(guard, params)
+
+
+@dataclass(frozen=True)
+class Statement:
+    """One post, ready to run: through `post` here, or as one PostgreSQL statement on a connection
+    of the caller's (the gateway's async connections, see `postgres_sql`). There, no row back means
+    nothing was posted, and the caller makes the same call through authorize, settle or release,
+    which say why (a retry, a closed hold, a refusal)."""
+
+    guard: str | None
+    params: dict
+
+    def sql(self, with_entry: str = "") -> str:
+        return postgres_sql(self.guard, self.params["spend"] is not None, with_entry)
+
+
+def _post(statement: Statement) -> Posted:
+    params = statement.params
+    entry_id = _insert_and_move(statement.guard, params)
     if entry_id is not None:
         return Posted(entry_id=entry_id, created=True)
     # Nothing happened: find out why (only refusals and retries come here).
-    existing = LedgerEntry.all_objects.filter(account_id=account.pk, idempotency_key=idempotency_key).values_list(
+    existing = LedgerEntry.all_objects.filter(account_id=params["account"], idempotency_key=params["key"]).values_list(
         "id", flat=True).first()
     if existing is not None:
         return Posted(entry_id=existing, created=False)
-    if closes_hold_id is not None and LedgerEntry.all_objects.filter(closes_hold_id=closes_hold_id).exists():
+    if params["closes"] is not None and LedgerEntry.all_objects.filter(closes_hold_id=params["closes"]).exists():
         raise _AlreadyPosted  # the hold was closed by another entry: the caller decides what that means
-    raise _insufficient(account, requested=held_delta + used_delta - granted_delta, spend_id=spend_id)
+    raise _insufficient(AccountRef(pk=params["account"], organization_id=params["org"]),
+                        requested=params["h"] + params["u"] - params["g"], spend_id=params["spend"])
 
 
-def _insufficient(account: Account, *, requested: int, spend_id: int | None) -> LedgerError:
+def _insufficient(account: Account | AccountRef, *, requested: int, spend_id: int | None) -> LedgerError:
     if spend_id is not None:
         spend = KeySpend.all_objects.filter(pk=spend_id, organization_id=account.organization_id).first()
         period = Account.all_objects.filter(pk=account.pk).values_list("period_start", flat=True).first()
@@ -226,20 +273,50 @@ def _insufficient(account: Account, *, requested: int, spend_id: int | None) -> 
                               overdraft_limit=current["overdraft_limit"])
 
 
-def authorize(*, account: Account, tokens: int, idempotency_key: str, ttl: timedelta = HOLD_TTL, model: str = "",
-              reference: str = "", actor=None, api_key_id: int | None = None, spend_id: int | None = None) -> Hold:
-    """Reserve `tokens` for a request in flight, or raise InsufficientTokens (or KeyCapExceeded when
-    made with a capped key). Safe to retry with the same key."""
+def hold_statement(*, account: Account | AccountRef, tokens: int, idempotency_key: str, ttl: timedelta = HOLD_TTL,
+                   model: str = "", reference: str = "", actor=None, api_key_id: int | None = None,
+                   spend_id: int | None = None) -> Statement:
+    """The post that takes a hold (see `authorize`); `hold_made` is the hold once it ran."""
     if not isinstance(tokens, int) or tokens <= 0:
         raise ValueError("a hold needs a positive whole number of tokens")
-    expires_at = timezone.now() + ttl
-    posted = post(account=account, kind=Kind.HOLD, tokens=tokens, held_delta=tokens, guard="overdraft",
-                  idempotency_key=f"hold:{idempotency_key}", expires_at=expires_at, model=model, reference=reference,
-                  actor=actor, api_key_id=api_key_id, spend_id=spend_id)
+    return Statement("overdraft", _params(
+        account=account, kind=Kind.HOLD, tokens=tokens, held_delta=tokens, idempotency_key=f"hold:{idempotency_key}",
+        expires_at=timezone.now() + ttl, model=model, reference=reference, actor=actor, api_key_id=api_key_id,
+        spend_id=spend_id))
+
+
+def hold_made(statement: Statement, entry_id: int) -> Hold:
+    params = statement.params
+    return Hold(id=entry_id, account_id=params["account"], organization_id=params["org"], tokens=params["tokens"],
+                expires_at=params["expires"], model=params["model"], api_key_id=params["api_key"],
+                spend_id=params["spend"])
+
+
+def authorize(*, account: Account | AccountRef, tokens: int, idempotency_key: str, ttl: timedelta = HOLD_TTL,
+              model: str = "", reference: str = "", actor=None, api_key_id: int | None = None,
+              spend_id: int | None = None) -> Hold:
+    """Reserve `tokens` for a request in flight, or raise InsufficientTokens (or KeyCapExceeded when
+    made with a capped key). Safe to retry with the same key."""
+    statement = hold_statement(account=account, tokens=tokens, idempotency_key=idempotency_key, ttl=ttl, model=model,
+                               reference=reference, actor=actor, api_key_id=api_key_id, spend_id=spend_id)
+    posted = _post(statement)
     if not posted.created:
         return hold_get(account=account, hold_id=posted.entry_id)
-    return Hold(id=posted.entry_id, account_id=account.pk, organization_id=account.organization_id, tokens=tokens,
-                expires_at=expires_at, model=model, api_key_id=api_key_id, spend_id=spend_id)
+    return hold_made(statement, posted.entry_id)
+
+
+def settle_statement(*, hold: Hold, used_tokens: int, model: str = "", reference: str = "",
+                     closing: bool = True) -> Statement:
+    """The post that settles a hold (see `settle`); with closing=False, usage recorded after the
+    hold was closed by a release."""
+    if not isinstance(used_tokens, int) or used_tokens < 0:
+        raise ValueError("usage is a whole number of tokens, zero or more")
+    return Statement(None, _params(
+        account=_account_ref(hold), kind=Kind.USAGE, tokens=used_tokens, used_delta=used_tokens,
+        idempotency_key=f"settle:{hold.id}", model=model or hold.model, reference=reference,
+        api_key_id=hold.api_key_id, spend_id=hold.spend_id,
+        **({"held_delta": -hold.tokens, "closes_hold_id": hold.id} if closing
+           else {"reason": "usage after the hold was released"})))
 
 
 def settle(*, hold: Hold, used_tokens: int, model: str = "", reference: str = "") -> Posted:
@@ -248,34 +325,33 @@ def settle(*, hold: Hold, used_tokens: int, model: str = "", reference: str = ""
     Usage is a fact, so it is recorded in full even when it exceeds the hold. Settling a hold that
     the sweeper already released still records the usage (once).
     """
-    if not isinstance(used_tokens, int) or used_tokens < 0:
-        raise ValueError("usage is a whole number of tokens, zero or more")
-    account = _account_ref(hold)
-    key = f"settle:{hold.id}"
-    common = {"account": account, "kind": Kind.USAGE, "tokens": used_tokens, "used_delta": used_tokens,
-              "idempotency_key": key, "model": model or hold.model, "reference": reference,
-              "api_key_id": hold.api_key_id, "spend_id": hold.spend_id}
     try:
-        return post(**common, held_delta=-hold.tokens, closes_hold_id=hold.id)
+        return _post(settle_statement(hold=hold, used_tokens=used_tokens, model=model, reference=reference))
     except _AlreadyPosted:
         # Released before it was settled (time-to-live passed): the usage still happened.
-        return post(**common, reason="usage after the hold was released")
+        return _post(settle_statement(hold=hold, used_tokens=used_tokens, model=model, reference=reference,
+                                      closing=False))
+
+
+def release_statement(*, hold: Hold, reason: str = "") -> Statement:
+    """The post that releases a hold (see `release`)."""
+    return Statement(None, _params(
+        account=_account_ref(hold), kind=Kind.RELEASE, tokens=hold.tokens, held_delta=-hold.tokens,
+        idempotency_key=f"release:{hold.id}", closes_hold_id=hold.id, reason=reason, model=hold.model,
+        api_key_id=hold.api_key_id, spend_id=hold.spend_id))
 
 
 def release(*, hold: Hold, reason: str = "") -> Posted | None:
     """Give a hold's tokens back. Returns None when the hold was already settled (or released by
     another caller); a retry of this same release returns the existing entry with created=False."""
     try:
-        return post(account=_account_ref(hold), kind=Kind.RELEASE, tokens=hold.tokens, held_delta=-hold.tokens,
-                    idempotency_key=f"release:{hold.id}", closes_hold_id=hold.id, reason=reason, model=hold.model,
-                    api_key_id=hold.api_key_id, spend_id=hold.spend_id)
+        return _post(release_statement(hold=hold, reason=reason))
     except _AlreadyPosted:
         return None
 
 
-def _account_ref(hold: Hold) -> Account:
-    # post() needs only the ids; no need to load the account row.
-    return Account(pk=hold.account_id, organization_id=hold.organization_id)
+def _account_ref(hold: Hold) -> AccountRef:
+    return AccountRef(pk=hold.account_id, organization_id=hold.organization_id)
 
 
 _HOLD_FIELDS = ("id", "account_id", "organization_id", "tokens", "expires_at", "model", "api_key_id",
@@ -288,7 +364,7 @@ def _hold(row: dict) -> Hold:
                 spend_id=row["api_key__spend_id"])
 
 
-def hold_get(*, account: Account, hold_id: int) -> Hold:
+def hold_get(*, account: Account | AccountRef, hold_id: int) -> Hold:
     return _hold(LedgerEntry.all_objects.filter(account_id=account.pk, kind=Kind.HOLD).values(*_HOLD_FIELDS)
                  .get(pk=hold_id))
 

@@ -18,6 +18,7 @@ from django.conf import settings
 
 PREFIX = "tap_"
 ALPHABET = string.ascii_letters + string.digits
+_CHARACTERS = frozenset(ALPHABET)
 PUBLIC_ID_LENGTH, SECRET_LENGTH, CHECKSUM_LENGTH = 12, 32, 6
 KEY_LENGTH = len(PREFIX) + PUBLIC_ID_LENGTH + 1 + SECRET_LENGTH + CHECKSUM_LENGTH
 
@@ -63,8 +64,8 @@ def parse(key: str) -> ParsedKey:
         raise MalformedKey(f"an API key is {KEY_LENGTH} characters; this one has {len(key)} (truncated or padded?)")
     body, checksum = key[:-CHECKSUM_LENGTH], key[-CHECKSUM_LENGTH:]
     public_id, separator, secret = body[len(PREFIX):].partition("_")
-    if separator != "_" or len(public_id) != PUBLIC_ID_LENGTH or not (public_id + secret + checksum).isascii() \
-            or not all(ch in ALPHABET for ch in public_id + secret + checksum):
+    if separator != "_" or len(public_id) != PUBLIC_ID_LENGTH or not _CHARACTERS.issuperset(
+            public_id + secret + checksum):
         raise MalformedKey("an API key is letters and digits in the form tap_<12>_<38>; this one is not")
     if not hmac.compare_digest(checksum, _checksum(body)):
         raise MalformedKey("the API key's checksum does not match (mistyped or altered)")

@@ -195,18 +195,17 @@ def _load(public_id: str) -> KeyIdentity | None:
                        spend_id=key.spend_id)
 
 
-def authenticate(raw_key: str, *, ip: str | None) -> KeyIdentity:
-    """The identity of a presented key, or KeyRefused saying why. Malformed keys never reach the database."""
+def presented(raw_key: str) -> secrets.ParsedKey:
+    """The parts of a presented key, or KeyRefused: malformed keys never reach a cache or the database."""
     try:
-        parts = secrets.parse(raw_key.strip())
+        return secrets.parse(raw_key.strip())
     except secrets.MalformedKey as error:
         raise KeyRefused(f"Invalid API key: {error}.") from None
-    identity = cache.get(cache_key(parts.public_id))
-    if identity is None:
-        identity = _load(parts.public_id)
-        if identity is None:
-            raise KeyRefused("Invalid API key: no such key.")
-        cache.set(cache_key(parts.public_id), identity, timeout=300)
+
+
+def admit(parts: secrets.ParsedKey, identity: KeyIdentity, *, ip: str | None) -> datetime:
+    """Check a presented key against its identity (the secret, revocation, expiry, IP ranges);
+    KeyRefused saying why, or the moment it was admitted."""
     if not secrets.secret_matches(parts.secret, identity.secret_hash):
         raise KeyRefused("Invalid API key: no such key.")
     now = timezone.now()
@@ -221,24 +220,40 @@ def authenticate(raw_key: str, *, ip: str | None) -> KeyIdentity:
             address = None
         if address is None or not any(address in ipaddress.ip_network(net) for net in identity.allowed_cidrs):
             raise KeyRefused(f"API key refused: requests from {ip} are outside the key's allowed IP ranges.")
-    _record_use(parts.public_id, identity.id, now)
+    return now
+
+
+def authenticate(raw_key: str, *, ip: str | None) -> KeyIdentity:
+    """The identity of a presented key, or KeyRefused saying why."""
+    parts = presented(raw_key)
+    identity = cache.get(cache_key(parts.public_id))
+    if identity is None:
+        identity = _load(parts.public_id)
+        if identity is None:
+            raise KeyRefused("Invalid API key: no such key.")
+        cache.set(cache_key(parts.public_id), identity, timeout=300)
+    now = admit(parts, identity, ip=ip)
+    if use_to_record(parts.public_id):
+        record_use(parts.public_id, identity.id, now)
     return identity
 
 
 _recorded_here: dict[str, float] = {}  # public id -> when this process last recorded a use (monotonic)
 
 
-def _record_use(public_id: str, key_id: int, now: datetime) -> None:
-    """Write last_used_at at most once a minute per key, without a cache round trip on most requests.
+def use_to_record(public_id: str) -> bool:
+    """Whether this process last recorded a use of the key over a minute ago (no cache round trip)."""
+    return time.monotonic() - _recorded_here.get(public_id, float("-inf")) >= LAST_USED_RESOLUTION.total_seconds()
+
+
+def record_use(public_id: str, key_id: int, now: datetime) -> None:
+    """Write last_used_at at most once a minute per key.
 
     The cross-process throttle has a cache key of its own: the cached identity is only ever written
     from the database, so a revocation can never be overwritten by a stale copy.
     """
-    seconds = LAST_USED_RESOLUTION.total_seconds()
-    if time.monotonic() - _recorded_here.get(public_id, float("-inf")) < seconds:
-        return
     _recorded_here[public_id] = time.monotonic()
-    if cache.add(f"apikey-used:{public_id}", 1, timeout=int(seconds)):
+    if cache.add(f"apikey-used:{public_id}", 1, timeout=int(LAST_USED_RESOLUTION.total_seconds())):
         with unscoped():
             ApiKey.objects.filter(pk=key_id).update(last_used_at=now)
 

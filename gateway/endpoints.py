@@ -14,7 +14,6 @@ import time
 import uuid
 from functools import wraps
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
@@ -39,12 +38,6 @@ UPSTREAM_PATHS = {"chat": "/chat/completions", "embeddings": "/embeddings", "mes
 ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                    404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
                    429: "rate_limit_error", 502: "api_error", 503: "overloaded_error", 504: "api_error"}
-
-
-def _in_thread(function):
-    # Not thread-sensitive: requests run their database work side by side in a pool of threads,
-    # each with its own persistent connection, instead of queueing for one thread.
-    return sync_to_async(function, thread_sensitive=False)
 
 
 def error_response(family: str, error: GatewayError, *, request_id: str = "") -> JsonResponse:
@@ -80,7 +73,7 @@ _pending: set[asyncio.Task] = set()
 async def _finish(begun: Begun, **outcome) -> None:
     """Settle in a task of its own: a client that disconnects cancels the response, not the settlement."""
     outcome["latency_ms"] = int((time.perf_counter() - begun.started) * 1000)
-    task = asyncio.ensure_future(_in_thread(metering.finish)(begun, **outcome))
+    task = asyncio.ensure_future(metering.afinish(begun, **outcome))
     _pending.add(task)
     task.add_done_callback(_pending.discard)
     try:
@@ -115,8 +108,8 @@ async def _proxy(request, endpoint: str):
     if not isinstance(body, dict):
         return error_response(family, GatewayError(400, "invalid_request_error", "The body must be a JSON object."))
     try:
-        begun = await _in_thread(metering.begin)(raw_key=_presented_key(request), ip=request.META.get("REMOTE_ADDR"),
-                                                 endpoint=endpoint, body=body, request_id=request_id, started=started)
+        begun = await metering.abegin(raw_key=_presented_key(request), ip=request.META.get("REMOTE_ADDR"),
+                                      endpoint=endpoint, body=body, request_id=request_id, started=started)
     except GatewayError as error:
         return error_response(family, error, request_id=request_id)
     forwarded = body | {"model": begun.route.provider_model}
@@ -315,8 +308,8 @@ async def models(request):
     if request.method != "GET":
         return error_response(family, GatewayError(405, "invalid_request_error", "Use GET for /v1/models."))
     try:
-        identity, config = await _in_thread(metering.lookup)(raw_key=_presented_key(request),
-                                                             ip=request.META.get("REMOTE_ADDR"), endpoint=None)
+        identity, config = await metering.in_thread(metering.lookup)(raw_key=_presented_key(request),
+                                                                     ip=request.META.get("REMOTE_ADDR"), endpoint=None)
     except GatewayError as error:
         return error_response(family, error)
     routes = sorted(metering.models_for(identity, config), key=lambda route: route.model_id)
