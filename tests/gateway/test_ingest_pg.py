@@ -2,13 +2,17 @@
 accounts (and key spend counters) locked in id order first. Batches sent at the same moment must
 count every event exactly once, never deadlock, and leave a ledger that adds up."""
 
+import math
 import threading
 from collections import Counter, defaultdict
+from decimal import ROUND_HALF_UP, Decimal
 
 import pytest
 from django.db import connection, transaction
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 
 from allowances import services as allowance_services
 from allowances.ledger import verify
@@ -310,4 +314,58 @@ def test_ingest_alongside_holds_and_settlements_on_the_same_accounts(crowd):
     assert settled == answers[1] + answers[2]
     used_after = used_by_email()
     assert sum(used_after.values()) - sum(used_before.values()) == sum(charge(e) for e in events) + settled
+    assert verify() == []
+
+
+def test_every_value_reaches_the_rows_exactly(org_a):
+    """The batch travels to PostgreSQL as one JSON document: keys with quotes, backslashes,
+    placeholders and non-ASCII characters, times with offsets and microseconds, the largest token
+    counts and costs far below a millionth come out in the rows as sent, in the batch's order."""
+    organization, admin = org_a.organization, org_a.members["admin"]
+    prices = (Decimal("0.1234"), Decimal("0.5"), Decimal("99999999.9999"))
+    with scope(organization):
+        allowance_services.catalog_model_create(
+            organization=organization, actor=admin.user, model_id="priced", display_name="Priced",
+            connection=org_a.provider_connection, input_multiplier="0.3", output_multiplier="1.7",
+            cached_multiplier="0.25", input_price_per_million=str(prices[0]),
+            output_price_per_million=str(prices[1]), cached_price_per_million=str(prices[2]))
+        _key, secret = api_key_services.api_key_create(member=admin, actor=admin.user, name="ingest",
+                                                       endpoints=["usage_write"])
+    keys = ["zz-last-sorted-first", 'quote " and \\ backslash', "it's %(events)s %s {}", "ünïcödé ✓ 🙂 中文",
+            "a" * 150, "0", "-"]
+    times = ["2025-01-15T10:00:00.123456+05:30", "2025-01-15T10:00:00Z", "1999-12-31T23:59:59.999999-11:00",
+             None, "2025-06-01T00:00:00+00:00", "2025-01-15T10:00:00.5-00:30", None]
+    # Costs below a millionth, one exactly half of it, and one of 21 digits (more than a float keeps).
+    counts = [(7, 0, 0), (0, 1, 0), (0, 0, 1), (10**9, 10**9, 10**9), (1, 3, 0), (0, 0, 0), (123456, 0, 10**9 - 1)]
+    events = []
+    for i, (key, at, (input_tokens, output_tokens, cached_tokens)) in enumerate(zip(keys, times, counts)):
+        e = {"idempotency_key": key, "model": "priced", "input_tokens": input_tokens, "output_tokens": output_tokens,
+             "cached_tokens": cached_tokens}
+        e |= {"api_key": org_a.api_key.display_prefix} if i % 2 else {"member": org_a.members["employee"].user.email}
+        if at is not None:
+            e["timestamp"] = at
+        events.append(e)
+    started = timezone.now()
+
+    status, body = sender(secret, events)(Client())
+
+    assert status == 200 and body["recorded"] == len(events), body
+    with unscoped():
+        records = list(UsageRecord.all_objects.filter(organization=organization, model="priced").order_by("id"))
+        entries = list(LedgerEntry.all_objects.filter(organization=organization, model="priced").order_by("id"))
+    assert [r.idempotency_key for r in records] == keys
+    assert [e.idempotency_key for e in entries] == [f"ingest:{key}" for key in keys]
+    for record, entry, e, at in zip(records, entries, events, times):
+        sent = (e["input_tokens"], e["output_tokens"], e["cached_tokens"])
+        assert (record.input_tokens, record.output_tokens, record.cached_tokens) == sent, record
+        weighted = math.ceil(Decimal("0.3") * sent[0] + Decimal("1.7") * sent[1] + Decimal("0.25") * sent[2])
+        assert record.charged_tokens == entry.used_delta == entry.tokens == weighted, record
+        cost = sum(n * price for n, price in zip(sent, prices)) / 10**6
+        assert record.cost == cost.quantize(Decimal("0.000001"), rounding=ROUND_HALF_UP), (record, cost)
+        if at is None:
+            assert started <= record.occurred_at <= timezone.now()
+        else:
+            assert record.occurred_at == parse_datetime(at)
+        assert (record.api_key_id, entry.api_key_id) == ((org_a.api_key.pk,) * 2 if "api_key" in e else (None, None))
+        assert record.member_id == org_a.members["employee"].pk
     assert verify() == []
