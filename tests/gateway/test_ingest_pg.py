@@ -7,6 +7,7 @@ import threading
 from collections import Counter, defaultdict
 from decimal import ROUND_HALF_UP, Decimal
 
+import httpx
 import pytest
 from django.db import connection, transaction
 from django.test import Client
@@ -21,6 +22,7 @@ from apikeys import services as api_key_services
 from gateway.models import UsageRecord
 from portal.tenancy import scope, unscoped
 from tests.factories import MemberFactory, UserFactory
+from tests.support.fake_upstream import ServerThread
 
 pytestmark = pytest.mark.postgres
 
@@ -368,4 +370,48 @@ def test_every_value_reaches_the_rows_exactly(org_a):
             assert record.occurred_at == parse_datetime(at)
         assert (record.api_key_id, entry.api_key_id) == ((org_a.api_key.pk,) * 2 if "api_key" in e else (None, None))
         assert record.member_id == org_a.members["employee"].pk
+    assert verify() == []
+
+
+def server_backends() -> set[int]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                       "AND backend_type = 'client backend' AND pid <> pg_backend_pid()")
+        return {pid for (pid,) in cursor.fetchall()}
+
+
+def test_under_asgi_api_requests_reuse_their_database_connection(crowd):
+    """Served by uvicorn, as in production: batches answer as through the test client, and one after
+    another they share a connection (a connection per request was a third of a batch's time). A
+    connection lost between requests (a database restart) is replaced within the next request."""
+    from portal.asgi import application
+
+    org, emails, secret = crowd
+    seen = set()
+    try:
+        with ServerThread(application) as server, httpx.Client(
+                base_url=server.url, headers={"Authorization": f"Bearer {secret}"}, timeout=30) as http:
+            for round_ in range(8):
+                events = batch(f"asgi{round_}", emails, 50, key_prefix=org.api_key.display_prefix)
+                answer = http.post(INGEST, json={"events": events + [events[0]]})
+                assert answer.status_code == 200, answer.text[:300]
+                body = answer.json()
+                assert (body["recorded"], body["duplicates"], body["rejected"]) == (50, 1, 0), body
+                seen |= server_backends()
+            assert len(seen) <= 2, seen  # one per thread of the pool that served them, not one per request
+            assert http.post(INGEST, json={"events": []}).status_code == 400
+            assert http.post(INGEST, json={"events": []}, headers={"Authorization": "Bearer tap_nope"}).status_code == 401
+
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = ANY(%s)",
+                               [list(server_backends())])
+            statuses = [http.post(INGEST, json={"events": batch(f"after{i}", emails, 5)}).status_code
+                        for i in range(3)]
+            assert statuses[1:] == [200, 200], statuses
+    finally:
+        with connection.cursor() as cursor:  # the server's threads are gone; end their sessions
+            cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+                           "AND pid <> pg_backend_pid()")
+    with unscoped():
+        assert UsageRecord.all_objects.filter(idempotency_key__startswith="asgi").count() == 8 * 50
     assert verify() == []
