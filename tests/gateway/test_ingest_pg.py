@@ -415,3 +415,26 @@ def test_under_asgi_api_requests_reuse_their_database_connection(crowd):
     with unscoped():
         assert UsageRecord.all_objects.filter(idempotency_key__startswith="asgi").count() == 8 * 50
     assert verify() == []
+
+
+def test_usage_records_carry_only_the_indexes_their_reads_need(org_a):
+    """Each index costs every ingested event an insert: usage records keep the unique key and the
+    three (column, time) indexes, the key's only where one is set, and look-ups by organization,
+    member or key (lists, PROTECT and cascade checks) still find an index."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = %s",
+                       [UsageRecord._meta.db_table])
+        indexes = dict(cursor.fetchall())
+    assert set(indexes) == {f"{UsageRecord._meta.db_table}_pkey", "usage_record_idempotency_key_unique",
+                            "usage_org_time", "usage_member_time", "usage_key_time"}, indexes
+    assert "WHERE (api_key_id IS NOT NULL)" in indexes["usage_key_time"]
+    with unscoped(), connection.cursor() as cursor:
+        cursor.execute("SET enable_seqscan = off")
+        try:
+            for column, index in (("organization_id", "usage_"), ("member_id", "usage_member_time"),
+                                  ("api_key_id", "usage_key_time")):
+                cursor.execute(f"EXPLAIN SELECT id FROM {UsageRecord._meta.db_table} WHERE {column} = %s", [1])
+                plan = "\n".join(row[0] for row in cursor.fetchall())
+                assert "Seq Scan" not in plan and f"using {index}" in plan.lower(), (column, plan)
+        finally:
+            cursor.execute("RESET enable_seqscan")
