@@ -3,6 +3,7 @@ reported by an organization's own gateway through the REST API."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -237,19 +238,21 @@ _RECORD, _KEY = UsageRecord._meta.db_table, ApiKey._meta.db_table
 # One statement for a whole batch: the usage records that are new (idempotency key not yet seen in
 # the organization), a ledger usage entry for each, and the sums moved onto accounts and key
 # spend counters. The rows are locked first, in id order, so batches and gateway requests that
-# touch the same accounts wait for each other instead of deadlocking.
+# touch the same accounts wait for each other instead of deadlocking. The events arrive as one
+# JSON document: psycopg renders a Python list as an array literal element by element, which
+# for 11 columns of 1,000 events cost more than the statement's own work.
 _INGEST_SQL = f"""
 WITH ev AS (
-    SELECT * FROM unnest(%(keys)s::text[], %(members)s::bigint[], %(api_keys)s::bigint[], %(models)s::text[],
-                         %(input)s::bigint[], %(output)s::bigint[], %(cached)s::bigint[], %(charged)s::bigint[],
-                         %(cost)s::numeric[], %(at)s::timestamptz[], %(accounts)s::bigint[])
-        AS t(key, member_id, api_key_id, model, input, output, cached, charged, cost, at, account_id)),
+    SELECT * FROM ROWS FROM (json_to_recordset(%(events)s::json) AS (
+        key text, member_id bigint, api_key_id bigint, model text, input bigint, output bigint, cached bigint,
+        charged bigint, cost numeric, at timestamptz, account_id bigint)) WITH ORDINALITY AS t(
+        key, member_id, api_key_id, model, input, output, cached, charged, cost, at, account_id, position)),
 rec AS (
     INSERT INTO {_RECORD} (organization_id, member_id, api_key_id, model, endpoint, source, status, input_tokens,
                            output_tokens, cached_tokens, charged_tokens, cost, latency_ms, request_id,
                            idempotency_key, detail, occurred_at)
     SELECT %(org)s, member_id, api_key_id, model, 'ingest', 'ingest', 'ok', input, output, cached, charged, cost, 0,
-           '', key, '', at FROM ev
+           '', key, '', at FROM ev ORDER BY position
     ON CONFLICT DO NOTHING RETURNING idempotency_key),
 led AS (
     INSERT INTO {_ENTRY} (organization_id, account_id, kind, tokens, granted_delta, held_delta, used_delta,
@@ -257,6 +260,7 @@ led AS (
     SELECT %(org)s, ev.account_id, 'usage', ev.charged, 0, 0, ev.charged, a.period_start, 'ingest:' || ev.key,
            ev.model, %(actor)s, ev.api_key_id, '', 'usage ingest', %(now)s
     FROM ev JOIN rec ON rec.idempotency_key = ev.key JOIN {_ACCOUNT} a ON a.id = ev.account_id
+    ORDER BY ev.position  -- entries in the batch's order, whatever join the planner picks
     ON CONFLICT DO NOTHING RETURNING account_id, api_key_id, used_delta, period_start),
 acc AS (
     UPDATE {_ACCOUNT} a SET used = a.used + s.total
@@ -278,15 +282,12 @@ def _apply_usage(organization: Organization, actor, events: list[_Event]) -> set
         return {event.key for event in events if _apply_one(organization, actor, event)}
     account_ids = sorted({event.account_id for event in events})
     spend_ids = sorted({event.spend_id for event in events if event.spend_id})
-    params = {
-        "org": organization.pk, "actor": getattr(actor, "pk", None), "now": timezone.now(),
-        "keys": [e.key for e in events], "members": [e.member_id for e in events],
-        "api_keys": [e.api_key_id for e in events], "models": [e.model for e in events],
-        "input": [e.usage.input for e in events], "output": [e.usage.output for e in events],
-        "cached": [e.usage.cached for e in events], "charged": [e.charged for e in events],
-        "cost": [e.cost for e in events], "at": [e.occurred_at for e in events],
-        "accounts": [e.account_id for e in events],
-    }
+    rows = [{"key": e.key, "member_id": e.member_id, "api_key_id": e.api_key_id, "model": e.model,
+             "input": e.usage.input, "output": e.usage.output, "cached": e.usage.cached, "charged": e.charged,
+             "cost": str(e.cost), "at": e.occurred_at.isoformat(), "account_id": e.account_id}  # exact as text
+            for e in events]
+    params = {"org": organization.pk, "actor": getattr(actor, "pk", None), "now": timezone.now(),
+              "events": json.dumps(rows)}
     with connection.cursor() as cursor:
         cursor.execute(f"SELECT id FROM {_ACCOUNT} WHERE id = ANY(%s) ORDER BY id FOR UPDATE", [account_ids])
         if spend_ids:

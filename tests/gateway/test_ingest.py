@@ -636,7 +636,7 @@ def test_the_endpoints_are_in_the_openapi_schema(client, db):
     assert b"/api/v1/usage:" in yaml_response.content
 
 
-# -- defects: answers the product gets wrong (kept failing on purpose) ---------------------------------------
+# -- answers the product once got wrong ---------------------------------------------------------------------
 
 
 def test_an_impossible_calendar_date_is_a_rejected_event_not_a_crash(client, org_a, gateway_key):

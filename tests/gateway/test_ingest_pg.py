@@ -2,13 +2,18 @@
 accounts (and key spend counters) locked in id order first. Batches sent at the same moment must
 count every event exactly once, never deadlock, and leave a ledger that adds up."""
 
+import math
 import threading
 from collections import Counter, defaultdict
+from decimal import ROUND_HALF_UP, Decimal
 
+import httpx
 import pytest
 from django.db import connection, transaction
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 
 from allowances import services as allowance_services
 from allowances.ledger import verify
@@ -17,6 +22,7 @@ from apikeys import services as api_key_services
 from gateway.models import UsageRecord
 from portal.tenancy import scope, unscoped
 from tests.factories import MemberFactory, UserFactory
+from tests.support.fake_upstream import ServerThread
 
 pytestmark = pytest.mark.postgres
 
@@ -311,3 +317,124 @@ def test_ingest_alongside_holds_and_settlements_on_the_same_accounts(crowd):
     used_after = used_by_email()
     assert sum(used_after.values()) - sum(used_before.values()) == sum(charge(e) for e in events) + settled
     assert verify() == []
+
+
+def test_every_value_reaches_the_rows_exactly(org_a):
+    """The batch travels to PostgreSQL as one JSON document: keys with quotes, backslashes,
+    placeholders and non-ASCII characters, times with offsets and microseconds, the largest token
+    counts and costs far below a millionth come out in the rows as sent, in the batch's order."""
+    organization, admin = org_a.organization, org_a.members["admin"]
+    prices = (Decimal("0.1234"), Decimal("0.5"), Decimal("99999999.9999"))
+    with scope(organization):
+        allowance_services.catalog_model_create(
+            organization=organization, actor=admin.user, model_id="priced", display_name="Priced",
+            connection=org_a.provider_connection, input_multiplier="0.3", output_multiplier="1.7",
+            cached_multiplier="0.25", input_price_per_million=str(prices[0]),
+            output_price_per_million=str(prices[1]), cached_price_per_million=str(prices[2]))
+        _key, secret = api_key_services.api_key_create(member=admin, actor=admin.user, name="ingest",
+                                                       endpoints=["usage_write"])
+    keys = ["zz-last-sorted-first", 'quote " and \\ backslash', "it's %(events)s %s {}", "ünïcödé ✓ 🙂 中文",
+            "a" * 150, "0", "-"]
+    times = ["2025-01-15T10:00:00.123456+05:30", "2025-01-15T10:00:00Z", "1999-12-31T23:59:59.999999-11:00",
+             None, "2025-06-01T00:00:00+00:00", "2025-01-15T10:00:00.5-00:30", None]
+    # Costs below a millionth, one exactly half of it, and one of 21 digits (more than a float keeps).
+    counts = [(7, 0, 0), (0, 1, 0), (0, 0, 1), (10**9, 10**9, 10**9), (1, 3, 0), (0, 0, 0), (123456, 0, 10**9 - 1)]
+    events = []
+    for i, (key, at, (input_tokens, output_tokens, cached_tokens)) in enumerate(zip(keys, times, counts)):
+        e = {"idempotency_key": key, "model": "priced", "input_tokens": input_tokens, "output_tokens": output_tokens,
+             "cached_tokens": cached_tokens}
+        e |= {"api_key": org_a.api_key.display_prefix} if i % 2 else {"member": org_a.members["employee"].user.email}
+        if at is not None:
+            e["timestamp"] = at
+        events.append(e)
+    started = timezone.now()
+
+    status, body = sender(secret, events)(Client())
+
+    assert status == 200 and body["recorded"] == len(events), body
+    with unscoped():
+        records = list(UsageRecord.all_objects.filter(organization=organization, model="priced").order_by("id"))
+        entries = list(LedgerEntry.all_objects.filter(organization=organization, model="priced").order_by("id"))
+    assert [r.idempotency_key for r in records] == keys
+    assert [e.idempotency_key for e in entries] == [f"ingest:{key}" for key in keys]
+    for record, entry, e, at in zip(records, entries, events, times):
+        sent = (e["input_tokens"], e["output_tokens"], e["cached_tokens"])
+        assert (record.input_tokens, record.output_tokens, record.cached_tokens) == sent, record
+        weighted = math.ceil(Decimal("0.3") * sent[0] + Decimal("1.7") * sent[1] + Decimal("0.25") * sent[2])
+        assert record.charged_tokens == entry.used_delta == entry.tokens == weighted, record
+        cost = sum(n * price for n, price in zip(sent, prices)) / 10**6
+        assert record.cost == cost.quantize(Decimal("0.000001"), rounding=ROUND_HALF_UP), (record, cost)
+        if at is None:
+            assert started <= record.occurred_at <= timezone.now()
+        else:
+            assert record.occurred_at == parse_datetime(at)
+        assert (record.api_key_id, entry.api_key_id) == ((org_a.api_key.pk,) * 2 if "api_key" in e else (None, None))
+        assert record.member_id == org_a.members["employee"].pk
+    assert verify() == []
+
+
+def server_backends() -> set[int]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                       "AND backend_type = 'client backend' AND pid <> pg_backend_pid()")
+        return {pid for (pid,) in cursor.fetchall()}
+
+
+def test_under_asgi_api_requests_reuse_their_database_connection(crowd):
+    """Served by uvicorn, as in production: batches answer as through the test client, and one after
+    another they share a connection (a connection per request was a third of a batch's time). A
+    connection lost between requests (a database restart) is replaced within the next request."""
+    from portal.asgi import application
+
+    org, emails, secret = crowd
+    seen = set()
+    try:
+        with ServerThread(application) as server, httpx.Client(
+                base_url=server.url, headers={"Authorization": f"Bearer {secret}"}, timeout=30) as http:
+            for round_ in range(8):
+                events = batch(f"asgi{round_}", emails, 50, key_prefix=org.api_key.display_prefix)
+                answer = http.post(INGEST, json={"events": events + [events[0]]})
+                assert answer.status_code == 200, answer.text[:300]
+                body = answer.json()
+                assert (body["recorded"], body["duplicates"], body["rejected"]) == (50, 1, 0), body
+                seen |= server_backends()
+            assert len(seen) <= 2, seen  # one per thread of the pool that served them, not one per request
+            assert http.post(INGEST, json={"events": []}).status_code == 400
+            assert http.post(INGEST, json={"events": []}, headers={"Authorization": "Bearer tap_nope"}).status_code == 401
+
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = ANY(%s)",
+                               [list(server_backends())])
+            statuses = [http.post(INGEST, json={"events": batch(f"after{i}", emails, 5)}).status_code
+                        for i in range(3)]
+            assert statuses[1:] == [200, 200], statuses
+    finally:
+        with connection.cursor() as cursor:  # the server's threads are gone; end their sessions
+            cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+                           "AND pid <> pg_backend_pid()")
+    with unscoped():
+        assert UsageRecord.all_objects.filter(idempotency_key__startswith="asgi").count() == 8 * 50
+    assert verify() == []
+
+
+def test_usage_records_carry_only_the_indexes_their_reads_need(org_a):
+    """Each index costs every ingested event an insert: usage records keep the unique key and the
+    three (column, time) indexes, the key's only where one is set, and look-ups by organization,
+    member or key (lists, PROTECT and cascade checks) still find an index."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = %s",
+                       [UsageRecord._meta.db_table])
+        indexes = dict(cursor.fetchall())
+    assert set(indexes) == {f"{UsageRecord._meta.db_table}_pkey", "usage_record_idempotency_key_unique",
+                            "usage_org_time", "usage_member_time", "usage_key_time"}, indexes
+    assert "WHERE (api_key_id IS NOT NULL)" in indexes["usage_key_time"]
+    with unscoped(), connection.cursor() as cursor:
+        cursor.execute("SET enable_seqscan = off")
+        try:
+            for column, index in (("organization_id", "usage_"), ("member_id", "usage_member_time"),
+                                  ("api_key_id", "usage_key_time")):
+                cursor.execute(f"EXPLAIN SELECT id FROM {UsageRecord._meta.db_table} WHERE {column} = %s", [1])
+                plan = "\n".join(row[0] for row in cursor.fetchall())
+                assert "Seq Scan" not in plan and f"using {index}" in plan.lower(), (column, plan)
+        finally:
+            cursor.execute("RESET enable_seqscan")
