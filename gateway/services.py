@@ -128,6 +128,18 @@ def _public_id(value) -> str:
     return str(value).removeprefix("tap_")[:12]
 
 
+def _storable(value) -> bool:
+    """Text that PostgreSQL can store and the JSON answer can repeat: no NUL character and no
+    unpaired surrogate (both parse from JSON escapes)."""
+    if not isinstance(value, str) or "\x00" in value:
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _whole(value, name: str, errors: dict, *, required: bool = False) -> int:
     if value is None and not required:
         return 0
@@ -146,6 +158,8 @@ def _clean_event(raw, index: int, *, config, members: dict, keys: dict, accounts
     if not isinstance(key, str) or not 0 < len(key.strip()) <= MAX_EVENT_KEY:
         errors["idempotency_key"] = (f"Required: a string of 1 to {MAX_EVENT_KEY} characters that identifies "
                                      "this event.")
+    elif not _storable(key):
+        errors["idempotency_key"] = "Must not contain NUL characters or unpaired surrogates."
     route = config.models.get(raw.get("model")) if isinstance(raw.get("model"), str) else None
     if route is None:
         errors["model"] = "Not a model of this organization's catalog."
@@ -198,8 +212,12 @@ def usage_ingest(*, organization: Organization, actor, events: list) -> list[dic
     if len(events) > MAX_EVENTS:
         raise ValidationError({"events": f"At most {MAX_EVENTS} events per batch; this one has {len(events)}."})
     config = org_config(organization.pk)
-    emails = {str(e["member"]).strip().lower() for e in events if isinstance(e, dict) and "member" in e}
-    key_ids = {_public_id(e["api_key"]) for e in events if isinstance(e, dict) and "api_key" in e}
+    # Values the database could not even compare are left out of the look-ups (their events are
+    # answered "no member" or "no API key").
+    emails = {str(e["member"]).strip().lower() for e in events
+              if isinstance(e, dict) and "member" in e and _storable(str(e["member"]))}
+    key_ids = {_public_id(e["api_key"]) for e in events
+               if isinstance(e, dict) and "api_key" in e and _storable(str(e["api_key"]))}
     members = dict(Member.objects.filter(organization=organization, user__email__in=emails)
                    .values_list("user__email", "pk")) if emails else {}
     members = {email.lower(): pk for email, pk in members.items()}
@@ -218,8 +236,9 @@ def usage_ingest(*, organization: Organization, actor, events: list) -> list[dic
             answers.append({"index": index, "idempotency_key": raw["idempotency_key"], "status": "duplicate"})
             continue
         if event is None:
-            answers.append({"index": index, "idempotency_key": raw.get("idempotency_key") if isinstance(raw, dict)
-                            else None, "status": "rejected", "errors": errors})
+            given = raw.get("idempotency_key") if isinstance(raw, dict) else None
+            answers.append({"index": index, "idempotency_key": given if _storable(given) else None,
+                            "status": "rejected", "errors": errors})
             continue
         seen.add(event.key)
         good.append(event)

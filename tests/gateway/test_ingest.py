@@ -6,6 +6,7 @@ statement per batch): every answer is checked against the rows it must leave beh
 buckets, the key spend counters and `ledger.verify()`.
 """
 
+import json
 from datetime import timedelta
 
 import pytest
@@ -699,3 +700,29 @@ def test_a_settlement_does_not_swallow_an_event_with_a_lookalike_id(client, org_
     answer = ingest(client, gateway_key, [event(f"settle:{hold['hold_id']}", input_tokens=5)])
     assert answer["results"][0]["status"] == "recorded", answer
     assert balance(employee) == (granted, held, used + 5)
+
+
+@pytest.mark.parametrize("field", ["idempotency_key", "member", "api_key", "model", "timestamp"])
+@pytest.mark.parametrize("bad", [r"\u0000", r"\ud800"], ids=["nul", "lone-surrogate"])
+def test_text_the_database_cannot_store_is_a_rejected_event_not_a_crash(client, org_a, gateway_key, field, bad):
+    """JSON can carry a NUL character or half a surrogate pair; PostgreSQL cannot store or compare
+    the first and UTF-8 cannot encode the second. The event is rejected, its neighbours apply."""
+    client.raise_request_exception = False
+    employee = org_a.members["employee"]
+    granted, held, used = balance(employee)
+    broken = {"idempotency_key": "broken", "member": EMPLOYEE, "model": MODEL, "input_tokens": 7} | (
+        {"api_key": "tap_"} if field == "api_key" else {})
+    if field == "api_key":
+        del broken["member"]
+    broken[field] = f"x{{BAD}}y"
+    body = ('{"events": [' + json.dumps(event("fine", input_tokens=5)) + ", "
+            + json.dumps(broken).replace("{BAD}", bad) + "]}")
+
+    response = client.post(INGEST, data=body, content_type="application/json", **bearer(gateway_key))
+
+    assert response.status_code == 200, (response.status_code, response.content[:300])
+    first, second = response.json()["results"]
+    assert first["status"] == "recorded"
+    assert second["status"] == "rejected" and list(second["errors"]) == [field], second
+    assert balance(employee) == (granted, held, used + 5)
+    assert verify() == []
