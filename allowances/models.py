@@ -237,10 +237,11 @@ class LedgerEntry(TenantModel):
         ADJUSTMENT = "adjustment", "Adjustment"
 
     # On PostgreSQL these two are checked by ONE foreign key, (account, organization) -> the
-    # account's (id, organization) (migration 0008): an entry can only name an account of its own
-    # organization, and a period close inserting millions of entries pays one check per entry, not
-    # two. No single-column indexes: the unique (account, idempotency key) and the (organization,
-    # created at) indexes lead with them, and every index slows each insert.
+    # account's (id, organization) (migration 0008, portal.composite_keys): an entry can only name
+    # an account of its own organization, and a period close inserting millions of entries pays
+    # one check per entry, not two. No single-column indexes: the unique (account, idempotency
+    # key) and the (organization, created at) indexes lead with them, and every index slows each
+    # insert.
     organization = models.ForeignKey("portal.Organization", on_delete=models.CASCADE, related_name="+", db_index=False,
                                      db_constraint=False)
     account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="entries", db_index=False,

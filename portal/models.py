@@ -151,6 +151,8 @@ class Member(TenantModel, RoleFlags):
         constraints = [
             models.UniqueConstraint(fields=["organization", "user"], name="member_unique_per_org"),
             RoleFlags.at_least_one_role("member_has_a_role"),
+            # What usage records reference (with their organization): see gateway.UsageRecord.
+            models.UniqueConstraint(fields=["id", "organization"], name="member_id_organization"),
         ]
 
     def __str__(self):

@@ -3,19 +3,7 @@
 import django.db.models.deletion
 from django.db import migrations, models
 
-# Django models single-column foreign keys only; this one is PostgreSQL's (SQLite, the embedded
-# default, is not where concurrent writers could break it).
-ADD = ("ALTER TABLE allowances_ledgerentry ADD CONSTRAINT ledger_account_in_organization "
-       "FOREIGN KEY (account_id, organization_id) REFERENCES allowances_account (id, organization_id) "
-       "DEFERRABLE INITIALLY DEFERRED")
-DROP = "ALTER TABLE allowances_ledgerentry DROP CONSTRAINT ledger_account_in_organization"
-
-
-def on_postgresql(sql):
-    def run(apps, schema_editor):
-        if schema_editor.connection.vendor == "postgresql":
-            schema_editor.execute(sql)
-    return run
+from portal.composite_keys import composite_foreign_key
 
 
 class Migration(migrations.Migration):
@@ -40,5 +28,6 @@ class Migration(migrations.Migration):
             model_name='account',
             constraint=models.UniqueConstraint(fields=('id', 'organization'), name='account_id_organization'),
         ),
-        migrations.RunPython(on_postgresql(ADD), on_postgresql(DROP)),
+        composite_foreign_key(table="allowances_ledgerentry", name="ledger_account_in_organization",
+                              column="account_id", parent_table="allowances_account"),
     ]
