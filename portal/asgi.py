@@ -49,9 +49,10 @@ class GatewayHandler(ASGIHandler):
         return request.resolver_match
 
     async def handle(self, scope, receive, send):
-        """ASGIHandler.handle (Django 5.2) without the request signals, so without response.close()
-        too, which sends request_finished (the gateway's responses hold no files or other resources
-        to close). A client that disconnects still cancels the view, as there."""
+        """Serve one request the way ASGIHandler.handle does, less the request signals and so less
+        response.close(), which sends request_finished (gateway responses hold no files or other
+        resources to close). A client that disconnects still cancels the view. Check it against
+        ASGIHandler.handle when upgrading Django."""
         try:
             body_file = await self.read_body(receive)
         except RequestAborted:
