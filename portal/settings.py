@@ -110,7 +110,10 @@ TEMPLATES = [
 
 DATABASE_URL = env("DATABASE_URL")
 if DATABASE_URL:
-    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=int(env("DB_CONN_MAX_AGE", "60")))}
+    # Connections persist across requests, so each request first checks that its connection is
+    # still alive (a database restart would otherwise fail one request per server thread).
+    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=int(env("DB_CONN_MAX_AGE", "60")),
+                                                  conn_health_checks=True)}
 else:
     (BASE_DIR / "var").mkdir(exist_ok=True)
     DATABASES = {
