@@ -13,10 +13,12 @@ Everything rarer (a cache miss, a refusal, a retry, a hold already closed, SQLit
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import time
 from dataclasses import dataclass
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
 
 import psycopg
 from asgiref.sync import sync_to_async
@@ -70,9 +72,17 @@ class ModelRoute:
     prices: tuple[Decimal, Decimal, Decimal]  # per million tokens
 
     def weighted(self, usage: Usage) -> int:
-        m_in, m_out, m_cached = self.multipliers
-        total = usage.input * m_in + usage.output * m_out + usage.cached * m_cached
-        return int(total.to_integral_value(rounding=ROUND_CEILING))
+        """The tokens counted against the allowance: the multiplied sum, rounded up."""
+        (m_in, m_out, m_cached), denominator = self._integer_multipliers
+        return -(-(usage.input * m_in + usage.output * m_out + usage.cached * m_cached) // denominator)
+
+    @functools.cached_property
+    def _integer_multipliers(self) -> tuple[tuple[int, int, int], int]:
+        # The multipliers as whole numbers over one denominator: exact like Decimal arithmetic, and
+        # a usage batch prices 1,000 events (Decimal was a fifth of validating one).
+        ratios = [multiplier.as_integer_ratio() for multiplier in self.multipliers]
+        denominator = math.lcm(*(d for _, d in ratios))
+        return tuple(n * (denominator // d) for n, d in ratios), denominator
 
     def cost(self, usage: Usage) -> Decimal:
         p_in, p_out, p_cached = self.prices
