@@ -10,13 +10,14 @@ settling it or a `release`) that points at it through the unique `closes_hold` c
 can never be settled or released twice, whatever retries or races happen.
 """
 
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
 
 from django.conf import settings
 from django.db import models
 from django.db.models import F, Q
 from django.utils import timezone
 
+from allowances.pricing import Pricing
 from portal.models import Member, Team
 from portal.tenancy import TenantModel
 
@@ -67,11 +68,11 @@ class CatalogModel(TenantModel):
     def provider_model(self) -> str:
         return self.upstream_model or self.model_id
 
-    def weighted_tokens(self, *, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> int:
-        """The tokens a request counts against the allowance, rounded up to a whole token."""
-        total = (input_tokens * self.input_multiplier + output_tokens * self.output_multiplier
-                 + cached_tokens * self.cached_multiplier)
-        return int(total.to_integral_value(rounding=ROUND_CEILING))
+    @property
+    def pricing(self) -> Pricing:
+        return Pricing(multipliers=(self.input_multiplier, self.output_multiplier, self.cached_multiplier),
+                       prices=(self.input_price_per_million, self.output_price_per_million,
+                               self.cached_price_per_million))
 
 
 class AllowancePolicy(TenantModel):

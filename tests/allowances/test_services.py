@@ -577,7 +577,7 @@ def test_account_opens_pro_rata_for_a_mid_period_joiner_and_whole_for_a_late_ope
 def test_weighted_tokens_rounds_up_to_a_whole_token(multipliers, usage, expected):
     model = CatalogModel(input_multiplier=Decimal(multipliers[0]), output_multiplier=Decimal(multipliers[1]),
                          cached_multiplier=Decimal(multipliers[2]))
-    result = model.weighted_tokens(input_tokens=usage[0], output_tokens=usage[1], cached_tokens=usage[2])
+    result = model.pricing.weighted(*usage)
     assert result == expected and isinstance(result, int)
 
 
