@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import redis
 from django.core.cache import cache
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
@@ -19,6 +20,7 @@ from apikeys import secrets
 from apikeys.models import ENDPOINT_ROLES, ENDPOINTS, MAX_ROTATION_GRACE_HOURS, ApiKey
 from portal.audit import log_action
 from portal.models import Member
+from portal import shared_cache
 from portal.tenancy import unscoped
 
 MAX_CIDRS = 20
@@ -173,10 +175,22 @@ class KeyIdentity:
     refused: str | None  # revoked, or the member deactivated
     account_id: int | None = None  # the owner's allowance account, once one is open
     spend_id: int | None = None  # the key's spend counter (its cap), shared across rotations
+    public_id: str = ""
 
 
 def cache_key(public_id: str) -> str:
     return f"apikey:{public_id}"
+
+
+IDENTITY_TTL = 300  # seconds; every change to a key or its owner drops the cached identity at once
+
+
+def identity_load(public_id: str) -> KeyIdentity | None:
+    """The key's identity from the database, cached for the next requests (None: no such key)."""
+    identity = _load(public_id)
+    if identity is not None:
+        shared_cache.set(cache_key(public_id), identity, timeout=IDENTITY_TTL)
+    return identity
 
 
 def _load(public_id: str) -> KeyIdentity | None:
@@ -192,7 +206,7 @@ def _load(public_id: str) -> KeyIdentity | None:
                        allowed_cidrs=tuple(key.allowed_cidrs), token_cap=key.token_cap,
                        refusal_at=min(ends) if ends else None, refused=refused,
                        account_id=Account.all_objects.filter(member_id=key.member_id).values_list("id", flat=True).first(),
-                       spend_id=key.spend_id)
+                       spend_id=key.spend_id, public_id=key.public_id)
 
 
 def presented(raw_key: str) -> secrets.ParsedKey:
@@ -223,21 +237,6 @@ def admit(parts: secrets.ParsedKey, identity: KeyIdentity, *, ip: str | None) ->
     return now
 
 
-def authenticate(raw_key: str, *, ip: str | None) -> KeyIdentity:
-    """The identity of a presented key, or KeyRefused saying why."""
-    parts = presented(raw_key)
-    identity = cache.get(cache_key(parts.public_id))
-    if identity is None:
-        identity = _load(parts.public_id)
-        if identity is None:
-            raise KeyRefused("Invalid API key: no such key.")
-        cache.set(cache_key(parts.public_id), identity, timeout=300)
-    now = admit(parts, identity, ip=ip)
-    if use_to_record(parts.public_id):
-        record_use(parts.public_id, identity.id, now)
-    return identity
-
-
 _recorded_here: dict[str, float] = {}  # public id -> when this process last recorded a use (monotonic)
 
 
@@ -253,7 +252,11 @@ def record_use(public_id: str, key_id: int, now: datetime) -> None:
     from the database, so a revocation can never be overwritten by a stale copy.
     """
     _recorded_here[public_id] = time.monotonic()
-    if cache.add(f"apikey-used:{public_id}", 1, timeout=int(LAST_USED_RESOLUTION.total_seconds())):
+    try:
+        first = cache.add(f"apikey-used:{public_id}", 1, timeout=int(LAST_USED_RESOLUTION.total_seconds()))
+    except redis.RedisError:
+        first = True  # the cache is down: this process's own once a minute is throttle enough
+    if first:
         with unscoped():
             ApiKey.objects.filter(pk=key_id).update(last_used_at=now)
 
@@ -263,8 +266,8 @@ def invalidate(public_ids) -> None:
     row while the change was in flight must not leave it cached."""
     keys = [cache_key(public_id) for public_id in public_ids]
     if keys:
-        cache.delete_many(keys)
-        transaction.on_commit(lambda: cache.delete_many(keys))
+        shared_cache.delete_many(keys)
+        transaction.on_commit(lambda: shared_cache.delete_many(keys))
 
 
 # -- reminders -----------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from rest_framework.views import APIView
 
 from allowances import ledger
 from gateway import services
-from portal.api.authentication import ApiKeyAuthentication
+from apikeys.authentication import ApiKeyAuthentication
+from portal.api.views import OrganizationAPIView
 
 
 class _EventSerializer(serializers.Serializer):
@@ -30,14 +31,11 @@ class UsageBatchSerializer(serializers.Serializer):
     events = _EventSerializer(many=True, help_text=f"1 to {services.MAX_EVENTS} events.")
 
 
-class _GatewayApiView(APIView):
+class _GatewayApiView(OrganizationAPIView, APIView):
     authentication_classes = [ApiKeyAuthentication]  # a key, never a session
+    key_only = True  # the organization is the key's
     required_roles = {"POST": ("admin",)}
     key_scope = "usage_write"
-
-    @property
-    def organization(self):
-        return self.request.organization
 
 
 class UsageIngestView(_GatewayApiView):

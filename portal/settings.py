@@ -128,7 +128,7 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env("REDIS_URL")
 if REDIS_URL:
-    CACHES = {"default": {"BACKEND": "portal.cache.RedisCache", "LOCATION": REDIS_URL}}
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
@@ -194,7 +194,7 @@ STORAGES = {
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "portal.api.authentication.ApiKeyAuthentication",
+        "apikeys.authentication.ApiKeyAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["portal.api.permissions.OrganizationPermission"],
@@ -235,6 +235,8 @@ API_KEY_HASH_KEY = env("API_KEY_HASH_KEY")
 # Encrypts provider secrets at rest (a Fernet key: `python -c "from cryptography.fernet import Fernet;
 # print(Fernet.generate_key().decode())"`); defaults to one derived from SECRET_KEY.
 PROVIDER_SECRETS_KEY = env("PROVIDER_SECRETS_KEY")
+# Threads serving pages and the REST API in each server process (each keeps a database connection).
+WEB_THREADS = int(env("WEB_THREADS", "10"))
 # The largest request the gateway forwards (prompts with images are large; forms keep Django's limit).
 GATEWAY_MAX_BODY_BYTES = int(env("GATEWAY_MAX_BODY_BYTES", str(32 * 1024 * 1024)))
 STRIPE_SECRET_KEY = env("STRIPE_SECRET_KEY")

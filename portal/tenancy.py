@@ -5,8 +5,9 @@ active organization and raises `ScopeError` when no organization is active, so a
 command that forgets to filter fails closed instead of leaking another company's rows. Saving a
 row of another organization while a scope is active raises too.
 
-The scope is activated by `TenancyMiddleware` for every URL that carries `org_slug`
-(`/o/<slug>/...` and `/api/v1/o/<slug>/...`), by tasks and commands with `scope(org)`, and is
+The scope is activated by `activate` for the member a request acts as: by `TenancyMiddleware`
+for pages under `/o/<slug>/`, and by every API view once DRF has authenticated the caller
+(portal.api.views.OrganizationAPIView); by tasks and commands with `scope(org)`; and it is
 deliberately lifted with `unscoped()` only where code works across tenants (platform admin,
 period close over all organizations, a user's list of their own memberships).
 """
@@ -163,76 +164,45 @@ def _is_api_path(path: str) -> bool:
     return path.startswith(("/api/", "/v1/"))
 
 
-def _presented_key(request) -> str | None:
-    """An API key from `Authorization: Bearer ...` or `x-api-key` (what the OpenAI and Anthropic SDKs send)."""
-    header = request.headers.get("Authorization", "")
-    if header[:7].lower() == "bearer ":
-        return header[7:].strip()
-    return request.headers.get("X-Api-Key") or None
+def member_for(*, slug: str | None, user=None, key=None):
+    """The active member acting in the organization of `slug` (None: the key's organization) by an
+    API key's identity or a signed-in user; None for anyone who is not one, and for an organization
+    that does not exist (not yours answers like missing)."""
+    from portal.models import Member
+
+    members = Member.all_objects.select_related("organization", "user", "team").filter(is_active=True)
+    if slug is not None:
+        members = members.filter(organization__slug=slug)
+    if key is not None:
+        return members.filter(pk=key.member_id, organization_id=key.organization_id).first()
+    if user is None or not user.is_authenticated:
+        return None
+    return members.filter(user=user).first()
 
 
-# URL kwarg of API routes outside /o/<slug>/ whose organization is the presented API key's
-# (e.g. POST /api/v1/usage, called by an organization's own gateway).
-ORG_FROM_KEY = "organization_from_api_key"
-
-# What the middleware decided for a request: go on without a scope, across tenants, or in one
-# organization; or answer at once.
-_PASS, _UNSCOPED_ADMIN = "pass", "admin"
+def activate(request, member) -> None:
+    """Act for `member` from here on: the request's organization and member, the organization's
+    scope and its time zone (the zone its periods are counted in). For code that runs in a context
+    of its own, which ends with it (the middleware's `with`, an API view's dispatch)."""
+    request.organization, request.member = member.organization, member
+    _active_scope.set(member.organization)
+    timezone.activate(ZoneInfo(member.organization.time_zone))
 
 
 class TenancyMiddleware:
-    """Resolve the organization of the URL, check membership, and keep its scope active.
+    """Resolve the organization of the URL and, for pages, the signed-in member; keep the scope active.
 
-    The scope stays active while the response renders. A user who is not an active member of
-    the organization gets the same 404 as for an organization that does not exist. Works under
-    WSGI and ASGI: under ASGI the membership look-up runs in a thread. (The gateway's /v1/ paths
-    never come here under ASGI: portal.asgi serves them without the page middleware.)
+    The scope stays active while the response renders. A user who is not an active member of the
+    organization gets the same 404 as for an organization that does not exist. API requests are
+    authenticated by the API's own classes (a key or the session); the API view activates the
+    scope once it knows the caller is a member (portal.api.views.OrganizationAPIView).
     """
 
-    sync_capable = async_capable = True
-
     def __init__(self, get_response):
-        from asgiref.sync import iscoroutinefunction, markcoroutinefunction
-
         self.get_response = get_response
-        self.async_mode = iscoroutinefunction(get_response)
-        if self.async_mode:
-            markcoroutinefunction(self)
 
     def __call__(self, request):
-        if self.async_mode:
-            return self._acall(request)
-        decision = self._decide(request)
-        if decision == _PASS:
-            return self.get_response(request)
-        if decision == _UNSCOPED_ADMIN:
-            with unscoped():
-                return self.get_response(request)
-        if not isinstance(decision, tuple):
-            return decision
-        organization, zone = decision
-        with scope(organization), timezone.override(zone):
-            return self.get_response(request)
-
-    async def _acall(self, request):
-        from asgiref.sync import sync_to_async
-
-        decision = await sync_to_async(self._decide)(request)
-        if decision == _PASS:
-            return await self.get_response(request)
-        if decision == _UNSCOPED_ADMIN:
-            with unscoped():
-                return await self.get_response(request)
-        if not isinstance(decision, tuple):
-            return decision
-        organization, zone = decision
-        # The scope and zone are context variables: the sync views Django runs in threads see them.
-        with scope(organization), timezone.override(zone):
-            return await self.get_response(request)
-
-    def _decide(self, request):
-        request.organization = None
-        request.member = None
+        request.organization = request.member = None
         try:
             match = resolve(request.path_info)
         except Resolver404:
@@ -240,73 +210,34 @@ class TenancyMiddleware:
                 # API clients get JSON for every error, also for a path no route matches
                 # (e.g. a non-integer id): Django's own 404 page is HTML.
                 return JsonResponse({"detail": "Not found."}, status=404)
-            return _PASS
+            return self.get_response(request)
 
         if match.app_name == "admin" or match.namespace == "admin":
             # Platform staff work across tenants; Django's admin itself requires is_staff.
-            return _UNSCOPED_ADMIN
+            with unscoped():
+                return self.get_response(request)
 
         slug = match.kwargs.get("org_slug")
-        org_from_key = match.kwargs.get(ORG_FROM_KEY, False)
-        if slug is None and not org_from_key:
-            return _PASS
-
-        request.api_key = None
-        presented = _presented_key(request) if _is_api_path(request.path_info) else None
-        if presented is not None:
-            # Checked before the session is even looked at: a malformed key costs no database query.
-            from apikeys.services import KeyRefused, authenticate
-
-            try:
-                request.api_key = authenticate(presented, ip=request.META.get("REMOTE_ADDR"))
-            except KeyRefused as refused:
-                return JsonResponse({"detail": str(refused)}, status=401, headers={"WWW-Authenticate": "Bearer"})
-            member = self._key_member(request.api_key, slug)
-            if member is None:
-                return JsonResponse({"detail": "Not found."}, status=404)
-        elif org_from_key:
-            return JsonResponse({"detail": "This endpoint takes an API key: send `Authorization: Bearer tap_...`."},
-                                status=401, headers={"WWW-Authenticate": "Bearer"})
-        else:
-            member = self._member_for(request, slug)
+        if slug is None:
+            return self.get_response(request)
+        if _is_api_path(request.path_info):
+            # Who calls is known once the API has authenticated the key or the session: it looks
+            # up the member there (no query before a malformed key is refused).
+            request.organization_slug = slug
+            return self.get_response(request)
+        member = member_for(slug=slug, user=request.user)
         if member is None:
             if not request.user.is_authenticated:
                 from django.contrib.auth.views import redirect_to_login  # needs the app registry
 
-                if _is_api_path(request.path_info):
-                    return JsonResponse({"detail": "Authentication credentials were not provided."}, status=401)
                 return redirect_to_login(request.get_full_path(), settings.LOGIN_URL)
-            if _is_api_path(request.path_info):
-                return JsonResponse({"detail": "Not found."}, status=404)
             raise Http404("No such organization.")
+        return contextvars.copy_context().run(self._as_member, request, member)
 
-        request.organization = member.organization
-        request.member = member
-        # Pages show times in the organization's zone, the zone its periods are counted in.
-        return member.organization, ZoneInfo(member.organization.time_zone)
+    def _as_member(self, request, member):
+        activate(request, member)
+        return self.get_response(request)
 
     def process_view(self, request, view_func, view_args, view_kwargs):
         # Views read the organization from request.organization, never from the URL.
         view_kwargs.pop("org_slug", None)
-        view_kwargs.pop(ORG_FROM_KEY, None)
-
-    @staticmethod
-    def _key_member(identity, slug):
-        from portal.models import Member
-
-        members = Member.all_objects.select_related("organization", "user", "team").filter(
-            pk=identity.member_id, organization_id=identity.organization_id, is_active=True)
-        return (members.filter(organization__slug=slug) if slug is not None else members).first()
-
-    @staticmethod
-    def _member_for(request, slug):
-        from portal.models import Member
-
-        if not request.user.is_authenticated:
-            return None
-        return (
-            Member.all_objects.select_related("organization", "user", "team")
-            .filter(organization__slug=slug, user=request.user, is_active=True)
-            .first()
-        )
-

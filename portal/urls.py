@@ -26,5 +26,5 @@ urlpatterns = [
     path("accounts/", include("allauth.urls")),
     path("admin/", admin.site.urls),
     path("", include("portal.api.urls")),
-    path("", include("gateway.urls")),
 ]
+# The gateway's /v1/ paths are served by gateway.endpoints, routed there by portal.asgi.

@@ -12,6 +12,7 @@ from apikeys import services as api_key_services
 from apikeys.models import ENDPOINT_ROLES, ENDPOINTS
 from gateway import services as gateway_services
 from gateway.models import UsageRecord
+from portal import shared_cache
 from portal.audit import log_action
 from portal.tenancy import ROLES, scope, unscoped
 from tests.factories import PASSWORD, InvitationFactory, MemberFactory, OrganizationFactory, TeamFactory, UserFactory
@@ -38,6 +39,7 @@ def _fast_and_clean(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     yield
     cache.clear()
+    shared_cache.clear()
 
 
 def make_org(label: str):

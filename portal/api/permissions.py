@@ -1,5 +1,6 @@
 from rest_framework.permissions import BasePermission
 
+from apikeys.services import KeyIdentity
 from portal.tenancy import ROLES
 
 ANY_MEMBER = ROLES
@@ -15,12 +16,12 @@ class OrganizationPermission(BasePermission):
     message = "Your role in this organization does not allow this."
 
     def has_permission(self, request, view):
-        member = getattr(request._request, "member", None)
+        member = request.member
         if member is None:
             return False
         if request.method not in view.allowed_methods:
             return True  # nothing to protect: DRF answers 405 Method Not Allowed
-        key = getattr(request._request, "api_key", None)
+        key = request.auth if isinstance(request.auth, KeyIdentity) else None
         if key is not None:
             # A key reaches only the endpoints its scopes name (views declare `key_scope`).
             scope = getattr(view, "key_scope", None)

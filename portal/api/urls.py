@@ -6,7 +6,6 @@ from rest_framework.routers import SimpleRouter
 from allowances.api import views as allowance_views
 from gateway import api as gateway_api
 from portal.api import views
-from portal.tenancy import ORG_FROM_KEY
 
 router = SimpleRouter(use_regex_path=False)
 router.register("teams", views.TeamViewSet, basename="api-team")
@@ -23,8 +22,8 @@ router.register("models", allowance_views.CatalogModelViewSet, basename="api-cat
 urlpatterns = [
     path("api/v1/o/<slug:org_slug>/", include(router.urls)),
     # The organization is the API key's (an organization's own gateway reporting to the portal).
-    path("api/v1/usage", gateway_api.UsageIngestView.as_view(), {ORG_FROM_KEY: True}, name="api-usage-ingest"),
-    path("api/v1/authorize", gateway_api.AuthorizeView.as_view(), {ORG_FROM_KEY: True}, name="api-authorize"),
-    path("api/v1/settle", gateway_api.SettleView.as_view(), {ORG_FROM_KEY: True}, name="api-settle"),
+    path("api/v1/usage", gateway_api.UsageIngestView.as_view(), name="api-usage-ingest"),
+    path("api/v1/authorize", gateway_api.AuthorizeView.as_view(), name="api-authorize"),
+    path("api/v1/settle", gateway_api.SettleView.as_view(), name="api-settle"),
     path("api/schema/", SpectacularAPIView.as_view(permission_classes=[AllowAny]), name="api-schema"),
 ]

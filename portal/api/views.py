@@ -1,24 +1,54 @@
 """The organization-scoped REST API. Same services and rules as the pages."""
 
+import contextvars
+
 from django.core.exceptions import ValidationError
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import NotAuthenticated, NotFound
 from rest_framework.response import Response
 
-from portal import selectors, services
-from portal.models import Team
+from apikeys.services import KeyIdentity
+from portal import selectors, services, tenancy
 from portal.api.serializers import AuditLogEntrySerializer, InvitationSerializer, MemberSerializer, TeamSerializer
+from portal.models import Team
 
 
-class OrganizationViewSet(viewsets.GenericViewSet):
-    """Base for API views under /api/v1/o/<org_slug>/; `self.organization` is the URL's organization."""
+class OrganizationAPIView:
+    """Every API view is one: once DRF has authenticated the caller (an API key or the session), the
+    caller must be an active member of the URL's organization (or, on routes without one, the key's
+    organization), and the view runs in that organization's scope. Anyone else gets 404, as for an
+    organization that does not exist; no caller, 401."""
 
-    lookup_value_converter = "int"
+    key_only = False  # routes whose organization is the presented key's
+
+    def dispatch(self, request, *args, **kwargs):
+        # The scope activated for this caller ends with the request, whatever happens inside.
+        return contextvars.copy_context().run(super().dispatch, request, *args, **kwargs)
+
+    def perform_authentication(self, request):
+        super().perform_authentication(request)
+        key = request.auth if isinstance(request.auth, KeyIdentity) else None
+        if self.key_only and key is None:
+            raise NotAuthenticated("This endpoint takes an API key: send `Authorization: Bearer tap_...`.")
+        if key is None and not request.user.is_authenticated:
+            return  # the permission check answers 401
+        member = tenancy.member_for(slug=None if self.key_only else request.organization_slug, user=request.user,
+                                    key=key)
+        if member is None:
+            raise NotFound()
+        tenancy.activate(request, member)
 
     @property
     def organization(self):
         return self.request.organization
+
+
+class OrganizationViewSet(OrganizationAPIView, viewsets.GenericViewSet):
+    """Base for API views under /api/v1/o/<org_slug>/; `self.organization` is the URL's organization."""
+
+    lookup_value_converter = "int"
 
     def lookup(self, model, pk, field: str):
         """An object of this organization named by id in a request body; 400 naming the field if not."""

@@ -5,13 +5,13 @@ request even though the key's identity is cached (every test warms the cache wit
 from datetime import timedelta
 
 import pytest
-from django.core.cache import cache
 from django.core.exceptions import ValidationError
 from django.utils import timezone
 
 from apikeys import services
 from apikeys.models import ENDPOINT_ROLES, ENDPOINTS, ApiKey
 from portal import services as portal_services
+from portal import shared_cache
 from portal.tenancy import scope, unscoped
 
 
@@ -67,7 +67,7 @@ def stored(key) -> ApiKey:
 def warm(client, org, secret):
     """A successful call: the key's identity is now cached."""
     ok(get(client, org, "balances/", secret))
-    assert cache.get(services.cache_key(secret[4:16])) is not None
+    assert shared_cache.get(services.cache_key(secret[4:16])) is not None
 
 
 # -- what a key may read ---------------------------------------------------------------------------------------

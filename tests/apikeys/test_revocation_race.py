@@ -6,6 +6,7 @@ import pytest
 from django.db import connection, transaction
 
 from apikeys import services
+from apikeys.authentication import ApiKeyAuthentication
 from apikeys.models import ApiKey
 from portal.tenancy import scope
 
@@ -14,7 +15,7 @@ pytestmark = pytest.mark.postgres
 
 def test_a_key_cached_during_its_revocation_is_refused_after_the_commit(org_a):
     secret = org_a.api_key_secret
-    services.authenticate(secret, ip="127.0.0.1")  # warm the cache
+    ApiKeyAuthentication.identify(secret, ip="127.0.0.1")  # warm the cache
     revoked_but_uncommitted, read_done = threading.Event(), threading.Event()
 
     def revoke_slowly():
@@ -30,8 +31,8 @@ def test_a_key_cached_during_its_revocation_is_refused_after_the_commit(org_a):
     revoker.start()
     assert revoked_but_uncommitted.wait(10)
     # This request sees the committed (not yet revoked) row and caches it.
-    assert services.authenticate(secret, ip="127.0.0.1").id == org_a.api_key.pk
+    assert ApiKeyAuthentication.identify(secret, ip="127.0.0.1").id == org_a.api_key.pk
     read_done.set()
     revoker.join(10)
     with pytest.raises(services.KeyRefused, match="revoked"):
-        services.authenticate(secret, ip="127.0.0.1")
+        ApiKeyAuthentication.identify(secret, ip="127.0.0.1")

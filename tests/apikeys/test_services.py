@@ -11,7 +11,6 @@ import pytest
 from django.apps import apps
 from django.conf import settings
 from django.contrib.sessions.models import Session
-from django.core.cache import cache
 from django.core.exceptions import ValidationError
 from django.db import connection, models
 from django.utils import timezone
@@ -21,6 +20,7 @@ from gateway import services as gateway_services
 from apikeys import secrets, services
 from apikeys.models import ENDPOINTS, ApiKey
 from portal.models import AuditLogEntry
+from portal import shared_cache
 from portal.tenancy import scope, unscoped
 
 KEY_SHAPE = re.compile(r"tap_[A-Za-z0-9]{12}_[A-Za-z0-9]{38}")
@@ -140,7 +140,7 @@ def test_no_column_of_any_table_holds_a_secret(org_a, org_b, client, login):
                org_b.api_key_secret, secrets.parse(org_b.api_key_secret).secret, provider_secret, provider_secret[:-4]]
     assert leaks(needles) == set()
     # Not in the cached identity either, whatever the cache backend.
-    identity = cache.get(services.cache_key(parts.public_id))
+    identity = shared_cache.get(services.cache_key(parts.public_id))
     if identity is not None:
         assert parts.secret not in repr(identity)
 

@@ -195,14 +195,12 @@ def test_admin_is_platform_staff_only(client, org_a, model_name):
     assert response.status_code == 302 and "/admin/login/" in response["Location"]
 
 
-def test_routes_whose_organization_is_the_keys_never_reach_another(client, org_a, org_b):
-    """The routes outside /o/<slug>/ whose organization is the presented key's (usage ingest, holds,
-    the gateway), discovered: A's admin key with every scope, aimed at B's members, keys, holds and
-    models, changes nothing of B and is answered as if they did not exist."""
+def _aimed_at_b(org_a, org_b):
+    """A's admin key with every scope, and bodies aimed at B's members, keys, holds and models."""
     from allowances import services as allowance_services
     from apikeys.models import ENDPOINTS
     from apikeys.services import api_key_create
-    from portal.tenancy import ORG_FROM_KEY, scope
+    from portal.tenancy import scope
 
     admin = org_a.members["admin"]
     with scope(org_a.organization):
@@ -218,25 +216,57 @@ def test_routes_whose_organization_is_the_keys_never_reach_another(client, org_a
     bodies = [aimed | {"member": b_member}, aimed | {"api_key": b_key},
               {"events": [aimed | {"member": b_member}, aimed | {"idempotency_key": "intruder-2", "api_key": b_key},
                           aimed | {"idempotency_key": "intruder-3", "member": b_member, "model": "gpt-test"}]}]
-    routes = [route for route in walk() if ORG_FROM_KEY in route.parts[-1].default_args
-              or route.route.startswith("v1/")]
-    assert {"api-usage-ingest", "api-authorize", "api-settle", "gateway_chat_completions", "gateway_messages",
-            "gateway_embeddings", "gateway_models"} <= {route.name for route in routes}
+    return secret, bodies, (b_member, b_key)
+
+
+def test_api_routes_whose_organization_is_the_keys_never_reach_another(client, org_a, org_b):
+    """The API routes outside /o/<slug>/ whose organization is the presented key's (usage ingest,
+    holds), discovered: A's admin key with every scope, aimed at B's members, keys, holds and
+    models, changes nothing of B and is answered as if they did not exist."""
+    secret, bodies, b_names = _aimed_at_b(org_a, org_b)
+    routes = [route for route in walk() if getattr(getattr(route.callback, "view_class", None), "key_only", False)]
+    assert {"api-usage-ingest", "api-authorize", "api-settle"} <= {route.name for route in routes}
     before = snapshot(org_b.organization)
     for route in routes:
         path = route.build()
-        if path is None:
-            continue
         for body in bodies:
             for method in METHODS:
                 data = {} if method == "get" else {"data": json.dumps(body), "content_type": "application/json"}
                 response = getattr(client, method)(path, **data, HTTP_AUTHORIZATION=f"Bearer {secret}")
                 answer = response.content.decode()
-                assert b_member not in answer and b_key not in answer, (method, path, answer)
+                assert not any(name in answer for name in b_names), (method, path, answer)
                 if route.name == "api-usage-ingest" and response.status_code == 200:
                     assert {r["status"] for r in response.json()["results"]} == {"rejected"}, answer
-                elif route.name == "gateway_models" and method == "get":
-                    assert "only-in-b" not in answer and response.status_code == 200
                 else:
                     assert response.status_code in {400, 403, 404, 405}, (method, path, response.status_code, answer)
+    assert snapshot(org_b.organization) == before
+
+
+@pytest.mark.postgres
+def test_gateway_routes_never_reach_another_organization(org_a, org_b):
+    """Every gateway path (gateway.endpoints.VIEWS), served as in production: A's admin key aimed at
+    B's model, members and keys reaches nothing of B."""
+    import httpx
+
+    from gateway.endpoints import VIEWS
+    from portal.asgi import application
+    from tests.gateway.conftest import close_server_connections
+    from tests.support.fake_upstream import ServerThread
+
+    secret, bodies, b_names = _aimed_at_b(org_a, org_b)
+    assert {"/v1/chat/completions", "/v1/messages", "/v1/embeddings", "/v1/models"} <= set(VIEWS)
+    before = snapshot(org_b.organization)
+    with ServerThread(application) as server:
+        for path in VIEWS:
+            for body in bodies:
+                for method in METHODS:
+                    response = httpx.request(method.upper(), server.url + path, headers={
+                        "Authorization": f"Bearer {secret}"}, json=None if method == "get" else body, timeout=30)
+                    answer = response.text
+                    assert not any(name in answer for name in b_names), (method, path, answer)
+                    if path == "/v1/models" and method == "get":
+                        assert "only-in-b" not in answer and response.status_code == 200
+                    else:
+                        assert response.status_code in {400, 403, 404, 405}, (method, path, response.status_code, answer)
+    close_server_connections()
     assert snapshot(org_b.organization) == before

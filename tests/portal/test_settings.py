@@ -74,7 +74,7 @@ def test_configured_services_replace_the_embedded_default():
     values = json.loads(result.stdout.strip().splitlines()[-1])
     assert values["engine"] == "django.db.backends.postgresql"
     assert values["eager"] is False and values["broker"] == "redis://cache.example:6379/1"
-    assert values["cache"] == "portal.cache.RedisCache"
+    assert values["cache"] == "django.core.cache.backends.redis.RedisCache"
 
 
 def production_env(tmp_path, **overrides):

@@ -1,0 +1,146 @@
+"""The cache the gateway reads on every request: API key identities and organizations' catalogs.
+
+In Redis when `REDIS_URL` is set, so that every server process sees a revocation on its very next
+request; in this process's memory otherwise (the embedded default serves from one process). The
+gateway reads it on its event loop (`aget_many`: one MGET for a key's identity and its catalog,
+no worker thread); the portal writes and drops entries from sync code. Only the portal writes
+these entries, so they are pickled like Django's own cache values.
+
+Django's cache API has no native async reads (its async methods run the sync ones in a thread),
+so this is redis-py's own sync and asyncio clients rather than `django.core.cache`.
+
+With Redis down, reads miss and writes are skipped (the gateway loads from the database, so it
+keeps metering), but dropping an entry raises: a change that cannot reach the cache (a key
+revoked) must fail rather than leave a stale identity behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+import threading
+import time
+import weakref
+
+import redis
+import redis.asyncio
+from django.conf import settings
+
+PREFIX = "portal:shared:"
+log = logging.getLogger(__name__)
+
+
+class _Memory:
+    def __init__(self):
+        self._entries: dict[str, tuple[float, object]] = {}
+        self._lock = threading.Lock()
+
+    def get_many(self, keys: list[str]) -> dict:
+        now, found = time.monotonic(), {}
+        with self._lock:
+            for key in keys:
+                entry = self._entries.get(key)
+                if entry is not None and entry[0] > now:
+                    found[key] = entry[1]
+        return found
+
+    async def aget_many(self, keys: list[str]) -> dict:
+        return self.get_many(keys)
+
+    def set(self, key: str, value, timeout: int) -> None:
+        with self._lock:
+            self._entries[key] = (time.monotonic() + timeout, value)
+
+    def delete_many(self, keys: list[str]) -> None:
+        with self._lock:
+            for key in keys:
+                self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+class _Redis:
+    def __init__(self, url: str):
+        self.url = url
+        self.client = redis.Redis.from_url(url)  # thread-safe, pooled
+        # An asyncio connection belongs to the event loop that opened it: one client per loop.
+        self._async: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def _async_client(self) -> redis.asyncio.Redis:
+        loop = asyncio.get_running_loop()
+        client = self._async.get(loop)
+        if client is None:
+            client = self._async[loop] = redis.asyncio.Redis.from_url(self.url)
+        return client
+
+    @staticmethod
+    def _decoded(keys: list[str], values: list) -> dict:
+        return {key: pickle.loads(value) for key, value in zip(keys, values) if value is not None}
+
+    def get_many(self, keys: list[str]) -> dict:
+        try:
+            return self._decoded(keys, self.client.mget([PREFIX + key for key in keys]))
+        except redis.RedisError as error:
+            log.warning("shared cache unavailable, reading from the database: %s", error)
+            return {}
+
+    async def aget_many(self, keys: list[str]) -> dict:
+        try:
+            return self._decoded(keys, await self._async_client().mget([PREFIX + key for key in keys]))
+        except redis.RedisError as error:
+            log.warning("shared cache unavailable, reading from the database: %s", error)
+            return {}
+
+    def set(self, key: str, value, timeout: int) -> None:
+        try:
+            self.client.set(PREFIX + key, pickle.dumps(value, pickle.HIGHEST_PROTOCOL), ex=timeout)
+        except redis.RedisError as error:
+            log.warning("shared cache unavailable, not caching %s: %s", key, error)
+
+    def delete_many(self, keys: list[str]) -> None:
+        if keys:
+            self.client.delete(*(PREFIX + key for key in keys))
+
+    def clear(self) -> None:
+        names = list(self.client.scan_iter(match=PREFIX + "*", count=1000))
+        if names:
+            self.client.delete(*names)
+
+
+_backends: dict[str, _Memory | _Redis] = {}
+
+
+def _backend() -> _Memory | _Redis:
+    # By the URL of the moment: tests point the portal at another Redis, or at none.
+    url = settings.REDIS_URL
+    found = _backends.get(url)
+    if found is None:
+        found = _backends[url] = _Redis(url) if url else _Memory()
+    return found
+
+
+def get(key: str):
+    return _backend().get_many([key]).get(key)
+
+
+def get_many(keys: list[str]) -> dict:
+    return _backend().get_many(keys)
+
+
+async def aget_many(keys: list[str]) -> dict:
+    return await _backend().aget_many(keys)
+
+
+def set(key: str, value, *, timeout: int) -> None:  # noqa: A001  (the cache's own verb)
+    _backend().set(key, value, timeout)
+
+
+def delete_many(keys: list[str]) -> None:
+    _backend().delete_many(keys)
+
+
+def clear() -> None:
+    _backend().clear()
