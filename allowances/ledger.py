@@ -305,32 +305,55 @@ def authorize(*, account: Account | AccountRef, tokens: int, idempotency_key: st
     return hold_made(statement, posted.entry_id)
 
 
-def settle_statement(*, hold: Hold, used_tokens: int, model: str = "", reference: str = "",
-                     closing: bool = True) -> Statement:
-    """The post that settles a hold (see `settle`); with closing=False, usage recorded after the
-    hold was closed by a release."""
+def settle_statement(*, hold: Hold, used_tokens: int, model: str = "", reference: str = "") -> Statement:
+    """The post that settles a hold (see `settle`): all of the hold is released and `used_tokens`
+    recorded as used, at most the hold."""
     if not isinstance(used_tokens, int) or used_tokens < 0:
         raise ValueError("usage is a whole number of tokens, zero or more")
+    used_tokens = min(used_tokens, hold.tokens)
     return Statement(None, _params(
         account=_account_ref(hold), kind=Kind.USAGE, tokens=used_tokens, used_delta=used_tokens,
         idempotency_key=f"settle:{hold.id}", model=model or hold.model, reference=reference,
-        api_key_id=hold.api_key_id, spend_id=hold.spend_id,
-        **({"held_delta": -hold.tokens, "closes_hold_id": hold.id} if closing
-           else {"reason": "usage after the hold was released"})))
+        api_key_id=hold.api_key_id, spend_id=hold.spend_id, held_delta=-hold.tokens, closes_hold_id=hold.id))
 
 
 def settle(*, hold: Hold, used_tokens: int, model: str = "", reference: str = "") -> Posted:
-    """Turn a hold into usage: release all of it and record what was really used.
+    """Turn a hold into usage: release all of it and record what was used, at most the hold. What
+    the hold does not cover is never charged: the caller records it as a fault (the gateway's
+    usage records keep it as uncharged tokens), never a debit past the allowance's limit.
 
-    Usage is a fact, so it is recorded in full even when it exceeds the hold. Settling a hold that
-    the sweeper already released still records the usage (once).
+    A hold that the sweeper released first (its time-to-live passed) is settled all the same, but
+    its tokens may have been used since: the usage is charged as far as the account (and the
+    key's cap) can still bear, never below its limit. Either way once, whatever is retried.
     """
     try:
         return _post(settle_statement(hold=hold, used_tokens=used_tokens, model=model, reference=reference))
     except _AlreadyPosted:
-        # Released before it was settled (time-to-live passed): the usage still happened.
-        return _post(settle_statement(hold=hold, used_tokens=used_tokens, model=model, reference=reference,
-                                      closing=False))
+        pass
+    for _attempt in range(5):  # the balance may move under us; each try takes what fits then
+        tokens = min(used_tokens, _room(hold))
+        try:
+            return _post(Statement("overdraft", _params(
+                account=_account_ref(hold), kind=Kind.USAGE, tokens=tokens, used_delta=tokens,
+                idempotency_key=f"settle:{hold.id}", model=model or hold.model, reference=reference,
+                api_key_id=hold.api_key_id, spend_id=hold.spend_id,
+                reason="usage after the hold was released" + (
+                    "" if tokens == used_tokens else f"; {used_tokens - tokens:,} beyond the limit not charged"))))
+        except (InsufficientTokens, KeyCapExceeded):
+            continue
+    raise LedgerError(f"could not settle hold {hold.id}: its account kept changing")
+
+
+def _room(hold: Hold) -> int:
+    """How many tokens the hold's account (and key cap) can still take before their limits."""
+    account = Account.all_objects.values("granted", "held", "used", "overdraft_limit", "period_start").get(
+        pk=hold.account_id)
+    room = account["granted"] - account["used"] - account["held"] + account["overdraft_limit"]
+    if hold.spend_id is not None:
+        spend = KeySpend.all_objects.get(pk=hold.spend_id)
+        if spend.token_cap is not None:
+            room = min(room, spend.token_cap - spend.spent_in(account["period_start"]))
+    return max(room, 0)
 
 
 def release_statement(*, hold: Hold, reason: str = "") -> Statement:

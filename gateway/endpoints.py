@@ -12,14 +12,15 @@ import json
 import logging
 import time
 import uuid
-from functools import wraps
 
 from django.conf import settings
-from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
-from django.views.decorators.csrf import csrf_exempt
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from apikeys.authentication import presented_key
 from gateway import crypto, metering, sandbox
-from gateway.metering import ENDPOINT_FAMILY, Begun, GatewayError
+from gateway.errors import GatewayError
+from gateway.metering import ENDPOINT_FAMILY, Begun
 from gateway.models import UsageRecord
 from gateway.upstream import (
     StreamReader,
@@ -30,7 +31,6 @@ from gateway.upstream import (
     session,
     timeouts,
 )
-from portal.tenancy import _presented_key
 
 log = logging.getLogger(__name__)
 Status = UsageRecord.Status
@@ -40,20 +40,20 @@ ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 40
                    429: "rate_limit_error", 502: "api_error", 503: "overloaded_error", 504: "api_error"}
 
 
-def error_response(family: str, error: GatewayError, *, request_id: str = "") -> JsonResponse:
+def error_response(family: str, error: GatewayError, *, request_id: str = "") -> JSONResponse:
     if family == "anthropic":
         body = {"type": "error", "error": {"type": ANTHROPIC_TYPES.get(error.status, "api_error"),
                                            "message": error.message}}
     else:
         body = {"error": {"message": error.message, "type": error.kind, "param": error.param, "code": error.code}}
-    response = JsonResponse(body, status=error.status)
+    headers = {}
     if error.status == 429:
-        response["x-should-retry"] = "false"  # the SDKs would retry a 429; a spent allowance stays spent
+        headers["x-should-retry"] = "false"  # the SDKs would retry a 429; a spent allowance stays spent
     if error.status == 401:
-        response["WWW-Authenticate"] = "Bearer"
+        headers["WWW-Authenticate"] = "Bearer"
     if request_id:
-        response["x-request-id"] = request_id
-    return response
+        headers["x-request-id"] = request_id
+    return JSONResponse(body, status_code=error.status, headers=headers)
 
 
 def _sse(family: str, payload: dict, event: str | None = None) -> bytes:
@@ -70,10 +70,16 @@ def _stream_error(family: str, message: str) -> bytes:
 _pending: set[asyncio.Task] = set()
 
 
+async def settle_pending() -> None:
+    """Wait for the settlements still running (a server shutting down)."""
+    if _pending:
+        await asyncio.gather(*_pending, return_exceptions=True)
+
+
 async def _finish(begun: Begun, **outcome) -> None:
     """Settle in a task of its own: a client that disconnects cancels the response, not the settlement."""
     outcome["latency_ms"] = int((time.perf_counter() - begun.started) * 1000)
-    task = asyncio.ensure_future(metering.afinish(begun, **outcome))
+    task = asyncio.ensure_future(metering.finish(begun, **outcome))
     _pending.add(task)
     task.add_done_callback(_pending.discard)
     try:
@@ -91,28 +97,49 @@ def _usage_of(family: str, data) -> Usage | None:
     return Usage.from_anthropic(usage) if family == "anthropic" else Usage.from_openai(usage)
 
 
-async def _proxy(request, endpoint: str):
-    family = ENDPOINT_FAMILY[endpoint]
-    request_id = uuid.uuid4().hex
-    if request.method != "POST":
-        return error_response(family, GatewayError(405, "invalid_request_error", f"Use POST for {request.path}."))
-    started = time.perf_counter()
-    raw = request.read(settings.GATEWAY_MAX_BODY_BYTES + 1)  # Django's own form limit is far smaller
-    if len(raw) > settings.GATEWAY_MAX_BODY_BYTES:
-        return error_response(family, GatewayError(
-            413, "invalid_request_error", f"The request body is larger than {settings.GATEWAY_MAX_BODY_BYTES:,} bytes."))
+async def _body(request: Request) -> bytes:
+    """The request body, or a 413 as soon as it is larger than the gateway forwards."""
+    limit = settings.GATEWAY_MAX_BODY_BYTES
+    declared = request.headers.get("content-length", "")
+    too_large = GatewayError(413, "invalid_request_error", f"The request body is larger than {limit:,} bytes.")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _json_object(raw: bytes) -> dict:
     try:
         body = json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError):
         body = None
+    except RecursionError:
+        raise GatewayError(400, "invalid_request_error", "The body is nested too deeply.") from None
     if not isinstance(body, dict):
-        return error_response(family, GatewayError(400, "invalid_request_error", "The body must be a JSON object."))
+        raise GatewayError(400, "invalid_request_error", "The body must be a JSON object.")
+    return body
+
+
+async def _proxy(request: Request, endpoint: str):
+    family = ENDPOINT_FAMILY[endpoint]
+    request_id = uuid.uuid4().hex
+    if request.method != "POST":
+        return error_response(family, GatewayError(405, "invalid_request_error", f"Use POST for {request.url.path}."))
+    started = time.perf_counter()
     try:
-        begun = await metering.abegin(raw_key=_presented_key(request), ip=request.META.get("REMOTE_ADDR"),
-                                      endpoint=endpoint, body=body, request_id=request_id, started=started)
+        body = _json_object(await _body(request))
+        begun = await metering.begin(raw_key=presented_key(request.headers),
+                                     ip=request.client.host if request.client else None, endpoint=endpoint,
+                                     body=body, request_id=request_id, started=started)
     except GatewayError as error:
         return error_response(family, error, request_id=request_id)
-    forwarded = body | {"model": begun.route.provider_model}
+    # The provider keeps to the output cap the hold covers: the client's own, or the one set here.
+    forwarded = body | {"model": begun.route.provider_model} | begun.forward
     client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage")) if isinstance(
         body.get("stream_options"), dict) else False
     if begun.stream and endpoint == "chat":
@@ -126,7 +153,7 @@ async def _proxy(request, endpoint: str):
 
 
 async def _from_sandbox(begun: Begun, body: dict, client_wants_usage: bool):
-    family, limit = ENDPOINT_FAMILY[begun.endpoint], metering.sandbox_limit(begun, body)
+    family, limit = ENDPOINT_FAMILY[begun.endpoint], begun.output_cap
     if begun.endpoint == "embeddings":
         data = sandbox.embeddings(body)
     elif not begun.stream:
@@ -139,7 +166,7 @@ async def _from_sandbox(begun: Begun, body: dict, client_wants_usage: bool):
             blocks = [_sse(family, data, event) for event, data in sandbox.message_events(body, limit)]
         return _streaming(begun, reader, _async_blocks(blocks))
     await _finish(begun, status=Status.OK, usage=_usage_of(family, data))
-    return JsonResponse(data, headers={"x-request-id": begun.request_id})
+    return JSONResponse(data, headers={"x-request-id": begun.request_id})
 
 
 async def _async_blocks(blocks):
@@ -187,7 +214,7 @@ async def _from_provider(begun: Begun, forwarded: dict, client_wants_usage: bool
     finally:
         response.release()
     await _finish(begun, status=Status.OK, usage=_usage_of(family, data))
-    return HttpResponse(content, content_type="application/json", headers={"x-request-id": begun.request_id})
+    return Response(content, media_type="application/json", headers={"x-request-id": begun.request_id})
 
 
 async def _provider_refused(begun: Begun, response):
@@ -213,11 +240,11 @@ async def _provider_refused(begun: Begun, response):
         return error_response(family, GatewayError(status, "invalid_request_error", (
             f"The provider answered {status} without an API error; nothing was charged. Check the provider "
             "connection's base URL.")), request_id=begun.request_id)
-    return HttpResponse(content, status=status, content_type="application/json",
+    return Response(content, status_code=status, media_type="application/json",
                         headers={"x-request-id": begun.request_id})
 
 
-def _streaming(begun: Begun, reader: StreamReader, source, *, upstream=None) -> StreamingHttpResponse:
+def _streaming(begun: Begun, reader: StreamReader, source, *, upstream=None) -> StreamingResponse:
     """Pass the provider's events through as they arrive. The stream's final event ([DONE], or
     Anthropic's message_stop) is held back until the request is settled, so a client that has read
     to the end of the stream sees its balance already debited."""
@@ -256,73 +283,71 @@ def _streaming(begun: Begun, reader: StreamReader, source, *, upstream=None) -> 
         for block in final:
             yield block
 
-    response = StreamingHttpResponse(events(), content_type="text/event-stream")
-    response["Cache-Control"] = "no-cache"
-    response["x-request-id"] = begun.request_id
-    return response
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "x-request-id": begun.request_id})
 
 
 # -- the views ---------------------------------------------------------------------------------
 
 
-def _never_html(view):
-    """Whatever goes wrong inside, the client gets JSON in its API's shape, never Django's 500 page."""
-    family = "anthropic" if view.__name__ == "messages" else "openai"
-
-    @wraps(view)
-    async def wrapped(request, *args, **kwargs):
-        try:
-            return await view(request, *args, **kwargs)
-        except Exception:
-            log.exception("gateway error on %s", request.path)
-            return error_response(family, GatewayError(500, "api_error", "The gateway failed on this request; it was "
-                                                       "not charged. Try again, or tell your administrators."))
-
-    return wrapped
-
-
-@csrf_exempt
-@_never_html
-async def chat_completions(request):
+async def chat_completions(request: Request):
     return await _proxy(request, "chat")
 
 
-@csrf_exempt
-@_never_html
-async def embeddings(request):
+async def embeddings(request: Request):
     return await _proxy(request, "embeddings")
 
 
-@csrf_exempt
-@_never_html
-async def messages(request):
+async def messages(request: Request):
     return await _proxy(request, "messages")
 
 
-@csrf_exempt
-@_never_html
-async def models(request):
+async def models(request: Request):
     """The catalog models this key may use, in OpenAI's shape (or Anthropic's, for its SDK)."""
     anthropic = "anthropic-version" in request.headers
     family = "anthropic" if anthropic else "openai"
     if request.method != "GET":
         return error_response(family, GatewayError(405, "invalid_request_error", "Use GET for /v1/models."))
     try:
-        identity, config = await metering.in_thread(metering.lookup)(raw_key=_presented_key(request),
-                                                                     ip=request.META.get("REMOTE_ADDR"), endpoint=None)
+        identity, config = await metering.lookup(raw_key=presented_key(request.headers),
+                                                 ip=request.client.host if request.client else None, endpoint=None)
     except GatewayError as error:
         return error_response(family, error)
     routes = sorted(metering.models_for(identity, config), key=lambda route: route.model_id)
     if anthropic:
         data = [{"type": "model", "id": r.model_id, "display_name": r.model_id, "created_at": "2026-01-01T00:00:00Z"}
                 for r in routes]
-        return JsonResponse({"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
+        return JSONResponse({"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
                              "last_id": data[-1]["id"] if data else None})
-    return JsonResponse({"object": "list", "data": [
+    return JSONResponse({"object": "list", "data": [
         {"id": r.model_id, "object": "model", "created": 0, "owned_by": config.slug} for r in routes]})
 
 
-@csrf_exempt
-@_never_html
-async def not_found(request):
-    return error_response("openai", GatewayError(404, "not_found_error", f"No gateway endpoint at {request.path}."))
+def _family_of(path: str) -> str:
+    return "anthropic" if path.startswith("/v1/messages") else "openai"
+
+
+async def not_found(request: Request):
+    return error_response(_family_of(request.url.path),
+                          GatewayError(404, "not_found_error", f"No gateway endpoint at {request.url.path}."))
+
+
+VIEWS = {"/v1/chat/completions": chat_completions, "/v1/embeddings": embeddings, "/v1/messages": messages,
+         "/v1/models": models}
+
+
+async def application(scope, receive, send):
+    """The gateway's ASGI application: /v1/... only (portal.asgi routes those here)."""
+    request = Request(scope, receive)
+    view = VIEWS.get(request.url.path.rstrip("/") or "/", not_found)
+    try:
+        response = await view(request)
+    except ClientDisconnect:
+        return  # gone before its body arrived: nothing was held
+    except Exception:
+        # Whatever goes wrong inside, the client gets JSON in its API's shape, never a bare 500 page.
+        log.exception("gateway error on %s", request.url.path)
+        response = error_response(_family_of(request.url.path), GatewayError(
+            500, "api_error", "The gateway failed on this request; it was not charged. Try again, or tell your "
+            "administrators."))
+    await response(scope, receive, send)

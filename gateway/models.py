@@ -89,6 +89,9 @@ class UsageRecord(TenantModel):
     cached_tokens = models.BigIntegerField(default=0)
     # Tokens counted against the allowance (after the model's multipliers).
     charged_tokens = models.BigIntegerField(default=0)
+    # Counted tokens beyond what the request's hold covered: a fault (the bound of its worst case
+    # was wrong), alarmed to admins and never debited past the allowance's limit.
+    uncharged_tokens = models.BigIntegerField(default=0, db_default=0)  # raw inserts (ingest) leave it out
     # Chargeback at the catalog's prices, in the organization's currency.
     cost = models.DecimalField(max_digits=18, decimal_places=6, default=0)
     latency_ms = models.PositiveIntegerField(default=0)
@@ -103,7 +106,8 @@ class UsageRecord(TenantModel):
             models.UniqueConstraint(fields=["organization", "idempotency_key"], condition=~Q(idempotency_key=""),
                                     name="usage_record_idempotency_key_unique"),
             models.CheckConstraint(condition=Q(input_tokens__gte=0, output_tokens__gte=0, cached_tokens__gte=0,
-                                               charged_tokens__gte=0), name="usage_record_tokens_not_negative"),
+                                               charged_tokens__gte=0, uncharged_tokens__gte=0),
+                                   name="usage_record_tokens_not_negative"),
         ]
         indexes = [
             models.Index(fields=["organization", "occurred_at"], name="usage_org_time"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from zoneinfo import ZoneInfo
 
-from django.db.models import QuerySet, Sum
+from django.db.models import Count, QuerySet, Sum
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
 
@@ -32,3 +32,11 @@ def usage_summary(*, organization: Organization, days: int = 30) -> list[dict]:
 def usage_records(*, organization: Organization, member: Member | None = None) -> QuerySet[UsageRecord]:
     records = UsageRecord.objects.filter(organization=organization).select_related("member__user", "api_key")
     return records.filter(member=member) if member is not None else records
+
+
+def uncharged_usage(*, organization: Organization, days: int = 30) -> dict:
+    """Requests of the last `days` days whose provider reported more than their hold covered (a
+    fault: the excess was not charged): {"requests": n, "tokens": total}."""
+    since = timezone.now() - timedelta(days=days)
+    return UsageRecord.objects.filter(organization=organization, occurred_at__gte=since, uncharged_tokens__gt=0
+                                      ).aggregate(requests=Count("id"), tokens=Sum("uncharged_tokens"))

@@ -17,7 +17,7 @@ from django.utils.dateparse import parse_datetime
 from allowances import ledger
 from allowances.models import Account, KeySpend, LedgerEntry
 from apikeys.models import ApiKey
-from gateway import crypto
+from gateway import alarms, crypto
 from gateway.metering import org_config
 from gateway.models import ProviderConnection, UsageRecord
 from gateway.upstream import Usage
@@ -381,17 +381,24 @@ def hold_settle(*, organization: Organization, actor, hold_id: int, input_tokens
         raise ValidationError({"hold_id": "No hold with this id in the organization."})
     route = org_config(organization.pk).models.get(hold.model)
     usage = Usage(input=input_tokens, output=output_tokens, cached=cached_tokens)
-    charged = route.weighted(usage) if route else input_tokens + output_tokens + cached_tokens
+    counted = route.weighted(usage) if route else input_tokens + output_tokens + cached_tokens
+    charged = min(counted, hold.tokens)  # what the hold does not cover is a fault, never a debit past the limit
     with transaction.atomic():
         posted = ledger.settle(hold=hold, used_tokens=charged, reference="settle API")
         if not posted.created:
             first = LedgerEntry.objects.get(pk=posted.entry_id)
             return first.used_delta, False
-        UsageRecord.objects.create(
+        charged = LedgerEntry.objects.values_list("used_delta", flat=True).get(pk=posted.entry_id)
+        record = UsageRecord.objects.create(
             organization=organization,
             member_id=Account.objects.values_list("member_id", flat=True).get(pk=hold.account_id),
             api_key_id=hold.api_key_id, model=hold.model, endpoint="ingest", source=UsageRecord.Source.INGEST,
             status=UsageRecord.Status.OK, input_tokens=usage.input, output_tokens=usage.output,
-            cached_tokens=usage.cached, charged_tokens=charged, cost=route.cost(usage) if route else 0,
+            cached_tokens=usage.cached, charged_tokens=charged, uncharged_tokens=counted - charged,
+            cost=route.cost(usage) if route else 0,
             request_id=f"hold:{hold_id}")  # once per hold: the ledger's settle is the idempotent step
+        if record.uncharged_tokens:
+            alarms.uncharged_usage(organization_id=organization.pk, record={
+                "request_id": record.request_id, "member": record.member_id, "model": record.model,
+                "charged": charged, "uncharged": record.uncharged_tokens})
     return charged, True

@@ -64,5 +64,7 @@ def usage_list(request):
         records = records.filter(member__user__email__icontains=query)
     page = Paginator(records, 50).get_page(request.GET.get("page"))
     summary = selectors.usage_summary(organization=request.organization) if sees_everyone else []
+    faults = selectors.uncharged_usage(organization=request.organization) if sees_everyone else None
     return render(request, "gateway/usage.html", {"page": page, "sees_everyone": sees_everyone, "query": query,
-                                                  "currency": request.organization.currency, "summary": summary})
+                                                  "currency": request.organization.currency, "summary": summary,
+                                                  "faults": faults})

@@ -1,61 +1,53 @@
-"""PostgreSQL connections for async code: the gateway's per-request statements without a thread.
+"""PostgreSQL connections for the gateway's event loop: its per-request statements without a thread.
 
-Django's ORM is synchronous, so every query from an async view costs a hop to a worker thread
-and back (and under load, a wait for a free thread). The gateway's hot statements (the hold,
-the settlement with its usage record) run instead on psycopg AsyncConnections to Django's
-default database, in autocommit: each of them is one statement, so one transaction. A
-connection belongs to the event loop that opened it, so each loop keeps its own few.
+Django's ORM is synchronous, so every query from async code costs a hop to a worker thread and
+back (and under load, a wait for a free one). The gateway's hot statements (the hold, the
+settlement with its usage record) run instead on psycopg's async connections to Django's default
+database, pooled by psycopg_pool, in autocommit: each is one statement, so one transaction. A
+connection belongs to the event loop that opened it, so each loop has its own pool.
 """
 
 import asyncio
-import functools
 import weakref
-from contextlib import asynccontextmanager
 
-import psycopg
 from django.db import connections
-from psycopg.pq import TransactionStatus
+from psycopg_pool import AsyncConnectionPool
 
 MAX_CONNECTIONS = 16  # per event loop, i.e. per server process
+MAX_LIFETIME = 30 * 60  # seconds: connections are renewed, so a server's memory per backend stays bounded
+WAIT_SECONDS = 5  # for a free connection: with the database down a request fails in seconds, not minutes
+
+_pools: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> Task opening its pool
 
 
-class _Pool:
-    def __init__(self):
-        self.idle: list[psycopg.AsyncConnection] = []
-        self.slots = asyncio.Semaphore(MAX_CONNECTIONS)
-
-
-_pools: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> _Pool
-
-
-@functools.cache
-def available() -> bool:
-    # Once: connections["default"] builds a new connection object in every request's context.
-    return connections["default"].vendor == "postgresql"
-
-
-async def _connect() -> psycopg.AsyncConnection:
+def _connection_kwargs() -> dict:
     params = connections["default"].get_connection_params()  # the same database, types and time zone
-    params.pop("cursor_factory")  # Django's cursors bind client-side; the statements here are prepared
-    return await psycopg.AsyncConnection.connect(**params, autocommit=True)
+    params.pop("cursor_factory", None)  # Django's cursors bind client-side; the statements here are prepared
+    return params | {"autocommit": True}
 
 
-@asynccontextmanager
-async def connection():
-    """An idle connection of this event loop, or a new one. It goes back for reuse only when its
-    statement ended normally: one that failed or was cancelled half way is closed."""
+async def _open() -> AsyncConnectionPool:
+    pool = AsyncConnectionPool(kwargs=_connection_kwargs(), min_size=2, max_size=MAX_CONNECTIONS,
+                               max_lifetime=MAX_LIFETIME, open=False, name="gateway",
+                               timeout=WAIT_SECONDS,
+                               # A connection is checked when it is handed out: one that died with a
+                               # database restart is replaced instead of failing a request.
+                               check=AsyncConnectionPool.check_connection)
+    await pool.open()
+    return pool
+
+
+async def pool() -> AsyncConnectionPool:
+    """The running event loop's pool, opened on first use."""
     loop = asyncio.get_running_loop()
-    pool = _pools.get(loop)
-    if pool is None:
-        pool = _pools[loop] = _Pool()
-    async with pool.slots:
-        conn = pool.idle.pop() if pool.idle else await _connect()
-        done = False
-        try:
-            yield conn
-            done = True
-        finally:
-            if done and not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE:
-                pool.idle.append(conn)
-            else:
-                await conn.close()
+    opening = _pools.get(loop)
+    if opening is None or (opening.done() and (opening.cancelled() or opening.exception() is not None)):
+        opening = _pools[loop] = asyncio.ensure_future(_open())
+    return await asyncio.shield(opening)
+
+
+async def close() -> None:
+    """Close the running loop's pool (a server shutting down)."""
+    opening = _pools.pop(asyncio.get_running_loop(), None)
+    if opening is not None:
+        await (await opening).close()

@@ -126,7 +126,8 @@ def test_crossing_80_then_100_percent_alerts_once_per_threshold(org_a, run, mail
 
 def test_emails_go_out_only_when_the_transaction_commits(org_a, django_capture_on_commit_callbacks, mailoutbox):
     with scope(org_a.organization):
-        ledger.settle(hold=org_a.hold, used_tokens=4_500)  # 90%
+        ledger.release(hold=org_a.hold)
+    use(org_a.account, 4_500, "ninety-percent")
     with django_capture_on_commit_callbacks() as callbacks:
         assert send_usage_alerts() == 1
         assert mailoutbox == [], "the email must wait for the commit of the alert"
@@ -138,7 +139,9 @@ def test_emails_go_out_only_when_the_transaction_commits(org_a, django_capture_o
 
 def test_usage_past_100_percent_at_once_records_both_thresholds(org_a, run, mailoutbox):
     with scope(org_a.organization):
-        ledger.settle(hold=org_a.hold, used_tokens=6_000)  # usage is a fact, even beyond the allowance
+        # Usage reported by the organization's own gateway is a fact, even beyond the allowance.
+        ledger.post(account=org_a.account, kind=ledger.Kind.USAGE, tokens=6_000, used_delta=6_000,
+                    idempotency_key="ingest:beyond")
     assert run() == 2
     assert [row[2:] for row in alerts()] == [(80, 6_000, 5_000), (100, 6_000, 5_000)]
     assert sorted(mail.subject.rsplit("used ", 1)[1] for mail in mailoutbox) == [

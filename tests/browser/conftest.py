@@ -2,10 +2,11 @@
 
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 
-# Playwright's sync API runs an event loop in the test thread; the live server's database work is
+# Playwright's sync API runs an event loop in the test thread; the test's own database work is
 # still synchronous, so Django's async-safety guard has to be told.
 os.environ.setdefault("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 
@@ -29,11 +30,24 @@ def browser_type_launch_args(browser_type_launch_args):
 
 
 @pytest.fixture
-def log_in(page, live_server):
+def portal_server(transactional_db):
+    """The portal as production serves it: portal.asgi under uvicorn (pages and API through Django's
+    WSGI handler, the gateway under /v1/)."""
+    from portal.asgi import application
+    from tests.gateway.conftest import close_server_connections
+    from tests.support.fake_upstream import ServerThread
+
+    with ServerThread(application) as thread:
+        yield SimpleNamespace(url=thread.url)
+    close_server_connections()
+
+
+@pytest.fixture
+def log_in(page, portal_server):
     """Log in through the real login form."""
 
     def _log_in(email, password):
-        page.goto(f"{live_server.url}/accounts/login/")
+        page.goto(f"{portal_server.url}/accounts/login/")
         page.fill("input[name=login]", email)
         page.fill("input[name=password]", password)
         page.click("button[type=submit]")

@@ -35,7 +35,7 @@ def _field(page, label):
     return page.get_by_label(f"{label}:", exact=True)
 
 
-def test_hr_sets_policy_and_bonus_and_member_sees_the_ledger(live_server, page, log_in):
+def test_hr_sets_policy_and_bonus_and_member_sees_the_ledger(portal_server, page, log_in):
     call_command("seed_demo", stdout=open("/dev/null", "w"))
     page.set_default_timeout(10_000)  # every page here is server-rendered and quick; fail fast
 

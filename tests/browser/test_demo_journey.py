@@ -5,7 +5,7 @@ from django.core.management import call_command
 from portal.demo import DEMO_PASSWORD
 
 
-def test_demo_hr_logs_in_and_sees_members(live_server, page, log_in):
+def test_demo_hr_logs_in_and_sees_members(portal_server, page, log_in):
     call_command("seed_demo", stdout=open("/dev/null", "w"))
     log_in("hr@acme.example", DEMO_PASSWORD)
     assert page.url.endswith("/o/acme/")

@@ -84,16 +84,16 @@ def _stored_text_containing(needles):
     return hits
 
 
-def _balances(live_server, secret=None):
+def _balances(portal_server, secret=None):
     headers = {"Authorization": f"Bearer {secret}"} if secret is not None else {}
-    return httpx.get(f"{live_server.url}{BALANCES}", headers=headers, timeout=10)
+    return httpx.get(f"{portal_server.url}{BALANCES}", headers=headers, timeout=10)
 
 
-def test_member_mints_a_key_sees_it_once_uses_it_and_revokes_it(live_server, context, page, log_in, caplog):
+def test_member_mints_a_key_sees_it_once_uses_it_and_revokes_it(portal_server, context, page, log_in, caplog):
     call_command("seed_demo", stdout=open(os.devnull, "w"))
     caplog.set_level(logging.DEBUG)
     page.set_default_timeout(10_000)
-    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=live_server.url)
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=portal_server.url)
     with unscoped():
         alice = Member.objects.select_related("user").get(organization__slug="acme", user__email=ALICE)
         keys_before = set(ApiKey.objects.filter(member=alice).values_list("pk", flat=True))
@@ -186,7 +186,7 @@ def test_member_mints_a_key_sees_it_once_uses_it_and_revokes_it(live_server, con
         page.go_back()
     page.wait_for_url(re.compile(r"^chrome-error://"))  # Chromium's "Confirm Form Resubmission" page
     expect(page.get_by_text(secret)).to_have_count(0)
-    page.goto(f"{live_server.url}/o/acme/keys/")
+    page.goto(f"{portal_server.url}/o/acme/keys/")
     for _ in range(2):
         row = page.locator("[data-testid=key-row]", has_text=KEY_NAME)
         expect(row).to_have_count(1)
@@ -202,8 +202,8 @@ def test_member_mints_a_key_sees_it_once_uses_it_and_revokes_it(live_server, con
     assert _stored_text_containing([secret, parts.secret]) == set()
 
     # -- 6. The secret authenticates as alice, for her own balance only.
-    assert _balances(live_server).status_code == 401  # the control: no key, no access
-    answer = _balances(live_server, secret)
+    assert _balances(portal_server).status_code == 401  # the control: no key, no access
+    answer = _balances(portal_server, secret)
     assert answer.status_code == 200, answer.text
     rows = answer.json()["results"]
     assert [(row["member"], row["email"]) for row in rows] == [(alice.pk, ALICE)]
@@ -211,25 +211,25 @@ def test_member_mints_a_key_sees_it_once_uses_it_and_revokes_it(live_server, con
         assert ApiKey.objects.get(pk=key.pk).last_used_at is not None
     # A wrong secret with the same public id is refused (the hash is checked, not just the id).
     forged_body = f"tap_{parts.public_id}_{'A' * secrets.SECRET_LENGTH}"
-    assert _balances(live_server, forged_body + secrets._checksum(forged_body)).status_code == 401
+    assert _balances(portal_server, forged_body + secrets._checksum(forged_body)).status_code == 401
 
     # -- 6b. The key works with the OpenAI SDK through the gateway (chat is in its scopes; the demo's
     # sandbox serves every model); the list shows what it spent this period, her usage page the request.
     import openai
 
-    reply = openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=secret, max_retries=0).chat.completions.create(
+    reply = openai.OpenAI(base_url=f"{portal_server.url}/v1", api_key=secret, max_retries=0).chat.completions.create(
         model=MODEL_ID, max_tokens=20, messages=[{"role": "user", "content": "Hello from the browser test"}])
     assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
     with unscoped():
         spent = ApiKey.objects.select_related("spend").get(pk=key.pk).spend.used
     assert spent > 0
-    page.goto(f"{live_server.url}/o/acme/keys/")
+    page.goto(f"{portal_server.url}/o/acme/keys/")
     spend_cell = page.locator("[data-testid=key-row]", has_text=KEY_NAME).locator("[data-testid=key-spend] .tokens")
     expect(spend_cell).to_have_attribute("title", f"{spent:,} tokens")
     page.get_by_role("navigation", name="Organization").get_by_role("link", name="Usage").click()
     expect(page.locator("tbody tr").first).to_contain_text(MODEL_ID)
     expect(page.locator("tbody tr").first).to_contain_text(KEY_NAME)
-    page.goto(f"{live_server.url}/o/acme/keys/")
+    page.goto(f"{portal_server.url}/o/acme/keys/")
 
     # -- 7. alice revokes the key from the page; the very next API call is refused.
     page.locator("[data-testid=key-row]", has_text=KEY_NAME).get_by_role("button", name="Revoke").click()
@@ -237,7 +237,7 @@ def test_member_mints_a_key_sees_it_once_uses_it_and_revokes_it(live_server, con
     row = page.locator("[data-testid=key-row]", has_text=KEY_NAME)
     expect(row).to_contain_text("revoked")
     expect(row.get_by_role("button", name="Revoke")).to_have_count(0)
-    refused = _balances(live_server, secret)
+    refused = _balances(portal_server, secret)
     assert refused.status_code == 401, refused.text
     assert refused.json() == {"detail": "API key refused: this API key was revoked."}
     assert refused.headers["www-authenticate"] == "Bearer"

@@ -1,6 +1,7 @@
-"""The gateway's event-loop path on PostgreSQL: with the key and catalog cached, a request takes its
-hold and settles without a worker thread (metering.abegin, metering.afinish); everything rarer
-falls back to begin and finish in a thread. Both paths keep the ledger's promises."""
+"""The gateway's event-loop path: with the key and catalog cached, a request takes its hold and
+settles without a worker thread (metering.begin, metering.finish); only what is rare (loading an
+identity or a catalog, explaining a hold that posted nothing, finishing a hold closed before)
+calls sync code in a thread. Both keep the ledger's promises."""
 
 import asyncio
 import time
@@ -11,7 +12,6 @@ from decimal import Decimal
 
 import httpx
 import pytest
-from django.core.cache import cache
 from django.utils import timezone
 
 from allowances import ledger
@@ -19,10 +19,11 @@ from allowances import services as allowance_services
 from allowances.ledger import verify
 from allowances.models import LedgerEntry
 from apikeys import services as api_key_services
+from apikeys import authentication
 from gateway import metering
 from gateway.models import UsageRecord
 from gateway.upstream import Usage
-from portal import async_db
+from portal import async_db, shared_cache
 from portal.tenancy import scope, unscoped
 from tests.allowances.helpers import balance
 from tests.gateway.conftest import close_server_connections
@@ -56,24 +57,33 @@ def _no_connection_left():
 
 @pytest.fixture
 def threads(monkeypatch):
-    """How often the thread path (begin, finish) ran, in the server or in the test."""
+    """How often each slow path (sync code in a worker thread) ran, in the server or in the test:
+    loading an identity or a catalog, authorize (a hold that posted nothing), finishing a hold
+    that was closed before."""
     calls = Counter()
-    for name in ("begin", "finish"):
-        original = getattr(metering, name)
+    for module, name, label in ((authentication, "identity_load", "load"), (metering, "org_config", "load"),
+                                (metering, "_authorize", "authorize"), (metering, "_finish_closed", "finish_closed")):
+        original = getattr(module, name)
 
-        def counted(*args, _name=name, _original=original, **kwargs):
-            calls[_name] += 1
+        def counted(*args, _label=label, _original=original, **kwargs):
+            calls[_label] += 1
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(metering, name, counted)
+        monkeypatch.setattr(module, name, counted)
     return calls
 
 
 def run(coroutine):
-    """asyncio.run in a thread of its own: the browser tests' Playwright leaves an event loop set
-    on the main thread."""
+    """asyncio.run in a thread of its own (the browser tests' Playwright leaves an event loop set on
+    the main thread), closing the loop's connection pool at the end as a server's shutdown does."""
+    async def and_close():
+        try:
+            return await coroutine
+        finally:
+            await async_db.close()
+
     with ThreadPoolExecutor(max_workers=1) as thread:
-        return thread.submit(asyncio.run, coroutine).result()
+        return thread.submit(asyncio.run, and_close()).result()
 
 
 def chat(metered, body=BODY):
@@ -83,16 +93,16 @@ def chat(metered, body=BODY):
 
 def warm(metered):
     """Cache the key's identity and its organization's catalog, as any earlier request would."""
-    metering.lookup(raw_key=metered.key, ip="127.0.0.1", endpoint="chat")
+    run(metering.lookup(raw_key=metered.key, ip="127.0.0.1", endpoint="chat"))
 
 
 def begin(metered, request_id):
-    return run(metering.abegin(raw_key=metered.key, ip="127.0.0.1", endpoint="chat", body=BODY,
-                                       request_id=request_id, started=time.perf_counter()))
+    return run(metering.begin(raw_key=metered.key, ip="127.0.0.1", endpoint="chat", body=BODY,
+                              request_id=request_id, started=time.perf_counter()))
 
 
 def finish(begun, *, status=UsageRecord.Status.OK, usage=Usage(input=11, output=7)):
-    return run(metering.afinish(begun, status=status, usage=usage, latency_ms=5))
+    return run(metering.finish(begun, status=status, usage=usage, latency_ms=5))
 
 
 def entries_of(hold):
@@ -108,8 +118,9 @@ def test_a_cached_key_is_metered_without_a_worker_thread(metered, threads):
     first, second = chat(metered), chat(metered)
 
     assert (first.status_code, second.status_code) == (200, 200)
-    # The first request found nothing cached: begin() in a thread loaded it. Nothing else needed one.
-    assert threads == {"begin": 1}
+    # The first request found nothing cached and loaded the identity and the catalog. Nothing else
+    # needed a thread.
+    assert threads == {"load": 2}
     assert balance(metered.member) == (granted, held, used + 2 * CHARGED)
     records = records_after(record_id)
     assert [(r.status, r.charged_tokens, r.input_tokens, r.output_tokens) for r in records] == [
@@ -125,7 +136,7 @@ def test_a_cached_key_is_metered_without_a_worker_thread(metered, threads):
 def test_a_key_revoked_is_refused_on_the_next_request_on_the_event_loop_path(metered, threads):
     key, secret = make_key(metered.member)
     assert [call(metered.url, secret, "chat").status_code for _ in range(2)] == [200, 200]
-    assert threads["begin"] == 1  # the second request ran on the event loop
+    assert threads["load"] == 2  # the second request ran on the event loop
     with scope(metered.org.organization):
         api_key_services.api_key_revoke(key=key, actor=metered.member.user)
 
@@ -142,7 +153,7 @@ def test_a_cached_identity_is_refused_a_wrong_secret(metered, threads):
     error = error_of(call(metered.url, same_public_id_wrong_secret(secret), "chat"), "chat", 401)
 
     assert error["code"] == "invalid_api_key"
-    assert threads["begin"] == 1  # refused on the event loop, from the cached identity
+    assert threads["load"] == 2  # refused on the event loop, from the cached identity
     assert len(metered.upstream.requests) == 1
 
 
@@ -151,7 +162,7 @@ def test_a_cached_identity_is_refused_outside_its_ip_ranges(metered, threads):
     for _ in range(2):  # the first refusal loaded and cached the identity; the second used it
         error = error_of(call(metered.url, secret, "chat"), "chat", 401)
         assert "127.0.0.1" in error["message"] and "IP ranges" in error["message"]
-    assert threads["begin"] == 1
+    assert threads["load"] == 1  # the identity (the catalog was never needed)
     assert metered.upstream.requests == []
 
 
@@ -164,7 +175,7 @@ def test_a_cached_identity_is_refused_once_its_key_expires(metered, threads):
     error = error_of(call(metered.url, secret, "chat"), "chat", 401)
 
     assert "expired" in error["message"]
-    assert threads["begin"] == 1
+    assert threads["load"] == 2
     assert len(metered.upstream.requests) == 1
 
 
@@ -197,8 +208,8 @@ def test_concurrent_requests_on_the_event_loop_path_never_overspend(metered, thr
             assert_complete_stream(headers, text)
         else:
             assert_refused_for_allowance(headers, text)
-    # Every hold was taken on the event loop; only the refusals went to begin() to be explained.
-    assert threads == {"begin": CONCURRENT - FITTING}
+    # Every hold was taken on the event loop; only the refusals went to authorize to be explained.
+    assert threads == {"authorize": CONCURRENT - FITTING}
     assert balance(metered.member) == (granted, 0, used + FITTING * RESERVE)
     assert available_tokens(metered.member) == 0
     assert verify() == []
@@ -206,6 +217,7 @@ def test_concurrent_requests_on_the_event_loop_path_never_overspend(metered, thr
 
 def test_a_retried_hold_is_the_same_hold(metered, threads):
     warm(metered)
+    threads.clear()
     _, held, _ = balance(metered.member)
 
     first = begin(metered, "retried-request")
@@ -214,12 +226,13 @@ def test_a_retried_hold_is_the_same_hold(metered, threads):
     assert again.hold.id == first.hold.id
     assert again.hold.tokens == first.hold.tokens
     assert balance(metered.member)[1] == held + first.hold.tokens  # held once
-    assert threads == {"begin": 1}  # the retry posted nothing and begin() found the existing hold
+    assert threads == {"authorize": 1}  # the retry posted nothing and authorize found the existing hold
     assert verify() == []
 
 
 def test_a_finish_run_twice_settles_and_records_once(metered, threads):
     warm(metered)
+    threads.clear()
     granted, held, used = balance(metered.member)
     record_id = last_record_id()
     begun = begin(metered, "finished-twice")
@@ -231,12 +244,13 @@ def test_a_finish_run_twice_settles_and_records_once(metered, threads):
         ("usage", CHARGED, -begun.hold.tokens, begun.hold.id)]
     assert balance(metered.member) == (granted, held, used + CHARGED)
     assert [(r.status, r.charged_tokens) for r in records_after(record_id)] == [("ok", CHARGED)]
-    assert threads == {"finish": 1}
+    assert threads == {"finish_closed": 1}
     assert verify() == []
 
 
 def test_usage_after_the_hold_was_released_is_recorded_once(metered, threads):
     warm(metered)
+    threads.clear()
     granted, held, used = balance(metered.member)
     record_id = last_record_id()
     begun = begin(metered, "released-meanwhile")
@@ -249,12 +263,13 @@ def test_usage_after_the_hold_was_released_is_recorded_once(metered, threads):
     assert kinds == [("release", 0, -begun.hold.tokens, begun.hold.id), ("usage", CHARGED, 0, None)]
     assert balance(metered.member) == (granted, held, used + CHARGED)
     assert [(r.status, r.charged_tokens) for r in records_after(record_id)] == [("ok", CHARGED)]
-    assert threads == {"finish": 1}
+    assert threads == {"finish_closed": 1}
     assert verify() == []
 
 
 def test_a_request_that_consumed_nothing_releases_its_hold_on_the_event_loop(metered, threads):
     warm(metered)
+    threads.clear()
     granted, held, used = balance(metered.member)
     record_id = last_record_id()
     begun = begin(metered, "nothing-consumed")
@@ -282,26 +297,25 @@ def test_a_request_after_the_database_dropped_its_connections_is_metered_once(me
     assert verify() == []
 
 
-def test_a_connection_goes_back_for_reuse_only_after_a_statement_that_ended_normally():
+def test_a_statement_cut_short_leaves_no_broken_connection_for_the_next_requests():
     async def scenario():
-        async with async_db.connection() as first:
-            await first.execute("SELECT 1")
-        async with async_db.connection() as again:
-            assert again is first
-        with pytest.raises(ZeroDivisionError):
-            async with async_db.connection() as failed:
-                raise ZeroDivisionError
-        assert failed.closed
-        async with async_db.connection() as fresh:
-            assert fresh is not failed and not fresh.closed
+        pool = await async_db.pool()
+        with pytest.raises(asyncio.TimeoutError):
+            async with pool.connection() as cut_short:
+                await asyncio.wait_for(cut_short.execute("SELECT pg_sleep(10)"), 0.2)
+        answers = []
+        for _ in range(async_db.MAX_CONNECTIONS + 1):
+            async with pool.connection() as conn:
+                answers.append(await (await conn.execute("SELECT 1")).fetchone())
+        return answers
 
-    run(scenario())
+    assert run(scenario()) == [(1,)] * (async_db.MAX_CONNECTIONS + 1)
 
 
-def test_the_async_cache_read_sees_what_the_cache_wrote_and_dropped():
-    cache.set("async-path:object", {"tokens": 5}, timeout=60)
-    cache.set("async-path:number", 7, timeout=60)
-    assert run(cache.aget_many(["async-path:object", "async-path:number", "async-path:never"])) == {
+def test_the_event_loop_reads_what_sync_code_wrote_and_dropped_in_the_shared_cache():
+    shared_cache.set("async-path:object", {"tokens": 5}, timeout=60)
+    shared_cache.set("async-path:number", 7, timeout=60)
+    assert run(shared_cache.aget_many(["async-path:object", "async-path:number", "async-path:never"])) == {
         "async-path:object": {"tokens": 5}, "async-path:number": 7}
-    cache.delete("async-path:object")
-    assert run(cache.aget_many(["async-path:object"])) == {}
+    shared_cache.delete_many(["async-path:object"])
+    assert run(shared_cache.aget_many(["async-path:object"])) == {}

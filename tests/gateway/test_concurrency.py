@@ -11,6 +11,7 @@ import pytest
 from allowances import ledger
 from allowances.ledger import verify
 from allowances.models import Account
+from gateway import bounds
 from gateway.models import UsageRecord
 from portal.tenancy import scope, unscoped
 from tests.allowances.helpers import balance
@@ -21,8 +22,8 @@ CONCURRENT, FITTING = 100, 50
 PROMPT = [{"role": "user", "content": "Hi"}]
 MAX_TOKENS = 100
 BODY = {"model": "fake-gpt", "messages": PROMPT, "max_tokens": MAX_TOKENS, "stream": True}
-# The reserve of each request: input estimate (JSON bytes // 3 + 8) x1, plus max_tokens x2 (fake-gpt).
-INPUT_ESTIMATE = len(json.dumps([None, PROMPT, None]).encode()) // 3 + 8
+# The reserve of each request: its input bound x1, plus max_tokens x2 (fake-gpt).
+INPUT_ESTIMATE = bounds.bound("chat", "openai", BODY, default_output=1).input_tokens
 RESERVE = INPUT_ESTIMATE * 1 + MAX_TOKENS * 2
 
 

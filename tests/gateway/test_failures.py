@@ -10,7 +10,7 @@ import pytest
 
 from allowances.ledger import verify
 from allowances.models import LedgerEntry
-from gateway import sandbox
+from gateway import bounds, sandbox
 from gateway import services as gateway_services
 from gateway.models import UsageRecord
 from portal.tenancy import scope, unscoped
@@ -51,11 +51,10 @@ def call(metered, endpoint, *, stream=False, body=None, content=None, timeout=30
                       content=json.dumps(body).encode() if content is None else content, timeout=timeout)
 
 
-def input_estimate(endpoint, body=None):
-    """The gateway's documented guess of the prompt: its JSON bytes // 3 + 8."""
-    body = APIS[endpoint][1] if body is None else body
-    text = json.dumps([body.get("system"), body.get("messages"), body.get("tools")], ensure_ascii=False)
-    return len(text.encode()) // 3 + 8
+def input_estimate(endpoint):
+    """The gateway's bound of the prompt (gateway.bounds) of the stream `call` sends."""
+    _path, body, family, *_ = APIS[endpoint]
+    return bounds.bound(endpoint, family, body | {"stream": True}, default_output=1).input_tokens
 
 
 def assert_not_html(response, *, read=True):

@@ -16,6 +16,7 @@ from allowances.ledger import verify
 from allowances.models import KeySpend
 from apikeys import secrets as key_format
 from apikeys import services as api_key_services
+from gateway import bounds
 from gateway.models import UsageRecord
 from portal.tenancy import scope, unscoped
 from tests.allowances.helpers import balance
@@ -252,9 +253,10 @@ def test_key_inside_its_allowed_ip_ranges_works(metered):
 # -- a key's own cap -------------------------------------------------------------------------------
 
 CAPPED_BODY = {"model": "fake-gpt", "messages": PROMPT, "max_tokens": 10}
-# Its reserve: input estimate len('[null, [{"role": "user", "content": "Hi"}], null]') // 3 + 8 = 24,
-# plus 10 output tokens at x2 = 44. The fake provider reports 11 input and 7 output tokens: 25 charged.
-CAPPED_RESERVE, CAPPED_CHARGE = 24 + 2 * 10, 11 + 2 * 7
+# Its reserve: the input bound (gateway.bounds) plus 10 output tokens at x2. The fake provider
+# reports 11 input and 7 output tokens: 25 charged.
+CAPPED_RESERVE = bounds.bound("chat", "openai", CAPPED_BODY, default_output=1).input_tokens + 2 * 10
+CAPPED_CHARGE = 11 + 2 * 7
 
 
 def test_key_cap_refuses_the_request_whose_reserve_no_longer_fits(metered):
@@ -334,13 +336,15 @@ def test_openai_sdk_gets_rate_limit_error_for_a_spent_allowance_and_does_not_ret
 
 
 def test_reserve_of_a_request_for_several_choices_covers_every_choice(metered):
-    # n=50 choices of up to 100 tokens each may produce 5,000 output tokens: worst case 24 + 2 x 5,000,
-    # far beyond the 4,000 available. Reserving one choice's worth (224) lets the settlement overdraw.
+    # n=50 choices of up to 100 tokens each may produce 5,000 output tokens: worst case the input
+    # bound + 2 x 5,000, far beyond the 4,000 available. One choice's worth would let it overdraw.
     client = openai.OpenAI(api_key=metered.key, base_url=metered.url, max_retries=0)
     before = balance(metered.member)
+    body = {"model": "fake-gpt", "messages": PROMPT, "max_tokens": 100, "n": 50}
     with pytest.raises(openai.RateLimitError) as raised:
-        client.chat.completions.create(model="fake-gpt", messages=PROMPT, max_tokens=100, n=50)
-    assert f"may use up to {24 + 2 * 100 * 50:,} tokens" in raised.value.message
+        client.chat.completions.create(**body)
+    worst = bounds.bound("chat", "openai", body, default_output=1).input_tokens + 2 * 100 * 50
+    assert f"may use up to {worst:,} tokens" in raised.value.message
     assert metered.upstream.requests == []
     assert balance(metered.member) == before
 

@@ -12,7 +12,7 @@ import json
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import uvicorn
 
@@ -27,6 +27,36 @@ class Behaviour:
     chunk_delay: float = 0.0  # seconds between stream chunks
     omit_usage: bool = False  # a stream that never reports its usage
     words: list[str] = field(default_factory=lambda: ["Hello", "from", "the", "fake", "provider", "!", "ok"])
+    # Report the most a real provider could for the request, instead of the numbers above: a token
+    # per byte of every text in the prompt (what a byte-level tokenizer cannot exceed) plus framing,
+    # and every choice written up to the output cap the request carries.
+    worst_case: bool = False
+    # With worst_case: report this many output tokens beyond the cap (a provider that ignores it).
+    beyond_cap: int = 0
+    # With worst_case, a request with no output cap gets a reply this long (real models write on).
+    uncapped_output: int = 20_000
+
+
+def _text_bytes(value) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return 1  # a token of a token array (embeddings)
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, list):
+        return sum(_text_bytes(item) for item in value)
+    if isinstance(value, dict):
+        return sum(_text_bytes(item) for key, item in value.items() if key not in ("type", "role", "source",
+                                                                                   "image_url"))
+    return 0
+
+
+def worst_case_usage(request: dict, behaviour: Behaviour) -> tuple[int, int]:
+    """(input, output) tokens: the most a provider could count for `request`."""
+    messages = request.get("messages") or []
+    prompt = sum(_text_bytes(request.get(name)) for name in ("messages", "system", "tools", "input"))
+    images = json.dumps(messages).count('"image_url"') + json.dumps(messages).count('"type": "image"')
+    cap = request.get("max_completion_tokens") or request.get("max_tokens") or behaviour.uncapped_output
+    return prompt + 4 * len(messages) + 3 + 85 * images, cap * (request.get("n") or 1) + behaviour.beyond_cap
 
 
 class FakeUpstream:
@@ -60,6 +90,9 @@ class FakeUpstream:
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         self.requests.append({"path": scope["path"], "headers": headers, "body": request})
         b = self.behaviour
+        if b.worst_case:
+            most_in, most_out = worst_case_usage(request, b)
+            b = replace(b, input_tokens=most_in, output_tokens=most_out, cached_tokens=0)
         if b.fail_status:
             return await self._json(send, b.fail_status, {"error": {"message": "fake failure", "type": "server_error"}})
         path = scope["path"]
@@ -69,7 +102,7 @@ class FakeUpstream:
                 "usage": {"prompt_tokens": b.input_tokens, "total_tokens": b.input_tokens}})
         anthropic = path.endswith("/messages")
         if request.get("stream"):
-            return await self._stream(send, request, anthropic, receive)
+            return await self._stream(send, request, anthropic, receive, b)
         text = " ".join(b.words)
         if anthropic:
             usage = {"input_tokens": b.input_tokens, "output_tokens": b.output_tokens,
@@ -91,10 +124,9 @@ class FakeUpstream:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
         await send({"type": "http.response.body", "body": payload})
 
-    async def _stream(self, send, request, anthropic, receive):
-        b = self.behaviour
+    async def _stream(self, send, request, anthropic, receive, b):
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
-        events = list(self._anthropic_events(request) if anthropic else self._openai_events(request))
+        events = list(self._anthropic_events(request, b) if anthropic else self._openai_events(request, b))
         for index, event in enumerate(events):
             if b.stall_after_chunks is not None and index >= b.stall_after_chunks:
                 await asyncio.sleep(3600)  # hang: the gateway's read time-out must end this
@@ -107,8 +139,8 @@ class FakeUpstream:
                 await asyncio.sleep(b.chunk_delay)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    def _openai_events(self, request):
-        b, model = self.behaviour, request.get("model")
+    def _openai_events(self, request, b):
+        model = request.get("model")
 
         def chunk(data):
             return f"data: {json.dumps(data)}\n\n".encode()
@@ -126,8 +158,8 @@ class FakeUpstream:
                 "prompt_tokens_details": {"cached_tokens": b.cached_tokens}}})
         yield b"data: [DONE]\n\n"
 
-    def _anthropic_events(self, request):
-        b, model = self.behaviour, request.get("model")
+    def _anthropic_events(self, request, b):
+        model = request.get("model")
 
         def event(name, data):
             return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
@@ -156,21 +188,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class _Server(uvicorn.Server):
-    async def shutdown(self, sockets=None):
-        await super().shutdown(sockets=sockets)
-        from gateway.upstream import close_session
-
-        await close_session()  # the gateway's provider client lives in this loop
-
-
 class ServerThread:
-    """An ASGI app served by uvicorn in a background thread on a free loopback port."""
+    """An ASGI app served by uvicorn in a background thread on a free loopback port, started and
+    shut down through its lifespan (the portal's closes its pools there)."""
 
     def __init__(self, app, *, port: int | None = None, **config):
         self.port = port or free_port()
-        self.server = _Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                             lifespan="off", **config))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    lifespan="on", **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):
