@@ -164,6 +164,7 @@ ACCOUNT_RATE_LIMITS = {
 ACCOUNT_EMAIL_SUBJECT_PREFIX = "[Token allowance portal] "
 MFA_SUPPORTED_TYPES = ["totp", "recovery_codes"]
 MFA_TOTP_ISSUER = "Token allowance portal"
+MFA_ADAPTER = "portal.mfa.MFAAdapter"
 
 EMAIL_BACKEND = env("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
 EMAIL_HOST = env("EMAIL_HOST", "localhost")
@@ -235,6 +236,9 @@ API_KEY_HASH_KEY = env("API_KEY_HASH_KEY")
 # Encrypts provider secrets at rest (a Fernet key: `python -c "from cryptography.fernet import Fernet;
 # print(Fernet.generate_key().decode())"`); defaults to one derived from SECRET_KEY.
 PROVIDER_SECRETS_KEY = env("PROVIDER_SECRETS_KEY")
+# Encrypts TOTP secrets and recovery-code seeds at rest (a Fernet key, made the same way); defaults
+# to one derived from SECRET_KEY. Changing it makes every enrolled authenticator unreadable.
+MFA_SECRETS_KEY = env("MFA_SECRETS_KEY")
 # The largest request the gateway forwards (prompts with images are large; forms keep Django's limit).
 GATEWAY_MAX_BODY_BYTES = int(env("GATEWAY_MAX_BODY_BYTES", str(32 * 1024 * 1024)))
 STRIPE_SECRET_KEY = env("STRIPE_SECRET_KEY")
