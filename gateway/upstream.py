@@ -38,6 +38,13 @@ class ProviderAddressRefused(UpstreamRefused):
                       "connect to; nothing was charged. An administrator must correct its base URL.")
 
 
+class ProviderRedirected(UpstreamRefused):
+    """The provider answered with a redirect, which is never followed (it could lead anywhere)."""
+
+    client_message = ("The provider answered with a redirect, which the gateway does not follow; nothing was "
+                      "charged. An administrator should check the provider connection's base URL.")
+
+
 class _PermittedResolver(AbstractResolver):
     """The system's resolver (getaddrinfo, as the save-time check resolves), with the addresses the
     gateway may not connect to dropped. A name that resolved to a public address when its connection
@@ -69,6 +76,18 @@ def _permitted_socket(addr_info: aiohttp.AddrInfoType) -> socket.socket:
     return socket.socket(family=family, type=kind, proto=proto)
 
 
+async def _refuse_redirects(request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType,
+                            ) -> aiohttp.ClientResponse:
+    """A 3xx answer ends the call before aiohttp could follow it (middlewares run for each hop)."""
+    response = await handler(request)
+    if 300 <= response.status < 400:
+        location = response.headers.get("Location", "")
+        response.close()
+        raise ProviderRedirected(f"the provider answered {response.status} (to {location[:150]!r}); "
+                                 "redirects are not followed")
+    return response
+
+
 def session() -> aiohttp.ClientSession:
     """The pooled HTTP client of the running event loop (a pool cannot be shared across loops).
 
@@ -79,7 +98,8 @@ def session() -> aiohttp.ClientSession:
     if found is None or found.closed:
         connector = aiohttp.TCPConnector(limit=200, ttl_dns_cache=300, resolver=_PermittedResolver(),
                                          socket_factory=_permitted_socket)
-        found = _sessions[id(loop)] = aiohttp.ClientSession(connector=connector, raise_for_status=False)
+        found = _sessions[id(loop)] = aiohttp.ClientSession(connector=connector, raise_for_status=False,
+                                                            middlewares=(_refuse_redirects,))
     return found
 
 

@@ -1,8 +1,8 @@
 """Provider connections cannot point at internal addresses (issue 11, item 4): the gateway would send
 the organization's provider secret there and relay the answer to an employee. With the check on
 (the production default) an internal address is refused when a connection is saved and again when
-the gateway connects, unless the platform's operator allows its network. DNS rebinding, which needs
-names resolved by the test: test_provider_dns.py."""
+the gateway connects, unless the platform's operator allows its network; redirects are never
+followed. DNS rebinding, which needs names resolved by the test: test_provider_dns.py."""
 
 import pytest
 from django.core.exceptions import ValidationError
@@ -12,7 +12,8 @@ from gateway.models import ProviderConnection, UsageRecord
 from portal.tenancy import scope, unscoped
 from tests.allowances.helpers import balance
 from tests.gateway.records import last_record_id
-from tests.gateway.test_failures import assert_error_shape, assert_nothing_charged, assert_not_html, call
+from tests.gateway.test_failures import APIS, assert_error_shape, assert_nothing_charged, assert_not_html, call
+from tests.support.fake_upstream import ServerThread
 
 # Each kind of internal address as a base URL, with a network that allows it.
 INTERNAL = {
@@ -221,3 +222,39 @@ def test_allowed_network_reaches_a_self_hosted_provider(metered, settings, endpo
     assert response.status_code == 200, response.text
     [request] = metered.upstream.requests
     assert_secret_arrived(request, endpoint)
+
+
+class Redirector:
+    """A provider address that redirects every request to the same API path under `base_url`."""
+
+    def __init__(self, status, base_url):
+        self.status, self.base_url, self.requests = status, base_url, 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        self.requests += 1
+        location = self.base_url + scope["path"].removeprefix("/v1")
+        await send({"type": "http.response.start", "status": self.status,
+                    "headers": [(b"location", location.encode()), (b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("status", [302, 307, 308])
+@pytest.mark.parametrize("endpoint", ["chat", "messages"])
+def test_redirect_is_not_followed(metered, endpoint, status, stream):
+    """With the check off, so that only the redirect rule stands between the provider and the
+    address it redirects to (here the fake provider, on loopback)."""
+    redirector = Redirector(status, metered.upstream.base_url)
+    with ServerThread(redirector) as server:
+        point(metered, endpoint, server.url + "/v1")
+        message, detail = assert_refused_when_connecting(metered, endpoint, stream)
+    assert redirector.requests == 1
+    assert "redirect" in message and "nothing was charged" in message
+    path = APIS[endpoint][0]
+    assert detail == (f"ProviderRedirected: the provider answered {status} (to '{metered.upstream.base_url}{path}'); "
+                      "redirects are not followed")
