@@ -5,6 +5,7 @@ in-process, emails printed to the console. `PORTAL_ENV=production` switches on t
 profile, which requires SECRET_KEY and ALLOWED_HOSTS and passes `manage.py check --deploy`.
 """
 
+import ipaddress
 import os
 from pathlib import Path
 
@@ -28,6 +29,17 @@ def env_bool(name: str, default: bool) -> bool:
 
 def env_list(name: str, default: str = "") -> list[str]:
     return [item.strip() for item in env(name, default).split(",") if item.strip()]
+
+
+def env_networks(name: str) -> list[str]:
+    """A comma-separated list of IP networks (CIDR), refused at start-up if one is malformed."""
+    networks = env_list(name)
+    for network in networks:
+        try:
+            ipaddress.ip_network(network)
+        except ValueError as error:
+            raise ImproperlyConfigured(f"{name}: {error}") from None
+    return networks
 
 
 PORTAL_ENV = env("PORTAL_ENV", "development")
@@ -241,6 +253,12 @@ PROVIDER_SECRETS_KEY = env("PROVIDER_SECRETS_KEY")
 MFA_SECRETS_KEY = env("MFA_SECRETS_KEY")
 # The largest request the gateway forwards (prompts with images are large; forms keep Django's limit).
 GATEWAY_MAX_BODY_BYTES = int(env("GATEWAY_MAX_BODY_BYTES", str(32 * 1024 * 1024)))
+# Provider connections may not point at internal addresses (the gateway would send the provider's
+# secret there and relay the answer): refused when a connection is saved and on every connection the
+# gateway opens. On in production; the demo and the tests serve providers on loopback.
+GATEWAY_REFUSE_PRIVATE_PROVIDERS = env_bool("GATEWAY_REFUSE_PRIVATE_PROVIDERS", PRODUCTION)
+# Internal networks allowed all the same (self-hosted model servers), e.g. "10.0.0.0/8,fd00::/8".
+GATEWAY_PROVIDER_ALLOWED_NETWORKS = env_networks("GATEWAY_PROVIDER_ALLOWED_NETWORKS")
 STRIPE_SECRET_KEY = env("STRIPE_SECRET_KEY")
 STRIPE_PUBLISHABLE_KEY = env("STRIPE_PUBLISHABLE_KEY")
 STRIPE_WEBHOOK_SECRET = env("STRIPE_WEBHOOK_SECRET")
