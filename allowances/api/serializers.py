@@ -1,6 +1,7 @@
 from rest_framework import serializers
 
 from allowances.models import Account, AllowancePolicy, CatalogModel, Grant, LedgerEntry, PolicyAssignment
+from portal.api.query import MAX_ID, QueryIntegerField
 
 
 class PolicySerializer(serializers.ModelSerializer):
@@ -78,6 +79,14 @@ class LedgerEntrySerializer(serializers.ModelSerializer):
         model = LedgerEntry
         fields = ["id", "member", "kind", "tokens", "granted_delta", "held_delta", "used_delta", "period_start",
                   "model", "reason", "reference", "created_at"]
+
+
+class LedgerEntryFilterSerializer(serializers.Serializer):
+    """The ledger's query parameters."""
+
+    member = QueryIntegerField(required=False, min_value=1, max_value=MAX_ID,
+                               help_text="Only this member's entries (HR; a member always sees only their own).")
+    kind = serializers.ChoiceField(required=False, choices=LedgerEntry.Kind.choices)
 
 
 class CatalogModelSerializer(serializers.ModelSerializer):

@@ -12,12 +12,14 @@ from allowances.api.serializers import (
     BulkGrantSerializer,
     CatalogModelSerializer,
     GrantSerializer,
+    LedgerEntryFilterSerializer,
     LedgerEntrySerializer,
     PolicySerializer,
     PolicyUpdateSerializer,
 )
 from allowances.models import AllowancePolicy
 from portal.api.permissions import ANY_MEMBER
+from portal.api.query import PageQuery, parse_query
 from portal.api.views import OrganizationViewSet
 from portal.models import Member, Team
 
@@ -125,6 +127,7 @@ class BalanceViewSet(_OwnOrAllMixin, mixins.ListModelMixin, OrganizationViewSet)
         return accounts if self.sees_everyone() else accounts.filter(member=self.request.member)
 
     def list(self, request, *args, **kwargs):
+        parse_query(PageQuery, request)  # a refused request opens no account
         services.account_open(member=request.member)  # a member sees their balance before first use too
         return super().list(request, *args, **kwargs)
 
@@ -134,22 +137,15 @@ class LedgerEntryViewSet(_OwnOrAllMixin, mixins.ListModelMixin, OrganizationView
     required_roles = {"GET": ANY_MEMBER}
     key_scope = "usage_read"
 
-    @extend_schema(parameters=[OpenApiParameter("member", int, description="Only this member's entries (HR)."),
-                               OpenApiParameter("kind", str)])
+    @extend_schema(parameters=[LedgerEntryFilterSerializer])
     def list(self, request, *args, **kwargs):
         return super().list(request, *args, **kwargs)
 
     def get_queryset(self):
-        params = self.request.query_params
-        member = params.get("member", "")
-        member_id = int(member) if member.isascii() and member.isdigit() and len(member) < 18 else None
-        if not self.sees_everyone():
-            member_id = self.request.member.pk
+        filters = parse_query(LedgerEntryFilterSerializer, self.request)
+        member_id = filters.get("member") if self.sees_everyone() else self.request.member.pk
         entries = selectors.ledger_entries(organization=self.organization, member_id=member_id)
-        if params.get("kind"):
-            # No kind has a NUL character, and PostgreSQL refuses one in a query (a 500).
-            entries = entries.filter(kind=params["kind"].replace("\x00", ""))
-        return entries
+        return entries.filter(kind=filters["kind"]) if "kind" in filters else entries
 
 
 class CatalogModelViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, OrganizationViewSet):

@@ -40,3 +40,13 @@ class AuditLogEntrySerializer(serializers.ModelSerializer):
     class Meta:
         model = AuditLogEntry
         fields = ["id", "created_at", "actor_email", "action", "object_type", "object_id", "object_repr", "data"]
+
+
+class AuditLogFilterSerializer(serializers.Serializer):
+    """The audit log's query parameters."""
+
+    action = serializers.CharField(required=False, allow_blank=True, max_length=64,
+                                   help_text="Actions starting with this, e.g. `grant.`.")
+    actor = serializers.CharField(required=False, allow_blank=True, max_length=254,
+                                  help_text="Actors whose email contains this.")
+    object_type = serializers.CharField(required=False, allow_blank=True, max_length=64)
