@@ -4,17 +4,26 @@ the OpenAPI schema, so a value the schema does not allow is a 400, never ignored
 from rest_framework import pagination, serializers
 from rest_framework.fields import empty
 
+from portal.api.fields import MAX_ID
+
 MAX_LIMIT = 1000
 MAX_OFFSET = 10**9
-MAX_ID = 2**63 - 1  # a bigint primary key
 
 
-class QueryIntegerField(serializers.IntegerField):
-    """An integer written in ASCII digits, as the schema's `integer` says; DRF's own field also
-    takes " 5", "5.0" and "+5", and reads `?limit=` as no limit at all."""
+class _AsSent:
+    """The parameter as sent: DRF reads `?limit=` as no parameter at all (HTML form semantics)."""
 
     def get_value(self, dictionary):
         return dictionary.get(self.field_name, empty)
+
+
+class QueryChoiceField(_AsSent, serializers.ChoiceField):
+    pass
+
+
+class QueryIntegerField(_AsSent, serializers.IntegerField):
+    """An integer written in ASCII digits, as the schema's `integer` says; DRF's own field also
+    takes " 5", "5.0" and "+5"."""
 
     def to_internal_value(self, data):
         text = data if isinstance(data, str) else ""

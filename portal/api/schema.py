@@ -4,6 +4,8 @@ They are the bodies that `portal.api.exceptions.exception_handler` and `TenancyM
 `{"detail": "..."}` for a refusal, and errors keyed by field for a request that is not valid.
 """
 
+import re
+
 ERROR = {
     "type": "object",
     "properties": {"detail": {"type": "string", "description": "What was refused, and why."}},
@@ -29,9 +31,33 @@ ERROR_RESPONSES = {
 }
 
 
+def _state_trimmed_strings(schemas: dict) -> None:
+    """DRF trims a CharField's value before it checks it is not blank, so a required text must hold a
+    character other than white space: say so (drf-spectacular states only minLength 1)."""
+    for name, component in schemas.items():
+        if not name.endswith("Request"):
+            continue
+        for prop in component.get("properties", {}).values():
+            if prop.get("type") == "string" and prop.get("minLength", 0) >= 1 and "pattern" not in prop:
+                prop["pattern"] = r"\S"
+
+
+def _state_decimals(schemas: dict) -> None:
+    """drf-spectacular's decimal pattern also matches "", "-" and "."; a decimal has a digit."""
+    for component in schemas.values():
+        for prop in component.get("properties", {}).values():
+            found = prop.get("format") == "decimal" and re.fullmatch(
+                r"\^-\?\\d\{0,(\d+)\}\(\?:\\\.\\d\{0,(\d+)\}\)\?\$", prop.get("pattern", ""))
+            if found:
+                whole, places = found.groups()
+                prop["pattern"] = rf"^-?(?:\d{{1,{whole}}}(?:\.\d{{0,{places}}})?|\.\d{{1,{places}}})$"
+
+
 def declare_error_responses(result, generator, request, public):
     """drf-spectacular post-processing hook: add the error answers to every operation."""
     schemas = result.setdefault("components", {}).setdefault("schemas", {})
+    _state_trimmed_strings(schemas)
+    _state_decimals(schemas)
     schemas["Error"], schemas["ValidationError"] = ERROR, VALIDATION_ERROR
     for operations in result.get("paths", {}).values():
         for method, operation in operations.items():
