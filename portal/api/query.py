@@ -4,8 +4,6 @@ the OpenAPI schema, so a value the schema does not allow is a 400, never ignored
 from rest_framework import pagination, serializers
 from rest_framework.fields import empty
 
-from portal.api.fields import MAX_ID
-
 MAX_LIMIT = 1000
 MAX_OFFSET = 10**9
 
