@@ -22,6 +22,7 @@ from portal.models import Member
 from portal.tenancy import unscoped
 
 MAX_CIDRS = 20
+MAX_KEY_LIFETIME = timedelta(days=3652)
 LAST_USED_RESOLUTION = timedelta(minutes=1)  # how often last_used_at is written, at most
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,9 @@ def _clean(*, member: Member, name, model_ids, endpoints, token_cap, expires_at,
         token_cap = None
     if expires_at is not None and expires_at <= timezone.now():
         errors["expires_at"] = "The expiry must be in the future."
+    elif expires_at is not None and expires_at > timezone.now() + MAX_KEY_LIFETIME:
+        # Also keeps the time storable: 9999-12-31 in a zone west of UTC is past year 9999 in UTC.
+        errors["expires_at"] = "The expiry must be within ten years."
     networks = []
     for text in allowed_cidrs or []:
         try:

@@ -148,6 +148,8 @@ def _storable(value) -> bool:
 def _whole(value, name: str, errors: dict, *, required: bool = False) -> int:
     if value is None and not required:
         return 0
+    if type(value) is float and value.is_integer():
+        value = int(value)  # 5.0 is an integer to JSON Schema, as the API's schema says
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_EVENT_TOKENS:
         errors[name] = f"A whole number of tokens from 0 to {MAX_EVENT_TOKENS:,}."
         return 0
