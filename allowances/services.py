@@ -33,6 +33,7 @@ from allowances.periods import next_period_start, period_bounds, period_start_fo
 from allowances.selectors import assignment_in_force, members_governed_by, policy_in_force
 from portal.audit import changes, log_action
 from portal.models import Member, Organization, Team
+from portal.tenancy import unscoped
 
 Kind = ledger.Kind
 MAX_CSV_BYTES = 2 * 1024 * 1024
@@ -365,6 +366,21 @@ def account_open(*, member: Member, at: datetime | None = None) -> Account:
     except IntegrityError:  # opened concurrently by another request
         return Account.objects.get(member=member)
     return account
+
+
+def account_holds_release(*, member_ids, reason: str) -> int:
+    """Release every open hold on these members' accounts, in whichever organizations; returns how
+    many this call released. A request still in flight settles its usage all the same (see ledger.settle)."""
+    released = 0
+    with unscoped():
+        holds = list(LedgerEntry.all_objects.filter(kind=Kind.HOLD, closed_by__isnull=True,
+                                                    account__member_id__in=list(member_ids))
+                     .values_list("organization_id", "pk"))
+        for organization_id, hold_id in holds:
+            posted = ledger.release(hold=ledger.hold_find(organization_id=organization_id, hold_id=hold_id),
+                                    reason=reason)
+            released += posted is not None and posted.created
+    return released
 
 
 # -- grants ------------------------------------------------------------------------------------

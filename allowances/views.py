@@ -39,11 +39,11 @@ def dashboard(request):
     account = services.account_open(member=request.member)
     form, page = _history(request, account)
     if request.htmx and request.htmx.target == "history":
-        return render(request, "allowances/_history.html", {"page": page, "history_form": form})
+        return render(request, "allowances/_history.html", {"page": page, "history_form": form}, status=form.status)
     board = selectors.dashboard(account=account)
     return render(request, "allowances/dashboard.html", {
         "board": board, "chart": daily_usage_svg(board.daily), "history_form": form, "page": page,
-    })
+    }, status=form.status)
 
 
 @require_roles("hr")

@@ -6,4 +6,4 @@ class ApiKeysConfig(AppConfig):
     verbose_name = "API keys"
 
     def ready(self):
-        from apikeys import signals  # noqa: F401  (cache invalidation when a member changes)
+        from apikeys import signals  # noqa: F401  (a changed member or user ends their keys' cached identities)

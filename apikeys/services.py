@@ -24,6 +24,7 @@ from portal import shared_cache
 from portal.tenancy import unscoped
 
 MAX_CIDRS = 20
+MAX_KEY_LIFETIME = timedelta(days=3652)
 LAST_USED_RESOLUTION = timedelta(minutes=1)  # how often last_used_at is written, at most
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,9 @@ def _clean(*, member: Member, name, model_ids, endpoints, token_cap, expires_at,
         token_cap = None
     if expires_at is not None and expires_at <= timezone.now():
         errors["expires_at"] = "The expiry must be in the future."
+    elif expires_at is not None and expires_at > timezone.now() + MAX_KEY_LIFETIME:
+        # Also keeps the time storable: 9999-12-31 in a zone west of UTC is past year 9999 in UTC.
+        errors["expires_at"] = "The expiry must be within ten years."
     networks = []
     for text in allowed_cidrs or []:
         try:
@@ -172,7 +176,7 @@ class KeyIdentity:
     allowed_cidrs: tuple
     token_cap: int | None
     refusal_at: datetime | None  # the first moment the key stops working (expiry or end of grace)
-    refused: str | None  # revoked, or the member deactivated
+    refused: str | None  # revoked, the member deactivated or the owner's user account disabled
     account_id: int | None = None  # the owner's allowance account, once one is open
     spend_id: int | None = None  # the key's spend counter (its cap), shared across rotations
     public_id: str = ""
@@ -195,12 +199,14 @@ def identity_load(public_id: str) -> KeyIdentity | None:
 
 def _load(public_id: str) -> KeyIdentity | None:
     with unscoped():
-        key = ApiKey.objects.select_related("member").filter(public_id=public_id).first()
+        key = ApiKey.objects.select_related("member__user").filter(public_id=public_id).first()
     if key is None:
         return None
     ends = [moment for moment in (key.expires_at, key.works_until) if moment is not None]
-    refused = "this API key was revoked" if key.revoked_at else (
-        None if key.member.is_active else "the key's owner is no longer an active member")
+    refused = ("this API key was revoked" if key.revoked_at
+               else "the key's owner is no longer an active member" if not key.member.is_active
+               else "the key owner's user account is disabled" if not key.member.user.is_active
+               else None)
     return KeyIdentity(id=key.pk, organization_id=key.organization_id, member_id=key.member_id,
                        secret_hash=key.secret_hash, endpoints=tuple(key.endpoints), model_ids=tuple(key.model_ids),
                        allowed_cidrs=tuple(key.allowed_cidrs), token_cap=key.token_cap,

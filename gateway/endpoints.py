@@ -25,6 +25,7 @@ from gateway.models import UsageRecord
 from gateway.upstream import (
     StreamReader,
     UpstreamError,
+    UpstreamRefused,
     UpstreamTimeout,
     Usage,
     provider_headers,
@@ -197,8 +198,9 @@ async def _from_provider(begun: Begun, forwarded: dict, client_wants_usage: bool
                                                    "charged."), request_id=begun.request_id)
     except UpstreamError as error:
         await _finish(begun, status=Status.UPSTREAM_ERROR, usage=None, detail=f"{type(error).__name__}: {error}")
-        return error_response(family, GatewayError(502, "api_error", "The provider could not be reached; nothing was "
-                                                   "charged."), request_id=begun.request_id)
+        message = (error.client_message if isinstance(error, UpstreamRefused)
+                   else "The provider could not be reached; nothing was charged.")
+        return error_response(family, GatewayError(502, "api_error", message), request_id=begun.request_id)
     if response.status >= 400:
         return await _provider_refused(begun, response)
     if begun.stream:

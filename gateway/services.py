@@ -17,7 +17,7 @@ from django.utils.dateparse import parse_datetime
 from allowances import ledger
 from allowances.models import Account, KeySpend, LedgerEntry
 from apikeys.models import ApiKey
-from gateway import alarms, crypto
+from gateway import alarms, crypto, destinations
 from gateway.metering import org_config
 from gateway.models import ProviderConnection, UsageRecord
 from gateway.upstream import Usage
@@ -47,6 +47,11 @@ def _clean_connection(organization: Organization, data: dict, *, exclude_pk=None
             URLValidator(schemes=["http", "https"])(base_url)
         except ValidationError:
             errors["base_url"] = "Enter an http(s) address."
+        else:
+            refused = destinations.url_refusal(base_url)
+            if refused:
+                errors["base_url"] = (f"Provider addresses must be public: {refused}. A self-hosted server on an "
+                                      "internal network must first be allowed by the platform's operator.")
     cleaned = {"name": name, "kind": kind, "base_url": base_url, "is_active": bool(data.get("is_active", True))}
     for field, ceiling in (("connect_timeout", 60), ("read_timeout", 3600)):
         try:
@@ -143,6 +148,8 @@ def _storable(value) -> bool:
 def _whole(value, name: str, errors: dict, *, required: bool = False) -> int:
     if value is None and not required:
         return 0
+    if type(value) is float and value.is_integer():
+        value = int(value)  # 5.0 is an integer to JSON Schema, as the API's schema says
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_EVENT_TOKENS:
         errors[name] = f"A whole number of tokens from 0 to {MAX_EVENT_TOKENS:,}."
         return 0

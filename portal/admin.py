@@ -1,7 +1,12 @@
+from allauth.account.decorators import secure_admin_login
 from django.contrib import admin
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
 
 from portal.models import AuditLogEntry, Invitation, Member, Organization, Team, User
+
+# The admin's own login form knows neither two-factor authentication nor rate limits: staff log in
+# through allauth's login, like everyone else, and come back to the admin.
+admin.site.login = secure_admin_login(admin.site.login)
 
 
 @admin.register(User)

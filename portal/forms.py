@@ -1,8 +1,10 @@
 import zoneinfo
+from datetime import date
 
 from django import forms
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
 
 from portal import services
 from portal.models import CURRENCY_CHOICES
@@ -108,11 +110,25 @@ class InvitationSignupForm(forms.Form):
         return cleaned
 
 
+# The days a filter may name: the portal's records lie well within them, and a day near year 1 or
+# 9999 cannot be turned into a time in every zone (it answered 500).
+FIRST_DAY, LAST_DAY = date(2000, 1, 1), date(2099, 12, 31)
+_DAY_BOUNDS = [MinValueValidator(FIRST_DAY, f"Choose a day from {FIRST_DAY} to {LAST_DAY}."),
+               MaxValueValidator(LAST_DAY, f"Choose a day from {FIRST_DAY} to {LAST_DAY}.")]
+
+
 class DateRangeFilterForm(forms.Form):
     """A filter with an optional since/until day range (both days included)."""
 
-    since = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}))
-    until = forms.DateField(required=False, widget=forms.DateInput(attrs={"type": "date"}))
+    since = forms.DateField(required=False, validators=_DAY_BOUNDS, widget=forms.DateInput(
+        attrs={"type": "date", "min": FIRST_DAY.isoformat(), "max": LAST_DAY.isoformat()}))
+    until = forms.DateField(required=False, validators=_DAY_BOUNDS, widget=forms.DateInput(
+        attrs={"type": "date", "min": FIRST_DAY.isoformat(), "max": LAST_DAY.isoformat()}))
+
+    @property
+    def status(self) -> int:
+        """The page's status: 400 when the filter was given and is not valid (its errors are shown)."""
+        return 400 if self.is_bound and not self.is_valid() else 200
 
     def clean(self):
         cleaned = super().clean()

@@ -10,6 +10,8 @@ import secrets
 from datetime import timedelta
 
 from django.conf import settings
+from django.contrib.auth import SESSION_KEY
+from django.contrib.sessions.models import Session
 from django.core.exceptions import ValidationError
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
@@ -255,3 +257,15 @@ def user_create_from_invitation(*, invitation: Invitation, password: str, first_
     user = User.objects.create_user(email=invitation.email, password=password, first_name=first_name, last_name=last_name)
     EmailAddress.objects.create(user=user, email=user.email, verified=True, primary=True)
     return user
+
+
+def user_sessions_end(*, user: User) -> int:
+    """Log `user` out everywhere: delete every session logged in as them; returns how many.
+
+    Sessions are stored in the database (Django's default engine) and are not indexed by user, so
+    each live one is read; this runs when an account is disabled, which is rare.
+    """
+    theirs = [session.pk for session in Session.objects.filter(expire_date__gt=timezone.now()).iterator()
+              if session.get_decoded().get(SESSION_KEY) == str(user.pk)]
+    Session.objects.filter(pk__in=theirs).delete()
+    return len(theirs)

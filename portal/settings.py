@@ -5,6 +5,7 @@ in-process, emails printed to the console. `PORTAL_ENV=production` switches on t
 profile, which requires SECRET_KEY and ALLOWED_HOSTS and passes `manage.py check --deploy`.
 """
 
+import ipaddress
 import os
 from pathlib import Path
 
@@ -28,6 +29,17 @@ def env_bool(name: str, default: bool) -> bool:
 
 def env_list(name: str, default: str = "") -> list[str]:
     return [item.strip() for item in env(name, default).split(",") if item.strip()]
+
+
+def env_networks(name: str) -> list[str]:
+    """A comma-separated list of IP networks (CIDR), refused at start-up if one is malformed."""
+    networks = env_list(name)
+    for network in networks:
+        try:
+            ipaddress.ip_network(network)
+        except ValueError as error:
+            raise ImproperlyConfigured(f"{name}: {error}") from None
+    return networks
 
 
 PORTAL_ENV = env("PORTAL_ENV", "development")
@@ -164,6 +176,7 @@ ACCOUNT_RATE_LIMITS = {
 ACCOUNT_EMAIL_SUBJECT_PREFIX = "[Token allowance portal] "
 MFA_SUPPORTED_TYPES = ["totp", "recovery_codes"]
 MFA_TOTP_ISSUER = "Token allowance portal"
+MFA_ADAPTER = "portal.mfa.MFAAdapter"
 
 EMAIL_BACKEND = env("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
 EMAIL_HOST = env("EMAIL_HOST", "localhost")
@@ -198,8 +211,11 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["portal.api.permissions.OrganizationPermission"],
+    # JSON only, bounded in size and depth (portal/api/parsers.py): what the schema declares.
+    "DEFAULT_PARSER_CLASSES": ["portal.api.parsers.JSONParser"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "DEFAULT_PAGINATION_CLASS": "portal.api.query.LimitOffsetPagination",
     "PAGE_SIZE": 100,
     "EXCEPTION_HANDLER": "portal.api.exceptions.exception_handler",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
@@ -209,6 +225,9 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Organization-scoped API for HR systems and tools.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,  # request bodies without the read-only fields, with the write-only ones
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums",
+                             "portal.api.schema.declare_error_responses"],
 }
 
 # Celery: with no broker configured, tasks run in-process so the portal needs no services.
@@ -237,8 +256,17 @@ API_KEY_HASH_KEY = env("API_KEY_HASH_KEY")
 PROVIDER_SECRETS_KEY = env("PROVIDER_SECRETS_KEY")
 # Threads serving pages and the REST API in each server process (each keeps a database connection).
 WEB_THREADS = int(env("WEB_THREADS", "10"))
+# Encrypts TOTP secrets and recovery-code seeds at rest (a Fernet key, made the same way); defaults
+# to one derived from SECRET_KEY. Changing it makes every enrolled authenticator unreadable.
+MFA_SECRETS_KEY = env("MFA_SECRETS_KEY")
 # The largest request the gateway forwards (prompts with images are large; forms keep Django's limit).
 GATEWAY_MAX_BODY_BYTES = int(env("GATEWAY_MAX_BODY_BYTES", str(32 * 1024 * 1024)))
+# Provider connections may not point at internal addresses (the gateway would send the provider's
+# secret there and relay the answer): refused when a connection is saved and on every connection the
+# gateway opens. On in production; the demo and the tests serve providers on loopback.
+GATEWAY_REFUSE_PRIVATE_PROVIDERS = env_bool("GATEWAY_REFUSE_PRIVATE_PROVIDERS", PRODUCTION)
+# Internal networks allowed all the same (self-hosted model servers), e.g. "10.0.0.0/8,fd00::/8".
+GATEWAY_PROVIDER_ALLOWED_NETWORKS = env_networks("GATEWAY_PROVIDER_ALLOWED_NETWORKS")
 STRIPE_SECRET_KEY = env("STRIPE_SECRET_KEY")
 STRIPE_PUBLISHABLE_KEY = env("STRIPE_PUBLISHABLE_KEY")
 STRIPE_WEBHOOK_SECRET = env("STRIPE_WEBHOOK_SECRET")

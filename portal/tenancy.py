@@ -160,8 +160,8 @@ def require_roles(*roles: str):
 
 
 def _is_api_path(path: str) -> bool:
-    # The REST API and the gateway answer in JSON, also when no route matches.
-    return path.startswith(("/api/", "/v1/"))
+    # The REST API answers in JSON, also when no route matches (the gateway's /v1/ never comes here).
+    return path.startswith("/api/")
 
 
 def member_for(*, slug: str | None, user=None, key=None):

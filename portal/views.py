@@ -243,7 +243,7 @@ def audit_log(request):
     page = Paginator(entries, 50).get_page(request.GET.get("page"))
     return render(request, "portal/audit_log.html", {
         "form": form, "page": page, "actions": selectors.audit_actions(organization=request.organization),
-    })
+    }, status=form.status)
 
 
 @require_roles("admin")

@@ -1,15 +1,23 @@
 from rest_framework import serializers
 
-from allowances.models import Account, AllowancePolicy, CatalogModel, Grant, LedgerEntry, PolicyAssignment
+from allowances.models import MAX_TOKENS, Account, AllowancePolicy, CatalogModel, Grant, LedgerEntry, PolicyAssignment
+from allowances.services import MAX_BULK_ROWS
+from portal.api import fields
+from portal.api.fields import MAX_ID, TokensField, WholeNumberField, object_id
+from portal.api.query import QueryChoiceField, QueryIntegerField
 
 
-class PolicySerializer(serializers.ModelSerializer):
-    # Loose types on purpose: the service validates the rules together and names the field at fault.
-    monthly_tokens = serializers.JSONField()
-    rollover_cap_tokens = serializers.JSONField(required=False, allow_null=True)
-    rollover_cap_percent = serializers.JSONField(required=False, allow_null=True)
-    auto_approve_tokens = serializers.JSONField(required=False, allow_null=True)
-    rollover_lifetime_periods = serializers.JSONField(required=False)
+class PolicySerializer(fields.ModelSerializer):
+    # Typed and bounded here; the service checks how the rules fit together (a cap needs its rule).
+    monthly_tokens = TokensField(min_value=0, max_value=MAX_TOKENS)
+    rollover_cap_tokens = TokensField(min_value=1, max_value=MAX_TOKENS, required=False, allow_null=True,
+                                           help_text="Only with the capped_tokens rule.")
+    rollover_cap_percent = WholeNumberField(min_value=1, max_value=100, required=False, allow_null=True,
+                                            help_text="Only with the capped_percent rule.")
+    auto_approve_tokens = TokensField(min_value=1, max_value=MAX_TOKENS, required=False, allow_null=True,
+                                           help_text="Only with the auto_approve overage rule.")
+    rollover_lifetime_periods = WholeNumberField(min_value=1, max_value=24, required=False,
+                                                 help_text="More than 1 only with a rule that rolls tokens over.")
 
     class Meta:
         model = AllowancePolicy
@@ -28,10 +36,10 @@ class PolicyUpdateSerializer(PolicySerializer):
         fields = PolicySerializer.Meta.fields + ["applies"]
 
 
-class AssignmentSerializer(serializers.ModelSerializer):
-    policy = serializers.IntegerField(source="policy_id")
-    team = serializers.IntegerField(source="team_id", required=False, allow_null=True)
-    member = serializers.IntegerField(source="member_id", required=False, allow_null=True)
+class AssignmentSerializer(fields.ModelSerializer):
+    policy = object_id(source="policy_id")
+    team = object_id(source="team_id", required=False, allow_null=True, help_text="A team or a member, not both.")
+    member = object_id(source="member_id", required=False, allow_null=True)
     applies = serializers.ChoiceField(choices=["next", "now"], default="next", write_only=True)
 
     class Meta:
@@ -40,10 +48,10 @@ class AssignmentSerializer(serializers.ModelSerializer):
         read_only_fields = ["id", "effective_from", "applied_immediately", "created_at"]
 
 
-class GrantSerializer(serializers.ModelSerializer):
-    tokens = serializers.JSONField()
-    team = serializers.IntegerField(source="team_id", required=False, allow_null=True)
-    member = serializers.IntegerField(source="member_id", required=False, allow_null=True)
+class GrantSerializer(fields.ModelSerializer):
+    tokens = TokensField(min_value=1, max_value=MAX_TOKENS)
+    team = object_id(source="team_id", required=False, allow_null=True, help_text="A team or a member, not both.")
+    member = object_id(source="member_id", required=False, allow_null=True)
 
     class Meta:
         model = Grant
@@ -51,19 +59,33 @@ class GrantSerializer(serializers.ModelSerializer):
         read_only_fields = ["id", "created_at", "revoked_at"]
 
 
+class CsvTokensField(TokensField):
+    """Tokens of a bulk row, stated as TokensField's but checked by the service with the rest of the
+    row, so that a refusal names the row like the CSV upload's."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.validators = []  # the bounds too: the service names the row
+
+    def to_internal_value(self, data):
+        return data
+
+
 class BulkGrantRowSerializer(serializers.Serializer):
-    email = serializers.CharField()
-    tokens = serializers.JSONField()
-    reason = serializers.CharField(allow_blank=True)
+    """A row of the CSV upload, checked by the same service (a 400 names each bad row)."""
+
+    email = fields.CharField(max_length=254)
+    tokens = CsvTokensField(min_value=1, max_value=MAX_TOKENS)
+    reason = fields.CharField(allow_blank=True, max_length=500)
 
 
 class BulkGrantSerializer(serializers.Serializer):
-    grants = BulkGrantRowSerializer(many=True, allow_empty=False, max_length=5000)
+    grants = serializers.ListField(child=BulkGrantRowSerializer(), min_length=1, max_length=MAX_BULK_ROWS)
 
 
-class BalanceSerializer(serializers.ModelSerializer):
+class BalanceSerializer(fields.ModelSerializer):
     member = serializers.IntegerField(source="member_id")
-    email = serializers.EmailField(source="member.user.email")
+    email = fields.EmailField(source="member.user.email")
     available = serializers.IntegerField()
 
     class Meta:
@@ -71,7 +93,7 @@ class BalanceSerializer(serializers.ModelSerializer):
         fields = ["member", "email", "period_start", "granted", "held", "used", "available", "overdraft_limit"]
 
 
-class LedgerEntrySerializer(serializers.ModelSerializer):
+class LedgerEntrySerializer(fields.ModelSerializer):
     member = serializers.IntegerField(source="account.member_id")
 
     class Meta:
@@ -80,7 +102,15 @@ class LedgerEntrySerializer(serializers.ModelSerializer):
                   "model", "reason", "reference", "created_at"]
 
 
-class CatalogModelSerializer(serializers.ModelSerializer):
+class LedgerEntryFilterSerializer(serializers.Serializer):
+    """The ledger's query parameters."""
+
+    member = QueryIntegerField(required=False, min_value=1, max_value=MAX_ID,
+                               help_text="Only this member's entries (HR; a member always sees only their own).")
+    kind = QueryChoiceField(required=False, choices=LedgerEntry.Kind.choices)
+
+
+class CatalogModelSerializer(fields.ModelSerializer):
     class Meta:
         model = CatalogModel
         fields = ["id", "model_id", "display_name", "connection", "upstream_model", "max_output_tokens",
@@ -89,4 +119,4 @@ class CatalogModelSerializer(serializers.ModelSerializer):
                   "cached_price_per_million", "is_active"]
         read_only_fields = ["id"]
         validators = []
-        extra_kwargs = {"model_id": {"validators": []}}
+        extra_kwargs = {"model_id": {"validators": []}, "max_output_tokens": {"min_value": 1, "max_value": 1_000_000}}

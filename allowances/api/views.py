@@ -1,5 +1,6 @@
 """The allowances API for HR systems: the same services, permissions and validation as the pages."""
 
+from django.core.exceptions import ValidationError
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, status
 from rest_framework.decorators import action
@@ -12,17 +13,32 @@ from allowances.api.serializers import (
     BulkGrantSerializer,
     CatalogModelSerializer,
     GrantSerializer,
+    LedgerEntryFilterSerializer,
     LedgerEntrySerializer,
     PolicySerializer,
     PolicyUpdateSerializer,
 )
 from allowances.models import AllowancePolicy
 from portal.api.permissions import ANY_MEMBER
+from portal.api.query import PageQuery, parse_query
 from portal.api.views import OrganizationViewSet
 from portal.models import Member, Team
 
-IDEMPOTENCY_HEADER = OpenApiParameter("Idempotency-Key", str, OpenApiParameter.HEADER, required=False,
-                                      description="Retrying with the same key returns the first result.")
+
+def idempotency_header(max_length: int) -> OpenApiParameter:
+    return OpenApiParameter("Idempotency-Key", {"type": "string", "maxLength": max_length}, OpenApiParameter.HEADER,
+                            required=False, description="Retrying with the same key returns the first result.")
+
+
+def idempotency_key(request, max_length: int) -> str:
+    key = request.headers.get("Idempotency-Key", "")
+    if len(key) > max_length:
+        raise ValidationError({"Idempotency-Key": f"At most {max_length} characters."})
+    return key
+
+
+# What the stored keys hold: a grant's own, and a batch's (its rows' grants add a suffix to it).
+GRANT_KEY, BATCH_KEY = 100, 80
 
 
 class PolicyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, OrganizationViewSet):
@@ -78,7 +94,7 @@ class GrantViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Organizatio
     def get_queryset(self):
         return selectors.grant_list(organization=self.organization)
 
-    @extend_schema(parameters=[IDEMPOTENCY_HEADER])
+    @extend_schema(parameters=[idempotency_header(GRANT_KEY)])
     def create(self, request):
         serializer = self.get_serializer(data=request.data)
         serializer.is_valid(raise_exception=True)
@@ -86,7 +102,7 @@ class GrantViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Organizatio
         grant = services.grant_create(
             organization=self.organization, actor=request.user, tokens=data["tokens"], reason=data["reason"],
             team=self.lookup(Team, data.get("team_id"), "team"), member=self.lookup(Member, data.get("member_id"), "member"),
-            idempotency_key=request.headers.get("Idempotency-Key", "")[:100])
+            idempotency_key=idempotency_key(request, GRANT_KEY))
         return Response(self.get_serializer(grant).data, status=status.HTTP_201_CREATED)
 
     @extend_schema(request=None)
@@ -95,7 +111,8 @@ class GrantViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Organizatio
         grant = services.grant_revoke(grant=self.get_object(), actor=request.user)
         return Response(self.get_serializer(grant).data)
 
-    @extend_schema(request=BulkGrantSerializer, responses=GrantSerializer(many=True), parameters=[IDEMPOTENCY_HEADER])
+    @extend_schema(request=BulkGrantSerializer, responses={201: GrantSerializer(many=True)},
+                   parameters=[idempotency_header(BATCH_KEY)])
     @action(detail=False, methods=["post"])
     def bulk(self, request):
         """Grant every row, or nothing: a 400 answer names each bad row."""
@@ -103,7 +120,7 @@ class GrantViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Organizatio
         serializer.is_valid(raise_exception=True)
         batch = services.grant_bulk(organization=self.organization, actor=request.user,
                                     rows=serializer.validated_data["grants"],
-                                    idempotency_key=request.headers.get("Idempotency-Key", "")[:80])
+                                    idempotency_key=idempotency_key(request, BATCH_KEY))
         return Response(self.get_serializer(batch.grants.order_by("pk"), many=True).data, status=status.HTTP_201_CREATED)
 
 
@@ -125,6 +142,7 @@ class BalanceViewSet(_OwnOrAllMixin, mixins.ListModelMixin, OrganizationViewSet)
         return accounts if self.sees_everyone() else accounts.filter(member=self.request.member)
 
     def list(self, request, *args, **kwargs):
+        parse_query(PageQuery, request)  # a refused request opens no account
         services.account_open(member=request.member)  # a member sees their balance before first use too
         return super().list(request, *args, **kwargs)
 
@@ -134,22 +152,15 @@ class LedgerEntryViewSet(_OwnOrAllMixin, mixins.ListModelMixin, OrganizationView
     required_roles = {"GET": ANY_MEMBER}
     key_scope = "usage_read"
 
-    @extend_schema(parameters=[OpenApiParameter("member", int, description="Only this member's entries (HR)."),
-                               OpenApiParameter("kind", str)])
+    @extend_schema(parameters=[LedgerEntryFilterSerializer])
     def list(self, request, *args, **kwargs):
         return super().list(request, *args, **kwargs)
 
     def get_queryset(self):
-        params = self.request.query_params
-        member = params.get("member", "")
-        member_id = int(member) if member.isascii() and member.isdigit() and len(member) < 18 else None
-        if not self.sees_everyone():
-            member_id = self.request.member.pk
+        filters = parse_query(LedgerEntryFilterSerializer, self.request)
+        member_id = filters.get("member") if self.sees_everyone() else self.request.member.pk
         entries = selectors.ledger_entries(organization=self.organization, member_id=member_id)
-        if params.get("kind"):
-            # No kind has a NUL character, and PostgreSQL refuses one in a query (a 500).
-            entries = entries.filter(kind=params["kind"].replace("\x00", ""))
-        return entries
+        return entries.filter(kind=filters["kind"]) if "kind" in filters else entries
 
 
 class CatalogModelViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, OrganizationViewSet):

@@ -1,10 +1,13 @@
 from rest_framework import serializers
 
+from portal.api import fields
+from portal.api.fields import object_id
 from portal.forms import ROLE_CHOICES
 from portal.models import AuditLogEntry, Invitation, Member, Team
+from portal.tenancy import ROLES
 
 
-class TeamSerializer(serializers.ModelSerializer):
+class TeamSerializer(fields.ModelSerializer):
     class Meta:
         model = Team
         fields = ["id", "name", "cost_centre", "created_at"]
@@ -13,11 +16,12 @@ class TeamSerializer(serializers.ModelSerializer):
         validators = []
 
 
-class MemberSerializer(serializers.ModelSerializer):
-    email = serializers.EmailField(source="user.email", read_only=True)
-    name = serializers.CharField(source="user.get_full_name", read_only=True)
-    roles = serializers.ListField(child=serializers.ChoiceField(choices=ROLE_CHOICES), allow_empty=False, required=False)
-    team = serializers.IntegerField(source="team_id", allow_null=True, required=False)
+class MemberSerializer(fields.ModelSerializer):
+    email = fields.EmailField(source="user.email", read_only=True)
+    name = fields.CharField(source="user.get_full_name", read_only=True)
+    roles = serializers.ListField(child=serializers.ChoiceField(choices=ROLE_CHOICES), allow_empty=False, required=False,
+                                  min_length=1, max_length=len(ROLES))
+    team = object_id(source="team_id", allow_null=True, required=False)
 
     class Meta:
         model = Member
@@ -25,9 +29,10 @@ class MemberSerializer(serializers.ModelSerializer):
         read_only_fields = ["id", "email", "name", "joined_at"]
 
 
-class InvitationSerializer(serializers.ModelSerializer):
-    roles = serializers.ListField(child=serializers.ChoiceField(choices=ROLE_CHOICES), allow_empty=False)
-    team = serializers.IntegerField(source="team_id", allow_null=True, required=False)
+class InvitationSerializer(fields.ModelSerializer):
+    roles = serializers.ListField(child=serializers.ChoiceField(choices=ROLE_CHOICES), allow_empty=False,
+                                  min_length=1, max_length=len(ROLES))
+    team = object_id(source="team_id", allow_null=True, required=False)
 
     class Meta:
         model = Invitation
@@ -36,7 +41,17 @@ class InvitationSerializer(serializers.ModelSerializer):
         validators = []
 
 
-class AuditLogEntrySerializer(serializers.ModelSerializer):
+class AuditLogEntrySerializer(fields.ModelSerializer):
     class Meta:
         model = AuditLogEntry
         fields = ["id", "created_at", "actor_email", "action", "object_type", "object_id", "object_repr", "data"]
+
+
+class AuditLogFilterSerializer(serializers.Serializer):
+    """The audit log's query parameters."""
+
+    action = fields.CharField(required=False, allow_blank=True, max_length=64,
+                                   help_text="Actions starting with this, e.g. `grant.`.")
+    actor = fields.CharField(required=False, allow_blank=True, max_length=254,
+                                  help_text="Actors whose email contains this.")
+    object_type = fields.CharField(required=False, allow_blank=True, max_length=64)

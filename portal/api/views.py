@@ -3,7 +3,7 @@
 import contextvars
 
 from django.core.exceptions import ValidationError
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import NotAuthenticated, NotFound
@@ -11,7 +11,14 @@ from rest_framework.response import Response
 
 from apikeys.services import KeyIdentity
 from portal import selectors, services, tenancy
-from portal.api.serializers import AuditLogEntrySerializer, InvitationSerializer, MemberSerializer, TeamSerializer
+from portal.api.query import parse_query
+from portal.api.serializers import (
+    AuditLogEntrySerializer,
+    AuditLogFilterSerializer,
+    InvitationSerializer,
+    MemberSerializer,
+    TeamSerializer,
+)
 from portal.models import Team
 
 
@@ -130,11 +137,12 @@ class InvitationViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Organi
         return Response(self.get_serializer(invitation).data)
 
 
+@extend_schema_view(list=extend_schema(parameters=[AuditLogFilterSerializer]))
 class AuditLogViewSet(mixins.ListModelMixin, OrganizationViewSet):
     serializer_class = AuditLogEntrySerializer
     required_roles = {"GET": ("admin",)}
 
     def get_queryset(self):
-        params = self.request.query_params
-        return selectors.audit_log(organization=self.organization, action=params.get("action", ""),
-                                   actor_email=params.get("actor", ""), object_type=params.get("object_type", ""))
+        filters = parse_query(AuditLogFilterSerializer, self.request)
+        return selectors.audit_log(organization=self.organization, action=filters.get("action", ""),
+                                   actor_email=filters.get("actor", ""), object_type=filters.get("object_type", ""))

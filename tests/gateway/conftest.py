@@ -1,6 +1,7 @@
 """Gateway tests run the real thing: the portal's ASGI app under uvicorn and a fake provider, both
 on loopback in this process, against the PostgreSQL and Redis that `make test` starts."""
 
+import socket
 from types import SimpleNamespace
 
 import pytest
@@ -63,3 +64,26 @@ def metered(org_a, fake_upstream, gateway_url):
     return SimpleNamespace(org=org_a, upstream=fake_upstream, url=gateway_url, key=org_a.api_key_secret,
                            member=org_a.members["employee"], gpt=gpt, claude=claude,
                            openai_connection=openai_connection, anthropic_connection=anthropic_connection)
+
+
+@pytest.fixture
+def fake_dns(monkeypatch):
+    """Names the test maps to addresses, for socket.getaddrinfo (through which the save-time check
+    and the standard library's event loop resolve); a name mapped to [] does not resolve, and every
+    other name resolves as usual."""
+    names: dict[str, list[str]] = {}
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, family=0, type=0, proto=0, flags=0):
+        name = host.decode() if isinstance(host, bytes) else host
+        if name not in names:
+            return real(host, port, family, type, proto, flags)
+        if not names[name]:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        port = int(port or 0)
+        return [(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port, 0, 0)) if ":" in address
+                else (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))
+                for address in names[name]]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return names

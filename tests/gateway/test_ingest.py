@@ -624,8 +624,8 @@ def test_the_endpoints_are_in_the_openapi_schema(client, db):
     for path in GATEWAY_PATHS:
         assert "post" in schema["paths"][path], path
     components = schema["components"]["schemas"]
-    usage_body = schema["paths"][INGEST]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
-    assert "events" in components[usage_body.rsplit("/", 1)[-1]]["properties"]
+    usage_body = schema["paths"][INGEST]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "events" in usage_body["properties"]  # stated inline: no serializer parses it (see gateway/api.py)
     authorize_body = schema["paths"][AUTHORIZE]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert {"idempotency_key", "model", "input_tokens", "max_output_tokens"} <= set(
         components[authorize_body["$ref"].rsplit("/", 1)[-1]]["properties"])

@@ -6,27 +6,20 @@ reset, the organization switcher and the failed-login rate limit.
 """
 
 import re
-import time
 from datetime import timedelta
 from html.parser import HTMLParser
 from urllib.parse import urlsplit
 
 import pytest
-from allauth.mfa.app_settings import TOTP_PERIOD
 from allauth.mfa.recovery_codes.internal.auth import RecoveryCodes
-from allauth.mfa.totp.internal.auth import (
-    TOTP,
-    format_hotp_value,
-    generate_totp_secret,
-    hotp_value,
-    yield_hotp_counters_from_time,
-)
+from allauth.mfa.totp.internal.auth import TOTP, generate_totp_secret
 from django.contrib.sessions.models import Session
 from django.utils import timezone
 
 from portal.models import AuditLogEntry, Invitation, Member, Organization, User
 from portal.tenancy import unscoped
 from tests.factories import PASSWORD, InvitationFactory, MemberFactory, UserFactory
+from tests.support.mfa import current_totp_code, current_totp_codes, wrong_totp_code
 
 pytestmark = pytest.mark.django_db
 
@@ -57,25 +50,6 @@ def memberships(user) -> dict[str, Member]:
 
 def password_login(client, email: str, password: str = PASSWORD):
     return client.post("/accounts/login/", {"login": email, "password": password})
-
-
-def current_totp_codes(secret: str) -> set[str]:
-    """Every code the server accepts right now (the current period and its tolerance window)."""
-    return {format_hotp_value(hotp_value(secret, counter)) for counter in yield_hotp_counters_from_time()}
-
-
-def current_totp_code(secret: str) -> str:
-    """The code an authenticator app shows now, waiting out the last seconds of a period
-    (the server accepts only the current period) so the code cannot expire before it is posted."""
-    remaining = TOTP_PERIOD - time.time() % TOTP_PERIOD
-    if remaining < 3:
-        time.sleep(remaining + 0.1)
-    return format_hotp_value(hotp_value(secret, int(time.time()) // TOTP_PERIOD))
-
-
-def wrong_totp_code(secret: str) -> str:
-    valid = current_totp_codes(secret)
-    return next(code for code in (f"{n:06d}" for n in range(1_000_000)) if code not in valid)
 
 
 class _SwitcherParser(HTMLParser):

@@ -21,6 +21,7 @@ PORTAL_VARIABLES = {
     "DJANGO_SETTINGS_MODULE", "PORTAL_ENV", "DEBUG", "SECRET_KEY", "ALLOWED_HOSTS", "CSRF_TRUSTED_ORIGINS",
     "DATABASE_URL", "DB_CONN_MAX_AGE", "REDIS_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND",
     "EMAIL_BACKEND", "SECURE_SSL_REDIRECT", "SECURE_HSTS_SECONDS", "PORTAL_TEST_BROKER_URL",
+    "GATEWAY_REFUSE_PRIVATE_PROVIDERS", "GATEWAY_PROVIDER_ALLOWED_NETWORKS",
     # Set by the browser tests for Playwright; never part of a deployment.
     "DJANGO_ALLOW_ASYNC_UNSAFE",
 }
@@ -126,3 +127,32 @@ def test_unknown_portal_env_is_refused():
     result = run(["-c", "import portal.settings"], clean_env(PORTAL_ENV="staging"))
     assert result.returncode != 0
     assert "ImproperlyConfigured: PORTAL_ENV must be 'development' or 'production'" in result.stderr
+
+
+PRINT_PROVIDER_CHECK = """
+import json
+import portal.settings as s
+print(json.dumps([s.GATEWAY_REFUSE_PRIVATE_PROVIDERS, s.GATEWAY_PROVIDER_ALLOWED_NETWORKS]))
+"""
+
+
+@pytest.mark.parametrize(("production", "variables", "expected"), [
+    (False, {}, [False, []]),  # the demo and the tests serve providers on loopback
+    (True, {}, [True, []]),
+    (False, {"GATEWAY_REFUSE_PRIVATE_PROVIDERS": "1"}, [True, []]),
+    (True, {"GATEWAY_REFUSE_PRIVATE_PROVIDERS": "0"}, [False, []]),
+    (True, {"GATEWAY_PROVIDER_ALLOWED_NETWORKS": "10.0.0.0/8, fd00::/8"}, [True, ["10.0.0.0/8", "fd00::/8"]]),
+])
+def test_internal_provider_addresses_are_refused_in_production_unless_configured(tmp_path, production, variables,
+                                                                                 expected):
+    env = production_env(tmp_path, **variables) if production else clean_env(**variables)
+    result = run(["-c", PRINT_PROVIDER_CHECK], env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
+
+
+@pytest.mark.parametrize("networks", ["10.0.0.0/33", "10.0.0.1/8", "localhost"])
+def test_malformed_allowed_provider_network_is_refused_at_start_up(networks):
+    result = run(["-c", "import portal.settings"], clean_env(GATEWAY_PROVIDER_ALLOWED_NETWORKS=f"fd00::/8,{networks}"))
+    assert result.returncode != 0
+    assert "ImproperlyConfigured: GATEWAY_PROVIDER_ALLOWED_NETWORKS: " in result.stderr, result.stderr
