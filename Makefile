@@ -26,9 +26,9 @@ run: install
 test: install
 	scripts/with-services.sh $(PY) -m pytest $(PYTEST_ARGS)
 
-# The tests that need no services, on SQLite.
+# The quick subset, on a private PostgreSQL alone (no Redis, no Chromium).
 test-fast: install
-	$(PY) -m pytest -m "not postgres and not services and not browser" $(PYTEST_ARGS)
+	PG_ONLY=1 scripts/with-services.sh $(PY) -m pytest -m "not transactional and not services and not browser" $(PYTEST_ARGS)
 
 # Re-pin requirements.lock after changing pyproject.toml.
 lock: install

@@ -9,7 +9,7 @@ from apikeys import services
 from apikeys.models import ApiKey
 from portal.tenancy import scope
 
-pytestmark = pytest.mark.postgres
+pytestmark = pytest.mark.transactional
 
 
 def test_a_key_cached_during_its_revocation_is_refused_after_the_commit(org_a):
