@@ -68,13 +68,14 @@ def test_embedded_default_needs_no_services(embedded_db_dir):
     assert values["debug"] is True and values["production"] is False
 
 
-def test_configured_services_replace_the_embedded_default():
+def test_configured_services_replace_the_embedded_default(embedded_db_dir):
     env = clean_env(DATABASE_URL="postgres://u:p@db.example:5432/portal", CELERY_BROKER_URL="redis://cache.example:6379/1",
-                    REDIS_URL="redis://cache.example:6379/0")
+                    REDIS_URL="redis://cache.example:6379/0", PORTAL_EMBEDDED_DB_DIR=str(embedded_db_dir))
     result = run(["-c", PRINT_SETTINGS], env)
     assert result.returncode == 0, result.stderr
     values = json.loads(result.stdout.strip().splitlines()[-1])
     assert values["engine"] == "django.db.backends.postgresql"
+    assert not embedded_db_dir.exists()  # no embedded server was started
     assert values["eager"] is False and values["broker"] == "redis://cache.example:6379/1"
     assert values["cache"] == "portal.cache.RedisCache"
 
