@@ -80,7 +80,7 @@ def _start_watcher(data_dir: Path) -> None:
         fcntl.flock(watcher_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         # The child inherits the locked file: there is no moment without a watcher.
         _watcher = subprocess.Popen(
-            [sys.executable, "-m", "portal.embedded_db", str(data_dir)], pass_fds=[watcher_lock],
+            [sys.executable, "-m", "portal.embedded_db", str(data_dir), str(watcher_lock)], pass_fds=[watcher_lock],
             cwd=Path(__file__).resolve().parent.parent, start_new_session=True,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     except BlockingIOError:
@@ -92,7 +92,7 @@ def _start_watcher(data_dir: Path) -> None:
 _watcher: subprocess.Popen | None = None  # kept, so that it is not reported as abandoned
 
 
-def _watch(data_dir: Path) -> None:
+def _watch(data_dir: Path, watcher_lock: int) -> None:
     """Stop the server as soon as no process uses it."""
     users = _lock_file(data_dir, "users")
     while True:
@@ -102,6 +102,8 @@ def _watch(data_dir: Path) -> None:
             try:
                 with _flocked(users, fcntl.LOCK_EX | fcntl.LOCK_NB):
                     _stop(data_dir)
+                    # Before the next start can begin: that one must find no watcher and start its own.
+                    os.close(watcher_lock)
                     return
             except BlockingIOError:
                 continue  # a process joined in the meantime
@@ -126,5 +128,5 @@ def _flocked(path: Path, operation: int):
         os.close(fd)
 
 
-if __name__ == "__main__":  # the watcher: python -m portal.embedded_db DATA_DIR
-    _watch(Path(sys.argv[1]))
+if __name__ == "__main__":  # the watcher: python -m portal.embedded_db DATA_DIR WATCHER_LOCK_FD
+    _watch(Path(sys.argv[1]), int(sys.argv[2]))

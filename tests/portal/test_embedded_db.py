@@ -50,6 +50,12 @@ class Holder:
         assert self.process.wait(timeout=60) == 0
 
 
+def postmaster_pid(data_dir: Path) -> int:
+    pid = int((data_dir / "postmaster.pid").read_text().split()[0])
+    assert pid in {process.pid for process in postgres_processes(data_dir)}, "the server is not running"
+    return pid
+
+
 def kill_everything(holder: Holder, data_dir: Path) -> None:
     victims = postgres_processes(data_dir)
     assert victims, "no server is running"
@@ -75,11 +81,10 @@ def test_the_next_start_reuses_the_data(embedded_db_dir):
 
 def test_a_process_joins_the_running_server_and_leaving_does_not_stop_it_under_another(embedded_db_dir):
     holder = Holder(embedded_db_dir, "holder")
-    running = postgres_processes(embedded_db_dir)
-    assert running
+    postmaster = postmaster_pid(embedded_db_dir)
 
     assert use_server(embedded_db_dir, "visitor") == "18 marks:holder"
-    assert postgres_processes(embedded_db_dir) == running  # the same server, still up
+    assert postmaster_pid(embedded_db_dir) == postmaster  # the same server, still up
 
     holder.exit()
     assert wait_for_postgres_to_stop(embedded_db_dir)
