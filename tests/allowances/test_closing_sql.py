@@ -20,7 +20,7 @@ from allowances.services import account_close_period
 from portal.tenancy import scope
 from tests.factories import MemberFactory, OrganizationFactory, TeamFactory
 
-pytestmark = pytest.mark.postgres
+pytestmark = pytest.mark.transactional
 
 POLICIES = [
     {"name": "None", "monthly_tokens": 1000, "rollover_rule": "none"},

@@ -12,7 +12,7 @@ from allowances.models import Account, LedgerEntry
 from portal.tenancy import unscoped
 from tests.factories import MemberFactory
 
-pytestmark = pytest.mark.postgres
+pytestmark = pytest.mark.transactional
 
 HOLD = 1_000
 

@@ -10,7 +10,7 @@ from apikeys.authentication import ApiKeyAuthentication
 from apikeys.models import ApiKey
 from portal.tenancy import scope
 
-pytestmark = pytest.mark.postgres
+pytestmark = pytest.mark.transactional
 
 
 def test_a_key_cached_during_its_revocation_is_refused_after_the_commit(org_a):

@@ -42,7 +42,7 @@ from tests.gateway.test_concurrency import (
 )
 from tests.gateway.test_scopes import call, error_of, make_key, same_public_id_wrong_secret
 
-pytestmark = pytest.mark.postgres
+pytestmark = pytest.mark.transactional
 
 BODY = {"model": "fake-gpt", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20}
 CHARGED = 11 * 1 + 7 * 2  # the fake provider's usage (11 in, 7 out) at fake-gpt's multipliers

@@ -16,7 +16,7 @@ from gateway.models import UsageRecord
 from portal.tenancy import scope, unscoped
 from tests.allowances.helpers import balance
 
-pytestmark = pytest.mark.postgres
+pytestmark = pytest.mark.transactional
 
 CONCURRENT, FITTING = 100, 50
 PROMPT = [{"role": "user", "content": "Hi"}]

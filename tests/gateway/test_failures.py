@@ -18,7 +18,7 @@ from tests.allowances.helpers import balance
 from tests.support.fake_upstream import FakeUpstream, ServerThread, free_port
 from tests.gateway.records import last_record_id, records_after, the_record_after
 
-pytestmark = pytest.mark.postgres
+pytestmark = pytest.mark.transactional
 
 FIXTURE_HOLD = 1_000  # the hold the shared fixture leaves open on the employee's account
 PROMPT = [{"role": "user", "content": "Hi"}]

@@ -24,7 +24,7 @@ from portal.tenancy import scope, unscoped
 from tests.factories import MemberFactory, UserFactory
 from tests.support.fake_upstream import ServerThread
 
-pytestmark = pytest.mark.postgres
+pytestmark = pytest.mark.transactional
 
 INGEST, AUTHORIZE, SETTLE = "/api/v1/usage", "/api/v1/authorize", "/api/v1/settle"
 MODEL = "gpt-test"  # input x1, output x2, cached x0.5

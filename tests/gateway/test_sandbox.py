@@ -16,7 +16,7 @@ from portal.tenancy import scope, unscoped
 from tests.allowances.helpers import balance
 from tests.gateway.records import last_record_id, records_after, the_record_after
 
-pytestmark = pytest.mark.postgres
+pytestmark = pytest.mark.transactional
 
 MODEL = "gpt-test"  # org A's catalog model served by its sandbox connection
 MULTIPLIERS = (Decimal(1), Decimal(2), Decimal("0.5"))  # input, output, cached

@@ -21,7 +21,7 @@ from gateway.models import UsageRecord
 from portal.tenancy import scope, unscoped
 from tests.allowances.helpers import balance
 
-pytestmark = pytest.mark.postgres
+pytestmark = pytest.mark.transactional
 
 PROMPT = [{"role": "user", "content": "Hi"}]
 GATEWAY_ENDPOINTS = ["chat", "embeddings", "messages"]

@@ -9,7 +9,7 @@ from gateway.models import UsageRecord
 from portal.tenancy import unscoped
 from tests.allowances.helpers import balance
 
-pytestmark = pytest.mark.postgres
+pytestmark = pytest.mark.transactional
 
 
 def records():

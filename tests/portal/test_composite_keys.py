@@ -1,5 +1,5 @@
 """The database keeps each ledger entry on an account, and each usage record on a member, of the
-row's own organization (PostgreSQL's two-column foreign keys, portal.composite_keys)."""
+row's own organization (two-column foreign keys, portal.composite_keys)."""
 
 import pytest
 from django.db import IntegrityError, connection, transaction
@@ -10,7 +10,7 @@ from gateway.models import UsageRecord
 from portal.tenancy import unscoped
 from tests.factories import MemberFactory
 
-pytestmark = pytest.mark.postgres
+pytestmark = pytest.mark.django_db
 
 LEDGER_ENTRY = (f"INSERT INTO {LedgerEntry._meta.db_table} (organization_id, account_id, kind, tokens, granted_delta, "
                 "held_delta, used_delta, period_start, idempotency_key, model, reason, reference, created_at) "

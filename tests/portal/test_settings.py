@@ -1,7 +1,7 @@
 """The settings module, imported fresh in a subprocess with a controlled environment.
 
-(a) With nothing configured the portal runs on its embedded default: SQLite, in-process Celery,
-console email. (b) The production profile passes `manage.py check --deploy` without warnings.
+(a) With nothing configured the portal runs on its embedded default: its own PostgreSQL server,
+in-process Celery, console email. (b) The production profile passes `manage.py check --deploy` without warnings.
 (c) The production profile refuses to start without its required secrets.
 """
 
@@ -19,7 +19,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Every variable portal/settings.py reads that would change the profile under test.
 PORTAL_VARIABLES = {
     "DJANGO_SETTINGS_MODULE", "PORTAL_ENV", "DEBUG", "SECRET_KEY", "ALLOWED_HOSTS", "CSRF_TRUSTED_ORIGINS",
-    "DATABASE_URL", "DB_CONN_MAX_AGE", "REDIS_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND",
+    "DATABASE_URL", "PORTAL_EMBEDDED_DB_DIR", "DB_CONN_MAX_AGE", "REDIS_URL", "CELERY_BROKER_URL", "CELERY_RESULT_BACKEND",
     "EMAIL_BACKEND", "SECURE_SSL_REDIRECT", "SECURE_HSTS_SECONDS", "PORTAL_TEST_BROKER_URL",
     "GATEWAY_REFUSE_PRIVATE_PROVIDERS", "GATEWAY_PROVIDER_ALLOWED_NETWORKS",
     # Set by the browser tests for Playwright; never part of a deployment.
@@ -44,6 +44,7 @@ import portal.settings as s
 print(json.dumps({
     "engine": s.DATABASES["default"]["ENGINE"],
     "db_name": str(s.DATABASES["default"]["NAME"]),
+    "db_socket_dir": s.DATABASES["default"].get("OPTIONS", {}).get("host"),
     "eager": s.CELERY_TASK_ALWAYS_EAGER,
     "broker": s.CELERY_BROKER_URL,
     "email": s.EMAIL_BACKEND,
@@ -54,12 +55,13 @@ print(json.dumps({
 """
 
 
-def test_embedded_default_needs_no_services():
-    result = run(["-c", PRINT_SETTINGS], clean_env())
+def test_embedded_default_needs_no_services(embedded_db_dir):
+    result = run(["-c", PRINT_SETTINGS], clean_env(PORTAL_EMBEDDED_DB_DIR=str(embedded_db_dir)))
     assert result.returncode == 0, result.stderr
     values = json.loads(result.stdout.strip().splitlines()[-1])
-    assert values["engine"] == "django.db.backends.sqlite3"
-    assert values["db_name"] == str(PROJECT_ROOT / "var" / "portal.sqlite3")
+    assert values["engine"] == "django.db.backends.postgresql"
+    assert values["db_socket_dir"] == str(embedded_db_dir)  # the server portal/embedded_db.py started
+    assert (embedded_db_dir / "PG_VERSION").exists()
     assert values["eager"] is True
     assert values["broker"] == "memory://"
     assert values["email"] == "django.core.mail.backends.console.EmailBackend"
@@ -67,30 +69,31 @@ def test_embedded_default_needs_no_services():
     assert values["debug"] is True and values["production"] is False
 
 
-def test_configured_services_replace_the_embedded_default():
+def test_configured_services_replace_the_embedded_default(embedded_db_dir):
     env = clean_env(DATABASE_URL="postgres://u:p@db.example:5432/portal", CELERY_BROKER_URL="redis://cache.example:6379/1",
-                    REDIS_URL="redis://cache.example:6379/0")
+                    REDIS_URL="redis://cache.example:6379/0", PORTAL_EMBEDDED_DB_DIR=str(embedded_db_dir))
     result = run(["-c", PRINT_SETTINGS], env)
     assert result.returncode == 0, result.stderr
     values = json.loads(result.stdout.strip().splitlines()[-1])
     assert values["engine"] == "django.db.backends.postgresql"
+    assert not embedded_db_dir.exists()  # no embedded server was started
     assert values["eager"] is False and values["broker"] == "redis://cache.example:6379/1"
     assert values["cache"] == "django.core.cache.backends.redis.RedisCache"
 
 
-def production_env(tmp_path, **overrides):
+def production_env(**overrides):
     env = clean_env(
         PORTAL_ENV="production",
         SECRET_KEY=secrets.token_urlsafe(64),  # 86 random characters
         ALLOWED_HOSTS="portal.example.com",
-        DATABASE_URL=f"sqlite:///{tmp_path / 'x.sqlite3'}",
+        DATABASE_URL="postgres://portal@db.example:5432/portal",  # the checks do not connect
     )
     env.update(overrides)
     return {key: value for key, value in env.items() if value is not None}
 
 
-def test_production_profile_passes_check_deploy(tmp_path):
-    env = production_env(tmp_path)
+def test_production_profile_passes_check_deploy():
+    env = production_env()
     assert len(env["SECRET_KEY"]) >= 60
     result = run(["manage.py", "check", "--deploy", "--fail-level", "WARNING"], env)
     output = result.stdout + result.stderr
@@ -99,9 +102,9 @@ def test_production_profile_passes_check_deploy(tmp_path):
     assert "System check identified no issues" in output, output
 
 
-def test_production_profile_is_checked_with_debug_off(tmp_path):
+def test_production_profile_is_checked_with_debug_off():
     """Guard for the test above: the same check fails loudly when the profile is weakened."""
-    env = production_env(tmp_path, DEBUG="1")
+    env = production_env(DEBUG="1")
     result = run(["manage.py", "check", "--deploy", "--fail-level", "WARNING"], env)
     assert result.returncode != 0
     assert "security.W018" in result.stdout + result.stderr  # DEBUG in deployment
@@ -111,8 +114,8 @@ def test_production_profile_is_checked_with_debug_off(tmp_path):
     ("missing", "message"),
     [("SECRET_KEY", "SECRET_KEY must be set in production"), ("ALLOWED_HOSTS", "ALLOWED_HOSTS must be set in production")],
 )
-def test_production_profile_refuses_to_start_without_required_settings(tmp_path, missing, message):
-    env = production_env(tmp_path, **{missing: None})
+def test_production_profile_refuses_to_start_without_required_settings(missing, message):
+    env = production_env(**{missing: None})
     assert missing not in env
     result = run(["manage.py", "check"], env)
     assert result.returncode != 0
