@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from asgiref.sync import sync_to_async
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework.authentication import BaseAuthentication
 from rest_framework.exceptions import AuthenticationFailed
@@ -23,6 +22,7 @@ from apikeys.services import (
     use_to_record,
 )
 from portal import shared_cache
+from portal.async_db import in_thread
 from portal.models import Member
 
 
@@ -77,11 +77,10 @@ class ApiKeyAuthentication(BaseAuthentication):
         parts = presented(raw_key)
         wanted = [cache_key(parts.public_id), *cached(parts.public_id)]
         found = await shared_cache.aget_many(wanted)
-        identity = found.pop(wanted[0], None) or await sync_to_async(identity_load, thread_sensitive=False)(
-            parts.public_id)
+        identity = found.pop(wanted[0], None) or await in_thread(identity_load)(parts.public_id)
         identity, now = _admitted(parts, identity, ip)
         if use_to_record(parts.public_id):
-            await sync_to_async(record_use, thread_sensitive=False)(parts.public_id, identity.id, now)
+            await in_thread(record_use)(parts.public_id, identity.id, now)
         return identity, found
 
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import django.db
 import psycopg
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection, transaction
 from django.urls import reverse
@@ -35,6 +34,7 @@ from gateway.errors import GatewayError
 from gateway.models import ProviderConnection, UsageRecord
 from gateway.upstream import Usage
 from portal import async_db, shared_cache
+from portal.async_db import in_thread
 from portal.models import Organization
 from portal.tenancy import scope, unscoped
 
@@ -77,12 +77,6 @@ class OrgConfig:
     organization_id: int
     slug: str
     models: dict[str, ModelRoute]
-
-
-def in_thread(function):
-    # Not thread-sensitive: requests run their database work side by side in a pool of threads,
-    # each with its own persistent connection, instead of queueing for one thread.
-    return sync_to_async(function, thread_sensitive=False)
 
 
 def config_cache_key(organization_id: int) -> str:

@@ -10,7 +10,8 @@ connection belongs to the event loop that opened it, so each loop has its own po
 import asyncio
 import weakref
 
-from django.db import connections
+from asgiref.sync import sync_to_async
+from django.db import close_old_connections, connections
 from psycopg_pool import AsyncConnectionPool
 
 MAX_CONNECTIONS = 16  # per event loop, i.e. per server process
@@ -51,3 +52,17 @@ async def close() -> None:
     opening = _pools.pop(asyncio.get_running_loop(), None)
     if opening is not None:
         await (await opening).close()
+
+
+def in_thread(function):
+    """`function` (sync code using Django's ORM) made awaitable in a worker thread.
+
+    Not thread-sensitive: requests run their rare database work side by side in a pool of threads,
+    each with its own persistent connection, instead of queueing for one thread. Each call first
+    drops a connection that broke or expired (the database restarted), as Django does per request.
+    """
+    def call(*args, **kwargs):
+        close_old_connections()
+        return function(*args, **kwargs)
+
+    return sync_to_async(call, thread_sensitive=False)

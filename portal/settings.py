@@ -122,6 +122,8 @@ TEMPLATES = [
 ]
 
 DATABASE_URL = env("DATABASE_URL")
+if PRODUCTION and not DATABASE_URL:
+    raise ImproperlyConfigured("DATABASE_URL must be set in production (the embedded server is for development)")
 if not DATABASE_URL:
     from portal import embedded_db
 

@@ -21,7 +21,7 @@ from portal.tenancy import scope, unscoped
 from tests.allowances.helpers import balance
 from tests.factories import PASSWORD, MemberFactory, UserFactory
 
-pytestmark = pytest.mark.postgres
+pytestmark = pytest.mark.transactional
 
 PROMPT = [{"role": "user", "content": "Hi"}]
 REFUSAL = "API key refused: the key owner's user account is disabled."

@@ -29,7 +29,7 @@ from tests.allowances.helpers import balance
 from tests.gateway.records import last_record_id, records_after
 from tests.gateway.test_concurrency import available_tokens, set_available
 
-pytestmark = pytest.mark.postgres
+pytestmark = pytest.mark.transactional
 
 PROMPT = [{"role": "user", "content": "Write me a very long story."}]
 PATHS = {"openai": "/chat/completions", "anthropic": "/messages"}

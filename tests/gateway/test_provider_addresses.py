@@ -181,7 +181,7 @@ def assert_refused_when_connecting(metered, endpoint, stream=False):
     return error["message"], record.detail
 
 
-@pytest.mark.postgres
+@pytest.mark.transactional
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 @pytest.mark.parametrize("endpoint", ["chat", "messages"])
 def test_ip_address_of_a_saved_connection_is_refused_when_connecting(metered, settings, endpoint, stream):
@@ -193,7 +193,7 @@ def test_ip_address_of_a_saved_connection_is_refused_when_connecting(metered, se
     assert detail == "ProviderAddressRefused: 127.0.0.1 is a loopback address"
 
 
-@pytest.mark.postgres
+@pytest.mark.transactional
 @pytest.mark.parametrize("endpoint", ["chat", "messages"])
 def test_ipv4_mapped_loopback_is_refused_when_connecting_and_reaches_it_when_allowed(metered, settings, endpoint):
     switch_on(settings)
@@ -206,7 +206,7 @@ def test_ipv4_mapped_loopback_is_refused_when_connecting_and_reaches_it_when_all
     assert len(metered.upstream.requests) == 1
 
 
-@pytest.mark.postgres
+@pytest.mark.transactional
 @pytest.mark.parametrize("base_url", ["http://2130706433:{port}/v1", "http://127.1:{port}/v1"])
 def test_numeric_address_stored_by_other_means_is_refused_when_connecting(metered, settings, base_url):
     switch_on(settings)
@@ -214,7 +214,7 @@ def test_numeric_address_stored_by_other_means_is_refused_when_connecting(metere
     assert_refused_when_connecting(metered, "chat")
 
 
-@pytest.mark.postgres
+@pytest.mark.transactional
 @pytest.mark.parametrize("endpoint", ["chat", "messages"])
 def test_allowed_network_reaches_a_self_hosted_provider(metered, settings, endpoint):
     switch_on(settings, "10.0.0.0/8", "127.0.0.0/8")
@@ -242,7 +242,7 @@ class Redirector:
         await send({"type": "http.response.body", "body": b""})
 
 
-@pytest.mark.postgres
+@pytest.mark.transactional
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 @pytest.mark.parametrize("status", [302, 307, 308])
 @pytest.mark.parametrize("endpoint", ["chat", "messages"])

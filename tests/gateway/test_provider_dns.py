@@ -18,7 +18,7 @@ from tests.gateway.test_provider_addresses import (
 )
 from tests.support.fake_upstream import ServerThread
 
-pytestmark = pytest.mark.postgres
+pytestmark = pytest.mark.transactional
 
 NAME = "models.provider.example"
 

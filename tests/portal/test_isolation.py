@@ -242,7 +242,7 @@ def test_api_routes_whose_organization_is_the_keys_never_reach_another(client, o
     assert snapshot(org_b.organization) == before
 
 
-@pytest.mark.postgres
+@pytest.mark.transactional
 def test_gateway_routes_never_reach_another_organization(org_a, org_b):
     """Every gateway path (gateway.endpoints.VIEWS), served as in production: A's admin key aimed at
     B's model, members and keys reaches nothing of B."""

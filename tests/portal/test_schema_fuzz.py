@@ -22,7 +22,7 @@ from portal.tenancy import scope
 from tests.gateway.conftest import close_server_connections
 from tests.support.fake_upstream import ServerThread
 
-pytestmark = pytest.mark.postgres
+pytestmark = pytest.mark.transactional
 
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 # Bounded so that the three runs fit in a couple of minutes on the shared cores; deterministic so

@@ -112,7 +112,8 @@ def test_production_profile_is_checked_with_debug_off():
 
 @pytest.mark.parametrize(
     ("missing", "message"),
-    [("SECRET_KEY", "SECRET_KEY must be set in production"), ("ALLOWED_HOSTS", "ALLOWED_HOSTS must be set in production")],
+    [("SECRET_KEY", "SECRET_KEY must be set in production"), ("ALLOWED_HOSTS", "ALLOWED_HOSTS must be set in production"),
+     ("DATABASE_URL", "DATABASE_URL must be set in production")],
 )
 def test_production_profile_refuses_to_start_without_required_settings(missing, message):
     env = production_env(**{missing: None})
@@ -146,9 +147,8 @@ print(json.dumps([s.GATEWAY_REFUSE_PRIVATE_PROVIDERS, s.GATEWAY_PROVIDER_ALLOWED
     (True, {"GATEWAY_REFUSE_PRIVATE_PROVIDERS": "0"}, [False, []]),
     (True, {"GATEWAY_PROVIDER_ALLOWED_NETWORKS": "10.0.0.0/8, fd00::/8"}, [True, ["10.0.0.0/8", "fd00::/8"]]),
 ])
-def test_internal_provider_addresses_are_refused_in_production_unless_configured(tmp_path, production, variables,
-                                                                                 expected):
-    env = production_env(tmp_path, **variables) if production else clean_env(**variables)
+def test_internal_provider_addresses_are_refused_in_production_unless_configured(production, variables, expected):
+    env = production_env(**variables) if production else clean_env(**variables)
     result = run(["-c", PRINT_PROVIDER_CHECK], env)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
