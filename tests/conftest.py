@@ -95,6 +95,16 @@ def org_b(db):
 
 
 @pytest.fixture
+def ingest_key(org_a):
+    """Authorization for the usage ingest API: an org A admin's key with the usage_write scope."""
+    admin = org_a.members["admin"]
+    with scope(org_a.organization):
+        _key, secret = api_key_services.api_key_create(member=admin, actor=admin.user, name="ingest",
+                                                       endpoints=["usage_write"])
+    return {"HTTP_AUTHORIZATION": f"Bearer {secret}"}
+
+
+@pytest.fixture
 def login(client):
     """Log the test client in as a member or user: login(member)."""
 

@@ -9,8 +9,6 @@ import json
 import jsonschema
 import pytest
 
-from apikeys import services as api_key_services
-from portal.tenancy import scope
 
 INGEST = "/api/v1/usage"
 GOOD = {"member": "employee@a.example", "model": "gpt-test", "input_tokens": 10, "output_tokens": 1,
@@ -56,15 +54,6 @@ def field_of(error) -> str:
     if error.validator == "required":
         return error.message.split("'")[1]
     return "member"  # the oneOf: a member or an API key
-
-
-@pytest.fixture
-def ingest_key(org_a):
-    admin = org_a.members["admin"]
-    with scope(org_a.organization):
-        _key, secret = api_key_services.api_key_create(member=admin, actor=admin.user, name="ingest",
-                                                       endpoints=["usage_write"])
-    return {"HTTP_AUTHORIZATION": f"Bearer {secret}"}
 
 
 def test_the_hand_written_event_check_is_the_schemas(client, org_a, ingest_key):

@@ -5,23 +5,13 @@ import json
 
 import pytest
 
-from apikeys import services as api_key_services
 from gateway.models import UsageRecord
 from portal.models import Team
-from portal.tenancy import scope, unscoped
+from portal.tenancy import unscoped
 from tests.allowances.helpers import snapshot
 
 INGEST = "/api/v1/usage"
 EVENT = {"idempotency_key": "e-1", "member": "employee@a.example", "model": "gpt-test", "input_tokens": 10}
-
-
-@pytest.fixture
-def ingest_key(org_a):
-    admin = org_a.members["admin"]
-    with scope(org_a.organization):
-        _key, secret = api_key_services.api_key_create(member=admin, actor=admin.user, name="ingest",
-                                                       endpoints=["usage_write"])
-    return {"HTTP_AUTHORIZATION": f"Bearer {secret}"}
 
 
 def everything() -> dict:
