@@ -220,6 +220,12 @@ class KeySpend(TenantModel):
         """Tokens used plus held in the given period."""
         return self.used + self.held if self.period_start == period_start else 0
 
+    @staticmethod
+    def counted_sql(counter: str, expression: str, period_start: str) -> str:
+        """`spent_in`'s rule in SQL, for the ledger's statements: `expression` of the counter row
+        `counter` if it counts in `period_start`, else 0 (held equal by tests/allowances/test_rules_in_sql.py)."""
+        return f"CASE WHEN {counter}.period_start = {period_start} THEN {expression} ELSE 0 END"
+
 
 class LedgerEntry(TenantModel):
     """One append-only movement of tokens on an account."""
