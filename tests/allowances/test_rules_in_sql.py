@@ -1,29 +1,133 @@
 """Each rule that SQL expresses for speed equals its one Python definition, on random cases
-evaluated by PostgreSQL: a key's spend reset (KeySpend.spent_in), and the ledger's moves (MOVES)
-in its single and its set-based statements. A change to one form and not the other fails here.
+evaluated by PostgreSQL: the rollover rule and the overdraft (AllowancePolicy), the policy in
+force (assignment_in_force), the month arithmetic (periods_after), a key's spend reset
+(KeySpend.spent_in), and the ledger's moves (MOVES) in its single and its set-based statements.
+A change to one form and not the other fails here.
 """
 
 import json
 import random
-from datetime import date
+from datetime import date, datetime, timedelta
+from datetime import timezone as dt_timezone
 
 import pytest
 from django.db import connection
 
 from allowances import ledger
-from allowances.models import Account, KeySpend, LedgerEntry
+from allowances.models import Account, AllowancePolicy, KeySpend, LedgerEntry, PolicyAssignment
+from allowances.periods import next_period_start, periods_after, periods_after_sql
+from allowances.selectors import assignment_in_force, assignment_in_force_sql, members_governed_by
 from apikeys import services as api_key_services
+from portal.models import Member, Team
 from portal.tenancy import scope, unscoped
-from tests.factories import MemberFactory, OrganizationFactory
+from tests.factories import MemberFactory, OrganizationFactory, TeamFactory
 
 pytestmark = pytest.mark.django_db
 Kind = LedgerEntry.Kind
+UTC = dt_timezone.utc
 
 
 def rows(sql: str, params) -> list[tuple]:
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         return cursor.fetchall()
+
+
+def random_policy_rules(rng: random.Random) -> dict:
+    """The columns of a valid policy (its check constraints hold), edge values included."""
+    monthly = rng.choice([0, 1, 99, 100, 101, 12_345, 1_000_000, 10_000_000_000, rng.randint(0, 10**10)])
+    rule = rng.choice(AllowancePolicy.Rollover.values)
+    spec = {"monthly_tokens": monthly, "rollover_rule": rule, "rollover_cap_tokens": None, "rollover_cap_percent": None}
+    if rule == AllowancePolicy.Rollover.CAPPED_TOKENS:
+        spec["rollover_cap_tokens"] = rng.choice([1, 7, 1000, rng.randint(1, 10**10)])
+    if rule == AllowancePolicy.Rollover.CAPPED_PERCENT:
+        spec["rollover_cap_percent"] = rng.choice([1, 3, 33, 50, 99, 100, rng.randint(1, 100)])
+    if rng.random() < 0.5:
+        spec |= {"overage_rule": AllowancePolicy.Overage.AUTO_APPROVE, "auto_approve_tokens": rng.randint(1, 10**10)}
+    return spec
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_sql_rollover_and_overdraft_equal_the_policy_methods(seed):
+    rng = random.Random(seed)
+    organization = OrganizationFactory()
+    with unscoped():
+        policies = AllowancePolicy.all_objects.bulk_create(
+            AllowancePolicy(organization=organization, name=f"P{i}", **random_policy_rules(rng)) for i in range(60))
+    unused = [-(10**10), -1, 0, 1, 2, 99, 100, 101, 999, 10**10, 2 * 10**10] + [rng.randint(-10**6, 10**11)
+                                                                                for _ in range(40)]
+    found = rows(f"""
+        SELECT p.id, u.unused, {AllowancePolicy.rollover_amount_sql("p", "u.unused")},
+               {AllowancePolicy.overdraft_tokens_sql("p")}
+        FROM {AllowancePolicy._meta.db_table} p CROSS JOIN unnest(%s::bigint[]) AS u(unused)
+        WHERE p.organization_id = %s""", [unused, organization.pk])
+    by_id = {policy.pk: policy for policy in policies}
+    assert len(found) == len(policies) * len(unused)
+    for policy_id, amount, rolled, overdraft in found:
+        policy = by_id[policy_id]
+        assert (rolled, overdraft) == (policy.rollover_amount(amount), policy.overdraft_tokens), (
+            policy.rollover_rule, policy.rollover_cap_tokens, policy.rollover_cap_percent, policy.monthly_tokens, amount)
+
+
+def test_no_policy_rolls_nothing_over_and_grants_no_overdraft_in_sql():
+    found = rows(f"""
+        SELECT {AllowancePolicy.rollover_amount_sql("p", "500")}, {AllowancePolicy.overdraft_tokens_sql("p")}
+        FROM (SELECT 1) one LEFT JOIN {AllowancePolicy._meta.db_table} p ON false""", [])
+    assert found == [(0, 0)]
+
+
+def test_the_sql_month_arithmetic_equals_periods_after():
+    rng = random.Random(7)
+    cases = [(date(2026, 12, 1), 1), (date(2027, 1, 1), -1), (date(2028, 2, 1), 1), (date(2026, 1, 1), 24),
+             (date(2026, 11, 1), -23), (date(2026, 5, 1), 0)]
+    cases += [(date(rng.randint(1900, 2200), rng.randint(1, 12), 1), rng.randint(-30, 30)) for _ in range(3000)]
+    found = rows(f"SELECT {periods_after_sql('t.start', 't.count')} FROM unnest(%s::date[], %s::int[]) "
+                 "WITH ORDINALITY AS t(start, count, position) ORDER BY t.position",
+                 [[start for start, _ in cases], [count for _, count in cases]])
+    assert [row[0] for row in found] == [periods_after(start, count) for start, count in cases]
+    assert all(next_period_start(start) == periods_after(start, 1) for start, _ in cases)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_the_sql_policy_in_force_equals_assignment_in_force_on_random_histories(seed):
+    rng = random.Random(seed)
+    organization, other = OrganizationFactory(), OrganizationFactory()
+    moments = [datetime(2026, month, 1, tzinfo=UTC) + timedelta(hours=hours)
+               for month in (1, 2, 3) for hours in (0, 12)]
+    with scope(organization):
+        teams = [TeamFactory(organization=organization) for _ in range(3)]
+        members = [MemberFactory(organization=organization, team=rng.choice([*teams, None]),
+                                 is_active=rng.random() < 0.9) for _ in range(12)]
+        policies = [AllowancePolicy.objects.create(organization=organization, name=f"P{i}", monthly_tokens=i)
+                    for i in range(4)]
+        for target in rng.sample([*teams, *members], 10):
+            for effective_from in rng.sample(moments, rng.randint(1, 3)):
+                PolicyAssignment.objects.create(
+                    organization=organization, policy=rng.choice(policies), effective_from=effective_from,
+                    **({"team": target} if isinstance(target, Team) else {"member": target}))
+    with scope(other):  # another organization's assignment, on this one's team ids, governs none of them
+        foreign = AllowancePolicy.objects.create(organization=other, name="Foreign", monthly_tokens=1)
+        for team in teams:
+            PolicyAssignment.objects.create(organization=other, policy=foreign, team_id=team.pk,
+                                            effective_from=moments[0] - timedelta(days=1))
+    ats = sorted({moment + delta for moment in moments for delta in (-timedelta(microseconds=1), timedelta(0))})
+    found = rows(f"""
+        SELECT m.id, t.at, ({assignment_in_force_sql(organization="%s", member="m.id", team="m.team_id", at="t.at")})
+        FROM {Member._meta.db_table} m CROSS JOIN unnest(%s::timestamptz[]) AS t(at)
+        WHERE m.organization_id = %s""", [organization.pk, ats, organization.pk])
+    assert len(found) == len(members) * len(ats)
+    in_sql = {(member_id, at): policy_id for member_id, at, policy_id in found}
+    with scope(organization):
+        for member in members:
+            for at in ats:
+                assignment = assignment_in_force(member=member, at=at)
+                assert in_sql[member.pk, at] == (assignment.policy_id if assignment else None), (member.pk, at)
+        # The ORM form of the same rule, for a policy's members, agrees as well.
+        for policy in policies:
+            for at in ats:
+                assert set(members_governed_by(policy=policy, at=at).values_list("pk", flat=True)) == {
+                    member.pk for member in members
+                    if member.is_active and in_sql[member.pk, at] == policy.pk}, (policy.pk, at)
 
 
 def test_the_sql_key_spend_reset_equals_spent_in():
