@@ -181,8 +181,7 @@ def post_set_sql(entries: str, *, order_by: str, keyed: bool, accounts: str = ""
             "FROM posted GROUP BY account_id) s")
     if accounts:
         moved = (f"moved AS (UPDATE {_ACCOUNT} a SET {_account_move('a', 's')}, {account_changes} "
-                 f"FROM {accounts} p LEFT JOIN {sums} ON s.account_id = p.account_id "
-                 "WHERE a.id = p.account_id AND a.organization_id = %(org)s)")
+                 f"FROM {accounts} p LEFT JOIN {sums} ON s.account_id = p.account_id WHERE a.id = p.account_id)")
     else:
         moved = f"moved AS (UPDATE {_ACCOUNT} a SET {_account_move('a', 's')} FROM {sums} WHERE a.id = s.account_id)"
     if not keyed:
