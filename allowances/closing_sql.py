@@ -35,7 +35,7 @@ Kind = LedgerEntry.Kind
 _A, _E, _M, _P = Account._meta.db_table, LedgerEntry._meta.db_table, Member._meta.db_table, AllowancePolicy._meta.db_table
 ROLLOVER_REFERENCE = "rollover-until:"  # + the first day of the last period rolled-over tokens may be used in
 # The entries that make a period's base allowance (less the overage grant of its own close).
-BASE_KINDS = ", ".join(f"'{kind}'" for kind in (Kind.GRANT, Kind.BONUS, Kind.ADJUSTMENT, Kind.OVERAGE_GRANT))
+_BASE_KINDS = ", ".join(f"'{kind}'" for kind in (Kind.GRANT, Kind.BONUS, Kind.ADJUSTMENT, Kind.OVERAGE_GRANT))
 
 
 def _policy_at(moment: str, alias: str) -> str:
@@ -53,7 +53,7 @@ SELECT b.*,
        {AllowancePolicy.overdraft_tokens_sql("np")} AS new_overdraft
 FROM (SELECT a.id AS account_id, a.member_id, m.team_id, m.is_active, a.granted - a.used - a.held AS available,
              COALESCE((SELECT SUM(e.granted_delta) FROM {_E} e
-                       WHERE e.account_id = a.id AND e.period_start = %(period)s AND e.kind IN ({BASE_KINDS})
+                       WHERE e.account_id = a.id AND e.period_start = %(period)s AND e.kind IN ({_BASE_KINDS})
                          AND NOT (e.kind = '{Kind.OVERAGE_GRANT}' AND e.reference = %(overage_ref)s)), 0)
                AS base_granted
       FROM {_A} a JOIN {_M} m ON m.id = a.member_id
