@@ -2,9 +2,8 @@
 
 Each organization counts its months in its own time zone, so the hourly job closes an
 organization as soon as its month is over where it is (UTC+14 first, UTC-12 last). Accounts are
-closed in chunks of ids: on PostgreSQL each chunk by a few set-based statements in one transaction
-(allowances/closing_sql.py), elsewhere each account in a transaction of its own
-(`account_close_period`); either way the rows are locked and their period checked again, so:
+closed in chunks of ids, each chunk by a few set-based statements in one transaction
+(allowances/closing_sql.py) that lock its rows and check their period again, so:
 
 - a period is closed once per account whatever runs it: the job twice, two workers at once, or
   a rerun after a worker was killed half way (what was closed stays closed, the rest is done);
@@ -20,16 +19,14 @@ import logging
 from dataclasses import dataclass, field
 from datetime import date, datetime
 
-from django.db import connection, transaction
 from django.db.models import Min
 from django.utils import timezone
 
 from allowances.closing_sql import close_chunk
 from allowances.models import Account
 from allowances.periods import period_start_for
-from allowances.services import account_close_period
 from portal.models import Organization
-from portal.tenancy import scope, unscoped
+from portal.tenancy import unscoped
 
 log = logging.getLogger(__name__)
 CHUNK_SIZE = 1000
@@ -70,25 +67,11 @@ def close_organization_periods(*, organization: Organization, at: datetime | Non
 def close_period(*, organization: Organization, period: date, chunk_size: int = CHUNK_SIZE) -> int:
     """Close `period` on every account of the organization still in it; how many this call closed."""
     closed, after = 0, 0
-    if connection.vendor == "postgresql":
-        # Set-based: a chunk of accounts per transaction, a few statements per chunk.
-        while True:
-            count, after = close_chunk(organization=organization, period=period, after=after, limit=chunk_size)
-            if after is None:
-                return closed
-            closed += count
-    with scope(organization):
-        while True:
-            ids = list(Account.objects.filter(period_start=period, pk__gt=after).order_by("pk")
-                       .values_list("pk", flat=True)[:chunk_size])
-            if not ids:
-                return closed
-            for account_id in ids:
-                with transaction.atomic():
-                    if account_close_period(account=Account(pk=account_id, organization_id=organization.pk),
-                                            period=period):
-                        closed += 1
-            after = ids[-1]
+    while True:
+        count, after = close_chunk(organization=organization, period=period, after=after, limit=chunk_size)
+        if after is None:
+            return closed
+        closed += count
 
 
 def close_due_periods(*, at: datetime | None = None, organization: Organization | None = None,

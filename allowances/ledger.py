@@ -1,6 +1,8 @@
-"""The token ledger: every change to an account's balance goes through `post`.
+"""The token ledger: the only code that appends ledger entries or moves an account's buckets
+(granted, held, used) or a key's spend counter.
 
-On PostgreSQL one call is one SQL statement, so one transaction and one round trip:
+A single post (`post`, and the gateway's `Statement`s) is one SQL statement, so one transaction
+and one round trip:
 
     WITH entry AS (INSERT INTO ledger entry SELECT ... FROM account WHERE <the balance allows it>
                    FOR UPDATE ON CONFLICT DO NOTHING RETURNING ...),
@@ -14,35 +16,47 @@ On PostgreSQL one call is one SQL statement, so one transaction and one round tr
   harmless: a conflicting entry is not inserted, and then nothing moves.
 - The entry and the balance change commit together or not at all.
 
-SQLite (the embedded default) has no data-modifying CTEs: there the same INSERT and UPDATE run
-as two statements in one transaction (SQLite admits one writer at a time).
+A set of posts (`post_set_sql`: the period close, the usage ingest) is one statement too: it
+appends every entry of a relation the caller builds and moves each account (and key counter)
+once, by the sums of the entries that were new. Both forms are generated from one rule: `MOVES`
+(which buckets an entry of each kind moves), `_account_move` and `_key_move` (how an account and
+a key's counter move by an entry's deltas).
 
-When nothing was inserted, the slow path says why: a retry (the existing entry is returned), a
-closed hold, or not enough tokens. SQL is written by hand because this is the gateway's hot path;
-the gateway runs the same statements (`Statement`) on its own async connections.
+When a single post inserted nothing, the slow path says why: a retry (the existing entry is
+returned), a closed hold, or not enough tokens. SQL is written by hand because this is the
+gateway's hot path; the gateway runs the same statements (`Statement`) on its own async
+connections.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
 import psycopg
-from django.db import connection, transaction
+from django.db import connection
 from django.utils import timezone
 
 from allowances.models import Account, KeySpend, LedgerEntry
+from apikeys.models import ApiKey
 from portal.tenancy import ScopeError, current_organization
 
 HOLD_TTL = timedelta(minutes=15)
 SWEEP_BATCH = 1000
 
 Kind = LedgerEntry.Kind
-# Which bucket an entry of each kind moves: +1 adds its tokens, -1 subtracts them.
-GRANTED_SIGN = {Kind.GRANT: 1, Kind.BONUS: 1, Kind.ROLLOVER_IN: 1, Kind.OVERAGE_GRANT: 1, Kind.ADJUSTMENT: 1,
-                Kind.ROLLOVER_OUT: -1, Kind.EXPIRY: -1}
+BUCKETS = ("granted", "held", "used")  # each moved by the entry's <bucket>_delta
+# How an entry of each kind moves the buckets, per token of the entry: (granted, held, used). An
+# entry that closes a hold (a settlement, a release) also gives the hold's tokens back to held.
+MOVES = {
+    Kind.GRANT: (1, 0, 0), Kind.BONUS: (1, 0, 0), Kind.ROLLOVER_IN: (1, 0, 0), Kind.OVERAGE_GRANT: (1, 0, 0),
+    Kind.ADJUSTMENT: (1, 0, 0),  # its tokens carry the sign
+    Kind.ROLLOVER_OUT: (-1, 0, 0), Kind.EXPIRY: (-1, 0, 0),
+    Kind.HOLD: (0, 1, 0), Kind.RELEASE: (0, 0, 0), Kind.USAGE: (0, 0, 1),
+}
 
 # Guards: how low the account's (alias a) available balance may go after the entry. None: no limit
 # (usage is a fact and is recorded whatever it costs); "overdraft": down to minus the approved
@@ -56,28 +70,38 @@ GUARDS = {
 _ACCOUNT = Account._meta.db_table
 _ENTRY = LedgerEntry._meta.db_table
 _SPEND = KeySpend._meta.db_table
+_KEY = ApiKey._meta.db_table
 _ENTRY_COLUMNS = ("organization_id, account_id, kind, tokens, granted_delta, held_delta, used_delta, period_start, "
                   "idempotency_key, closes_hold_id, expires_at, model, actor_id, api_key_id, reason, reference, "
                   "created_at")
 _ENTRY_VALUES = ("%(org)s, %(account)s, %(kind)s, %(tokens)s, %(g)s, %(h)s, %(u)s, a.period_start, %(key)s, %(closes)s, "
                  "%(expires)s, %(model)s, %(actor)s, %(api_key)s, %(reason)s, %(reference)s, %(now)s")
-_MOVE = "granted = {t}.granted + %(g)s, held = {t}.held + %(h)s, used = {t}.used + %(u)s"
+_POSTED = "id, account_id, api_key_id, period_start, granted_delta, held_delta, used_delta"
+
+
+def _account_move(target: str, source: str) -> str:
+    """SET clause: each bucket of the account `target` moves by `source`'s delta for it (one new
+    entry, or the sums of an account's new entries; none: no move)."""
+    return ", ".join(f"{bucket} = {target}.{bucket} + COALESCE({source}.{bucket}_delta, 0)" for bucket in BUCKETS)
+
+
+def _key_move(target: str, source: str) -> str:
+    """SET clause: a key's spend counter `target` moves by `source`'s held and used deltas, in the
+    period of `source`; a counter of an older period counts as zero (KeySpend.counted_sql), and
+    held stays at zero or more (a hold of the last period closed in this one)."""
+    period = f"{source}.period_start"
+
+    def counted(bucket):
+        return KeySpend.counted_sql(target, f"{target}.{bucket}", period)
+    return (f"period_start = {period}, held = GREATEST({counted('held')} + {source}.held_delta, 0), "
+            f"used = {counted('used')} + {source}.used_delta")
+
 
 # An entry made with an API key also moves the key's spend counter (alias s), and a hold must fit
-# the key's cap. Counters of an older period count as zero (see KeySpend).
-_KEY_SPENT = "CASE WHEN s.period_start = a.period_start THEN s.held + s.used ELSE 0 END"
+# the key's cap.
 _KEY_JOIN = f" JOIN {_SPEND} s ON s.id = %(spend)s AND s.organization_id = a.organization_id"
-_KEY_CAP = f" AND (s.token_cap IS NULL OR {_KEY_SPENT} + %(h)s + %(u)s <= s.token_cap)"
-_KEY_MOVE = ("period_start = {p}, "
-             "held = {greatest}(CASE WHEN {t}.period_start = {p} THEN {t}.held ELSE 0 END + %(h)s, 0), "
-             "used = CASE WHEN {t}.period_start = {p} THEN {t}.used ELSE 0 END + %(u)s")
-
-
-def _insert_entry(guard: str | None, keyed: bool, lock: str) -> str:
-    join, cap = (_KEY_JOIN, _KEY_CAP if guard else "") if keyed else ("", "")
-    return (f"INSERT INTO {_ENTRY} ({_ENTRY_COLUMNS}) SELECT {_ENTRY_VALUES} FROM {_ACCOUNT} a{join} "
-            f"WHERE a.id = %(account)s AND a.organization_id = %(org)s{GUARDS[guard]}{cap}{lock} "
-            "ON CONFLICT DO NOTHING RETURNING id, period_start")
+_KEY_CAP = (f" AND (s.token_cap IS NULL OR {KeySpend.counted_sql('s', 's.held + s.used', 'a.period_start')}"
+            " + %(h)s + %(u)s <= s.token_cap)")
 
 
 @functools.cache
@@ -87,43 +111,105 @@ def postgres_sql(guard: str | None, keyed: bool, with_entry: str = "") -> str:
     `with_entry` adds a caller's own CTEs that read the new entry (alias `entry`): they write only
     when an entry was made, in the same transaction (the gateway's usage record).
     """
-    insert = _insert_entry(guard, keyed, " FOR UPDATE")
+    join, cap = (_KEY_JOIN, _KEY_CAP if guard else "") if keyed else ("", "")
+    insert = (f"INSERT INTO {_ENTRY} ({_ENTRY_COLUMNS}) SELECT {_ENTRY_VALUES} FROM {_ACCOUNT} a{join} "
+              f"WHERE a.id = %(account)s AND a.organization_id = %(org)s{GUARDS[guard]}{cap} FOR UPDATE "
+              f"ON CONFLICT DO NOTHING RETURNING {_POSTED}")
     # Data-modifying CTEs always run, referenced or not: one statement moves entry, account and key.
-    ctes = f"WITH entry AS ({insert}), moved AS (UPDATE {_ACCOUNT} SET {_MOVE.format(t=_ACCOUNT)} FROM entry " \
-           f"WHERE {_ACCOUNT}.id = %(account)s)"
+    ctes = (f"WITH entry AS ({insert}), moved AS (UPDATE {_ACCOUNT} SET {_account_move(_ACCOUNT, 'entry')} "
+            f"FROM entry WHERE {_ACCOUNT}.id = %(account)s)")
     if keyed:
-        ctes += (f", spent AS (UPDATE {_SPEND} SET "
-                 f"{_KEY_MOVE.format(t=_SPEND, p='entry.period_start', greatest='GREATEST')} FROM entry "
-                 f"WHERE {_SPEND}.id = %(spend)s)")
+        ctes += f", spent AS (UPDATE {_SPEND} SET {_key_move(_SPEND, 'entry')} FROM entry WHERE {_SPEND}.id = %(spend)s)"
     return f"{ctes}{with_entry} SELECT id FROM entry"
-
-
-_SQLITE_SQL = {(guard, keyed): _insert_entry(guard, keyed, "") for guard in GUARDS for keyed in (False, True)}
-_SQLITE_MOVE = f"UPDATE {_ACCOUNT} SET {_MOVE.format(t=_ACCOUNT)} WHERE id = %(account)s"
-_SQLITE_KEY_MOVE = f"UPDATE {_SPEND} SET {_KEY_MOVE.format(t=_SPEND, p='%(period)s', greatest='MAX')} WHERE id = %(spend)s"
 
 
 def _insert_and_move(guard: str | None, params: dict) -> int | None:
     """Append the entry and move the buckets atomically; the new entry's id, or None if nothing happened."""
-    keyed = params["spend"] is not None
-    if connection.vendor == "postgresql":
-        # Django's own connection (and so its transaction), but psycopg's server-side binding with a
-        # prepared plan: this statement runs on every gateway request, and binding its parameters
-        # client-side was the largest cost of a call.
-        connection.ensure_connection()
-        with psycopg.Cursor(connection.connection) as cursor:
-            cursor.execute(postgres_sql(guard, keyed), params, prepare=True)
-            row = cursor.fetchone()
-            return row[0] if row else None
-    with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute(_SQLITE_SQL[guard, keyed], params)
+    # Django's own connection (and so its transaction), but psycopg's server-side binding with a
+    # prepared plan: this statement runs on every gateway request, and binding its parameters
+    # client-side was the largest cost of a call.
+    connection.ensure_connection()
+    with psycopg.Cursor(connection.connection) as cursor:
+        cursor.execute(postgres_sql(guard, params["spend"] is not None), params, prepare=True)
         row = cursor.fetchone()
-        if row is None:
-            return None
-        cursor.execute(_SQLITE_MOVE, params)
-        if keyed:
-            cursor.execute(_SQLITE_KEY_MOVE, params | {"period": row[1]})
-        return row[0]
+        return row[0] if row else None
+
+
+# -- sets of posts ---------------------------------------------------------------------------------
+
+# What a caller's relation of entries to post gives for each one; with keys, also model, actor_id
+# and api_key_id. The ledger adds the organization, the deltas (by kind) and the time.
+SET_COLUMNS = ("account_id", "kind", "tokens", "period_start", "idempotency_key", "reason", "reference")
+_KEYED_COLUMNS = ("model", "actor_id", "api_key_id")
+
+
+def _delta_sql(bucket: int, kind: str, tokens: str) -> str:
+    """An entry's delta for one bucket in SQL, from its kind and tokens (by MOVES)."""
+    kinds_by_sign: dict[int, list[str]] = {}
+    for entry_kind, signs in MOVES.items():
+        if signs[bucket]:
+            kinds_by_sign.setdefault(signs[bucket], []).append(f"'{entry_kind}'")
+    whens = " ".join(f"WHEN {kind} IN ({', '.join(kinds)}) THEN {sign} * {tokens}"
+                     for sign, kinds in sorted(kinds_by_sign.items()))
+    return f"CASE {whens} ELSE 0 END" if whens else "0"
+
+
+@functools.cache
+def post_set_sql(entries: str, *, order_by: str, keyed: bool, accounts: str = "", account_changes: str = "") -> str:
+    """A set of posts as CTEs `posted`, `moved` (and `spent`) that follow the caller's own in one
+    WITH: every row of the relation `entries` (alias e; columns SET_COLUMNS, with `keyed` also
+    _KEYED_COLUMNS) becomes an entry of organization %(org)s at %(now)s, in `order_by` order,
+    unless its account has its idempotency key already; each account then moves once by the sums
+    of its new entries, and with `keyed` each key's spend counter too. `posted` returns the new
+    entries.
+
+    With `accounts` (a relation with an account_id column, alias p), every account in it is
+    updated, with or without new entries, and `account_changes` are set in the same UPDATE (a row
+    is updated only once in a statement): the period close moves the accounts' period with it.
+
+    There is no guard: it is for entries no balance refuses (grants, expiries, usage), and none
+    closes a hold. The caller locks the accounts (and counters) first, in id order (see `lock`).
+    """
+    # Without keys an entry names no model (a column that is never NULL), actor or key.
+    names = SET_COLUMNS + (_KEYED_COLUMNS if keyed else ("model",))
+    values = [f"e.{column}" for column in SET_COLUMNS] + ([f"e.{column}" for column in _KEYED_COLUMNS] if keyed else ["''"])
+    values += [_delta_sql(bucket, "e.kind", "e.tokens") for bucket in range(len(BUCKETS))]
+    posted = (f"posted AS (INSERT INTO {_ENTRY} (organization_id, {', '.join(names)}, granted_delta, held_delta, "
+              f"used_delta, created_at) SELECT %(org)s, {', '.join(values)}, %(now)s FROM {entries} e "
+              f"ORDER BY {order_by} ON CONFLICT DO NOTHING RETURNING {_POSTED})")
+    sums = (f"(SELECT account_id, {', '.join(f'SUM({bucket}_delta) AS {bucket}_delta' for bucket in BUCKETS)} "
+            "FROM posted GROUP BY account_id) s")
+    if accounts:
+        moved = (f"moved AS (UPDATE {_ACCOUNT} a SET {_account_move('a', 's')}, {account_changes} "
+                 f"FROM {accounts} p LEFT JOIN {sums} ON s.account_id = p.account_id WHERE a.id = p.account_id)")
+    else:
+        moved = f"moved AS (UPDATE {_ACCOUNT} a SET {_account_move('a', 's')} FROM {sums} WHERE a.id = s.account_id)"
+    if not keyed:
+        return f"{posted}, {moved}"
+    # A key's entries are all of one account, so of one period.
+    key_sums = (f"(SELECT k.spend_id, p.period_start, SUM(p.held_delta) AS held_delta, SUM(p.used_delta) AS used_delta "
+                f"FROM posted p JOIN {_KEY} k ON k.id = p.api_key_id GROUP BY k.spend_id, p.period_start) s")
+    spent = f"spent AS (UPDATE {_SPEND} c SET {_key_move('c', 's')} FROM {key_sums} WHERE c.id = s.spend_id)"
+    return f"{posted}, {moved}, {spent}"
+
+
+def lock(*, account_ids: Iterable[int], spend_ids: Iterable[int] = ()) -> None:
+    """Lock accounts, then key spend counters, each in id order, for a set of posts in this
+    transaction: the order single posts take them in, so the two wait for each other instead of
+    deadlocking."""
+    with connection.cursor() as cursor:
+        for table, ids in ((_ACCOUNT, account_ids), (_SPEND, spend_ids)):
+            ids = sorted(set(ids))
+            if ids:
+                cursor.execute(f"SELECT id FROM {table} WHERE id = ANY(%s) ORDER BY id FOR UPDATE", [ids])
+
+
+def post_set(sql: str, params: dict, *, organization_id: int) -> list[tuple]:
+    """Run a statement built around `post_set_sql` for one organization; its rows."""
+    _check_scope(organization_id)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params | {"org": organization_id, "now": timezone.now()})
+        return cursor.fetchall()
 
 
 class LedgerError(Exception):
@@ -191,8 +277,8 @@ def post(
     kind: str,
     tokens: int,
     idempotency_key: str,
-    held_delta: int = 0,
-    used_delta: int = 0,
+    held_delta: int | None = None,
+    used_delta: int | None = None,
     granted_delta: int | None = None,
     guard: str | None = None,
     closes_hold_id: int | None = None,
@@ -204,20 +290,27 @@ def post(
     reason: str = "",
     reference: str = "",
 ) -> Posted:
-    """Append one entry and move the account's stored buckets with it, atomically and idempotently."""
+    """Append one entry and move the account's stored buckets with it, atomically and idempotently.
+    A delta not given is the kind's (MOVES)."""
     return _post(Statement(guard, _params(
         account=account, kind=kind, tokens=tokens, idempotency_key=idempotency_key, held_delta=held_delta,
         used_delta=used_delta, granted_delta=granted_delta, closes_hold_id=closes_hold_id, expires_at=expires_at,
         model=model, actor=actor, api_key_id=api_key_id, spend_id=spend_id, reason=reason, reference=reference)))
 
 
-def _params(*, account: Account | AccountRef, kind: str, tokens: int, idempotency_key: str, held_delta: int = 0,
-            used_delta: int = 0, granted_delta: int | None = None, closes_hold_id: int | None = None,
+def _params(*, account: Account | AccountRef, kind: str, tokens: int, idempotency_key: str,
+            held_delta: int | None = None, used_delta: int | None = None, granted_delta: int | None = None,
+            closes_hold_id: int | None = None,
             expires_at: datetime | None = None, model: str = "", actor=None, api_key_id: int | None = None,
             spend_id: int | None = None, reason: str = "", reference: str = "") -> dict:
     _check_scope(account.organization_id)
+    granted_sign, held_sign, used_sign = MOVES[kind]
     if granted_delta is None:
-        granted_delta = GRANTED_SIGN.get(kind, 0) * tokens
+        granted_delta = granted_sign * tokens
+    if held_delta is None:
+        held_delta = held_sign * tokens
+    if used_delta is None:
+        used_delta = used_sign * tokens
     return {
         "org": account.organization_id, "account": account.pk, "kind": kind, "tokens": tokens,
         "g": granted_delta, "h": held_delta, "u": used_delta, "key": idempotency_key, "closes": closes_hold_id,

@@ -139,6 +139,22 @@ class AllowancePolicy(TenantModel):
             return min(unused, self.monthly_tokens * self.rollover_cap_percent // 100)
         return 0
 
+    # The same rules in SQL, for the set-based period close: `policy` is the alias of a row with
+    # this model's columns, all NULL when no policy governs (nothing rolls over, no overdraft).
+    # tests/allowances/test_rules_in_sql.py holds each equal to its Python form.
+
+    @classmethod
+    def overdraft_tokens_sql(cls, policy: str) -> str:
+        return f"COALESCE({policy}.auto_approve_tokens, 0)"
+
+    @classmethod
+    def rollover_amount_sql(cls, policy: str, unused: str) -> str:
+        unused = f"GREATEST({unused}, 0)"
+        return (f"CASE {policy}.rollover_rule WHEN '{cls.Rollover.ALL}' THEN {unused} "
+                f"WHEN '{cls.Rollover.CAPPED_TOKENS}' THEN LEAST({unused}, {policy}.rollover_cap_tokens) "
+                f"WHEN '{cls.Rollover.CAPPED_PERCENT}' "
+                f"THEN LEAST({unused}, {policy}.monthly_tokens * {policy}.rollover_cap_percent / 100) ELSE 0 END")
+
 
 class PolicyAssignment(TenantModel):
     """A policy assigned to a team or to one member, from the start of a period (or a moment) on.
@@ -220,6 +236,12 @@ class KeySpend(TenantModel):
     def spent_in(self, period_start) -> int:
         """Tokens used plus held in the given period."""
         return self.used + self.held if self.period_start == period_start else 0
+
+    @staticmethod
+    def counted_sql(counter: str, expression: str, period_start: str) -> str:
+        """`spent_in`'s rule in SQL, for the ledger's statements: `expression` of the counter row
+        `counter` if it counts in `period_start`, else 0 (held equal by tests/allowances/test_rules_in_sql.py)."""
+        return f"CASE WHEN {counter}.period_start = {period_start} THEN {expression} ELSE 0 END"
 
 
 class LedgerEntry(TenantModel):

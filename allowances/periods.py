@@ -13,8 +13,21 @@ def period_start_for(organization, at: datetime | None = None) -> date:
     return date(local.year, local.month, 1)
 
 
+def periods_after(start: date, count: int) -> date:
+    """The first day of the period `count` periods after the one that starts on `start` (before it
+    when negative)."""
+    months = start.month - 1 + count
+    return date(start.year + months // 12, months % 12 + 1, 1)
+
+
+def periods_after_sql(start: str, count: str) -> str:
+    """`periods_after` in SQL, for the set-based period close (`start` a first day of a month;
+    held equal by tests/allowances/test_rules_in_sql.py)."""
+    return f"({start} + make_interval(months => {count}))::date"
+
+
 def next_period_start(start: date) -> date:
-    return date(start.year + start.month // 12, start.month % 12 + 1, 1)
+    return periods_after(start, 1)
 
 
 def period_bounds(organization, start: date) -> tuple[datetime, datetime]:

@@ -21,7 +21,7 @@ from allowances.models import (
     PolicyAssignment,
     UsageAlert,
 )
-from allowances.periods import period_bounds, period_start_for
+from allowances.periods import period_bounds, period_start_for, periods_after
 from portal.models import Member, Organization
 
 
@@ -34,6 +34,16 @@ def assignment_in_force(*, member: Member, at: datetime | None = None) -> Policy
     if own is not None or not member.team_id:
         return own
     return in_force.filter(team_id=member.team_id).first()
+
+
+def assignment_in_force_sql(*, organization: str, member: str, team: str, at: str) -> str:
+    """`assignment_in_force` in SQL, for the set-based period close: a subquery of the policy id
+    in force for the member `member` of team `team` (NULL: none) at `at`, all SQL expressions
+    (held equal by tests/allowances/test_rules_in_sql.py)."""
+    return f"""SELECT pa.policy_id FROM {PolicyAssignment._meta.db_table} pa
+        WHERE pa.organization_id = {organization} AND pa.effective_from <= {at}
+          AND (pa.member_id = {member} OR ({team} IS NOT NULL AND pa.member_id IS NULL AND pa.team_id = {team}))
+        ORDER BY (pa.member_id IS NOT NULL) DESC, pa.effective_from DESC, pa.id DESC LIMIT 1"""
 
 
 def members_governed_by(*, policy: AllowancePolicy, at: datetime) -> QuerySet[Member]:
@@ -117,7 +127,7 @@ def dashboard(*, account: Account, at: datetime | None = None) -> Dashboard:
     elif burn > 0:
         run_out_at = at + timedelta(days=available / burn)
         run_out = run_out_at.astimezone(zone).date() if run_out_at < end else None
-    closed_period = date(period.year - (period.month == 1), (period.month - 2) % 12 + 1, 1)
+    closed_period = periods_after(period, -1)
     last_close = list(LedgerEntry.objects.filter(account=account, idempotency_key__startswith=f"close:{closed_period}:")
                       .order_by("id"))
     alerts = list(UsageAlert.objects.filter(account=account, period_start=account.period_start).order_by("-threshold"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import uuid
-from datetime import datetime, timedelta
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 
 from django.core.exceptions import ValidationError
@@ -555,89 +555,3 @@ def grant_bulk(*, organization: Organization, actor, rows: list[dict], idempoten
     batch = GrantBatch.objects.create(organization=organization, filename="API request", rows=valid, created_by=actor,
                                       idempotency_key=idempotency_key or uuid.uuid4().hex)
     return grant_batch_apply(batch=batch, actor=actor)
-
-
-# -- period close ------------------------------------------------------------------------------
-
-ROLLOVER_REFERENCE = "rollover-until:"  # + the first day of the last period rolled-over tokens may be used in
-BASE_KINDS = (Kind.GRANT, Kind.BONUS, Kind.ADJUSTMENT, Kind.OVERAGE_GRANT)
-
-
-def _periods_after(start, count: int):
-    for _ in range(count):
-        start = next_period_start(start)
-    return start
-
-
-@transaction.atomic
-def account_close_period(*, account: Account, period, at: datetime | None = None) -> bool:
-    """Close `period` on one account and open the next; False when it was closed already.
-
-    What is unused is split youngest first: tokens granted this period are the youngest, then
-    rolled-over tranches by how long they still live (usage consumes the oldest tokens first).
-    This period's unused grants roll over as the policy says and the rest expires; rolled-over
-    tranches carry on until their lifetime ends, then expire. Consumed auto-approved overage (a
-    negative balance) is booked as a billable overage grant so the next period starts at zero,
-    never paying for the last one. Open holds stay held across the boundary.
-    """
-    account = Account.objects.select_for_update().get(pk=account.pk)
-    if account.period_start != period:
-        return False
-    organization = account.organization
-    next_period = next_period_start(period)
-    member = Member.objects.select_related("organization").get(pk=account.member_id)
-    closing_policy = policy_in_force(member=member, at=period_bounds(organization, next_period)[0] - timedelta(microseconds=1))
-
-    def book(kind, tokens, key, **extra):
-        if tokens:
-            ledger.post(account=account, kind=kind, tokens=tokens, idempotency_key=f"close:{period}:{key}", **extra)
-
-    unused = account.available
-    if unused < 0:
-        book(Kind.OVERAGE_GRANT, -unused, "overage", reason="Auto-approved overage consumed this period (billed)",
-             reference=f"overage:{period}")
-        unused = 0
-    entries = LedgerEntry.objects.filter(account=account, period_start=period)
-    base_granted = sum(entries.filter(kind__in=BASE_KINDS).exclude(kind=Kind.OVERAGE_GRANT, reference=f"overage:{period}")
-                       .values_list("granted_delta", flat=True))
-    tranches: dict = {}
-    for reference, tokens in entries.filter(kind=Kind.ROLLOVER_IN).values_list("reference", "tokens"):
-        until = reference.removeprefix(ROLLOVER_REFERENCE)
-        tranches[until] = tranches.get(until, 0) + tokens
-
-    base_unused = min(unused, max(base_granted, 0))
-    rest = unused - base_unused
-    carried: dict = {}
-    for until in sorted(tranches, reverse=True):  # the longest-living tranche is the youngest
-        tranche_unused = min(rest, tranches[until])
-        rest -= tranche_unused
-        if until <= period.isoformat():
-            book(Kind.EXPIRY, tranche_unused, f"expire:{until}", reason="Rolled-over tokens reached the end of their life")
-        else:
-            carried[until] = tranche_unused
-    # What is left came back from holds taken in an earlier period and released in this one: it
-    # is older base allowance and follows the same rule as this period's.
-    base_unused += rest
-    rolled = closing_policy.rollover_amount(base_unused) if closing_policy else 0
-    book(Kind.EXPIRY, base_unused - rolled, "expire:base",
-         reason=f"Unused this period beyond what {closing_policy.name if closing_policy else 'the policy'} rolls over")
-    if rolled:
-        until = _periods_after(period, closing_policy.rollover_lifetime_periods).isoformat()
-        carried[until] = carried.get(until, 0) + rolled
-    for until, tokens in carried.items():
-        book(Kind.ROLLOVER_OUT, tokens, f"out:{until}", reason=f"Rolls over (usable until the period of {until})",
-             reference=f"{ROLLOVER_REFERENCE}{until}")
-
-    new_policy = policy_in_force(member=member, at=period_bounds(organization, next_period)[0])
-    Account.objects.filter(pk=account.pk, period_start=period).update(
-        period_start=next_period, overdraft_limit=new_policy.overdraft_tokens if new_policy else 0)
-    for until, tokens in carried.items():
-        if not tokens:
-            continue  # a tranche used up entirely carries nothing
-        ledger.post(account=account, kind=Kind.ROLLOVER_IN, tokens=tokens, idempotency_key=f"open:{next_period}:in:{until}",
-                    reason="Rolled over from last period", reference=f"{ROLLOVER_REFERENCE}{until}")
-    if new_policy is not None and new_policy.monthly_tokens and member.is_active:
-        ledger.post(account=account, kind=Kind.GRANT, tokens=new_policy.monthly_tokens,
-                    idempotency_key=f"grant:{next_period}", reason=f"{new_policy.name}: monthly allowance",
-                    reference=f"policy:{new_policy.pk}")
-    return True

@@ -10,12 +10,12 @@ from decimal import Decimal
 
 from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
-from django.db import connection, transaction
+from django.db import transaction
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from allowances import ledger
-from allowances.models import Account, KeySpend, LedgerEntry
+from allowances.models import Account, LedgerEntry
 from apikeys.models import ApiKey
 from gateway import alarms, crypto, destinations
 from gateway.metering import org_config
@@ -259,14 +259,12 @@ def usage_ingest(*, organization: Organization, actor, events: list) -> list[dic
     return answers
 
 
-_ACCOUNT, _ENTRY, _SPEND = Account._meta.db_table, LedgerEntry._meta.db_table, KeySpend._meta.db_table
-_RECORD, _KEY = UsageRecord._meta.db_table, ApiKey._meta.db_table
+_ACCOUNT, _RECORD = Account._meta.db_table, UsageRecord._meta.db_table
 # One statement for a whole batch: the usage records that are new (idempotency key not yet seen in
-# the organization), a ledger usage entry for each, and the sums moved onto accounts and key
-# spend counters. The rows are locked first, in id order, so batches and gateway requests that
-# touch the same accounts wait for each other instead of deadlocking. The events arrive as one
-# JSON document: psycopg renders a Python list as an array literal element by element, which
-# for 11 columns of 1,000 events cost more than the statement's own work.
+# the organization), and through the ledger's set of posts a usage entry for each, moving the
+# accounts and key spend counters. The events arrive as one JSON document: psycopg renders a
+# Python list as an array literal element by element, which for 11 columns of 1,000 events cost
+# more than the statement's own work.
 _INGEST_SQL = f"""
 WITH ev AS (
     SELECT * FROM ROWS FROM (json_to_recordset(%(events)s::json) AS (
@@ -280,62 +278,26 @@ rec AS (
     SELECT %(org)s, member_id, api_key_id, model, 'ingest', 'ingest', 'ok', input, output, cached, charged, cost, 0,
            '', key, '', at FROM ev ORDER BY position
     ON CONFLICT DO NOTHING RETURNING idempotency_key),
-led AS (
-    INSERT INTO {_ENTRY} (organization_id, account_id, kind, tokens, granted_delta, held_delta, used_delta,
-                          period_start, idempotency_key, model, actor_id, api_key_id, reason, reference, created_at)
-    SELECT %(org)s, ev.account_id, 'usage', ev.charged, 0, 0, ev.charged, a.period_start, 'ingest:' || ev.key,
-           ev.model, %(actor)s, ev.api_key_id, '', 'usage ingest', %(now)s
-    FROM ev JOIN rec ON rec.idempotency_key = ev.key JOIN {_ACCOUNT} a ON a.id = ev.account_id
-    ORDER BY ev.position  -- entries in the batch's order, whatever join the planner picks
-    ON CONFLICT DO NOTHING RETURNING account_id, api_key_id, used_delta, period_start),
-acc AS (
-    UPDATE {_ACCOUNT} a SET used = a.used + s.total
-    FROM (SELECT account_id, SUM(used_delta) AS total FROM led GROUP BY account_id) s WHERE a.id = s.account_id),
-spent AS (
-    UPDATE {_SPEND} ks SET period_start = s.period_start,
-        held = CASE WHEN ks.period_start = s.period_start THEN ks.held ELSE 0 END,
-        used = CASE WHEN ks.period_start = s.period_start THEN ks.used ELSE 0 END + s.total
-    FROM (SELECT k.spend_id, led.period_start, SUM(led.used_delta) AS total
-          FROM led JOIN {_KEY} k ON k.id = led.api_key_id GROUP BY k.spend_id, led.period_start) s
-    WHERE ks.id = s.spend_id)
+usage_entries AS (
+    SELECT ev.position, ev.account_id, '{LedgerEntry.Kind.USAGE}' AS kind, ev.charged AS tokens, a.period_start,
+           'ingest:' || ev.key AS idempotency_key, '' AS reason, 'usage ingest' AS reference, ev.model,
+           %(actor)s::bigint AS actor_id, ev.api_key_id
+    FROM ev JOIN rec ON rec.idempotency_key = ev.key JOIN {_ACCOUNT} a ON a.id = ev.account_id),
+{ledger.post_set_sql("usage_entries", order_by="e.position", keyed=True)}
 SELECT idempotency_key FROM rec"""
 
 
 @transaction.atomic
 def _apply_usage(organization: Organization, actor, events: list[_Event]) -> set[str]:
     """Apply the batch; the idempotency keys that were new (the others were recorded before)."""
-    if connection.vendor != "postgresql":
-        return {event.key for event in events if _apply_one(organization, actor, event)}
-    account_ids = sorted({event.account_id for event in events})
-    spend_ids = sorted({event.spend_id for event in events if event.spend_id})
     rows = [{"key": e.key, "member_id": e.member_id, "api_key_id": e.api_key_id, "model": e.model,
              "input": e.usage.input, "output": e.usage.output, "cached": e.usage.cached, "charged": e.charged,
              "cost": str(e.cost), "at": e.occurred_at.isoformat(), "account_id": e.account_id}  # exact as text
             for e in events]
-    params = {"org": organization.pk, "actor": getattr(actor, "pk", None), "now": timezone.now(),
-              "events": json.dumps(rows)}
-    with connection.cursor() as cursor:
-        cursor.execute(f"SELECT id FROM {_ACCOUNT} WHERE id = ANY(%s) ORDER BY id FOR UPDATE", [account_ids])
-        if spend_ids:
-            cursor.execute(f"SELECT id FROM {_SPEND} WHERE id = ANY(%s) ORDER BY id FOR UPDATE", [spend_ids])
-        cursor.execute(_INGEST_SQL, params)
-        return {row[0] for row in cursor.fetchall()}
-
-
-def _apply_one(organization: Organization, actor, event: _Event) -> bool:
-    """The same for one event, through the ledger's own post (SQLite, the embedded default)."""
-    _record, created = UsageRecord.objects.get_or_create(
-        organization=organization, idempotency_key=event.key, defaults={
-            "member_id": event.member_id, "api_key_id": event.api_key_id, "model": event.model, "endpoint": "ingest",
-            "source": UsageRecord.Source.INGEST, "status": UsageRecord.Status.OK, "input_tokens": event.usage.input,
-            "output_tokens": event.usage.output, "cached_tokens": event.usage.cached, "charged_tokens": event.charged,
-            "cost": event.cost, "occurred_at": event.occurred_at})
-    if created:
-        ledger.post(account=Account(pk=event.account_id, organization_id=organization.pk), kind=LedgerEntry.Kind.USAGE,
-                    tokens=event.charged, used_delta=event.charged, idempotency_key=f"ingest:{event.key}",
-                    model=event.model, actor=actor, api_key_id=event.api_key_id, spend_id=event.spend_id,
-                    reference="usage ingest")
-    return created
+    ledger.lock(account_ids=[e.account_id for e in events], spend_ids=[e.spend_id for e in events if e.spend_id])
+    recorded = ledger.post_set(_INGEST_SQL, {"actor": getattr(actor, "pk", None), "events": json.dumps(rows)},
+                               organization_id=organization.pk)
+    return {row[0] for row in recorded}
 
 
 # -- holds for an organization's own gateway ------------------------------------------------------------

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 
-from allowances import ledger
+from allowances import closing, ledger
 from allowances import services as allowance_services
 from allowances.models import Account, LedgerEntry
 from allowances.periods import next_period_start
@@ -135,11 +135,11 @@ class LedgerMachine(RuleBasedStateMachine):
     def close_period(self, twice):
         before = self.stored()
         period = before.period_start
-        assert allowance_services.account_close_period(account=before, period=period)
+        assert closing.close_period(organization=self.organization, period=period) == 1
         after = self.stored()
         assert after.period_start == next_period_start(period)
         if twice:
-            assert not allowance_services.account_close_period(account=after, period=period)
+            assert closing.close_period(organization=self.organization, period=period) == 0
             assert self.stored().granted == after.granted
         carried = after.available - self.policy.monthly_tokens
         assert 0 <= carried <= max(before.available, 0), "a period close created tokens"

@@ -1,9 +1,8 @@
 """The REST API of organizations that run their own gateway: usage ingest (POST /api/v1/usage), holds
 (POST /api/v1/authorize) and their settlement (POST /api/v1/settle).
 
-These run on SQLite (`make test-fast`, the per-event path) and on PostgreSQL (`make test`, one SQL
-statement per batch): every answer is checked against the rows it must leave behind, the account
-buckets, the key spend counters and `ledger.verify()`.
+A batch is one SQL statement (the ledger's set of posts): every answer is checked against the rows
+it must leave behind, the account buckets, the key spend counters and `ledger.verify()`.
 """
 
 import json
