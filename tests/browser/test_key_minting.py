@@ -43,8 +43,8 @@ def _field(page, label):
 def _stored_text_containing(needles):
     """Every (table, column) holding one of `needles` anywhere in a char/text/JSON value, case-insensitively.
 
-    Three passes: the ORM over every model's char/text/JSON fields (values loaded, since SQLite has
-    no JSON `contains`), every column of every table in raw SQL (tables or columns no model covers),
+    Three passes: the ORM over every model's char/text/JSON fields (values loaded and searched as
+    text), every column of every table in raw SQL (tables or columns no model covers),
     and the decoded session data (stored base64-signed, so the raw passes could not see inside it).
     """
     needles = [needle.lower() for needle in needles]
