@@ -492,10 +492,6 @@ def hold_find(*, organization_id: int, hold_id: int) -> Hold | None:
     return _hold(row) if row is not None else None
 
 
-def hold_is_open(hold_id: int) -> bool:
-    return not LedgerEntry.all_objects.filter(closes_hold_id=hold_id).exists()
-
-
 def release_expired_holds(*, now: datetime | None = None, limit: int = SWEEP_BATCH) -> int:
     """Release holds that outlived their time-to-live. Returns how many were released."""
     now = now or timezone.now()

@@ -28,3 +28,8 @@ def balance(member) -> tuple[int, int, int]:
     with unscoped():
         account = Account.all_objects.get(member=member)
     return account.granted, account.held, account.used
+
+
+def hold_is_open(hold_id: int) -> bool:
+    with unscoped():
+        return not LedgerEntry.all_objects.filter(closes_hold_id=hold_id).exists()

@@ -26,6 +26,7 @@ from allowances.models import Account, LedgerEntry
 from allowances.periods import next_period_start, period_start_for, prorate
 from portal.models import Member
 from portal.tenancy import scope
+from tests.allowances.helpers import hold_is_open
 from tests.factories import MemberFactory, OrganizationFactory, TeamFactory
 
 pytestmark = pytest.mark.django_db
@@ -403,7 +404,7 @@ def test_the_close_bills_consumed_overage_and_keeps_open_holds_held():
                                                 (december, Kind.GRANT, 100_000, f"policy:{org.policy.pk}")])
     # The held 10,000 stay granted (from November) on top of December's whole grant.
     assert (stored(holding).held, stored(holding).available) == (10_000, 100_000)
-    assert ledger.hold_is_open(hold.id)
+    assert hold_is_open(hold.id)
     ledger.release(hold=hold)
     assert (stored(holding).held, stored(holding).available) == (0, 110_000)
     assert ledger.verify() == []
@@ -645,7 +646,7 @@ def test_the_embedded_scheduler_runs_every_due_task_once_in_a_thread_and_stops(s
         logging.getLogger("portal.scheduler").removeHandler(failures)
     assert not thread.is_alive() and stop.passes == 1
 
-    assert not ledger.hold_is_open(stale.id) and ledger.hold_is_open(fresh.id)  # the sweeper ran
+    assert not hold_is_open(stale.id) and hold_is_open(fresh.id)  # the sweeper ran
     after = stored(account)
     assert after.period_start == current  # the hourly close ran
     assert grants(account)[-1] == (current, 1_000_000, f"grant:{current}")

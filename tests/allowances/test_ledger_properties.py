@@ -20,6 +20,7 @@ from allowances import services as allowance_services
 from allowances.models import Account, LedgerEntry
 from allowances.periods import next_period_start
 from portal.tenancy import scope
+from tests.allowances.helpers import hold_is_open
 from tests.factories import MemberFactory, OrganizationFactory, TeamFactory
 
 TOKENS = st.integers(min_value=1, max_value=2_000_000)
@@ -190,6 +191,6 @@ def test_the_sweeper_job_releases_only_holds_past_their_time_to_live():
         fresh = ledger.authorize(account=account, tokens=2_000, idempotency_key="fresh")
     assert release_expired_holds() == 1
     assert release_expired_holds() == 0  # running it again releases nothing more
-    assert not ledger.hold_is_open(stale.id) and ledger.hold_is_open(fresh.id)
+    assert not hold_is_open(stale.id) and hold_is_open(fresh.id)
     account.refresh_from_db()
     assert (account.held, account.available) == (2_000, 8_000)
