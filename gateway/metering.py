@@ -274,10 +274,12 @@ async def _run(statement: ledger.Statement, with_entry: str = "", params: dict |
             async with pool.connection() as conn, conn.cursor() as cursor:
                 await cursor.execute(statement.sql(with_entry), statement.params | (params or {}), prepare=True)
                 row = await cursor.fetchone()
+                async_db.statement_succeeded(conn)
             return row[0] if row else None
         except PoolTimeout:
             raise  # no connection at all: the database is down, not one connection
         except psycopg.OperationalError:
+            async_db.statement_failed()
             if attempt == 2:
                 raise
 

@@ -8,6 +8,7 @@ connection belongs to the event loop that opened it, so each loop has its own po
 """
 
 import asyncio
+import time
 import weakref
 
 from asgiref.sync import sync_to_async
@@ -15,10 +16,12 @@ from django.db import close_old_connections, connections
 from psycopg_pool import AsyncConnectionPool
 
 MAX_CONNECTIONS = 16  # per event loop, i.e. per server process
+FRESH_SECONDS = 1.0  # a connection that ran a statement this recently is handed out unchecked
 MAX_LIFETIME = 30 * 60  # seconds: connections are renewed, so a server's memory per backend stays bounded
 WAIT_SECONDS = 5  # for a free connection: with the database down a request fails in seconds, not minutes
 
 _pools: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> Task opening its pool
+_last_ok: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # connection -> when a statement last succeeded
 
 
 def _connection_kwargs() -> dict:
@@ -29,13 +32,31 @@ def _connection_kwargs() -> dict:
 
 async def _open() -> AsyncConnectionPool:
     pool = AsyncConnectionPool(kwargs=_connection_kwargs(), min_size=2, max_size=MAX_CONNECTIONS,
-                               max_lifetime=MAX_LIFETIME, open=False, name="gateway",
-                               timeout=WAIT_SECONDS,
-                               # A connection is checked when it is handed out: one that died with a
-                               # database restart is replaced instead of failing a request.
-                               check=AsyncConnectionPool.check_connection)
+                               max_lifetime=MAX_LIFETIME, timeout=WAIT_SECONDS, check=_check, open=False,
+                               name="gateway")
     await pool.open()
     return pool
+
+
+async def _check(conn) -> None:
+    """A connection that sat idle is checked (one round trip) before it is handed out, so that one
+    that died with a database restart is replaced instead of failing a request. One in constant use
+    is not, which would cost a round trip per statement: a statement that meets a dead connection
+    all the same is run once more (metering._run) after every connection is marked for a check
+    (statement_failed), and the broken one is dropped."""
+    if time.monotonic() - _last_ok.get(conn, float("-inf")) > FRESH_SECONDS:
+        await AsyncConnectionPool.check_connection(conn)
+
+
+def statement_succeeded(conn) -> None:
+    """Note that `conn` just ran a statement to its end (it is fresh: see _check)."""
+    _last_ok[conn] = time.monotonic()
+
+
+def statement_failed() -> None:
+    """A connection died under a statement: the others likely did too (the database restarted), so
+    every connection is checked before its next use."""
+    _last_ok.clear()
 
 
 async def pool() -> AsyncConnectionPool:
