@@ -492,6 +492,14 @@ def hold_find(*, organization_id: int, hold_id: int) -> Hold | None:
     return _hold(row) if row is not None else None
 
 
+def hold_extension(*, hold: Hold, ttl: timedelta = HOLD_TTL) -> tuple[str, dict]:
+    """The statement that keeps a hold of a request still running from the sweeper: its expiry moves
+    to `ttl` from now. An entry's amounts never change; the expiry of an open hold is the one
+    column that does (a long stream outlives any fixed time-to-live)."""
+    return (f"UPDATE {_ENTRY} SET expires_at = %(until)s WHERE id = %(hold)s AND kind = 'hold' "
+            "AND expires_at < %(until)s", {"hold": hold.id, "until": timezone.now() + ttl})
+
+
 def release_expired_holds(*, now: datetime | None = None, limit: int = SWEEP_BATCH) -> int:
     """Release holds that outlived their time-to-live. Returns how many were released."""
     now = now or timezone.now()

@@ -191,9 +191,10 @@ IDENTITY_TTL = 300  # seconds; every change to a key or its owner drops the cach
 
 def identity_load(public_id: str) -> KeyIdentity | None:
     """The key's identity from the database, cached for the next requests (None: no such key)."""
+    token = shared_cache.token(cache_key(public_id))
     identity = _load(public_id)
     if identity is not None:
-        shared_cache.set(cache_key(public_id), identity, timeout=IDENTITY_TTL)
+        shared_cache.set(cache_key(public_id), identity, timeout=IDENTITY_TTL, token=token)
     return identity
 
 

@@ -140,14 +140,21 @@ async def _proxy(request: Request, endpoint: str):
     except GatewayError as error:
         return error_response(family, error, request_id=request_id)
     # The provider keeps to the output cap the hold covers: the client's own, or the one set here.
-    forwarded = body | {"model": begun.route.provider_model} | begun.forward
+    forwarded = {name: value for name, value in body.items() if name not in begun.drop}
+    forwarded |= {"model": begun.route.provider_model} | begun.forward
     client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage")) if isinstance(
         body.get("stream_options"), dict) else False
     if begun.stream and endpoint == "chat":
         forwarded["stream_options"] = {"include_usage": True}  # usage arrives in the stream's last chunk
-    if begun.route.is_sandbox:
-        return await _from_sandbox(begun, body, client_wants_usage)
-    return await _from_provider(begun, forwarded, client_wants_usage)
+    try:
+        if begun.route.is_sandbox:
+            return await _from_sandbox(begun, body, client_wants_usage)
+        return await _from_provider(begun, forwarded, client_wants_usage)
+    except Exception:
+        # The gateway failed after the hold was taken: settle what is known (nothing) and release the
+        # hold now, rather than leave it to the sweeper; the client gets the 500 in its API's shape.
+        await _finish(begun, status=Status.UPSTREAM_ERROR, usage=None, detail="the gateway failed on this request")
+        raise
 
 
 # -- the built-in sandbox ----------------------------------------------------------------------------
@@ -270,6 +277,10 @@ def _streaming(begun: Begun, reader: StreamReader, source, *, upstream=None) -> 
         except UpstreamError as error:
             outcome = {"status": Status.UPSTREAM_ERROR, "detail": f"{type(error).__name__} mid-stream"}
             final = [_stream_error(family, "The provider's stream broke off; you are charged for what was sent.")]
+        except Exception:
+            log.exception("gateway error mid-stream on request %s", begun.request_id)
+            outcome = {"status": Status.UPSTREAM_ERROR, "detail": "the gateway failed mid-stream"}
+            final = [_stream_error(family, "The gateway failed on this stream; you are charged for what was sent.")]
         finally:
             if upstream is not None:
                 # A stream read to its end goes back to the pool; one cut short is dropped.
@@ -315,6 +326,8 @@ async def models(request: Request):
                                                  ip=request.client.host if request.client else None, endpoint=None)
     except GatewayError as error:
         return error_response(family, error)
+    except metering.DATABASE_ERRORS:
+        return error_response(family, metering.database_unavailable())
     routes = sorted(metering.models_for(identity, config), key=lambda route: route.model_id)
     if anthropic:
         data = [{"type": "model", "id": r.model_id, "display_name": r.model_id, "created_at": "2026-01-01T00:00:00Z"}

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import django.db
 import psycopg
@@ -43,6 +44,11 @@ CONFIG_TTL = 300
 # The database gone away (restarted, failed over): on the loop's pool or in Django's own connections.
 DATABASE_ERRORS = (psycopg.OperationalError, django.db.OperationalError, django.db.InterfaceError)
 SETTLE_RETRY_SECONDS = 120  # a settlement waits this long for the database to come back
+# While a request runs its hold's expiry is moved on, so the sweeper never releases the hold of a
+# stream that outlives the time-to-live; a request that never finished stops being kept after a day.
+HOLD_TTL = ledger.HOLD_TTL
+HOLD_RENEW_SECONDS = HOLD_TTL.total_seconds() / 3
+HOLD_KEPT_AT_MOST = timedelta(days=1)
 
 # What each gateway endpoint is called in a key's scopes, and which provider API it speaks.
 ENDPOINT_PATHS = {"chat": "/v1/chat/completions", "embeddings": "/v1/embeddings", "messages": "/v1/messages"}
@@ -103,8 +109,9 @@ def _load_config(organization_id: int) -> OrgConfig:
 def org_config(organization_id: int) -> OrgConfig:
     config = shared_cache.get(config_cache_key(organization_id))
     if config is None:
+        token = shared_cache.token(config_cache_key(organization_id))
         config = _load_config(organization_id)
-        shared_cache.set(config_cache_key(organization_id), config, timeout=CONFIG_TTL)
+        shared_cache.set(config_cache_key(organization_id), config, timeout=CONFIG_TTL, token=token)
     return config
 
 
@@ -133,10 +140,12 @@ class Begun:
     hold: ledger.Hold
     input_bound: int
     output_cap: int  # per choice: what the provider may write, as the forwarded request says
-    forward: dict  # set on the forwarded request: the output cap the hold covers, when the client sent none
+    forward: dict  # set on the forwarded request: the output cap the hold covers
+    drop: tuple  # taken out of the forwarded request (a cap field the provider would not honour)
     request_id: str
     started: float
     stream: bool = False
+    keeper: asyncio.Task | None = None  # moves the hold's expiry on while the request runs
 
 
 _organization_of: dict[str, int] = {}  # a key's public id -> its organization, which never changes
@@ -214,7 +223,7 @@ def _reference(request_id: str) -> str:
 
 def _hold_args(identity: KeyIdentity, route: ModelRoute, reserve: int, request_id: str) -> dict:
     return {"account": ledger.AccountRef(pk=identity.account_id, organization_id=identity.organization_id),
-            "tokens": reserve, "idempotency_key": request_id, "model": route.model_id,
+            "tokens": reserve, "idempotency_key": request_id, "model": route.model_id, "ttl": HOLD_TTL,
             "reference": _reference(request_id), "api_key_id": identity.id, "spend_id": identity.spend_id}
 
 
@@ -226,8 +235,12 @@ async def begin(*, raw_key: str | None, ip: str | None, endpoint: str, body: dic
                             started=started)
     except DATABASE_ERRORS as error:
         log.warning("request %s refused, the database is unavailable: %s", request_id, error)
-        raise GatewayError(503, "api_error", "The portal's database is unavailable for a moment; nothing was "
-                           "charged. Try again shortly.", code="database_unavailable") from None
+        raise database_unavailable() from None
+
+
+def database_unavailable() -> GatewayError:
+    return GatewayError(503, "api_error", "The portal's database is unavailable for a moment; nothing was charged. "
+                        "Try again shortly.", code="database_unavailable")
 
 
 async def _begin(*, raw_key, ip, endpoint, body, request_id, started) -> Begun:
@@ -246,9 +259,25 @@ async def _begin(*, raw_key, ip, endpoint, body, request_id, started) -> Begun:
     # Nothing posted: a retry of this request (its hold exists) or a refusal; the ledger says which.
     hold = ledger.hold_made(statement, entry_id) if entry_id is not None else await in_thread(_authorize)(
         args, refusal)
-    return Begun(identity=identity, config=config, route=route, endpoint=endpoint, hold=hold,
-                 input_bound=worst.input_tokens, output_cap=worst.output_cap, forward=worst.forward,
-                 request_id=request_id, started=started, stream=bool(body.get("stream")))
+    begun = Begun(identity=identity, config=config, route=route, endpoint=endpoint, hold=hold,
+                  input_bound=worst.input_tokens, output_cap=worst.output_cap, forward=worst.forward, drop=worst.drop,
+                  request_id=request_id, started=started,
+                  stream=endpoint != "embeddings" and body.get("stream") is True)
+    begun.keeper = asyncio.create_task(_keep(hold))
+    return begun
+
+
+async def _keep(hold: ledger.Hold) -> None:
+    """Move the hold's expiry on every HOLD_RENEW_SECONDS until finish() cancels this."""
+    deadline = time.monotonic() + HOLD_KEPT_AT_MOST.total_seconds()
+    while time.monotonic() < deadline:
+        await asyncio.sleep(HOLD_RENEW_SECONDS)
+        sql, params = ledger.hold_extension(hold=hold, ttl=HOLD_TTL)
+        try:
+            async with (await async_db.pool()).connection() as conn:
+                await conn.execute(sql, params)
+        except DATABASE_ERRORS as error:  # tried again at the next turn; the hold has TTL to spare
+            log.warning("could not extend hold %s: %s", hold.id, error)
 
 
 def _authorize(args: dict, refusal: dict) -> ledger.Hold:
@@ -351,6 +380,8 @@ async def finish(begun: Begun, *, status: str, usage: Usage | None, produced_tok
     With the database away, it is tried again until it is back (for SETTLE_RETRY_SECONDS): every
     step is idempotent, so a settlement that did commit before its answer was lost is not repeated.
     """
+    if begun.keeper is not None:
+        begun.keeper.cancel()
     usage, record = _outcome(begun, status=status, usage=usage, produced_tokens=produced_tokens,
                              latency_ms=latency_ms, detail=detail)
     deadline, pause = time.monotonic() + SETTLE_RETRY_SECONDS, 0.25
@@ -384,7 +415,8 @@ async def _settle(begun: Begun, usage: Usage, record: dict) -> int:
 def _finish_closed(begun: Begun, usage: Usage, record: dict) -> tuple[dict, bool]:
     """finish() for a hold closed before: a retry records nothing more; usage after the sweeper
     released the hold is charged as far as the allowance's limit allows, the rest recorded as
-    uncharged. The record, and whether this call wrote it."""
+    uncharged; a request that consumed nothing is recorded once whoever released its hold. The
+    record, and whether this call wrote it."""
     with scope(Organization(pk=begun.identity.organization_id, slug=begun.config.slug)), transaction.atomic():
         if _consumed(usage, record):
             posted = ledger.settle(hold=begun.hold, used_tokens=record["charged"],
@@ -393,7 +425,9 @@ def _finish_closed(begun: Begun, usage: Usage, record: dict) -> tuple[dict, bool
             record = record | {"charged": charged, "uncharged": record["uncharged"] + record["charged"] - charged}
         else:
             posted = ledger.release(hold=begun.hold, reason=f"{record['status']}: nothing consumed")
-        recorded = posted is None or posted.created
+        # Bounded in time to use the (organization, occurred at) index: no request runs for a day.
+        recorded = (posted is not None and posted.created) or not UsageRecord.objects.filter(
+            request_id=begun.request_id, occurred_at__gte=record["at"] - timedelta(days=1)).exists()
         if recorded:
             with connection.cursor() as cursor:
                 cursor.execute(_RECORD_SQL, record)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta
+from datetime import timezone as dt_timezone
 from decimal import Decimal
 
 from django.core.exceptions import ValidationError
@@ -22,6 +23,7 @@ from gateway.metering import org_config
 from gateway.models import ProviderConnection, UsageRecord
 from gateway.upstream import Usage
 from portal.audit import changes, log_action
+from portal.forms import FIRST_DAY
 from portal.models import Member, Organization
 
 CONNECTION_FIELDS = ["name", "kind", "base_url", "connect_timeout", "read_timeout", "is_active"]
@@ -111,6 +113,9 @@ MAX_EVENTS = 1000
 # An event's idempotency key; the ledger entry's own key adds a prefix within its 200 characters.
 MAX_EVENT_KEY = 150
 MAX_EVENT_TOKENS = 10**9  # per kind in one event: more is a typo, not a request
+# The first moment an event may name: the pages' first day (older is a typo, and a year before 1
+# in a zone east of UTC is a time PostgreSQL stores but can no longer read back).
+EARLIEST_EVENT = datetime.combine(FIRST_DAY, time.min, tzinfo=dt_timezone.utc)
 
 
 @dataclass
@@ -196,6 +201,8 @@ def _clean_event(raw, index: int, *, config, members: dict, keys: dict, accounts
             errors["timestamp"] = "An ISO 8601 time with its offset, e.g. 2026-11-23T10:00:00Z."
         elif parsed > now + timedelta(minutes=5):
             errors["timestamp"] = "In the future."
+        elif parsed < EARLIEST_EVENT:
+            errors["timestamp"] = f"Before {EARLIEST_EVENT:%Y-%m-%d}: not a time usage happened."
         else:
             occurred_at = parsed
     if member_id is not None and member_id not in accounts and not errors:
@@ -309,11 +316,15 @@ def _member_of(organization: Organization, *, member_email=None, api_key=None):
         raise ValidationError({"member": "Name the member (email) or the API key (tap_<id>), one of them."})
     api_key_id = spend_id = None
     if api_key is not None:
-        found = ApiKey.objects.filter(organization=organization, public_id=_public_id(api_key)).values_list(
-            "pk", "member_id", "spend_id").first()
-        if found is None:
+        key = ApiKey.objects.filter(organization=organization, public_id=_public_id(api_key)).select_related(
+            "member__user").first()
+        if key is None:
             raise ValidationError({"api_key": "No API key with this id in the organization."})
-        api_key_id, member_id, spend_id = found
+        refusal = key.refusal() or (None if key.member.is_active and key.member.user.is_active
+                                    else "its owner is no longer an active member")
+        if refusal:  # a hold for a key that may not be used would let it spend
+            raise ValidationError({"api_key": f"This API key cannot be used: {refusal}."})
+        api_key_id, member_id, spend_id = key.pk, key.member_id, key.spend_id
     else:
         member_id = Member.objects.filter(organization=organization, user__email__iexact=str(member_email).strip(),
                                           is_active=True).values_list("pk", flat=True).first()

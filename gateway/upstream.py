@@ -107,16 +107,37 @@ class Usage:
     cached: int = 0  # input tokens read from the provider's cache
 
     @classmethod
-    def from_openai(cls, usage: dict) -> Usage:
-        cached = ((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
-        prompt = usage.get("prompt_tokens") or 0
-        return cls(input=max(int(prompt) - int(cached), 0), output=int(usage.get("completion_tokens") or 0),
-                   cached=int(cached))
+    def from_openai(cls, usage: dict) -> Usage | None:
+        """OpenAI's usage object; None when it is not one (counts that are not whole numbers)."""
+        try:
+            details = usage.get("prompt_tokens_details") or {}
+            cached = _count(details.get("cached_tokens") if isinstance(details, dict) else None)
+            prompt = _count(usage.get("prompt_tokens"))
+            return cls(input=max(prompt - cached, 0), output=_count(usage.get("completion_tokens")), cached=cached)
+        except ValueError:
+            return None
 
     @classmethod
-    def from_anthropic(cls, usage: dict) -> Usage:
-        return cls(input=int(usage.get("input_tokens") or 0) + int(usage.get("cache_creation_input_tokens") or 0),
-                   output=int(usage.get("output_tokens") or 0), cached=int(usage.get("cache_read_input_tokens") or 0))
+    def from_anthropic(cls, usage: dict) -> Usage | None:
+        """Anthropic's usage object; None when it is not one."""
+        try:
+            return cls(input=_count(usage.get("input_tokens")) + _count(usage.get("cache_creation_input_tokens")),
+                       output=_count(usage.get("output_tokens")), cached=_count(usage.get("cache_read_input_tokens")))
+        except ValueError:
+            return None
+
+
+MAX_REPORTED_TOKENS = 10**12  # a provider's count beyond this is garbage, not usage
+
+
+def _count(value) -> int:
+    """A token count from a provider's usage: absent is zero; anything but a whole number is refused,
+    so that a malformed report is treated as no report (a fault to record) rather than trusted."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_REPORTED_TOKENS:
+        raise ValueError(f"not a token count: {value!r}")
+    return value
 
 
 class StreamReader:
@@ -161,8 +182,10 @@ class StreamReader:
             self.usage = Usage.from_openai(event["usage"])
             if not event.get("choices"):
                 return self.pass_usage_chunk  # the chunk the gateway asked for, not the client
-        for choice in event.get("choices") or []:
-            content = (choice.get("delta") or {}).get("content")
+        choices = event.get("choices")
+        for choice in choices if isinstance(choices, list) else []:
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            content = delta.get("content") if isinstance(delta, dict) else None
             if isinstance(content, str):
                 self.produced_text_tokens += sandbox.count_tokens(content)
         return True
@@ -170,15 +193,23 @@ class StreamReader:
     def _read_anthropic(self, event: dict) -> None:
         kind = event.get("type")
         if kind == "message_start":
-            reported = (event.get("message") or {}).get("usage")
+            message = event.get("message")
+            reported = message.get("usage") if isinstance(message, dict) else None
             if isinstance(reported, dict) and reported:  # a start without usage leaves it unknown, not zero
                 self.usage = Usage.from_anthropic(reported)
         elif kind == "message_delta" and isinstance(event.get("usage"), dict):
-            reported = Usage.from_anthropic(event["usage"] | {"input_tokens": 0})
-            self.usage = self.usage or Usage()
-            self.usage.output = reported.output
+            # Its counts are cumulative: the output so far, and the input and cache again (they grow
+            # when the provider's own tools add input).
+            reported = Usage.from_anthropic(event["usage"])
+            if reported is None:
+                self.usage = None  # malformed: no usage this stream can be trusted for
+                return
+            known = self.usage or Usage()
+            self.usage = Usage(input=max(known.input, reported.input), output=reported.output,
+                               cached=max(known.cached, reported.cached))
         elif kind == "content_block_delta":
-            text = (event.get("delta") or {}).get("text")
+            delta = event.get("delta")
+            text = delta.get("text") if isinstance(delta, dict) else None
             if isinstance(text, str):
                 self.produced_text_tokens += sandbox.count_tokens(text)
 

@@ -12,6 +12,10 @@ so this is redis-py's own sync and asyncio clients rather than `django.core.cach
 With Redis down, reads miss and writes are skipped (the gateway loads from the database, so it
 keeps metering), but dropping an entry raises: a change that cannot reach the cache (a key
 revoked) must fail rather than leave a stale identity behind.
+
+Every drop also moves the entry's generation on. A loader takes the generation (`token`) before it
+reads the database and writes only if it is unchanged (`set(..., token=...)`): a load that read a
+row just before a revocation committed cannot cache what it read after the revocation dropped it.
 """
 
 from __future__ import annotations
@@ -28,12 +32,21 @@ import redis.asyncio
 from django.conf import settings
 
 PREFIX = "portal:shared:"
+GENERATION_TTL = 86400  # seconds a generation is remembered: far longer than any load takes
 log = logging.getLogger(__name__)
+# SET the entry only if its generation is still the one the loader took.
+_SET_IF_UNCHANGED = """
+if (redis.call('GET', KEYS[2]) or '0') == ARGV[2] then
+    redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[3])
+    return 1
+end
+return 0"""
 
 
 class _Memory:
     def __init__(self):
         self._entries: dict[str, tuple[float, object]] = {}
+        self._generations: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def get_many(self, keys: list[str]) -> dict:
@@ -48,14 +61,20 @@ class _Memory:
     async def aget_many(self, keys: list[str]) -> dict:
         return self.get_many(keys)
 
-    def set(self, key: str, value, timeout: int) -> None:
+    def token(self, key: str) -> int:
         with self._lock:
-            self._entries[key] = (time.monotonic() + timeout, value)
+            return self._generations.get(key, 0)
+
+    def set(self, key: str, value, timeout: int, token: int | None) -> None:
+        with self._lock:
+            if token is None or self._generations.get(key, 0) == token:
+                self._entries[key] = (time.monotonic() + timeout, value)
 
     def delete_many(self, keys: list[str]) -> None:
         with self._lock:
             for key in keys:
                 self._entries.pop(key, None)
+                self._generations[key] = self._generations.get(key, 0) + 1
 
     def clear(self) -> None:
         with self._lock:
@@ -94,20 +113,40 @@ class _Redis:
             log.warning("shared cache unavailable, reading from the database: %s", error)
             return {}
 
-    def set(self, key: str, value, timeout: int) -> None:
+    def token(self, key: str) -> int | None:
         try:
-            self.client.set(PREFIX + key, pickle.dumps(value, pickle.HIGHEST_PROTOCOL), ex=timeout)
+            return int(self.client.get(_generation(key)) or 0)
+        except redis.RedisError:
+            return None  # nothing will be cached meanwhile anyway
+
+    def set(self, key: str, value, timeout: int, token: int | None) -> None:
+        payload = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+        try:
+            if token is None:
+                self.client.set(PREFIX + key, payload, ex=timeout)
+            else:
+                self.client.eval(_SET_IF_UNCHANGED, 2, PREFIX + key, _generation(key), payload, str(token), timeout)
         except redis.RedisError as error:
             log.warning("shared cache unavailable, not caching %s: %s", key, error)
 
     def delete_many(self, keys: list[str]) -> None:
-        if keys:
-            self.client.delete(*(PREFIX + key for key in keys))
+        if not keys:
+            return
+        with self.client.pipeline() as pipe:
+            pipe.delete(*(PREFIX + key for key in keys))
+            for key in keys:
+                pipe.incr(_generation(key))
+                pipe.expire(_generation(key), GENERATION_TTL)
+            pipe.execute()
 
     def clear(self) -> None:
         names = list(self.client.scan_iter(match=PREFIX + "*", count=1000))
         if names:
             self.client.delete(*names)
+
+
+def _generation(key: str) -> str:
+    return f"{PREFIX}generation:{key}"
 
 
 _backends: dict[str, _Memory | _Redis] = {}
@@ -134,8 +173,14 @@ async def aget_many(keys: list[str]) -> dict:
     return await _backend().aget_many(keys)
 
 
-def set(key: str, value, *, timeout: int) -> None:  # noqa: A001  (the cache's own verb)
-    _backend().set(key, value, timeout)
+def token(key: str) -> int | None:
+    """The entry's generation, to pass to `set` after reading what it caches."""
+    return _backend().token(key)
+
+
+def set(key: str, value, *, timeout: int, token: int | None = None) -> None:  # noqa: A001  (the cache's own verb)
+    """Cache `value`; with the `token` taken before it was read, only if nothing dropped it since."""
+    _backend().set(key, value, timeout, token)
 
 
 def delete_many(keys: list[str]) -> None:

@@ -103,6 +103,8 @@ def test_the_input_bound_is_at_least_a_token_per_byte_of_every_text_plus_framing
     if endpoint == "messages":
         messages = [m | {"role": "assistant" if m["role"] == "assistant" else "user"} for m in messages]
         body = {"model": "m", "max_tokens": 5, "system": "Be brief.", "messages": messages}
+        tool_list = [{"name": t["function"]["name"], "description": t["function"]["description"],
+                      "input_schema": t["function"]["parameters"]} for t in tool_list]
     else:
         body = {"model": "m", "messages": messages}
     if tool_list:
@@ -143,7 +145,7 @@ def test_an_image_counts_its_familys_most_not_the_bytes_of_its_data(endpoint, pa
 def test_anthropic_tools_add_its_tool_use_system_prompt():
     tool = {"name": "get_weather", "description": "Weather", "input_schema": {"type": "object"}}
     with_tools = bound("messages", MESSAGES | {"tools": [tool]}).input_tokens
-    assert with_tools >= bound("messages", MESSAGES).input_tokens + bounds.ANTHROPIC_TOOL_PROMPT + len(json.dumps(tool)) // 2
+    assert with_tools >= bound("messages", MESSAGES).input_tokens + bounds.TOOL_PROMPT + len(json.dumps(tool)) // 2
 
 
 # -- the output cap ------------------------------------------------------------------------------
@@ -154,14 +156,77 @@ def test_with_no_cap_the_default_is_held_and_forwarded_in_the_field_the_provider
     assert (openai_own.output_cap, openai_own.forward) == (321, {"max_completion_tokens": 321})
 
 
-def test_a_clients_own_cap_is_held_and_sent_as_it_is():
+def test_a_clients_own_cap_is_held_and_sent():
     assert (bound("chat", CHAT | {"max_tokens": 7}).output_cap, bound("chat", CHAT | {"max_tokens": 7}).forward) == (
-        7, {})
+        7, {"max_tokens": 7})
     both = bound("chat", CHAT | {"max_tokens": 7, "max_completion_tokens": 900})
-    assert (both.output_cap, both.forward) == (900, {})  # whichever the provider honours is covered
+    assert (both.output_cap, both.forward) == (900, {"max_tokens": 900})  # the larger is held and sent
     assert bound("messages", MESSAGES | {"max_tokens": 55}).output_cap == 55
 
 
 def test_every_choice_is_covered():
     worst = bound("chat", CHAT | {"max_tokens": 10, "n": 128})
     assert (worst.output_cap, worst.choices) == (10, 128)
+
+
+# -- content the bound cannot know -------------------------------------------------------------------
+
+@pytest.mark.parametrize("endpoint, part", [
+    ("chat", {"type": "file", "file": {"file_id": "file-abc"}}),
+    ("chat", {"type": "input_file", "file_id": "file-abc"}),
+    ("messages", {"type": "document", "source": {"type": "url", "url": "https://example.com/100-pages.pdf"}}),
+    ("messages", {"type": "search_result", "source": "x", "title": "y", "content": []}),
+])
+def test_content_stored_elsewhere_or_counted_by_pages_is_refused(endpoint, part):
+    base = CHAT if endpoint == "chat" else MESSAGES
+    error = refused(endpoint, base | {"messages": [{"role": "user", "content": [part]}]})
+    assert "not supported through the gateway" in error.message
+
+
+@pytest.mark.parametrize("endpoint, part", [
+    ("chat", {"type": "video_url", "video_url": {"url": "https://example.com/a.mp4"}}),
+    ("chat", {"type": "text", "text": 1}),
+    ("chat", {"type": "image_url", "image_url": {"url": 5}}),
+    ("messages", {"type": "text"}),
+    ("messages", {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "document"}]}),
+])
+def test_unknown_or_malformed_parts_are_refused(endpoint, part):
+    base = CHAT if endpoint == "chat" else MESSAGES
+    refused(endpoint, base | {"messages": [{"role": "user", "content": [part]}]})
+
+
+def test_a_role_that_is_not_a_string_is_refused_not_a_500():
+    assert refused("chat", CHAT | {"messages": [{"role": ["user"], "content": "hi"}]}).param == "messages"
+
+
+@pytest.mark.parametrize("tool", [{"type": "web_search_20250305", "name": "web_search"},
+                                  {"type": "code_execution_20250522", "name": "code_execution"}])
+def test_anthropic_server_tools_are_refused(tool):
+    assert "server tool" in refused("messages", MESSAGES | {"tools": [tool]}).message
+
+
+def test_anthropics_own_client_tools_add_their_instructions():
+    bash = {"type": "bash_20250124", "name": "bash"}
+    with_bash = bound("messages", MESSAGES | {"tools": [bash]}).input_tokens
+    assert with_bash >= bound("messages", MESSAGES).input_tokens + bounds.TOOL_PROMPT + \
+        bounds.ANTHROPIC_DEFINED_TOOL_PROMPT
+
+
+def test_openai_tools_are_functions_or_custom_tools():
+    refused("chat", CHAT | {"tools": [{"type": "web_search_preview"}]})
+    refused("chat", CHAT | {"tools": ["get_weather"]})
+
+
+@pytest.mark.parametrize("value", ["false", 1, None])
+def test_stream_must_be_a_boolean(value):
+    if value is None:
+        assert bound("chat", CHAT | {"stream": None}).output_cap  # absent or null: not a stream
+    else:
+        assert refused("chat", CHAT | {"stream": value}).param == "stream"
+
+
+def test_the_cap_is_always_forwarded_in_the_field_the_provider_knows_and_only_there():
+    compatible = bound("chat", CHAT | {"max_completion_tokens": 5}, cap_field="max_tokens")
+    assert (compatible.forward, compatible.drop) == ({"max_tokens": 5}, ("max_completion_tokens",))
+    openai = bound("chat", CHAT | {"max_tokens": 9}, cap_field="max_completion_tokens")
+    assert (openai.forward, openai.drop) == ({"max_completion_tokens": 9}, ("max_tokens",))
