@@ -23,7 +23,7 @@ PROMPT = [{"role": "user", "content": "Hi"}]
 MAX_TOKENS = 100
 BODY = {"model": "fake-gpt", "messages": PROMPT, "max_tokens": MAX_TOKENS, "stream": True}
 # The reserve of each request: its input bound x1, plus max_tokens x2 (fake-gpt).
-INPUT_ESTIMATE = bounds.bound("chat", "openai", BODY, default_output=1).input_tokens
+INPUT_ESTIMATE = bounds.bound("chat", "openai", BODY, most_output=10**6).input_tokens
 RESERVE = INPUT_ESTIMATE * 1 + MAX_TOKENS * 2
 
 
