@@ -241,7 +241,7 @@ def _responses_input(body: dict) -> tuple[int, int, int]:
     return len(value), images, data
 
 
-def _responses(body: dict, most_output: int) -> Bound:
+def _responses(body: dict, most_output: int, image_tokens: int) -> Bound:
     for name, what in (("conversation", "A stored conversation"), ("prompt", "A stored prompt template")):
         if body.get(name) is not None:
             raise _unboundable(what, name)
@@ -255,7 +255,7 @@ def _responses(body: dict, most_output: int) -> Bound:
     items, images, data = _responses_input(body)
     _responses_tools(body.get("tools") or [], "tools")
     output, forward = _cap(body, ("max_output_tokens",), most_output, most_output, "max_output_tokens")
-    input_tokens = (_encoded_size(body) - data + images * IMAGE_TOKENS["openai"] + REQUEST_FRAMING
+    input_tokens = (_encoded_size(body) - data + images * image_tokens + REQUEST_FRAMING
                     + MESSAGE_FRAMING * (items + 1))  # the instructions are one more message
     return Bound(input_tokens=input_tokens, output_cap=output, choices=1, forward=forward,
                  previous_response_id=previous)
@@ -272,7 +272,7 @@ def _completions(body: dict, most_output: int) -> Bound:
                  output_cap=output, choices=choices, forward=forward)
 
 
-def _moderations(body: dict) -> Bound:
+def _moderations(body: dict, image_tokens: int) -> Bound:
     value = body.get("input")
     images = data = 0
     if isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
@@ -281,26 +281,29 @@ def _moderations(body: dict) -> Bound:
             isinstance(value, list) and value and all(isinstance(item, str) for item in value)):
         raise _invalid("`input` must be a non-empty string, a list of strings, or a list of text and image parts.",
                        "input")
-    return Bound(input_tokens=_encoded_size(body) - data + images * IMAGE_TOKENS["openai"] + REQUEST_FRAMING,
+    return Bound(input_tokens=_encoded_size(body) - data + images * image_tokens + REQUEST_FRAMING,
                  output_cap=0, choices=1, forward={})
 
 
-def bound(endpoint: str, family: str, body: dict, *, most_output: int, cap_field: str = "max_tokens") -> Bound:
+def bound(endpoint: str, family: str, body: dict, *, most_output: int, cap_field: str = "max_tokens",
+          image_tokens: int | None = None) -> Bound:
     """The worst case of a request to `endpoint` (chat, responses, completions, embeddings,
     moderations, messages) in the API of `family` ("openai" or "anthropic"), or a GatewayError
     saying what is wrong with the body. `most_output` is the most the model writes in a reply: the
     output cap is the client's, clamped to it, or it when the client names none (sent as
     `cap_field` on chat completions: OpenAI's own API wants max_completion_tokens, which its
-    reasoning models require; other servers know max_tokens)."""
+    reasoning models require; other servers know max_tokens). An image counts `image_tokens`: the
+    most the model counts for one (by default the family's most, IMAGE_TOKENS)."""
+    image_tokens = IMAGE_TOKENS[family] if image_tokens is None else image_tokens
     if endpoint == "embeddings":
         _text_or_tokens(body.get("input"), "input", "a non-empty string, a list of strings, or a list of token arrays")
         return Bound(input_tokens=_encoded_size(body) + REQUEST_FRAMING, output_cap=0, choices=1, forward={})
     if endpoint == "moderations":
-        return _moderations(body)
+        return _moderations(body, image_tokens)
     if endpoint == "completions":
         return _completions(body, most_output)
     if endpoint == "responses":
-        return _responses(body, most_output)
+        return _responses(body, most_output, image_tokens)
     images = data = 0
     if endpoint == "messages":
         messages = _messages(body, MESSAGES_ROLES)
@@ -331,5 +334,5 @@ def bound(endpoint: str, family: str, body: dict, *, most_output: int, cap_field
     framing = REQUEST_FRAMING + MESSAGE_FRAMING * len(messages)
     if tools and family == "anthropic":
         framing += ANTHROPIC_TOOL_PROMPT
-    input_tokens = _encoded_size(body) - data + images * IMAGE_TOKENS[family] + framing
+    input_tokens = _encoded_size(body) - data + images * image_tokens + framing
     return Bound(input_tokens=input_tokens, output_cap=output, choices=choices, forward=forward)

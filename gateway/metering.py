@@ -233,7 +233,7 @@ def cap_field(route: ModelRoute) -> str:
 
 def _bound(route: ModelRoute, endpoint: str, body: dict) -> bounds.Bound:
     return bounds.bound(endpoint, ENDPOINTS[endpoint].family, body, most_output=most_output(route),
-                        cap_field=cap_field(route))
+                        cap_field=cap_field(route), image_tokens=sandbox.IMAGE_TOKENS if route.is_sandbox else None)
 
 
 def _reserve(route: ModelRoute, worst: bounds.Bound) -> int:

@@ -365,3 +365,21 @@ def test_input_tokens_are_counted_free_natively_or_by_the_sandbox(metered, chat_
     assert client.responses.input_tokens.count(model="fake-chat", input="Hi").input_tokens == 1 + 3
     assert chat_only.requests == []
     assert records_after(record_id) == [] and balance(metered.member) == before
+
+
+def test_an_openai_compatible_server_with_the_responses_api_gets_it_natively(metered, chat_only, client):
+    """An admin ticks the box on the connection's page; from the next request on, /v1/responses is
+    forwarded as it is instead of translated."""
+    from gateway.models import ProviderConnection
+
+    with scope(metered.org.organization):
+        connection = ProviderConnection.objects.get(name="Fake compatible")
+    client.force_login(metered.org.members["admin"].user, backend="django.contrib.auth.backends.ModelBackend")
+    page = client.post(f"/o/{metered.org.slug}/providers/{connection.pk}/", {
+        "name": connection.name, "kind": "openai_compatible", "base_url": connection.base_url,
+        "connect_timeout": 2, "read_timeout": 2, "responses_api": "on", "is_active": "on"})
+    assert page.status_code == 302, page.content.decode()[:2000]
+    chat_only.behaviour.chat_only = False
+    response = client_of(metered).responses.create(model="fake-chat", input="Hi")
+    assert response.id == "resp_fake" and chat_only.requests[-1]["path"] == "/v1/responses"
+    assert "Responses API" in client.get(f"/o/{metered.org.slug}/providers/").content.decode()
