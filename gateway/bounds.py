@@ -138,7 +138,7 @@ def _messages(body: dict, roles: set[str]) -> list[dict]:
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
             raise _invalid(f"`messages[{index}]` must be an object with a role and content.", "messages")
-        if message.get("role") not in roles:
+        if not isinstance(message.get("role"), str) or message["role"] not in roles:
             raise _invalid(f"`messages[{index}].role` must be one of {', '.join(sorted(roles))}.", "messages")
     return messages
 
@@ -201,7 +201,7 @@ def _responses_tools(tools, param: str) -> None:
         raise _invalid(f"`{param}` must be a list.", param)
     for tool in tools:
         kind = tool.get("type") if isinstance(tool, dict) else None
-        if kind not in RESPONSES_CLIENT_TOOLS:
+        if not isinstance(kind, str) or kind not in RESPONSES_CLIENT_TOOLS:
             raise _unboundable(f"The tool type `{kind}` (it runs at the provider, and its results count as input)"
                                if isinstance(kind, str) else "A tool without a type", param)
         if kind == "namespace":
@@ -223,7 +223,7 @@ def _responses_input(body: dict) -> tuple[int, int, int]:
             raise _invalid(f"`input[{index}]` must be an object (an input item).", "input")
         kind = item.get("type", "message")
         if kind == "message":
-            if item.get("role") not in RESPONSES_ROLES:
+            if not isinstance(item.get("role"), str) or item["role"] not in RESPONSES_ROLES:
                 raise _invalid(f"`input[{index}].role` must be one of {', '.join(sorted(RESPONSES_ROLES))}.", "input")
             found = _images(_parts(item.get("content"), f"`input[{index}].content`", "input"), "input")
         elif kind in ("function_call_output", "custom_tool_call_output"):

@@ -42,6 +42,7 @@ from gateway.upstream import (
     timeouts,
     usage_of,
 )
+from portal.async_db import in_thread
 
 log = logging.getLogger(__name__)
 Status = UsageRecord.Status
@@ -290,7 +291,7 @@ async def _from_provider(begun: Begun, exchange: Exchange, client_wants_usage: b
     if response.status >= 400:
         content = await _read_refusal(response)
         await _finish(begun, status=Status.UPSTREAM_ERROR, usage=None, detail=f"provider answered {response.status}")
-        return _refusal(family, response.status, content, _headers(begun))
+        return _refusal(family, response.status, content, request_id=begun.request_id)
     if begun.stream:
         reader = StreamReader(exchange.wire, pass_usage_chunk=client_wants_usage or exchange.translation is not None)
         return _streaming(begun, reader, response.content.iter_any(), upstream=response,
@@ -318,12 +319,12 @@ async def _read_refusal(response) -> bytes:
         response.release()
 
 
-def _refusal(family: str, status: int, content: bytes, headers: dict) -> Response:
+def _refusal(family: str, status: int, content: bytes, *, request_id: str = "") -> Response:
     """A provider's 4xx is the client's business (passed through); its 5xx and auth failures are ours."""
     if status in (401, 403) or status >= 500:
         reason = ("refused the organization's credentials" if status in (401, 403) else f"failed ({status})")
         return error_response(family, GatewayError(502, "api_error", f"The provider {reason}; nothing was charged."),
-                              request_id=next(iter(headers.values()), ""))
+                              request_id=request_id)
     try:
         is_json_error = isinstance(json.loads(content), dict)
     except (ValueError, UnicodeDecodeError):
@@ -331,7 +332,8 @@ def _refusal(family: str, status: int, content: bytes, headers: dict) -> Respons
     if not is_json_error:  # e.g. a proxy's HTML page for a wrong base URL: say so in the API's shape
         return error_response(family, GatewayError(status, "invalid_request_error", (
             f"The provider answered {status} without an API error; nothing was charged. Check the provider "
-            "connection's base URL.")), request_id=next(iter(headers.values()), ""))
+            "connection's base URL.")), request_id=request_id)
+    headers = {"x-request-id" if family == "openai" else "request-id": request_id} if request_id else {}
     return Response(content, status_code=status, media_type="application/json", headers=headers)
 
 
@@ -437,7 +439,7 @@ async def _count_at_provider(request: Request, route, path: str, body: dict, fam
         return error_response(family, failed.error)
     content = await _read_refusal(response)
     if response.status >= 400:
-        return _refusal(family, response.status, content, {})
+        return _refusal(family, response.status, content)
     return Response(content, media_type="application/json")
 
 
@@ -452,7 +454,7 @@ async def _stored_response(request: Request, response_id: str, suffix: str, meth
     try:
         identity, config = await metering.lookup(raw_key=presented_key(request.headers), ip=_ip(request),
                                                  endpoint="responses")
-        model_id = await metering.in_thread(metering.response_model)(identity, response_id)
+        model_id = await in_thread(metering.response_model)(identity, response_id)
         route = config.models.get(model_id) if model_id is not None else None
         if route is None:
             raise GatewayError(404, "not_found_error", f"No response `{response_id}` was made through the portal "
@@ -470,7 +472,7 @@ async def _stored_response(request: Request, response_id: str, suffix: str, meth
         return error_response("openai", failed.error)
     content = await _read_refusal(response)
     if response.status >= 400:
-        return _refusal("openai", response.status, content, {})
+        return _refusal("openai", response.status, content)
     return Response(content, media_type="application/json")
 
 

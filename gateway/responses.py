@@ -27,7 +27,7 @@ from gateway.errors import GatewayError
 NAMESPACE_SEPARATOR = "__"
 _FREEFORM_PARAMETERS = {"type": "object", "properties": {"input": {"type": "string"}}, "required": ["input"]}
 _PASSED = ("temperature", "top_p", "user", "parallel_tool_calls")
-_TEXT_PARTS = {"input_text", "output_text", "text", "summary_text"}
+_TEXT_PARTS = ("input_text", "output_text", "text", "summary_text")
 
 
 def _untranslatable(what: str, param: str = "input") -> GatewayError:
@@ -191,7 +191,7 @@ class Translation:
         self.id = f"resp_{uuid.uuid4().hex}"
         self.created_at = int(time.time())
 
-    def _item_id(self, prefix: str, index: int) -> str:
+    def item_id(self, prefix: str, index: int) -> str:
         return f"{prefix}_{self.id[5:]}_{index}"
 
     def response(self, *, status: str, output: list, usage: dict | None, model=None, finish: str | None = None) -> dict:
@@ -218,32 +218,37 @@ class Translation:
                 value = json.loads(arguments).get("input")
             except (ValueError, AttributeError):
                 value = None
-            item = {"type": "custom_tool_call", "id": self._item_id("ctc", index), "call_id": call_id, "name": name,
+            item = {"type": "custom_tool_call", "id": self.item_id("ctc", index), "call_id": call_id, "name": name,
                     "input": value if isinstance(value, str) else arguments}
         else:
-            item = {"type": "function_call", "id": self._item_id("fc", index), "call_id": call_id, "name": name,
+            item = {"type": "function_call", "id": self.item_id("fc", index), "call_id": call_id, "name": name,
                     "arguments": arguments, "status": status}
         if namespace:
             item["namespace"] = namespace
         return item
 
     def message_item(self, index: int, text: str, status: str) -> dict:
-        return {"type": "message", "id": self._item_id("msg", index), "status": status, "role": "assistant",
+        return {"type": "message", "id": self.item_id("msg", index), "status": status, "role": "assistant",
                 "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
 
     def from_chat(self, reply: dict) -> dict:
         """The response for a whole chat completion."""
-        choice = (reply.get("choices") or [{}])[0] if isinstance(reply, dict) else {}
-        message, finish = choice.get("message") or {}, choice.get("finish_reason")
+        choices = reply.get("choices") if isinstance(reply, dict) else None
+        choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+        message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        finish = choice.get("finish_reason")
         output = []
         text = message.get("content")
         if isinstance(text, str) and text:
             output.append(self.message_item(len(output), text, "completed"))
         if message.get("refusal"):
-            output.append({"type": "message", "id": self._item_id("msg", len(output)), "status": "completed",
+            output.append({"type": "message", "id": self.item_id("msg", len(output)), "status": "completed",
                            "role": "assistant", "content": [{"type": "refusal", "refusal": message["refusal"]}]})
-        for call in message.get("tool_calls") or []:
-            function = call.get("function") or {}
+        calls = message.get("tool_calls")
+        for call in calls if isinstance(calls, list) else []:
+            if not isinstance(call, dict):
+                continue
+            function = call.get("function") if isinstance(call.get("function"), dict) else {}
             output.append(self.call_item(len(output), call.get("id") or "", function.get("name") or "",
                                          function.get("arguments") or "", "completed"))
         status = "incomplete" if finish in ("length", "content_filter") else "completed"
@@ -307,13 +312,15 @@ class StreamTranslator:
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
         out = []
-        for choice in chunk.get("choices") or []:
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else []:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue  # a response has one reply
             delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
             if isinstance(delta.get("content"), str) and delta["content"]:
                 out += self._text_delta(delta["content"])
-            for call in delta.get("tool_calls") or []:
+            calls = delta.get("tool_calls")
+            for call in calls if isinstance(calls, list) else []:
                 if isinstance(call, dict):
                     out += self._call_delta(call)
             if choice.get("finish_reason"):
@@ -331,12 +338,12 @@ class StreamTranslator:
                                 content_index=0, part={"type": "output_text", "text": "", "annotations": [],
                                                        "logprobs": []})]
         self.text += text
-        return out + [self._event("response.output_text.delta", item_id=self.t._item_id("msg", self.text_index),
+        return out + [self._event("response.output_text.delta", item_id=self.t.item_id("msg", self.text_index),
                                   output_index=self.text_index, content_index=0, delta=text, logprobs=[])]
 
     def _call_delta(self, call: dict) -> list[bytes]:
         out = []
-        index = call.get("index", 0)
+        index = call.get("index") if isinstance(call.get("index"), int) else 0
         function = call.get("function") if isinstance(call.get("function"), dict) else {}
         open_call = self.calls.get(index)
         if open_call is None:
@@ -351,12 +358,12 @@ class StreamTranslator:
         if isinstance(piece, str) and piece:
             open_call["arguments"] += piece
             if not open_call["freeform"]:  # a freeform input is sent whole once its JSON is complete
-                item_id = self.t._item_id("fc", open_call["output_index"])
+                item_id = self.t.item_id("fc", open_call["output_index"])
                 out.append(self._event("response.function_call_arguments.delta", item_id=item_id,
                                        output_index=open_call["output_index"], delta=piece))
         return out
 
-    def close(self, *, usage=None) -> list[bytes]:
+    def close(self) -> list[bytes]:
         """The events that end the stream: the open items done, then response.completed (or
         .incomplete) with the usage."""
         out = self._close_text()
@@ -376,7 +383,7 @@ class StreamTranslator:
         self.calls = {}
         self.output.sort(key=lambda item: int(item["id"].rsplit("_", 1)[1]))
         status = "incomplete" if self.finish in ("length", "content_filter") else "completed"
-        response = self.t.response(status=status, output=self.output, usage=_usage(self.usage or usage),
+        response = self.t.response(status=status, output=self.output, usage=_usage(self.usage),
                                    model=self.model, finish=self.finish)
         return out + [self._event(f"response.{status}", response=response)]
 

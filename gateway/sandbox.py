@@ -42,7 +42,7 @@ _BACKTICKED = re.compile(r"`([^`\n]+)`")
 # Keys whose values are structure, not text the model reads.
 _STRUCTURAL = {"type", "role", "id", "call_id", "tool_call_id", "tool_use_id", "cache_control", "detail",
                "media_type", "index"}
-_IMAGE_PARTS = {"image_url", "input_image", "image"}
+_IMAGE_PARTS = ("image_url", "input_image", "image")  # a tuple: a client's "type" may be any JSON
 
 
 def count_tokens(text: str) -> int:
@@ -68,16 +68,6 @@ def _counted(value) -> int:
             return IMAGE_TOKENS
         return sum(_counted(item) for key, item in value.items() if key not in _STRUCTURAL)
     return 0
-
-
-def _text_of(content) -> str:
-    """The text of an OpenAI or Anthropic message content (a string or a list of parts)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(part.get("text", "") for part in content if isinstance(part, dict)
-                        and isinstance(part.get("text"), str))
-    return ""
 
 
 def _last_text(content) -> str:
@@ -156,7 +146,7 @@ def _chat_ask(body: dict) -> Ask:
         named = choice.get("function") or choice.get("custom") or {}
         choice = named.get("name") if isinstance(named, dict) else None
     else:
-        choice = {"required": "", "none": "none"}.get(choice)
+        choice = {"required": "", "none": "none"}.get(choice) if isinstance(choice, str) else None
     answer = body.get("response_format") if isinstance(body.get("response_format"), dict) else {}
     schema = answer.get("json_schema") if isinstance(answer.get("json_schema"), dict) else {}
     wants = (schema.get("schema") or {}) if answer.get("type") == "json_schema" else (
@@ -175,7 +165,8 @@ def _messages_ask(body: dict) -> Ask:
     tools = [Tool(str(t.get("name", "")), t.get("input_schema") or {}) for t in body.get("tools") or []
              if isinstance(t, dict) and t.get("type") in (None, "custom")]
     choice = body.get("tool_choice") if isinstance(body.get("tool_choice"), dict) else {}
-    choice = {"any": "", "none": "none", "tool": choice.get("name")}.get(choice.get("type"))
+    kind = choice.get("type")
+    choice = {"any": "", "none": "none", "tool": choice.get("name")}.get(kind) if isinstance(kind, str) else None
     config = body.get("output_config") if isinstance(body.get("output_config"), dict) else {}
     output_format = body.get("output_format") or config.get("format")  # the beta's field, and the current one
     wants = (output_format.get("schema") or {}) if isinstance(output_format, dict) and output_format.get(

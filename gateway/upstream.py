@@ -127,7 +127,7 @@ class Usage:
 
 
 # The events that tell a client a stream is complete, by the wire format it is in.
-_FINAL_EVENTS = {"response.completed", "response.incomplete", "response.failed"}
+_FINAL_EVENTS = ("response.completed", "response.incomplete", "response.failed")
 
 
 def usage_of(wire: str, data) -> Usage | None:
@@ -187,12 +187,14 @@ class StreamReader:
             self.usage = Usage.from_openai(event["usage"])
             if not event.get("choices"):
                 return self.pass_usage_chunk, False  # the chunk the gateway asked for, not the client
-        for choice in event.get("choices") or []:
+        choices = event.get("choices")
+        for choice in choices if isinstance(choices, list) else []:
             if not isinstance(choice, dict):
                 continue
             delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
             texts = [delta.get("content"), delta.get("reasoning_content"), choice.get("text")]
-            for call in delta.get("tool_calls") or []:
+            calls = delta.get("tool_calls")
+            for call in calls if isinstance(calls, list) else []:
                 function = call.get("function") if isinstance(call, dict) else None
                 texts.append(function.get("arguments") if isinstance(function, dict) else None)
             self.produced_text_tokens += sum(sandbox.count_tokens(t) for t in texts if isinstance(t, str))

@@ -14,12 +14,10 @@ from allowances import ledger
 from allowances import services as allowance_services
 from allowances.ledger import verify
 from gateway import bounds, sandbox
-from gateway import services as gateway_services
 from portal.tenancy import scope
 from tests.allowances.helpers import balance
 from tests.gateway.records import last_record_id, records_after, the_record_after
 from tests.gateway.test_concurrency import set_available
-from tests.support.fake_upstream import FakeUpstream, ServerThread
 
 pytestmark = pytest.mark.transactional
 
@@ -27,26 +25,6 @@ WEATHER = {"type": "function", "name": "get_weather", "description": "The weathe
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
                           "additionalProperties": False}, "strict": True}
 ASK = "Use get_weather for `Paris`, please."
-
-
-@pytest.fixture
-def chat_only(metered):
-    """`fake-chat` (x1 in, x2 out, x0.5 cached) on an OpenAI-compatible server that has chat
-    completions but no /responses (it answers 404 there)."""
-    fake = FakeUpstream()
-    fake.behaviour.chat_only = True
-    with ServerThread(fake) as thread:
-        fake.port = thread.port
-        organization, admin = metered.org.organization, metered.org.members["admin"].user
-        with scope(organization):
-            connection = gateway_services.provider_connection_create(
-                organization=organization, actor=admin, name="Fake compatible", kind="openai_compatible",
-                base_url=fake.base_url, secret="sk-compatible-secret-9999", connect_timeout=2, read_timeout=2)
-            allowance_services.catalog_model_create(
-                organization=organization, actor=admin, model_id="fake-chat", display_name="Fake chat",
-                connection=connection, upstream_model="upstream-chat", input_multiplier="1", output_multiplier="2",
-                cached_multiplier="0.5", max_output_tokens=100)
-        yield fake
 
 
 def client_of(metered, **options):
