@@ -266,7 +266,8 @@ def _completions(body: dict, most_output: int) -> Bound:
     prompt = body["prompt"]
     prompts = len(prompt) if isinstance(prompt, list) and not isinstance(prompt[0], int) else 1
     # n replies per prompt; best_of candidates are all written (and billed), n of them returned.
-    choices = prompts * max(_positive_int(body, "n", MAX_CHOICES) or 1, _positive_int(body, "best_of", MAX_CHOICES) or 1)
+    choices = prompts * max(_positive_int(body, "n", MAX_CHOICES) or 1,
+                            _positive_int(body, "best_of", MAX_CHOICES) or 1)
     output, forward = _cap(body, ("max_tokens",), most_output, COMPLETIONS_DEFAULT_OUTPUT, "max_tokens")
     return Bound(input_tokens=_encoded_size(body) + REQUEST_FRAMING + MESSAGE_FRAMING * prompts,
                  output_cap=output, choices=choices, forward=forward)

@@ -64,9 +64,14 @@ def error_response(family: str, error: GatewayError, *, request_id: str = "") ->
         headers["x-should-retry"] = "false"  # the SDKs would retry a 429; a spent allowance stays spent
     if error.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    if request_id:
-        headers["x-request-id" if family == "openai" else "request-id"] = request_id
-    return JSONResponse(body, status_code=error.status, headers=headers)
+    return JSONResponse(body, status_code=error.status, headers=headers | _id_headers(family, request_id))
+
+
+def _id_headers(family: str, request_id: str) -> dict:
+    """The request's id, as every answer carries it (Anthropic's SDK reads its own header name)."""
+    if not request_id:
+        return {}
+    return {"x-request-id": request_id} | ({"request-id": request_id} if family == "anthropic" else {})
 
 
 def _sse(payload: dict, event: str | None = None) -> bytes:
@@ -153,7 +158,7 @@ def _translation_plan(body: dict):
     refused, if it cannot be) before anything is held."""
 
     def plan(route, worst):
-        if route.has_responses_api and not route.is_sandbox:
+        if route.has_responses_api:
             return None
         return responses.to_chat(body, cap_field=metering.cap_field(route), output_cap=worst.output_cap)
 
@@ -217,7 +222,7 @@ async def _answer(begun: Begun, exchange: Exchange, data: dict, content: bytes |
 
 
 def _headers(begun: Begun) -> dict:
-    return {"x-request-id" if ENDPOINTS[begun.endpoint].family == "openai" else "request-id": begun.request_id}
+    return _id_headers(ENDPOINTS[begun.endpoint].family, begun.request_id)
 
 
 async def _from_sandbox(begun: Begun, exchange: Exchange, client_wants_usage: bool):
@@ -333,8 +338,8 @@ def _refusal(family: str, status: int, content: bytes, *, request_id: str = "") 
         return error_response(family, GatewayError(status, "invalid_request_error", (
             f"The provider answered {status} without an API error; nothing was charged. Check the provider "
             "connection's base URL.")), request_id=request_id)
-    headers = {"x-request-id" if family == "openai" else "request-id": request_id} if request_id else {}
-    return Response(content, status_code=status, media_type="application/json", headers=headers)
+    return Response(content, status_code=status, media_type="application/json",
+                    headers=_id_headers(family, request_id))
 
 
 def _stream_error(begun: Begun, reader: StreamReader, translator, message: str) -> list[bytes]:

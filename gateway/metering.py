@@ -99,7 +99,8 @@ def _load_config(organization_id: int) -> OrgConfig:
             models[entry.model_id] = ModelRoute(
                 model_id=entry.model_id, provider_model=entry.provider_model, is_active=entry.is_active,
                 kind=provider.kind, family=provider.family, is_sandbox=provider.is_sandbox,
-                has_responses_api=provider.has_responses_api, base_url=provider.base_url, secret_ciphertext=provider.secret_ciphertext,
+                has_responses_api=provider.has_responses_api, base_url=provider.base_url,
+                secret_ciphertext=provider.secret_ciphertext,
                 connect_timeout=provider.connect_timeout, read_timeout=provider.read_timeout,
                 connection_active=provider.is_active, max_output_tokens=entry.max_output_tokens,
                 pricing=entry.pricing)
@@ -372,7 +373,8 @@ def _refused(*, identity, config, route, endpoint, requested, request_id, starte
     with scope(Organization(pk=identity.organization_id, slug=config.slug)):
         UsageRecord.objects.create(
             organization_id=identity.organization_id, member_id=identity.member_id, api_key_id=identity.id,
-            model=route.model_id, requested_model=_requested(route, requested), endpoint=endpoint, status=UsageRecord.Status.REFUSED, request_id=request_id,
+            model=route.model_id, requested_model=_requested(route, requested), endpoint=endpoint,
+            status=UsageRecord.Status.REFUSED, request_id=request_id,
             detail=detail[:300], latency_ms=int((time.perf_counter() - started) * 1000))
 
 

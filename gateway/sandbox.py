@@ -329,8 +329,11 @@ def chat_completion(body: dict, limit: int) -> dict:
 
 
 def _pieces(text: str) -> list[str]:
-    """A text in the pieces a stream sends: a word (with the space before it) at a time."""
-    return re.findall(r"\s*\S+", text) or ([text] if text else [])
+    """A text in the pieces a stream sends: a word (with the space before it) at a time; the pieces
+    add up to the text, trailing spaces included."""
+    pieces = re.findall(r"\s*\S+", text)
+    tail = text[len("".join(pieces)):]
+    return pieces[:-1] + [pieces[-1] + tail] if pieces and tail else pieces or ([text] if text else [])
 
 
 def chat_completion_chunks(body: dict, limit: int):

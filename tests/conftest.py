@@ -81,7 +81,8 @@ def seed_allowance_objects(organization, *, team, members):
         organization=organization, member=employee, api_key=api_key, model="gpt-test", endpoint="chat",
         status=UsageRecord.Status.OK, input_tokens=10, output_tokens=5, charged_tokens=20)
     return {"provider_connection": provider_connection, "usage_record": usage_record,
-            "key_spend": api_key.spend, "catalog_model": catalog_model, "model_alias": model_alias, "policy": policy, "assignment": assignment, "grant": grant,
+            "key_spend": api_key.spend, "catalog_model": catalog_model, "model_alias": model_alias, "policy": policy,
+            "assignment": assignment, "grant": grant,
             "grant_batch": batch, "account": account, "hold": hold, "api_key": api_key,
             "api_key_secret": api_key_secret}
 
