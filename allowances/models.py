@@ -59,6 +59,8 @@ class CatalogModel(TenantModel):
                 name="catalog_prices_not_negative",
             ),
             models.CheckConstraint(condition=Q(max_output_tokens__gt=0), name="catalog_max_output_positive"),
+            # What aliases reference (with their organization): see ModelAlias.
+            models.UniqueConstraint(fields=["id", "organization"], name="catalog_model_id_organization"),
         ]
 
     def __str__(self):
@@ -73,6 +75,32 @@ class CatalogModel(TenantModel):
         return Pricing(multipliers=(self.input_multiplier, self.output_multiplier, self.cached_multiplier),
                        prices=(self.input_price_per_million, self.output_price_per_million,
                                self.cached_price_per_million))
+
+
+class ModelAlias(TenantModel):
+    """A model id that tools send by default, mapped by admins onto a catalog model.
+
+    An alias is an exact id (`claude-sonnet-4-5-20250929`) or a prefix ending in `*`
+    (`claude-sonnet-*`, for every dated snapshot to come); allowances.aliases says which wins. On
+    PostgreSQL the catalog model is checked by a foreign key over (catalog model, organization)
+    (migration 0009): an alias can only name a model of its own organization.
+    """
+
+    alias = models.CharField(max_length=100, help_text="e.g. claude-sonnet-4-5-20250929, or claude-sonnet-*.")
+    catalog_model = models.ForeignKey(CatalogModel, on_delete=models.CASCADE, related_name="aliases")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["alias"]
+        verbose_name_plural = "model aliases"
+        constraints = [
+            models.UniqueConstraint(fields=["organization", "alias"], name="model_alias_unique_per_org"),
+            models.CheckConstraint(condition=~Q(alias="") & ~Q(alias="*"), name="model_alias_not_empty"),
+        ]
+
+    def __str__(self):
+        return f"{self.alias} -> {self.catalog_model.model_id}"
 
 
 class AllowancePolicy(TenantModel):

@@ -18,6 +18,7 @@ from allowances.models import (
     Grant,
     GrantBatch,
     LedgerEntry,
+    ModelAlias,
     PolicyAssignment,
     UsageAlert,
 )
@@ -193,6 +194,15 @@ def grant_batch_get(*, organization: Organization, grant_batch_id: int) -> Grant
 def catalog(*, organization: Organization, active_only: bool = False) -> QuerySet[CatalogModel]:
     models = CatalogModel.objects.filter(organization=organization).select_related("connection")
     return models.filter(is_active=True) if active_only else models.order_by("display_name")
+
+
+def model_aliases(*, organization: Organization) -> QuerySet[ModelAlias]:
+    return ModelAlias.objects.filter(organization=organization).select_related("catalog_model").order_by("alias")
+
+
+def model_alias_get(*, organization: Organization, model_alias_id: int) -> ModelAlias:
+    return get_object_or_404(ModelAlias.objects.filter(organization=organization).select_related("catalog_model"),
+                             pk=model_alias_id)
 
 
 def catalog_model_get(*, organization: Organization, catalog_model_id: int) -> CatalogModel:

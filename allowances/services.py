@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import uuid
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -19,6 +20,7 @@ from django.utils import timezone
 
 from allowances import ledger
 from gateway.models import ProviderConnection
+from allowances.aliases import WILDCARD
 from allowances.models import (
     MAX_TOKENS,
     Account,
@@ -27,6 +29,7 @@ from allowances.models import (
     Grant,
     GrantBatch,
     LedgerEntry,
+    ModelAlias,
     PolicyAssignment,
 )
 from allowances.periods import next_period_start, period_bounds, period_start_for, prorate, remaining_fraction
@@ -85,6 +88,10 @@ def _clean_catalog(organization: Organization, data: dict, *, exclude_pk=None) -
         errors["model_id"] = "Enter the model id clients send."
     elif CatalogModel.objects.filter(organization=organization, model_id=model_id).exclude(pk=exclude_pk).exists():
         errors["model_id"] = f"{model_id} is already in the catalog."
+    elif alias := ModelAlias.objects.filter(organization=organization, alias=model_id).select_related(
+            "catalog_model").first():
+        errors["model_id"] = (f"{model_id} is an alias of {alias.catalog_model.model_id}; remove the alias first "
+                              "if this id should be a model of its own.")
     connection = _connection_of(organization, data.get("connection"))
     if connection is None:
         errors["connection"] = "Choose one of the organization's provider connections."
@@ -140,6 +147,72 @@ def catalog_model_update(*, catalog_model: CatalogModel, actor, **data) -> Catal
         log_action(actor=actor, organization=catalog_model.organization, action="catalog_model.updated",
                    obj=catalog_model, data=diff)
     return catalog_model
+
+
+# -- aliases -----------------------------------------------------------------------------------
+
+MAX_ALIASES = 500
+ALIAS_CHARACTERS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]*\*?")
+
+
+def _clean_alias(organization: Organization, alias, catalog_model) -> tuple[str, CatalogModel]:
+    errors = {}
+    alias = str(alias or "").strip()
+    if not ALIAS_CHARACTERS.fullmatch(alias) or len(alias) > 100:
+        errors["alias"] = ("An alias is a model id of up to 100 letters, digits and . _ : / @ + -, optionally "
+                           f"ending in {WILDCARD} to cover every id that starts with it (e.g. claude-sonnet-*).")
+    elif ModelAlias.objects.filter(organization=organization, alias=alias).exists():
+        errors["alias"] = f"{alias} is already an alias."
+    elif CatalogModel.objects.filter(organization=organization, model_id=alias).exists():
+        errors["alias"] = f"{alias} is a catalog model of its own; requests for it already reach it."
+    elif ModelAlias.objects.filter(organization=organization).count() >= MAX_ALIASES:
+        errors["alias"] = f"At most {MAX_ALIASES} aliases per organization."
+    if isinstance(catalog_model, CatalogModel):
+        target = catalog_model if catalog_model.organization_id == organization.pk else None
+    else:
+        try:
+            target = CatalogModel.objects.filter(organization=organization, pk=int(str(catalog_model))).first()
+        except (TypeError, ValueError):
+            target = None
+    if target is None:
+        errors["catalog_model"] = "Choose one of the organization's catalog models."
+    if errors:
+        raise ValidationError(errors)
+    return alias, target
+
+
+@transaction.atomic
+def model_alias_create(*, organization: Organization, actor, alias: str, catalog_model) -> ModelAlias:
+    """Map a model id that tools send (or every id with a prefix, `claude-sonnet-*`) onto a catalog model."""
+    alias, target = _clean_alias(organization, alias, catalog_model)
+    try:
+        with transaction.atomic():
+            entry = ModelAlias.objects.create(organization=organization, alias=alias, catalog_model=target,
+                                              created_by=actor)
+    except IntegrityError:  # the same alias added at the same moment
+        raise ValidationError({"alias": f"{alias} is already an alias."}) from None
+    log_action(actor=actor, organization=organization, action="model_alias.created", obj=entry,
+               data={"alias": alias, "model": target.model_id})
+    return entry
+
+
+@transaction.atomic
+def model_alias_delete(*, model_alias: ModelAlias, actor) -> None:
+    log_action(actor=actor, organization=model_alias.organization, action="model_alias.deleted", obj=model_alias,
+               data={"alias": model_alias.alias, "model": model_alias.catalog_model.model_id})
+    model_alias.delete()
+
+
+def aliases_seed(*, organization: Organization, actor, aliases: dict[str, str]) -> int:
+    """Add the aliases (alias -> catalog model id) that are missing and whose model is in the catalog."""
+    catalog_ids = dict(CatalogModel.objects.filter(organization=organization).values_list("model_id", "pk"))
+    existing = set(ModelAlias.objects.filter(organization=organization).values_list("alias", flat=True))
+    added = 0
+    for alias, model_id in aliases.items():
+        if alias not in existing and alias not in catalog_ids and model_id in catalog_ids:
+            model_alias_create(organization=organization, actor=actor, alias=alias, catalog_model=catalog_ids[model_id])
+            added += 1
+    return added
 
 
 def _target_members(*, organization: Organization, team: Team | None, member: Member | None) -> tuple[dict, list[Member]]:

@@ -15,4 +15,6 @@ urlpatterns = [
     path("grants/<int:grant_id>/revoke/", views.grant_revoke, name="grant_revoke"),
     path("models/", views.catalog, name="catalog"),
     path("models/<int:catalog_model_id>/", views.catalog_model_edit, name="catalog_model_edit"),
+    path("models/aliases/", views.model_alias_create, name="model_alias_create"),
+    path("models/aliases/<int:model_alias_id>/delete/", views.model_alias_delete, name="model_alias_delete"),
 ]

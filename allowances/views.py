@@ -14,6 +14,7 @@ from allowances.forms import (
     GrantForm,
     GrantImportForm,
     HistoryFilterForm,
+    ModelAliasForm,
     PolicyEditForm,
     PolicyForm,
 )
@@ -183,6 +184,18 @@ def grant_batch(request, grant_batch_id):
     return render(request, "allowances/grant_batch.html", {"batch": batch})
 
 
+def _alias_form(request, data=None):
+    return ModelAliasForm(data, catalog=selectors.catalog(organization=request.organization))
+
+
+def _catalog_page(request, *, form, alias_form, status=200):
+    return render(request, "allowances/catalog.html", {
+        "form": form, "alias_form": alias_form, "models": selectors.catalog(organization=request.organization),
+        "aliases": selectors.model_aliases(organization=request.organization),
+        "currency": request.organization.currency,
+    }, status=status)
+
+
 @require_roles("admin")
 @require_http_methods(["GET", "POST"])
 def catalog(request):
@@ -195,10 +208,33 @@ def catalog(request):
         else:
             messages.success(request, f"{entry.display_name} added to the catalog.")
             return redirect(org_url(request, "catalog"))
-    return render(request, "allowances/catalog.html", {
-        "form": form, "models": selectors.catalog(organization=request.organization),
-        "currency": request.organization.currency,
-    })
+    return _catalog_page(request, form=form, alias_form=_alias_form(request))
+
+
+@require_roles("admin")
+@require_POST
+def model_alias_create(request):
+    alias_form = _alias_form(request, request.POST)
+    if alias_form.is_valid():
+        try:
+            alias = services.model_alias_create(organization=request.organization, actor=request.user,
+                                                **alias_form.cleaned_data)
+        except ValidationError as error:
+            apply_service_error(alias_form, error)
+        else:
+            messages.success(request, f"Requests for {alias.alias} now go to {alias.catalog_model.model_id}.")
+            return redirect(org_url(request, "catalog"))
+    form = CatalogModelForm(connections=connections_of(organization=request.organization))
+    return _catalog_page(request, form=form, alias_form=alias_form, status=400)
+
+
+@require_roles("admin")
+@require_POST
+def model_alias_delete(request, model_alias_id):
+    alias = selectors.model_alias_get(organization=request.organization, model_alias_id=model_alias_id)
+    services.model_alias_delete(model_alias=alias, actor=request.user)
+    messages.success(request, f"Alias {alias.alias} removed; requests for it are refused from now on.")
+    return redirect(org_url(request, "catalog"))
 
 
 @require_roles("admin")

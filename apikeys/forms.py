@@ -8,7 +8,7 @@ from apikeys.models import ENDPOINT_ROLES, ENDPOINTS, MAX_ROTATION_GRACE_HOURS
 class ApiKeyForm(forms.Form):
     name = forms.CharField(max_length=100, help_text="What will use it, e.g. “laptop: Claude Code”.")
     endpoints = forms.MultipleChoiceField(choices=list(ENDPOINTS.items()), widget=forms.CheckboxSelectMultiple,
-                                          initial=["chat", "messages"])
+                                          initial=["chat", "responses", "messages"])
     model_ids = forms.MultipleChoiceField(choices=[], required=False, widget=forms.CheckboxSelectMultiple,
                                           label="Models", help_text="None ticked: every model your policy allows.")
     token_cap = forms.CharField(required=False, label="Token cap per period",

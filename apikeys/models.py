@@ -9,8 +9,11 @@ from portal.tenancy import TenantModel
 # What a key may call. Gateway endpoints and reading one's own usage through the REST API.
 ENDPOINTS = {
     "chat": "Chat completions (/v1/chat/completions)",
+    "responses": "Responses (/v1/responses; what Codex CLI speaks)",
+    "completions": "Legacy completions (/v1/completions)",
     "embeddings": "Embeddings (/v1/embeddings)",
-    "messages": "Messages (/v1/messages)",
+    "moderations": "Moderations (/v1/moderations)",
+    "messages": "Messages and token counting (/v1/messages, what Claude Code speaks)",
     "usage_read": "Read own balance and usage (REST API)",
     "usage_write": "Report usage and hold tokens from your own gateway (REST API; admins only)",
 }

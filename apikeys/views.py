@@ -31,6 +31,7 @@ def _show_secret_once(request, key, secret, status=201):
 def key_list(request):
     return render(request, "apikeys/key_list.html", {
         "form": _form(request), "keys": selectors.keys_of(member=request.member), "rotate_form": RotateForm(),
+        "base_url": settings.PORTAL_BASE_URL,
     })
 
 
@@ -49,6 +50,7 @@ def key_create(request):
             return _show_secret_once(request, key, secret)
     return render(request, "apikeys/key_list.html", {
         "form": form, "keys": selectors.keys_of(member=request.member), "rotate_form": RotateForm(),
+        "base_url": settings.PORTAL_BASE_URL,
     }, status=400)
 
 

@@ -14,6 +14,9 @@ class ProviderConnectionForm(forms.Form):
     connect_timeout = forms.IntegerField(initial=5, label="Connect time-out (seconds)")
     read_timeout = forms.IntegerField(initial=120, label="Read time-out (seconds)",
                                       help_text="How long to wait for the next bytes of an answer.")
+    responses_api = forms.BooleanField(required=False, label="Has the Responses API (/responses)", help_text=(
+        "For an OpenAI-compatible server only (OpenAI's own API has it). Without it, the gateway translates "
+        "/v1/responses (Codex CLI, the SDKs' responses.create) into the server's chat completions."))
     is_active = forms.BooleanField(required=False, initial=True, label="Active")
 
 

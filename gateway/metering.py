@@ -26,11 +26,13 @@ from django.utils import timezone
 from psycopg_pool import PoolTimeout
 
 from allowances import ledger
-from allowances.models import CatalogModel, LedgerEntry
+from allowances.aliases import AliasTable
+from allowances.models import CatalogModel, LedgerEntry, ModelAlias
 from allowances.pricing import Pricing
 from apikeys.authentication import ApiKeyAuthentication
 from apikeys.services import KeyIdentity, KeyRefused
 from gateway import alarms, bounds, sandbox
+from gateway.apis import ENDPOINTS, SCOPE_PATHS
 from gateway.errors import GatewayError
 from gateway.models import ProviderConnection, UsageRecord
 from gateway.upstream import Usage
@@ -50,9 +52,6 @@ HOLD_TTL = ledger.HOLD_TTL
 HOLD_RENEW_SECONDS = HOLD_TTL.total_seconds() / 3
 HOLD_KEPT_AT_MOST = timedelta(days=1)
 
-# What each gateway endpoint is called in a key's scopes, and which provider API it speaks.
-ENDPOINT_PATHS = {"chat": "/v1/chat/completions", "embeddings": "/v1/embeddings", "messages": "/v1/messages"}
-ENDPOINT_FAMILY = {"chat": "openai", "embeddings": "openai", "messages": "anthropic"}
 
 
 @dataclass(frozen=True)
@@ -63,6 +62,7 @@ class ModelRoute:
     kind: str  # the provider connection's kind
     family: str  # "openai", "anthropic" or "any" (sandbox)
     is_sandbox: bool
+    has_responses_api: bool  # else /v1/responses is translated into the provider's chat completions
     base_url: str
     secret_ciphertext: str
     connect_timeout: int
@@ -83,6 +83,12 @@ class OrgConfig:
     organization_id: int
     slug: str
     models: dict[str, ModelRoute]
+    aliases: AliasTable
+
+    def resolve(self, requested: str) -> ModelRoute | None:
+        """The catalog model a requested id names, directly or through an alias (allowances.aliases)."""
+        model_id = self.aliases.resolve(requested, self.models)
+        return self.models.get(model_id) if model_id is not None else None
 
 
 def config_cache_key(organization_id: int) -> str:
@@ -99,11 +105,14 @@ def _load_config(organization_id: int) -> OrgConfig:
             models[entry.model_id] = ModelRoute(
                 model_id=entry.model_id, provider_model=entry.provider_model, is_active=entry.is_active,
                 kind=provider.kind, family=provider.family, is_sandbox=provider.is_sandbox,
-                base_url=provider.base_url, secret_ciphertext=provider.secret_ciphertext,
+                has_responses_api=provider.has_responses_api, base_url=provider.base_url,
+                secret_ciphertext=provider.secret_ciphertext,
                 connect_timeout=provider.connect_timeout, read_timeout=provider.read_timeout,
                 connection_active=provider.is_active, max_output_tokens=entry.max_output_tokens,
                 pricing=entry.pricing)
-    return OrgConfig(organization_id=organization_id, slug=organization.slug, models=models)
+        aliases = AliasTable(ModelAlias.all_objects.filter(organization_id=organization_id)
+                             .values_list("alias", "catalog_model__model_id"))
+    return OrgConfig(organization_id=organization_id, slug=organization.slug, models=models, aliases=aliases)
 
 
 def org_config(organization_id: int) -> OrgConfig:
@@ -121,11 +130,22 @@ def invalidate_config(organization_id: int) -> None:
     transaction.on_commit(lambda: shared_cache.delete_many([config_cache_key(organization_id)]))
 
 
-def models_for(identity: KeyIdentity, config: OrgConfig) -> list[ModelRoute]:
-    """The catalog models a key may call (for GET /v1/models)."""
-    return [route for route in config.models.values()
-            if route.is_active and route.connection_active
-            and (not identity.model_ids or route.model_id in identity.model_ids)]
+def _usable(identity: KeyIdentity, route: ModelRoute | None) -> bool:
+    return (route is not None and route.is_active and route.connection_active
+            and (not identity.model_ids or route.model_id in identity.model_ids))
+
+
+def models_for(identity: KeyIdentity, config: OrgConfig) -> dict[str, ModelRoute]:
+    """The model ids a key may call, with the catalog model each names (for GET /v1/models): its
+    catalog models, and the exact aliases of those."""
+    usable = {model_id: route for model_id, route in config.models.items() if _usable(identity, route)}
+    return usable | {alias: usable[target] for alias, target in config.aliases.exact.items() if target in usable}
+
+
+def model_for(identity: KeyIdentity, config: OrgConfig, requested: str) -> ModelRoute | None:
+    """The catalog model `requested` names, if this key may call it (GET /v1/models/{id})."""
+    route = config.resolve(requested)
+    return route if _usable(identity, route) else None
 
 
 # -- a request -----------------------------------------------------------------------------------
@@ -137,6 +157,7 @@ class Begun:
     config: OrgConfig
     route: ModelRoute
     endpoint: str
+    requested_model: str  # what the client asked for: the route's model id, or an alias of it
     hold: ledger.Hold
     input_bound: int
     output_cap: int  # per choice: what the provider may write, as the forwarded request says
@@ -145,6 +166,7 @@ class Begun:
     request_id: str
     started: float
     stream: bool = False
+    plan: object = None  # what begin's `plan` made of the request before it was held
     keeper: asyncio.Task | None = None  # moves the hold's expiry on while the request runs
 
 
@@ -168,10 +190,10 @@ async def lookup(*, raw_key: str | None, ip: str | None, endpoint: str | None) -
         identity, found = await ApiKeyAuthentication.aidentify(raw_key, ip=ip, cached=also_cached)
     except KeyRefused as refused:
         raise GatewayError(401, "authentication_error", str(refused), code="invalid_api_key") from None
-    if endpoint is not None and endpoint not in identity.endpoints:
-        allowed = ", ".join(ENDPOINT_PATHS.get(e, e) for e in identity.endpoints) or "none"
+    if endpoint is not None and ENDPOINTS[endpoint].scope not in identity.endpoints:
+        allowed = ", ".join(SCOPE_PATHS.get(e, e) for e in identity.endpoints) or "none"
         raise GatewayError(403, "permission_error",
-                           f"This API key may not call {ENDPOINT_PATHS[endpoint]}; its endpoints are: {allowed}.",
+                           f"This API key may not call {ENDPOINTS[endpoint].path}; its endpoints are: {allowed}.",
                            code="endpoint_not_allowed")
     config = found.get(config_cache_key(identity.organization_id))
     if config is None:
@@ -180,22 +202,26 @@ async def lookup(*, raw_key: str | None, ip: str | None, endpoint: str | None) -
     return identity, config
 
 
-def _route(identity: KeyIdentity, config: OrgConfig, endpoint: str, body: dict) -> ModelRoute:
+def route_of(identity: KeyIdentity, config: OrgConfig, endpoint: str, body: dict, *,
+             any_family: bool = False) -> ModelRoute:
+    """The catalog model the request names (directly or through an alias) and may use on `endpoint`
+    (whatever API its provider speaks, with `any_family`: counting tokens works for every model)."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise GatewayError(400, "invalid_request_error", "`model` is required (a model id from GET /v1/models).",
                            param="model")
-    route = config.models.get(model)
+    route = config.resolve(model)
     if route is None or not route.is_active:
         raise GatewayError(404, "not_found_error",
                            f"The model `{model}` is not in your organization's catalog; GET /v1/models lists yours.",
                            code="model_not_found", param="model")
-    if identity.model_ids and model not in identity.model_ids:
-        raise GatewayError(403, "permission_error", f"This API key may not use the model `{model}`; it may use: "
+    if identity.model_ids and route.model_id not in identity.model_ids:
+        named = model if model == route.model_id else f"{model}` (an alias of `{route.model_id}`)"
+        raise GatewayError(403, "permission_error", f"This API key may not use the model `{named}`; it may use: "
                            f"{', '.join(identity.model_ids)}.", code="model_not_allowed", param="model")
-    family = ENDPOINT_FAMILY[endpoint]
-    if route.family not in ("any", family):
-        right = "/v1/messages" if route.family == "anthropic" else "/v1/chat/completions"
+    family = ENDPOINTS[endpoint].family
+    if route.family not in ("any", family) and not any_family:
+        right = "/v1/messages" if route.family == "anthropic" else "/v1/chat/completions or /v1/responses"
         raise GatewayError(400, "invalid_request_error",
                            f"The model `{model}` is served by an {route.family.title()} provider: call {right}.",
                            param="model")
@@ -205,16 +231,55 @@ def _route(identity: KeyIdentity, config: OrgConfig, endpoint: str, body: dict) 
     return route
 
 
-def _bound(route: ModelRoute, endpoint: str, body: dict) -> tuple[bounds.Bound, int]:
-    """The request's worst case and the tokens to hold for it."""
-    default_output = route.max_output_tokens
-    if route.is_sandbox:
-        default_output = min(default_output, sandbox.MAX_REPLY_TOKENS)  # its replies are never longer
-    worst = bounds.bound(endpoint, ENDPOINT_FAMILY[endpoint], body, default_output=default_output,
-                         cap_field="max_completion_tokens" if route.kind == ProviderConnection.Kind.OPENAI
-                         else "max_tokens")
-    output = min(worst.output_cap, sandbox.MAX_REPLY_TOKENS) if route.is_sandbox else worst.output_cap
-    return worst, max(route.weighted(Usage(input=worst.input_tokens, output=output * worst.choices)), 1)
+def most_output(route: ModelRoute) -> int:
+    """The most the model writes in one reply: the catalog's maximum (the sandbox writes less)."""
+    return min(route.max_output_tokens, sandbox.MAX_REPLY_TOKENS) if route.is_sandbox else route.max_output_tokens
+
+
+def cap_field(route: ModelRoute) -> str:
+    """Where chat completions carry the output cap: OpenAI's own API wants max_completion_tokens."""
+    return "max_completion_tokens" if route.kind == ProviderConnection.Kind.OPENAI else "max_tokens"
+
+
+def _bound(route: ModelRoute, endpoint: str, body: dict) -> bounds.Bound:
+    return bounds.bound(endpoint, ENDPOINTS[endpoint].family, body, most_output=most_output(route),
+                        cap_field=cap_field(route), image_tokens=sandbox.IMAGE_TOKENS if route.is_sandbox else None)
+
+
+def _reserve(route: ModelRoute, worst: bounds.Bound) -> int:
+    """The tokens to hold for a request's worst case."""
+    return max(route.weighted(Usage(input=worst.input_tokens, output=worst.output_cap * worst.choices)), 1)
+
+
+def _responses_of(identity: KeyIdentity, response_id: str):
+    """The usage record of a Responses API response the key's member made through the gateway."""
+    with unscoped():
+        return UsageRecord.all_objects.filter(organization_id=identity.organization_id, member_id=identity.member_id,
+                                              endpoint="responses", response_id=response_id).order_by("-id")
+
+
+def response_model(identity: KeyIdentity, response_id: str) -> str | None:
+    """The catalog model id of a response the key's member made through the gateway, or None."""
+    return _responses_of(identity, response_id).values_list("model", flat=True).first()
+
+
+def _continued(identity: KeyIdentity, route: ModelRoute, worst: bounds.Bound) -> bounds.Bound:
+    """The bound of a request that continues a stored response: the provider counts that response's
+    whole conversation (its input, cached input and output) as input again."""
+    if not route.has_responses_api:
+        raise GatewayError(400, "invalid_request_error", (
+            f"The model `{route.model_id}` is served by a provider without stored responses, so "
+            "`previous_response_id` cannot be used with it: send the whole conversation as `input`."),
+                           param="previous_response_id")
+    earlier = _responses_of(identity, worst.previous_response_id).values_list(
+        "input_tokens", "cached_tokens", "output_tokens").first()
+    if earlier is None:
+        raise GatewayError(400, "invalid_request_error", (
+            f"No response `{worst.previous_response_id}` was made through the portal by you, so what it adds to "
+            "this request cannot be held: send the whole conversation as `input` instead."),
+                           param="previous_response_id")
+    return bounds.Bound(input_tokens=worst.input_tokens + sum(earlier), output_cap=worst.output_cap,
+                        choices=worst.choices, forward=worst.forward)
 
 
 def _reference(request_id: str) -> str:
@@ -228,11 +293,14 @@ def _hold_args(identity: KeyIdentity, route: ModelRoute, reserve: int, request_i
 
 
 async def begin(*, raw_key: str | None, ip: str | None, endpoint: str, body: dict, request_id: str,
-                started: float) -> Begun:
-    """Authenticate, check and hold the request's worst case; GatewayError if it may not go ahead."""
+                started: float, plan=None) -> Begun:
+    """Authenticate, check and hold the request's worst case; GatewayError if it may not go ahead.
+
+    `plan(route, bound)`, if given, is called before anything is held (it may refuse the request
+    with a GatewayError); what it returns is the Begun's `plan`."""
     try:
         return await _begin(raw_key=raw_key, ip=ip, endpoint=endpoint, body=body, request_id=request_id,
-                            started=started)
+                            started=started, plan=plan)
     except DATABASE_ERRORS as error:
         log.warning("request %s refused, the database is unavailable: %s", request_id, error)
         raise database_unavailable() from None
@@ -243,12 +311,17 @@ def database_unavailable() -> GatewayError:
                         "Try again shortly.", code="database_unavailable")
 
 
-async def _begin(*, raw_key, ip, endpoint, body, request_id, started) -> Begun:
+async def _begin(*, raw_key, ip, endpoint, body, request_id, started, plan) -> Begun:
     identity, config = await lookup(raw_key=raw_key, ip=ip, endpoint=endpoint)
-    route = _route(identity, config, endpoint, body)
-    worst, reserve = _bound(route, endpoint, body)
+    route = route_of(identity, config, endpoint, body)
+    worst = _bound(route, endpoint, body)
+    if worst.previous_response_id is not None:
+        worst = await in_thread(_continued)(identity, route, worst)
+    reserve = _reserve(route, worst)
+    planned = plan(route, worst) if plan is not None else None
+    requested = body["model"]
     refusal = {"identity": identity, "config": config, "route": route, "endpoint": endpoint,
-               "request_id": request_id, "started": started}
+               "requested": requested, "request_id": request_id, "started": started}
     if identity.account_id is None:
         await in_thread(_refused)(detail="no allowance", **refusal)
         raise GatewayError(429, "insufficient_quota", "You have no token allowance in this organization yet; "
@@ -259,10 +332,10 @@ async def _begin(*, raw_key, ip, endpoint, body, request_id, started) -> Begun:
     # Nothing posted: a retry of this request (its hold exists) or a refusal; the ledger says which.
     hold = ledger.hold_made(statement, entry_id) if entry_id is not None else await in_thread(_authorize)(
         args, refusal)
-    begun = Begun(identity=identity, config=config, route=route, endpoint=endpoint, hold=hold,
-                  input_bound=worst.input_tokens, output_cap=worst.output_cap, forward=worst.forward, drop=worst.drop,
-                  request_id=request_id, started=started,
-                  stream=endpoint != "embeddings" and body.get("stream") is True)
+    begun = Begun(identity=identity, config=config, route=route, endpoint=endpoint, requested_model=requested,
+                  hold=hold, input_bound=worst.input_tokens, output_cap=worst.output_cap, forward=worst.forward,
+                  drop=worst.drop, request_id=request_id, started=started,
+                  stream=endpoint != "embeddings" and body.get("stream") is True, plan=planned)
     begun.keeper = asyncio.create_task(_keep(hold))
     return begun
 
@@ -327,16 +400,22 @@ def _refusal_message(refusal, config: OrgConfig) -> str:
             f"balance is {remaining:,} tokens. Lower max_tokens, or ask for more. {_more_url(config)}")
 
 
-def _refused(*, identity, config, route, endpoint, request_id, started, detail) -> None:
+def _refused(*, identity, config, route, endpoint, requested, request_id, started, detail) -> None:
     with scope(Organization(pk=identity.organization_id, slug=config.slug)):
         UsageRecord.objects.create(
             organization_id=identity.organization_id, member_id=identity.member_id, api_key_id=identity.id,
-            model=route.model_id, endpoint=endpoint, status=UsageRecord.Status.REFUSED, request_id=request_id,
+            model=route.model_id, requested_model=_requested(route, requested), endpoint=endpoint,
+            status=UsageRecord.Status.REFUSED, request_id=request_id,
             detail=detail[:300], latency_ms=int((time.perf_counter() - started) * 1000))
 
 
+def _requested(route: ModelRoute, requested: str) -> str:
+    """The id the client sent, for the record: kept when it was an alias ("" when it is the model's own)."""
+    return "" if requested == route.model_id else requested[:100]
+
+
 def _outcome(begun: Begun, *, status: str, usage: Usage | None, produced_tokens: int, latency_ms: int,
-             detail: str) -> tuple[Usage, dict]:
+             detail: str, response_id: str = "") -> tuple[Usage, dict]:
     """What the request consumed, and its usage record (a dict of `_RECORD_VALUES`' parameters).
 
     With no usage from the provider, a request that produced output (a stream cut short, or one
@@ -358,11 +437,12 @@ def _outcome(begun: Begun, *, status: str, usage: Usage | None, produced_tokens:
         detail = (f"the provider reported {counted:,} tokens, {counted - charged:,} more than the hold covered; "
                   f"they were not charged. {detail}").strip()
     record = {"org": begun.identity.organization_id, "member": begun.identity.member_id,
-              "api_key": begun.identity.id, "model": begun.route.model_id, "endpoint": begun.endpoint,
+              "api_key": begun.identity.id, "model": begun.route.model_id,
+              "requested": _requested(begun.route, begun.requested_model), "endpoint": begun.endpoint,
               "status": status, "input": usage.input, "output": usage.output, "cached": usage.cached,
               "charged": charged, "uncharged": counted - charged, "cost": begun.route.cost(usage),
               "latency": min(latency_ms, 2**31 - 1), "request_id": begun.request_id, "detail": detail[:300],
-              "at": timezone.now()}
+              "response_id": response_id[:100], "at": timezone.now()}
     return usage, record
 
 
@@ -371,7 +451,7 @@ def _consumed(usage: Usage, record: dict) -> bool:
 
 
 async def finish(begun: Begun, *, status: str, usage: Usage | None, produced_tokens: int = 0, latency_ms: int,
-                 detail: str = "") -> int:
+                 detail: str = "", response_id: str = "") -> int:
     """Settle the hold with what the request consumed (or release it) and record the request; returns
     the tokens charged. One statement: the post that closes the hold, and the usage record written
     by the same statement only if that post was made. When it posts nothing (a finish run again, or
@@ -383,7 +463,7 @@ async def finish(begun: Begun, *, status: str, usage: Usage | None, produced_tok
     if begun.keeper is not None:
         begun.keeper.cancel()
     usage, record = _outcome(begun, status=status, usage=usage, produced_tokens=produced_tokens,
-                             latency_ms=latency_ms, detail=detail)
+                             latency_ms=latency_ms, detail=detail, response_id=response_id)
     deadline, pause = time.monotonic() + SETTLE_RETRY_SECONDS, 0.25
     while True:
         try:
@@ -435,10 +515,11 @@ def _finish_closed(begun: Begun, usage: Usage, record: dict) -> tuple[dict, bool
 
 
 _RECORD_INSERT = (f"INSERT INTO {UsageRecord._meta.db_table} (organization_id, member_id, api_key_id, model, "
-                  "endpoint, source, status, input_tokens, output_tokens, cached_tokens, charged_tokens, "
-                  "uncharged_tokens, cost, latency_ms, request_id, idempotency_key, detail, occurred_at)")
-_RECORD_VALUES = ("%(org)s, %(member)s, %(api_key)s, %(model)s, %(endpoint)s, 'gateway', %(status)s, %(input)s, "
-                  "%(output)s, %(cached)s, %(charged)s, %(uncharged)s, %(cost)s, %(latency)s, %(request_id)s, '', "
-                  "%(detail)s, %(at)s")
+                  "requested_model, endpoint, source, status, input_tokens, output_tokens, cached_tokens, "
+                  "charged_tokens, uncharged_tokens, cost, latency_ms, request_id, response_id, idempotency_key, "
+                  "detail, occurred_at)")
+_RECORD_VALUES = ("%(org)s, %(member)s, %(api_key)s, %(model)s, %(requested)s, %(endpoint)s, 'gateway', %(status)s, "
+                  "%(input)s, %(output)s, %(cached)s, %(charged)s, %(uncharged)s, %(cost)s, %(latency)s, "
+                  "%(request_id)s, %(response_id)s, '', %(detail)s, %(at)s")
 _RECORD_SQL = f"{_RECORD_INSERT} VALUES ({_RECORD_VALUES})"
 _RECORD_WITH_ENTRY = f", record AS ({_RECORD_INSERT} SELECT {_RECORD_VALUES} FROM entry)"

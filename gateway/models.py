@@ -28,6 +28,9 @@ class ProviderConnection(TenantModel):
     secret_last_four = models.CharField(max_length=4, blank=True)
     connect_timeout = models.PositiveIntegerField(default=5, help_text="Seconds to connect.")
     read_timeout = models.PositiveIntegerField(default=120, help_text="Seconds to wait for the next bytes.")
+    # OpenAI's own API has the Responses API; an OpenAI-compatible server may or may not. Without
+    # it the gateway translates /v1/responses into the server's chat completions and back.
+    responses_api = models.BooleanField(default=False, db_default=False)
     is_active = models.BooleanField(default=True)
     created_at = models.DateTimeField(default=timezone.now)
 
@@ -46,6 +49,10 @@ class ProviderConnection(TenantModel):
     @property
     def is_sandbox(self) -> bool:
         return self.kind == self.Kind.SANDBOX
+
+    @property
+    def has_responses_api(self) -> bool:
+        return self.kind == self.Kind.OPENAI or (self.kind == self.Kind.OPENAI_COMPATIBLE and self.responses_api)
 
     @property
     def family(self) -> str:
@@ -80,7 +87,9 @@ class UsageRecord(TenantModel):
                                db_constraint=False)
     api_key = models.ForeignKey("apikeys.ApiKey", null=True, blank=True, on_delete=models.PROTECT, related_name="+",
                                 db_index=False)
-    model = models.CharField(max_length=100)
+    model = models.CharField(max_length=100)  # the catalog model charged
+    # The id the client sent, when it was an alias of `model` (raw inserts, the ingest, leave it out).
+    requested_model = models.CharField(max_length=100, blank=True, default="", db_default="")
     endpoint = models.CharField(max_length=20)
     source = models.CharField(max_length=10, choices=Source.choices, default=Source.GATEWAY)
     status = models.CharField(max_length=20, choices=Status.choices)
@@ -96,6 +105,8 @@ class UsageRecord(TenantModel):
     cost = models.DecimalField(max_digits=18, decimal_places=6, default=0)
     latency_ms = models.PositiveIntegerField(default=0)
     request_id = models.CharField(max_length=64, blank=True)
+    # A Responses API reply's id: what a later request's previous_response_id names.
+    response_id = models.CharField(max_length=100, blank=True, default="", db_default="")
     idempotency_key = models.CharField(max_length=200, blank=True)
     detail = models.CharField(max_length=300, blank=True)
     occurred_at = models.DateTimeField(default=timezone.now)
@@ -114,6 +125,8 @@ class UsageRecord(TenantModel):
             models.Index(fields=["member", "occurred_at"], name="usage_member_time"),
             # Only where set: usage named by a member has no key.
             models.Index(fields=["api_key", "occurred_at"], name="usage_key_time", condition=Q(api_key__isnull=False)),
+            models.Index(fields=["organization", "response_id"], name="usage_response_id",
+                         condition=~Q(response_id="")),
         ]
 
     def __str__(self):

@@ -26,7 +26,7 @@ from portal.audit import changes, log_action
 from portal.forms import FIRST_DAY
 from portal.models import Member, Organization
 
-CONNECTION_FIELDS = ["name", "kind", "base_url", "connect_timeout", "read_timeout", "is_active"]
+CONNECTION_FIELDS = ["name", "kind", "base_url", "connect_timeout", "read_timeout", "responses_api", "is_active"]
 
 
 def _clean_connection(organization: Organization, data: dict, *, exclude_pk=None) -> dict:
@@ -54,7 +54,9 @@ def _clean_connection(organization: Organization, data: dict, *, exclude_pk=None
             if refused:
                 errors["base_url"] = (f"Provider addresses must be public: {refused}. A self-hosted server on an "
                                       "internal network must first be allowed by the platform's operator.")
-    cleaned = {"name": name, "kind": kind, "base_url": base_url, "is_active": bool(data.get("is_active", True))}
+    cleaned = {"name": name, "kind": kind, "base_url": base_url, "is_active": bool(data.get("is_active", True)),
+               # Only an OpenAI-compatible server may or may not have it (OpenAI's own API always has).
+               "responses_api": kind == ProviderConnection.Kind.OPENAI_COMPATIBLE and bool(data.get("responses_api"))}
     for field, ceiling in (("connect_timeout", 60), ("read_timeout", 3600)):
         try:
             value = int(str(data.get(field)).strip())

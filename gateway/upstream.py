@@ -2,9 +2,10 @@
 
 The gateway passes a provider's bytes through as they arrive. For streams it reads each
 server-sent event as it goes by, to find the usage the provider reports (OpenAI's last chunk
-when `stream_options.include_usage` is set, which the gateway always asks for; Anthropic's
-`message_start` and `message_delta`) and to count the text produced, so that a stream cut short
-is still charged for what it produced.
+when `stream_options.include_usage` is set, which the gateway always asks for on chat and legacy
+completions; Anthropic's `message_start` and `message_delta`; the Responses API's
+`response.completed`) and to count the text produced (text, tool arguments, reasoning), so that
+a stream cut short is still charged for what it produced.
 """
 
 from __future__ import annotations
@@ -118,6 +119,17 @@ class Usage:
             return None
 
     @classmethod
+    def from_responses(cls, usage: dict) -> Usage | None:
+        """The Responses API's usage object; None when it is not one."""
+        try:
+            details = usage.get("input_tokens_details") or {}
+            cached = _count(details.get("cached_tokens") if isinstance(details, dict) else None)
+            return cls(input=max(_count(usage.get("input_tokens")) - cached, 0),
+                       output=_count(usage.get("output_tokens")), cached=cached)
+        except ValueError:
+            return None
+
+    @classmethod
     def from_anthropic(cls, usage: dict) -> Usage | None:
         """Anthropic's usage object; None when it is not one."""
         try:
@@ -140,55 +152,95 @@ def _count(value) -> int:
     return value
 
 
-class StreamReader:
-    """Splits a provider's server-sent events, remembers the usage they report and the text they carry."""
+# The events that tell a client a stream is complete, by the wire format it is in.
+_FINAL_EVENTS = ("response.completed", "response.incomplete", "response.failed")
 
-    def __init__(self, family: str, *, pass_usage_chunk: bool):
-        self.family = family
+
+def usage_of(wire: str, data) -> Usage | None:
+    """The usage a provider's whole (not streamed) reply reports, in the wire format of `wire`."""
+    usage = data.get("usage") if isinstance(data, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    if wire == "messages":
+        return Usage.from_anthropic(usage)
+    return Usage.from_responses(usage) if wire == "responses" else Usage.from_openai(usage)
+
+
+class StreamReader:
+    """Splits a provider's server-sent events, remembers the usage they report and the text they carry.
+
+    `wire` is the stream's format: "chat" or "completions" (OpenAI's chunks, ended by [DONE]),
+    "messages" (Anthropic's events, ended by message_stop) or "responses" (the Responses API's
+    events, ended by response.completed, .incomplete or .failed)."""
+
+    def __init__(self, wire: str, *, pass_usage_chunk: bool = True):
+        self.wire = wire
         self.pass_usage_chunk = pass_usage_chunk
         self.usage: Usage | None = None
         self.produced_text_tokens = 0
+        self.response_id = ""  # the Responses API's id of the response being streamed
+        self.sequence_number = -1  # the last Responses event's
         self._buffer = b""
 
-    def feed(self, data: bytes) -> list[bytes]:
-        """The complete events in `data` (with what came before), each to send on or not."""
+    def feed(self, data: bytes) -> list[tuple[bytes, bool]]:
+        """The complete events in `data` (with what came before) to send on, each with whether it is
+        the one that tells the client the stream is complete."""
         self._buffer += data.replace(b"\r\n", b"\n")
         out = []
         while b"\n\n" in self._buffer:
             block, self._buffer = self._buffer.split(b"\n\n", 1)
-            if self._read(block):
-                out.append(block + b"\n\n")
+            send, final = self._read(block)
+            if send:
+                out.append((block + b"\n\n", final))
         return out
 
-    @staticmethod
-    def is_final(block: bytes) -> bool:
-        """The event that tells a client the stream is complete."""
-        return block.startswith(b"data: [DONE]") or block.startswith(b"event: message_stop")
-
-    def _read(self, block: bytes) -> bool:
+    def _read(self, block: bytes) -> tuple[bool, bool]:
         payload = b"".join(line[5:].strip() for line in block.split(b"\n") if line.startswith(b"data:"))
-        if not payload or payload == b"[DONE]":
-            return True
+        if payload == b"[DONE]":
+            return True, True
         try:
-            event = json.loads(payload)
+            event = json.loads(payload) if payload else None
         except ValueError:
-            return True
+            event = None
         if not isinstance(event, dict):
-            return True
-        if self.family == "anthropic":
+            return True, block.startswith(b"event: message_stop")
+        if self.wire == "messages":
             self._read_anthropic(event)
-            return True
+            return True, event.get("type") == "message_stop"
+        if self.wire == "responses":
+            return True, self._read_responses(event)
         if isinstance(event.get("usage"), dict):
             self.usage = Usage.from_openai(event["usage"])
             if not event.get("choices"):
-                return self.pass_usage_chunk  # the chunk the gateway asked for, not the client
+                return self.pass_usage_chunk, False  # the chunk the gateway asked for, not the client
         choices = event.get("choices")
         for choice in choices if isinstance(choices, list) else []:
-            delta = choice.get("delta") if isinstance(choice, dict) else None
-            content = delta.get("content") if isinstance(delta, dict) else None
-            if isinstance(content, str):
-                self.produced_text_tokens += sandbox.count_tokens(content)
-        return True
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+            texts = [delta.get("content"), delta.get("reasoning_content"), choice.get("text")]
+            calls = delta.get("tool_calls")
+            for call in calls if isinstance(calls, list) else []:
+                function = call.get("function") if isinstance(call, dict) else None
+                texts.append(function.get("arguments") if isinstance(function, dict) else None)
+            self.produced_text_tokens += sum(sandbox.count_tokens(t) for t in texts if isinstance(t, str))
+        return True, False
+
+    def _read_responses(self, event: dict) -> bool:
+        kind = event.get("type")
+        if isinstance(event.get("sequence_number"), int):
+            self.sequence_number = event["sequence_number"]
+        response = event.get("response") if isinstance(event.get("response"), dict) else {}
+        if kind == "response.created" and isinstance(response.get("id"), str):
+            self.response_id = response["id"]
+        if isinstance(kind, str) and kind.endswith(".delta") and isinstance(event.get("delta"), str) and (
+                "audio" not in kind):
+            self.produced_text_tokens += sandbox.count_tokens(event["delta"])
+        if kind in _FINAL_EVENTS:
+            if isinstance(response.get("usage"), dict):
+                self.usage = Usage.from_responses(response["usage"])
+            return True
+        return False
 
     def _read_anthropic(self, event: dict) -> None:
         kind = event.get("type")
@@ -198,8 +250,8 @@ class StreamReader:
             if isinstance(reported, dict) and reported:  # a start without usage leaves it unknown, not zero
                 self.usage = Usage.from_anthropic(reported)
         elif kind == "message_delta" and isinstance(event.get("usage"), dict):
-            # Its counts are cumulative: the output so far, and the input and cache again (they grow
-            # when the provider's own tools add input).
+            # Its counts are cumulative: the output so far, and (in the current API) the input and
+            # cache again, which grow when the provider's own tools add input.
             reported = Usage.from_anthropic(event["usage"])
             if reported is None:
                 self.usage = None  # malformed: no usage this stream can be trusted for
@@ -209,14 +261,24 @@ class StreamReader:
                                cached=max(known.cached, reported.cached))
         elif kind == "content_block_delta":
             delta = event.get("delta")
-            text = delta.get("text") if isinstance(delta, dict) else None
-            if isinstance(text, str):
-                self.produced_text_tokens += sandbox.count_tokens(text)
+            for name in ("text", "partial_json", "thinking"):
+                if isinstance(delta, dict) and isinstance(delta.get(name), str):
+                    self.produced_text_tokens += sandbox.count_tokens(delta[name])
 
 
-def provider_headers(family: str, secret: str) -> dict:
+ANTHROPIC_VERSION = "2023-06-01"
+
+
+def provider_headers(family: str, secret: str, client_headers=None) -> dict:
+    """What a provider call carries: the organization's secret, and for Anthropic the API version
+    and beta features the client asked for (its SDK and Claude Code send them)."""
     if family == "anthropic":
-        return {"x-api-key": secret, "anthropic-version": "2023-06-01", "content-type": "application/json"}
+        client_headers = client_headers or {}
+        headers = {"x-api-key": secret, "content-type": "application/json",
+                   "anthropic-version": client_headers.get("anthropic-version") or ANTHROPIC_VERSION}
+        if client_headers.get("anthropic-beta"):
+            headers["anthropic-beta"] = client_headers["anthropic-beta"]
+        return headers
     headers = {"content-type": "application/json"}
     if secret:
         headers["authorization"] = f"Bearer {secret}"

@@ -46,4 +46,6 @@ async def application(scope, receive, send):
         return await _lifespan(receive, send)
     if scope["type"] == "http" and scope["path"].startswith(GATEWAY_PREFIX):
         return await endpoints.application(scope, receive, send)
+    if scope["type"] == "websocket":  # none are served (e.g. the Responses API's WebSocket mode)
+        return await endpoints.refuse_websocket(scope, receive, send)
     return await portal_application(scope, receive, send)

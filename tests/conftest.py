@@ -62,6 +62,8 @@ def seed_allowance_objects(organization, *, team, members):
         organization=organization, actor=hr, model_id="gpt-test", display_name="GPT test",
         connection=provider_connection,
         input_multiplier="1", output_multiplier="2", cached_multiplier="0.5")
+    model_alias = allowance_services.model_alias_create(organization=organization, actor=members["admin"].user,
+                                                       alias="gpt-test-*", catalog_model=catalog_model)
     policy = allowance_services.policy_create(organization=organization, actor=hr, name="Standard",
                                               monthly_tokens=1_000_000)
     assignment = allowance_services.policy_assign(organization=organization, actor=hr, policy=policy, team=team)
@@ -79,7 +81,8 @@ def seed_allowance_objects(organization, *, team, members):
         organization=organization, member=employee, api_key=api_key, model="gpt-test", endpoint="chat",
         status=UsageRecord.Status.OK, input_tokens=10, output_tokens=5, charged_tokens=20)
     return {"provider_connection": provider_connection, "usage_record": usage_record,
-            "key_spend": api_key.spend, "catalog_model": catalog_model, "policy": policy, "assignment": assignment, "grant": grant,
+            "key_spend": api_key.spend, "catalog_model": catalog_model, "model_alias": model_alias, "policy": policy,
+            "assignment": assignment, "grant": grant,
             "grant_batch": batch, "account": account, "hold": hold, "api_key": api_key,
             "api_key_secret": api_key_secret}
 

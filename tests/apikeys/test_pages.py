@@ -230,7 +230,19 @@ def test_the_created_page_shows_the_secret_and_three_snippets_uncached(as_member
     assert f'Anthropic(base_url="https://tokens.example.com", api_key="{secret}")' in body
     assert "curl https://tokens.example.com/v1/chat/completions" in body
     assert f'-H "Authorization: Bearer {secret}"' in body
-    assert body.count(secret) == 4  # the secret itself and three snippets
+    # The secret itself, three snippets, and the agents' set-ups (Claude Code, Codex CLI, aider, two in the .env).
+    assert body.count(secret) == 9
+    setups = setups_on(response)
+    assert setups["setup-claude-code"] == (f'export ANTHROPIC_BASE_URL="https://tokens.example.com"\n'
+                                           f'export ANTHROPIC_API_KEY="{secret}"\nclaude')
+    assert 'base_url = "https://tokens.example.com/v1"' in setups["setup-codex"]
+    assert 'wire_api = "responses"' in setups["setup-codex"] and 'env_key = "PORTAL_API_KEY"' in setups["setup-codex"]
+    assert setups["setup-codex-key"] == f'export PORTAL_API_KEY="{secret}"'
+    assert setups["setup-aider"] == (f"aider --openai-api-base https://tokens.example.com/v1 --openai-api-key {secret} "
+                                     "--model openai/gpt-test")
+    assert setups["setup-dotenv"].splitlines() == [
+        "OPENAI_BASE_URL=https://tokens.example.com/v1", f"OPENAI_API_KEY={secret}",
+        "ANTHROPIC_BASE_URL=https://tokens.example.com", f"ANTHROPIC_API_KEY={secret}"]
     [key] = [key for key in keys_of(org_a.members["employee"]) if key.name == VALID_NAME]
     assert key.secret_hash == secrets.hash_secret(secrets.parse(secret).secret)
 
@@ -246,6 +258,26 @@ def test_the_created_page_shows_the_secret_and_three_snippets_uncached(as_member
     all_keys = admin.get(page(org_a, "all/"))
     assert all_keys.status_code == 200 and f"tap_{key.public_id}" in text(all_keys)
     assert not KEY_SHAPE.search(text(all_keys))
+
+
+def setups_on(response) -> dict[str, str]:
+    """The agent set-ups on a page, by the id of their block, as a copy button copies them."""
+    import html
+    import re
+
+    found = re.findall(r'<pre id="(setup-[a-z-]+)">(.*?)</pre>', text(response), re.S)
+    assert all(f'data-copy="{name}"' in text(response) for name, _ in found)
+    return {name: html.unescape(body) for name, body in found}
+
+
+def test_the_keys_page_offers_the_set_ups_with_the_portals_address_and_no_secret(as_member, org_a, settings):
+    settings.PORTAL_BASE_URL = "https://tokens.example.com"
+    response = as_member("employee").get(page(org_a))
+    setups = setups_on(response)
+    assert set(setups) == {"setup-claude-code", "setup-codex", "setup-codex-key", "setup-aider", "setup-dotenv"}
+    assert 'export ANTHROPIC_API_KEY="tap_…"' in setups["setup-claude-code"]
+    assert "https://tokens.example.com" in setups["setup-claude-code"]
+    assert not KEY_SHAPE.search(text(response))
 
 
 def test_the_rotated_page_shows_the_new_secret_once(as_member, org_a):

@@ -213,8 +213,8 @@ def test_a_key_needs_an_endpoint(org_a, endpoints):
 
 
 def test_unknown_endpoints_are_named(org_a):
-    message = refused(org_a.members["employee"], "endpoints", endpoints=["chat", "admin", "completions"])
-    assert message == "Unknown endpoints: admin, completions."
+    message = refused(org_a.members["employee"], "endpoints", endpoints=["chat", "admin", "images"])
+    assert message == "Unknown endpoints: admin, images."
 
 
 def test_models_must_be_in_the_organizations_active_catalog(org_a, org_b):

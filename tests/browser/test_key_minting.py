@@ -116,6 +116,7 @@ def test_member_mints_a_key_sees_it_once_uses_it_and_revokes_it(portal_server, c
         endpoint["chat"].check()
         endpoint["usage_read"].check()
         endpoint["messages"].uncheck()  # ticked by default
+        endpoint["responses"].uncheck()  # ticked by default
         for name, box in endpoint.items():
             (expect(box).to_be_checked if name in ("chat", "usage_read") else expect(box).not_to_be_checked)()
         page.get_by_role("checkbox", name=MODEL_LABEL, exact=True).check()
@@ -160,15 +161,24 @@ def test_member_mints_a_key_sees_it_once_uses_it_and_revokes_it(portal_server, c
     for heading, snippet in snippets.items():
         assert snippet.count(secret) == 1, heading
         assert f'"{MODEL_ID}"' in snippet, heading  # the snippets use the model the key was scoped to
-    # The display box plus the three snippets, and nowhere else (no hidden input, no attribute).
-    assert page.content().count(secret) == 4
+    # The display box, the three snippets and the agents' five places for it, and nowhere else (no
+    # hidden input, no attribute).
+    assert page.content().count(secret) == 9
 
     page.screenshot(path=SCREENSHOT, full_page=True)
 
     # The Copy button puts exactly the secret on the clipboard.
     page.evaluate("navigator.clipboard.writeText('something else')")
-    page.get_by_role("button", name="Copy").click()
+    page.get_by_role("button", name="Copy").first.click()
     page.wait_for_function("async secret => (await navigator.clipboard.readText()) === secret", arg=secret)
+    # The agents' set-ups copy whole, with the portal's address and the secret.
+    setups = page.locator("[data-testid=agent-setups]")
+    setups.locator("button[data-copy=setup-claude-code]").click()
+    claude_code = f'export ANTHROPIC_BASE_URL="{base}"\nexport ANTHROPIC_API_KEY="{secret}"\nclaude'
+    page.wait_for_function("async text => (await navigator.clipboard.readText()) === text", arg=claude_code)
+    setups.locator("button[data-copy=setup-codex]").click()
+    page.wait_for_function("async base => (await navigator.clipboard.readText()).includes(`base_url = \"${base}/v1\"`)",
+                           arg=base)
 
     # The key was stored with the chosen scopes and only a hash of the secret.
     with unscoped():

@@ -87,3 +87,23 @@ def fake_dns(monkeypatch):
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     return names
+
+
+@pytest.fixture
+def chat_only(metered):
+    """`fake-chat` (x1 in, x2 out, x0.5 cached) on an OpenAI-compatible server that has chat
+    completions but no /responses (it answers 404 there)."""
+    fake = FakeUpstream()
+    fake.behaviour.chat_only = True
+    with ServerThread(fake) as thread:
+        fake.port = thread.port
+        organization, admin = metered.org.organization, metered.org.members["admin"].user
+        with scope(organization):
+            connection = gateway_services.provider_connection_create(
+                organization=organization, actor=admin, name="Fake compatible", kind="openai_compatible",
+                base_url=fake.base_url, secret="sk-compatible-secret-9999", connect_timeout=2, read_timeout=2)
+            allowance_services.catalog_model_create(
+                organization=organization, actor=admin, model_id="fake-chat", display_name="Fake chat",
+                connection=connection, upstream_model="upstream-chat", input_multiplier="1", output_multiplier="2",
+                cached_multiplier="0.5", max_output_tokens=100)
+        yield fake

@@ -15,9 +15,9 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}
 MESSAGES = {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "Hi"}]}
 
 
-def bound(endpoint, body, family=None, default_output=100, **kwargs):
+def bound(endpoint, body, family=None, most_output=100_000, **kwargs):
     family = family or ("anthropic" if endpoint == "messages" else "openai")
-    return bounds.bound(endpoint, family, body, default_output=default_output, **kwargs)
+    return bounds.bound(endpoint, family, body, most_output=most_output, **kwargs)
 
 
 def refused(endpoint, body) -> GatewayError:
@@ -103,8 +103,6 @@ def test_the_input_bound_is_at_least_a_token_per_byte_of_every_text_plus_framing
     if endpoint == "messages":
         messages = [m | {"role": "assistant" if m["role"] == "assistant" else "user"} for m in messages]
         body = {"model": "m", "max_tokens": 5, "system": "Be brief.", "messages": messages}
-        tool_list = [{"name": t["function"]["name"], "description": t["function"]["description"],
-                      "input_schema": t["function"]["parameters"]} for t in tool_list]
     else:
         body = {"model": "m", "messages": messages}
     if tool_list:
@@ -150,37 +148,67 @@ def test_anthropic_tools_add_its_tool_use_system_prompt():
 
 # -- the output cap ------------------------------------------------------------------------------
 
-def test_with_no_cap_the_default_is_held_and_forwarded_in_the_field_the_provider_knows():
-    assert bound("chat", CHAT, default_output=321).forward == {"max_tokens": 321}
-    openai_own = bound("chat", CHAT, default_output=321, cap_field="max_completion_tokens")
+def test_with_no_cap_the_models_most_is_held_and_forwarded_in_the_field_the_provider_knows():
+    assert bound("chat", CHAT, most_output=321).forward == {"max_tokens": 321}
+    openai_own = bound("chat", CHAT, most_output=321, cap_field="max_completion_tokens")
     assert (openai_own.output_cap, openai_own.forward) == (321, {"max_completion_tokens": 321})
+    responses = bound("responses", {"model": "m", "input": "Hi"}, most_output=321)
+    assert (responses.output_cap, responses.forward) == (321, {"max_output_tokens": 321})
+    # Legacy completions write 16 tokens when asked for no more (OpenAI's default): that is held and sent.
+    legacy = bound("completions", {"model": "m", "prompt": "Hi"}, most_output=321)
+    assert (legacy.output_cap, legacy.forward) == (16, {"max_tokens": 16})
 
 
-def test_a_clients_own_cap_is_held_and_sent():
+def test_a_clients_own_cap_below_the_models_most_is_held_and_sent_as_it_is():
     assert (bound("chat", CHAT | {"max_tokens": 7}).output_cap, bound("chat", CHAT | {"max_tokens": 7}).forward) == (
         7, {"max_tokens": 7})
     both = bound("chat", CHAT | {"max_tokens": 7, "max_completion_tokens": 900})
-    assert (both.output_cap, both.forward) == (900, {"max_tokens": 900})  # the larger is held and sent
+    # whichever the provider honours is covered: the larger is held and sent in the field it knows
+    assert (both.output_cap, both.forward, both.drop) == (900, {"max_tokens": 900}, ("max_completion_tokens",))
     assert bound("messages", MESSAGES | {"max_tokens": 55}).output_cap == 55
+
+
+@pytest.mark.parametrize("endpoint, body, field", [
+    ("chat", CHAT | {"max_tokens": 64_000}, "max_tokens"),
+    ("chat", CHAT | {"max_completion_tokens": 64_000}, "max_completion_tokens"),
+    ("messages", MESSAGES | {"max_tokens": 128_000}, "max_tokens"),
+    ("responses", {"model": "m", "input": "Hi", "max_output_tokens": 64_000}, "max_output_tokens"),
+    ("completions", {"model": "m", "prompt": "Hi", "max_tokens": 64_000}, "max_tokens"),
+])
+def test_a_cap_beyond_the_models_most_is_clamped_to_it_and_the_clamp_is_forwarded(endpoint, body, field):
+    """Coding agents ask for 32,000 to 128,000 on every call; a model that writes at most 8,192
+    can never use more: that is what is held, and what the provider is told."""
+    worst = bound(endpoint, body, most_output=8_192)
+    sent_as = "max_tokens" if endpoint == "chat" else field  # chat: the provider's own field (here max_tokens)
+    assert worst.output_cap == 8_192 and worst.forward[sent_as] == 8_192
+
+
+def test_a_thinking_budget_stays_below_the_clamped_max_tokens():
+    body = MESSAGES | {"max_tokens": 64_000, "thinking": {"type": "enabled", "budget_tokens": 32_000}}
+    worst = bound("messages", body, most_output=8_192)
+    assert worst.forward == {"max_tokens": 8_192, "thinking": {"type": "enabled", "budget_tokens": 8_191}}
+    kept = bound("messages", body | {"thinking": {"type": "enabled", "budget_tokens": 4_000}}, most_output=8_192)
+    assert "thinking" not in kept.forward
 
 
 def test_every_choice_is_covered():
     worst = bound("chat", CHAT | {"max_tokens": 10, "n": 128})
     assert (worst.output_cap, worst.choices) == (10, 128)
+    # Legacy completions: n per prompt, and best_of candidates are all written (and billed).
+    legacy = bound("completions", {"model": "m", "prompt": ["a", "b", "c"], "max_tokens": 10, "n": 2, "best_of": 4})
+    assert (legacy.output_cap, legacy.choices) == (10, 12)
 
 
 # -- content the bound cannot know -------------------------------------------------------------------
 
 @pytest.mark.parametrize("endpoint, part", [
     ("chat", {"type": "file", "file": {"file_id": "file-abc"}}),
-    ("chat", {"type": "input_file", "file_id": "file-abc"}),
     ("messages", {"type": "document", "source": {"type": "url", "url": "https://example.com/100-pages.pdf"}}),
-    ("messages", {"type": "search_result", "source": "x", "title": "y", "content": []}),
 ])
-def test_content_stored_elsewhere_or_counted_by_pages_is_refused(endpoint, part):
+def test_content_stored_elsewhere_is_refused(endpoint, part):
     base = CHAT if endpoint == "chat" else MESSAGES
     error = refused(endpoint, base | {"messages": [{"role": "user", "content": [part]}]})
-    assert "not supported through the gateway" in error.message
+    assert "cannot be sent through the portal" in error.message
 
 
 @pytest.mark.parametrize("endpoint, part", [
@@ -188,7 +216,8 @@ def test_content_stored_elsewhere_or_counted_by_pages_is_refused(endpoint, part)
     ("chat", {"type": "text", "text": 1}),
     ("chat", {"type": "image_url", "image_url": {"url": 5}}),
     ("messages", {"type": "text"}),
-    ("messages", {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "document"}]}),
+    ("messages", {"type": "search_result", "source": "x", "title": "y", "content": []}),
+    ("messages", {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "tool_use"}]}),
 ])
 def test_unknown_or_malformed_parts_are_refused(endpoint, part):
     base = CHAT if endpoint == "chat" else MESSAGES

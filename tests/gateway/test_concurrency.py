@@ -23,7 +23,7 @@ PROMPT = [{"role": "user", "content": "Hi"}]
 MAX_TOKENS = 100
 BODY = {"model": "fake-gpt", "messages": PROMPT, "max_tokens": MAX_TOKENS, "stream": True}
 # The reserve of each request: its input bound x1, plus max_tokens x2 (fake-gpt).
-INPUT_ESTIMATE = bounds.bound("chat", "openai", BODY, default_output=1).input_tokens
+INPUT_ESTIMATE = bounds.bound("chat", "openai", BODY, most_output=10**6).input_tokens
 RESERVE = INPUT_ESTIMATE * 1 + MAX_TOKENS * 2
 
 
@@ -148,4 +148,73 @@ def test_hundred_concurrent_streams_using_less_than_their_reserve_never_overspen
     records = records_after(record_id)
     assert Counter(record.status for record in records) == {"ok": statuses[200], "refused": statuses[429]}
     assert sum(record.charged_tokens for record in records if record.status == "ok") == used_after - used
+    assert verify() == []
+
+
+# -- agents' max_tokens ----------------------------------------------------------------------------
+
+AGENT_ASKS = 64_000  # what coding agents send as max_tokens on every call
+AGENT_MODEL_MOST = 8_192  # what the catalog says the models write at most
+AGENT_STREAMS = {
+    # path: (body, the reply's real usage as the fake provider reports it, charged)
+    "/chat/completions": ({"model": "fake-gpt", "messages": PROMPT, "max_tokens": AGENT_ASKS, "stream": True},
+                          11 + 2 * 7),
+    "/messages": ({"model": "fake-claude", "messages": PROMPT, "max_tokens": AGENT_ASKS, "stream": True},
+                  11 + 3 * 7),
+    "/responses": ({"model": "fake-gpt", "input": "Hi", "max_output_tokens": AGENT_ASKS, "stream": True},
+                   11 + 2 * 7),
+}
+
+
+async def _agent_storm(url, key, requests):
+    limits = httpx.Limits(max_connections=len(requests), max_keepalive_connections=len(requests))
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        async def one(path, body):
+            async with client.stream("POST", url + path, json=body,
+                                     headers={"Authorization": f"Bearer {key}"}) as response:
+                return response.status_code, (await response.aread()).decode()
+
+        return await asyncio.gather(*(one(path, body) for path, body in requests))
+
+
+def test_fifty_agent_streams_asking_64000_are_not_refused_for_phantom_reserves(metered):
+    """Fifty streams at once, each asking max_tokens 64,000 of models that write at most 8,192, on an
+    account that covers what they really write many times over but not fifty reserves of 64,000:
+    each holds what its model can write, none is refused, nothing is overspent."""
+    from allowances import services as allowance_services
+
+    with scope(metered.org.organization):
+        for model in (metered.gpt, metered.claude):
+            allowance_services.catalog_model_update(catalog_model=model, actor=metered.org.members["admin"].user,
+                                                    max_output_tokens=AGENT_MODEL_MOST)
+    metered.upstream.behaviour.chunk_delay = 0.01  # the streams overlap
+    requests = [(path, body) for path, (body, _) in AGENT_STREAMS.items()] * 17
+    requests = requests[:50]
+    endpoints = {"/chat/completions": "chat", "/messages": "messages", "/responses": "responses"}
+    reserves = [bounds.bound(endpoints[path], "anthropic" if path == "/messages" else "openai", body,
+                             most_output=AGENT_MODEL_MOST) for path, body in requests]
+    held_at_most = sum(r.input_tokens * 1 + r.output_cap * (3 if path == "/messages" else 2)
+                       for r, (path, _) in zip(reserves, requests))
+    unclamped = sum(r.input_tokens + AGENT_ASKS * (3 if path == "/messages" else 2)
+                    for r, (path, _) in zip(reserves, requests))
+    available = held_at_most + 1_000
+    assert unclamped > 7 * available  # unclamped, no more than a seventh of them could be held at once
+    set_available(metered.org, metered.member, available)
+    granted, _, used = balance(metered.member)
+    record_id = last_record_id()
+
+    results = asyncio.run(_agent_storm(metered.url, metered.key, requests))
+
+    assert [status for status, _ in results] == [200] * 50, [text for status, text in results if status != 200][:2]
+    assert all('"error": {' not in text and "event: error" not in text for _, text in results)
+    assert all(text.rstrip().endswith(("data: [DONE]", '{"type": "message_stop"}')) or "response.completed" in
+               text.rsplit("event: ", 1)[-1] for _, text in results)
+    sent = [request["body"] for request in metered.upstream.requests]
+    assert len(sent) == 50 and {body.get("max_tokens") or body.get("max_output_tokens") for body in sent} == {
+        AGENT_MODEL_MOST}
+    real = sum(AGENT_STREAMS[path][1] for path, _ in requests)
+    assert balance(metered.member) == (granted, 0, used + real)
+    records = records_after(record_id)
+    assert len(records) == 50 and {(r.status, r.uncharged_tokens) for r in records} == {("ok", 0)}
+    assert available_tokens(metered.member) == available - real >= 0
     assert verify() == []

@@ -26,6 +26,7 @@ APIS = {
     # endpoint: (path, body, family, input multiplier, output multiplier)
     "chat": ("/chat/completions", {"model": "fake-gpt", "messages": PROMPT}, "openai", 1, 2),
     "messages": ("/messages", {"model": "fake-claude", "max_tokens": 50, "messages": PROMPT}, "anthropic", 1, 3),
+    "responses": ("/responses", {"model": "fake-gpt", "input": "Hi"}, "openai", 1, 2),
 }
 
 
@@ -54,7 +55,7 @@ def call(metered, endpoint, *, stream=False, body=None, content=None, timeout=30
 def input_estimate(endpoint):
     """The gateway's bound of the prompt (gateway.bounds) of the stream `call` sends."""
     _path, body, family, *_ = APIS[endpoint]
-    return bounds.bound(endpoint, family, body | {"stream": True}, default_output=1).input_tokens
+    return bounds.bound(endpoint, family, body | {"stream": True}, most_output=10**6).input_tokens
 
 
 def assert_not_html(response, *, read=True):
@@ -105,6 +106,8 @@ def streamed_text_tokens(payloads):
             tokens += sandbox.count_tokens((choice.get("delta") or {}).get("content") or "")
         if payload.get("type") == "content_block_delta":
             tokens += sandbox.count_tokens(payload["delta"].get("text") or "")
+        if payload.get("type") == "response.output_text.delta":
+            tokens += sandbox.count_tokens(payload["delta"])
     return tokens
 
 
@@ -132,7 +135,7 @@ def assert_nothing_charged(metered, before, record_id, status):
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-@pytest.mark.parametrize("endpoint", ["chat", "messages"])
+@pytest.mark.parametrize("endpoint", ["chat", "messages", "responses"])
 def test_provider_500_becomes_a_502_and_nothing_is_charged(metered, endpoint, stream):
     metered.upstream.behaviour.fail_status = 500
     before, record_id = balance(metered.member), last_record_id()
@@ -146,7 +149,7 @@ def test_provider_500_becomes_a_502_and_nothing_is_charged(metered, endpoint, st
     assert "500" in record.detail
 
 
-@pytest.mark.parametrize("endpoint", ["chat", "messages"])
+@pytest.mark.parametrize("endpoint", ["chat", "messages", "responses"])
 @pytest.mark.parametrize("provider_status", [401, 403])
 def test_provider_refusing_the_organizations_credentials_is_a_502_not_the_clients_401(metered, endpoint,
                                                                                        provider_status):
@@ -161,7 +164,7 @@ def test_provider_refusing_the_organizations_credentials_is_a_502_not_the_client
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-@pytest.mark.parametrize("endpoint", ["chat", "messages"])
+@pytest.mark.parametrize("endpoint", ["chat", "messages", "responses"])
 def test_provider_400_is_passed_through_and_nothing_is_charged(metered, endpoint, stream):
     metered.upstream.behaviour.fail_status = 400
     before, record_id = balance(metered.member), last_record_id()
@@ -173,9 +176,9 @@ def test_provider_400_is_passed_through_and_nothing_is_charged(metered, endpoint
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-@pytest.mark.parametrize("endpoint", ["chat", "messages"])
+@pytest.mark.parametrize("endpoint", ["chat", "messages", "responses"])
 def test_unreachable_provider_is_a_502_and_nothing_is_charged(metered, endpoint, stream):
-    connection = metered.openai_connection if endpoint == "chat" else metered.anthropic_connection
+    connection = metered.anthropic_connection if endpoint == "messages" else metered.openai_connection
     with scope(metered.org.organization):
         gateway_services.provider_connection_update(connection=connection, actor=metered.org.members["admin"].user,
                                                     base_url=f"http://127.0.0.1:{free_port()}/v1")
@@ -202,9 +205,9 @@ class HtmlErrorPage:
         await send({"type": "http.response.body", "body": page})
 
 
-@pytest.mark.parametrize("endpoint", ["chat", "messages"])
+@pytest.mark.parametrize("endpoint", ["chat", "messages", "responses"])
 def test_provider_answering_an_html_page_still_gives_the_client_json(metered, endpoint):
-    connection = metered.openai_connection if endpoint == "chat" else metered.anthropic_connection
+    connection = metered.anthropic_connection if endpoint == "messages" else metered.openai_connection
     with ServerThread(HtmlErrorPage()) as html_server:
         with scope(metered.org.organization):
             gateway_services.provider_connection_update(connection=connection, actor=metered.org.members["admin"].user,
@@ -242,6 +245,27 @@ def test_stream_timing_out_ends_with_an_error_event_and_charges_what_was_produce
     assert record.charged_tokens == expected > 0
     assert balance(metered.member) == (granted, held, used + expected)
     assert held == FIXTURE_HOLD
+    assert verify() == []
+
+
+def test_responses_stream_timing_out_ends_with_an_error_event_and_charges_what_was_produced(metered):
+    # created, in_progress, output_item.added, content_part.added, "Hello", " from"; then silence
+    metered.upstream.behaviour.stall_after_chunks = 6
+    granted, held, used = balance(metered.member)
+    record_id = last_record_id()
+    response = call(metered, "responses", stream=True)
+    assert_not_html(response)
+    payloads = sse_payloads(response.text)
+    assert payloads[-1]["type"] == "error" and "stopped answering" in payloads[-1]["message"]
+    assert payloads[-1]["sequence_number"] == payloads[-2]["sequence_number"] + 1
+    assert not any(isinstance(p, dict) and p.get("type") == "response.completed" for p in payloads)
+    produced = streamed_text_tokens(payloads)
+    assert produced == 2
+    record = the_record_after(record_id)
+    assert (record.status, record.input_tokens, record.output_tokens) == (
+        UsageRecord.Status.TIMEOUT, input_estimate("responses"), produced)
+    assert record.charged_tokens == math.ceil(record.input_tokens * 1 + produced * 2)
+    assert balance(metered.member) == (granted, held, used + record.charged_tokens)
     assert verify() == []
 
 
@@ -298,7 +322,7 @@ def test_client_disconnecting_mid_stream_releases_the_hold_and_is_charged_for_wh
     assert verify() == []
 
 
-@pytest.mark.parametrize("endpoint", ["chat", "messages"])
+@pytest.mark.parametrize("endpoint", ["chat", "messages", "responses"])
 def test_stream_ending_without_usage_is_charged_an_estimate_not_free(metered, endpoint):
     metered.upstream.behaviour.omit_usage = True
     _, _, input_multiplier, output_multiplier = APIS[endpoint][1:]
@@ -362,7 +386,7 @@ def test_malformed_request_is_a_400_and_nothing_is_held_charged_or_forwarded(met
     assert verify() == []
 
 
-@pytest.mark.parametrize("endpoint", ["chat", "messages"])
+@pytest.mark.parametrize("endpoint", ["chat", "messages", "responses"])
 def test_body_over_the_size_limit_is_a_413_in_the_apis_shape_not_a_500(metered, endpoint, settings):
     settings.GATEWAY_MAX_BODY_BYTES = 2_000_000  # the gateway's own limit (32 MB by default)
     body = APIS[endpoint][1] | {"messages": [{"role": "user", "content": "x" * 3_000_000}]}

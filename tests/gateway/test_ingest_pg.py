@@ -419,15 +419,17 @@ def test_under_asgi_api_requests_reuse_their_database_connection(crowd):
 
 def test_usage_records_carry_only_the_indexes_their_reads_need(org_a):
     """Each index costs every ingested event an insert: usage records keep the unique key and the
-    three (column, time) indexes, the key's only where one is set, and look-ups by organization,
-    member or key (lists, PROTECT and cascade checks) still find an index."""
+    three (column, time) indexes, the key's only where one is set, the Responses API's ids only
+    where one is set (never by the ingest), and look-ups by organization, member or key (lists,
+    PROTECT and cascade checks) still find an index."""
     with connection.cursor() as cursor:
         cursor.execute("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = %s",
                        [UsageRecord._meta.db_table])
         indexes = dict(cursor.fetchall())
     assert set(indexes) == {f"{UsageRecord._meta.db_table}_pkey", "usage_record_idempotency_key_unique",
-                            "usage_org_time", "usage_member_time", "usage_key_time"}, indexes
+                            "usage_org_time", "usage_member_time", "usage_key_time", "usage_response_id"}, indexes
     assert "WHERE (api_key_id IS NOT NULL)" in indexes["usage_key_time"]
+    assert "WHERE (NOT ((response_id)::text = ''::text))" in indexes["usage_response_id"]
     with unscoped(), connection.cursor() as cursor:
         cursor.execute("SET enable_seqscan = off")
         try:

@@ -220,10 +220,35 @@ tool = st.builds(lambda name, about: {"type": "function", "function": {
 caps = st.one_of(st.none(), st.integers(1, 300), st.integers(10**6, 10**7))  # none, small, huge
 
 
+response_items = st.lists(st.one_of(
+    st.builds(lambda role, content: {"role": role, "content": content},
+              st.sampled_from(["user", "assistant", "developer"]), texts),
+    st.builds(lambda text: {"type": "message", "role": "user", "content": [
+        {"type": "input_text", "text": text}, {"type": "input_image", "image_url": "https://example.com/a.png"}]},
+        texts),
+    st.builds(lambda name, args: {"type": "function_call", "call_id": "c1", "name": name, "arguments": args},
+              st.text("abcxyz_", min_size=1, max_size=12), texts),
+    st.builds(lambda text: {"type": "function_call_output", "call_id": "c1", "output": text}, texts)),
+    min_size=1, max_size=8)
+
+
 @st.composite
 def adversarial_request(draw):
     """(path, body) for the sandbox or the worst-case fake provider, in either API."""
     model = draw(st.sampled_from(["fake-gpt", "fake-claude", "gpt-test"]))
+    if model != "fake-claude" and draw(st.integers(0, 3)) == 0:  # the Responses API, native or translated
+        body = {"model": model, "input": draw(st.one_of(texts.filter(bool), response_items))}
+        if (cap := draw(caps)) is not None:
+            body["max_output_tokens"] = cap
+        if draw(st.booleans()):
+            body["instructions"] = draw(texts)
+        return "/responses", body
+    if model != "fake-claude" and draw(st.integers(0, 5)) == 0:  # legacy completions, several prompts
+        body = {"model": model, "prompt": draw(st.lists(texts.filter(bool), min_size=1, max_size=4)),
+                "n": draw(st.integers(1, 3))}
+        if (cap := draw(caps)) is not None:
+            body["max_tokens"] = cap
+        return "/completions", body
     messages = draw(st.lists(st.builds(lambda role, content: {"role": role, "content": content},
                                        st.sampled_from(["user", "assistant"]), openai_content),
                              min_size=1, max_size=draw(st.sampled_from([3, 200]))))
@@ -248,7 +273,8 @@ def adversarial(metered):
     metered.upstream.behaviour.worst_case = True
     with scope(metered.org.organization):
         key, secret = api_key_services.api_key_create(member=metered.member, actor=metered.member.user,
-                                                      name="everything", endpoints=["chat", "messages"])
+                                                      name="everything", endpoints=["chat", "messages", "responses",
+                                                                                    "completions"])
     set_available(metered.org, metered.member, 20_000)
     return secret
 

@@ -1,6 +1,7 @@
 """The built-in sandbox provider through the real gateway: deterministic replies, streams and
 embeddings, each charged exactly its reported usage times the catalog model's multipliers."""
 
+import json
 import math
 from decimal import Decimal
 
@@ -195,4 +196,164 @@ def test_every_usage_record_matches_its_tokens_and_cost(sandboxed):
         assert record.charged_tokens == charged_for(record.input_tokens, record.output_tokens, record.cached_tokens)
         assert record.cost == cost_of(record.input_tokens, record.output_tokens, record.cached_tokens)
     assert balance(member) == (granted, held, used + sum(record.charged_tokens for record in records))
+    assert verify() == []
+
+
+# -- a faithful sandbox: tools, JSON, choices, stop reasons ---------------------------------------------
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                   "required": ["city"]}}}
+NAMING = [{"role": "user", "content": "Use get_weather for `Paris`."}]
+
+
+def test_a_named_tool_is_called_with_arguments_from_its_schema_and_its_result_ends_in_text(sandboxed):
+    member, client, _ = sandboxed
+    granted, held, used = balance(member)
+    record_id = last_record_id()
+    reply = client.chat.completions.create(model=MODEL, messages=NAMING, tools=[WEATHER], max_tokens=MAX_TOKENS)
+    (choice,) = reply.choices
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris"})
+    assert reply.usage.completion_tokens == sandbox.count_tokens("get_weather" + call.function.arguments)
+    # Tool definitions count toward the input.
+    assert reply.usage.prompt_tokens > sandbox.prompt_tokens({"model": MODEL, "messages": NAMING})
+
+    answer = NAMING + [choice.message.model_dump(exclude_none=True),
+                       {"role": "tool", "tool_call_id": call.id, "content": "21 C and sunny"}]
+    final = client.chat.completions.create(model=MODEL, messages=answer, tools=[WEATHER], max_tokens=MAX_TOKENS)
+    assert final.choices[0].finish_reason == "stop" and is_sandbox_text(final.choices[0].message.content)
+    records = records_after(record_id)
+    assert balance(member) == (granted, held, used + sum(r.charged_tokens for r in records))
+    assert [r.charged_tokens for r in records] == [charged_for(r.input_tokens, r.output_tokens) for r in records]
+
+
+def test_a_streamed_tool_call_assembles_into_the_same_call(sandboxed):
+    _, client, _ = sandboxed
+    whole = client.chat.completions.create(model=MODEL, messages=NAMING, tools=[WEATHER], max_tokens=MAX_TOKENS)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=NAMING, tools=[WEATHER], max_tokens=MAX_TOKENS,
+                                                 stream=True, stream_options={"include_usage": True}))
+    arguments = "".join(call.function.arguments or "" for chunk in chunks if chunk.choices
+                        for call in chunk.choices[0].delta.tool_calls or [])
+    assert arguments == whole.choices[0].message.tool_calls[0].function.arguments
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+@pytest.mark.parametrize("tool_choice, called", [
+    ("none", None), ("auto", "get_weather"), ("required", "get_weather"),
+    ({"type": "function", "function": {"name": "get_time"}}, "get_time"),
+])
+def test_the_tool_choice_is_followed(sandboxed, tool_choice, called):
+    _, client, _ = sandboxed
+    other = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    reply = client.chat.completions.create(model=MODEL, messages=NAMING, tools=[WEATHER, other],
+                                           tool_choice=tool_choice, max_tokens=MAX_TOKENS)
+    calls = reply.choices[0].message.tool_calls or []
+    assert [call.function.name for call in calls] == ([called] if called else [])
+
+
+def test_a_tool_the_turn_does_not_name_is_not_called(sandboxed):
+    _, client, _ = sandboxed
+    reply = client.chat.completions.create(model=MODEL, messages=PROMPT, tools=[WEATHER], max_tokens=MAX_TOKENS)
+    assert reply.choices[0].finish_reason == "stop" and reply.choices[0].message.tool_calls is None
+
+
+def test_json_mode_and_structured_output_are_valid_json(sandboxed):
+    _, client, _ = sandboxed
+    plain = client.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=MAX_TOKENS,
+                                           response_format={"type": "json_object"})
+    assert is_sandbox_text(json.loads(plain.choices[0].message.content)["reply"])
+    schema = {"type": "object", "properties": {"name": {"type": "string"}, "tags": {"type": "array", "items": {
+        "type": "string"}}, "score": {"type": "number", "minimum": 3}, "ok": {"type": "boolean"},
+        "kind": {"enum": ["a", "b"]}, "note": {"type": ["string", "null"]}},
+        "required": ["name", "tags", "score", "ok", "kind"], "additionalProperties": False}
+    structured = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Describe `Ada`."}], max_tokens=MAX_TOKENS,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}})
+    assert json.loads(structured.choices[0].message.content) == {"name": "Ada", "tags": ["sandbox"], "score": 3,
+                                                                 "ok": True, "kind": "a"}
+
+
+def test_n_choices_are_each_written_and_all_counted(sandboxed):
+    _, client, _ = sandboxed
+    reply = client.chat.completions.create(model=MODEL, messages=PROMPT, n=3, max_tokens=MAX_TOKENS)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert all(is_sandbox_text(c.message.content) for c in reply.choices)
+    assert len({c.message.content for c in reply.choices}) == 3
+    assert reply.usage.completion_tokens == sum(sandbox.count_tokens(c.message.content) for c in reply.choices)
+
+
+def test_a_stop_sequence_ends_the_reply_with_each_apis_stop_reason(sandboxed):
+    _, client, anthropic_client = sandboxed
+    whole = client.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=MAX_TOKENS).choices[0]
+    stop = whole.message.content.split(" ")[3]
+    cut = client.chat.completions.create(model=MODEL, messages=PROMPT, max_tokens=MAX_TOKENS, stop=[stop]).choices[0]
+    assert cut.finish_reason == "stop" and cut.message.content == whole.message.content[
+        :whole.message.content.index(stop)]
+    message = anthropic_client.messages.create(model=MODEL, max_tokens=MAX_TOKENS, messages=PROMPT,
+                                               stop_sequences=[stop])
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", stop)
+    assert anthropic_client.messages.create(model=MODEL, max_tokens=2, messages=PROMPT).stop_reason == "max_tokens"
+
+
+def test_an_image_counts_a_fixed_number_of_tokens(sandboxed):
+    _, client, _ = sandboxed
+    text = {"type": "text", "text": "What is in it?"}
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "iVBORw0KGgo" * 500}}
+    without = client.chat.completions.create(model=MODEL, max_tokens=MAX_TOKENS,
+                                             messages=[{"role": "user", "content": [text]}])
+    with_image = client.chat.completions.create(model=MODEL, max_tokens=MAX_TOKENS,
+                                                messages=[{"role": "user", "content": [text, image]}])
+    assert with_image.usage.prompt_tokens - without.usage.prompt_tokens == sandbox.IMAGE_TOKENS
+
+
+def test_anthropic_structured_output_and_a_forced_tool(sandboxed):
+    _, _, client = sandboxed
+    tool = {"name": "lookup", "input_schema": {"type": "object", "properties": {"q": {"type": "string"}},
+                                               "required": ["q"]}}
+    forced = client.messages.create(model=MODEL, max_tokens=MAX_TOKENS, messages=PROMPT, tools=[tool],
+                                    tool_choice={"type": "tool", "name": "lookup"})
+    assert forced.stop_reason == "tool_use" and forced.content[0].input == {"q": "sandbox"}
+    structured = client.messages.create(
+        model=MODEL, max_tokens=MAX_TOKENS, messages=[{"role": "user", "content": "Name `Bo`."}],
+        extra_body={"output_format": {"type": "json_schema", "schema": {
+            "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}})
+    assert json.loads(structured.content[0].text) == {"name": "Bo"}
+
+
+# -- legacy completions and moderations --------------------------------------------------------------------
+
+
+def test_legacy_completions_plain_and_streamed_are_charged_their_usage(sandboxed):
+    member, client, _ = sandboxed
+    granted, held, used = balance(member)
+    record_id = last_record_id()
+    whole = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=5, n=2)
+    assert [c.finish_reason for c in whole.choices] == ["length", "length"]
+    assert whole.usage.prompt_tokens == sandbox.count_tokens("Once upon a time")
+    assert whole.usage.completion_tokens == sum(sandbox.count_tokens(c.text) for c in whole.choices) <= 10
+    chunks = list(client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=5, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == sandbox.completion(
+        {"prompt": "Once upon a time"}, 5)["choices"][0]["text"]
+    records = records_after(record_id)
+    assert [(r.endpoint, r.status) for r in records] == [("completions", "ok")] * 2
+    assert records[0].charged_tokens == charged_for(whole.usage.prompt_tokens, whole.usage.completion_tokens)
+    assert balance(member) == (granted, held, used + sum(r.charged_tokens for r in records))
+
+
+def test_moderations_flag_nothing_and_are_charged_their_input_bound(sandboxed):
+    from gateway import bounds
+
+    member, client, _ = sandboxed
+    record_id = last_record_id()
+    result = client.moderations.create(model=MODEL, input=["first text", "second text"])
+    assert [r.flagged for r in result.results] == [False, False]
+    record = the_record_after(record_id)
+    body = {"model": MODEL, "input": ["first text", "second text"]}
+    assert (record.endpoint, record.status, record.output_tokens) == ("moderations", "ok", 0)
+    assert record.input_tokens == bounds.bound("moderations", "openai", body, most_output=1).input_tokens
+    assert "reports no usage" in record.detail
     assert verify() == []

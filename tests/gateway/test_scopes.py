@@ -255,7 +255,7 @@ def test_key_inside_its_allowed_ip_ranges_works(metered):
 CAPPED_BODY = {"model": "fake-gpt", "messages": PROMPT, "max_tokens": 10}
 # Its reserve: the input bound (gateway.bounds) plus 10 output tokens at x2. The fake provider
 # reports 11 input and 7 output tokens: 25 charged.
-CAPPED_RESERVE = bounds.bound("chat", "openai", CAPPED_BODY, default_output=1).input_tokens + 2 * 10
+CAPPED_RESERVE = bounds.bound("chat", "openai", CAPPED_BODY, most_output=10**6).input_tokens + 2 * 10
 CAPPED_CHARGE = 11 + 2 * 7
 
 
@@ -316,7 +316,16 @@ def test_key_of_another_organization_can_neither_see_nor_use_its_models(metered,
 # -- the SDKs see a spent allowance as final ------------------------------------------------------
 
 
+def allow_long_replies(metered, tokens=200_000):
+    """Catalog models that can write `tokens` in a reply: a large max_tokens is then held as it is."""
+    with scope(metered.org.organization):
+        for model in (metered.gpt, metered.claude):
+            allowance_services.catalog_model_update(catalog_model=model, actor=metered.org.members["admin"].user,
+                                                    max_output_tokens=tokens)
+
+
 def test_openai_sdk_gets_rate_limit_error_for_a_spent_allowance_and_does_not_retry(metered):
+    allow_long_replies(metered)
     client = openai.OpenAI(api_key=metered.key, base_url=metered.url)  # the default max_retries=2
     assert client.max_retries == 2
     before, refused_before = balance(metered.member), refused_records()
@@ -343,13 +352,14 @@ def test_reserve_of_a_request_for_several_choices_covers_every_choice(metered):
     body = {"model": "fake-gpt", "messages": PROMPT, "max_tokens": 100, "n": 50}
     with pytest.raises(openai.RateLimitError) as raised:
         client.chat.completions.create(**body)
-    worst = bounds.bound("chat", "openai", body, default_output=1).input_tokens + 2 * 100 * 50
+    worst = bounds.bound("chat", "openai", body, most_output=10**6).input_tokens + 2 * 100 * 50
     assert f"may use up to {worst:,} tokens" in raised.value.message
     assert metered.upstream.requests == []
     assert balance(metered.member) == before
 
 
 def test_anthropic_sdk_gets_rate_limit_error_for_a_spent_allowance_and_does_not_retry(metered):
+    allow_long_replies(metered)
     client = anthropic.Anthropic(api_key=metered.key, base_url=metered.url.removesuffix("/v1"))
     assert client.max_retries == 2
     before, refused_before = balance(metered.member), refused_records()

@@ -253,11 +253,21 @@ def test_gateway_routes_never_reach_another_organization(org_a, org_b):
     from tests.gateway.conftest import close_server_connections
     from tests.support.fake_upstream import ServerThread
 
+    import re
+
+    from gateway.models import UsageRecord
+
     secret, bodies, b_names = _aimed_at_b(org_a, org_b)
-    assert {"/v1/chat/completions", "/v1/messages", "/v1/embeddings", "/v1/models"} <= set(VIEWS)
+    with unscoped():  # a response B's employee made, which A's key must not reach
+        UsageRecord.all_objects.create(organization=org_b.organization, member=org_b.members["employee"],
+                                       model="only-in-b", endpoint="responses", status="ok", response_id="resp_of_b")
+    assert {"/v1/chat/completions", "/v1/messages", "/v1/embeddings", "/v1/models", "/v1/responses",
+            "/v1/models/{model_id:path}", "/v1/responses/{response_id}"} <= set(VIEWS)
+    aimed = {"model_id": "only-in-b", "response_id": "resp_of_b"}
     before = snapshot(org_b.organization)
     with ServerThread(application) as server:
-        for path in VIEWS:
+        for template in VIEWS:
+            path = re.sub(r"\{(\w+)(:path)?\}", lambda m: aimed[m[1]], template)
             for body in bodies:
                 for method in METHODS:
                     response = httpx.request(method.upper(), server.url + path, headers={

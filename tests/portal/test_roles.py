@@ -44,6 +44,8 @@ EXPECTED = {
     "grant_revoke": PEOPLE,  # POST-only
     "catalog": ADMINS,
     "catalog_model_edit": ADMINS,
+    "model_alias_create": ADMINS,  # POST-only
+    "model_alias_delete": ADMINS,  # POST-only
     # API keys: every member manages their own; admins see and revoke all.
     "key_list": EVERYONE,
     "key_create": EVERYONE,  # POST-only
