@@ -210,8 +210,8 @@ def test_fifty_agent_streams_asking_64000_are_not_refused_for_phantom_reserves(m
     assert all(text.rstrip().endswith(("data: [DONE]", '{"type": "message_stop"}')) or "response.completed" in
                text.rsplit("event: ", 1)[-1] for _, text in results)
     sent = [request["body"] for request in metered.upstream.requests]
-    assert len(sent) == 50 and {body.get("max_tokens") or body.get("max_output_tokens") for body in sent} == {
-        AGENT_MODEL_MOST}
+    caps = {body.get("max_tokens") or body.get("max_completion_tokens") or body.get("max_output_tokens") for body in sent}
+    assert len(sent) == 50 and caps == {AGENT_MODEL_MOST}
     real = sum(AGENT_STREAMS[path][1] for path, _ in requests)
     assert balance(metered.member) == (granted, 0, used + real)
     records = records_after(record_id)

@@ -194,7 +194,7 @@ def test_an_event_from_year_one_is_rejected_and_the_usage_page_still_reads(clien
 
 
 def test_anthropics_cumulative_counts_in_message_delta_are_taken():
-    reader = StreamReader("anthropic", pass_usage_chunk=False)
+    reader = StreamReader("messages", pass_usage_chunk=False)
     reader.feed(b'event: message_start\ndata: {"type": "message_start", "message": {"usage": '
                 b'{"input_tokens": 10, "output_tokens": 1}}}\n\n')
     reader.feed(b'event: message_delta\ndata: {"type": "message_delta", "usage": {"input_tokens": 250, '
