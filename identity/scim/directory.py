@@ -14,7 +14,7 @@ from django.db import transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 from scim2_models import (
-    ConflictException,
+    UniquenessException,
     Email,
     Group,
     GroupMember,
@@ -142,7 +142,7 @@ def user_create(*, organization: Organization, actor_member: Member, resource: U
     if member is not None:
         entry = _entry(member, member=member)
         if entry.deleted_at is None:
-            raise ConflictException(detail=f"A User with userName {email!r} exists.")
+            raise UniquenessException(detail=f"A User with userName {email!r} exists.")
         entry.deleted_at = None
         entry.save(update_fields=["deleted_at"])
         log_action(actor=actor_member.user, organization=organization, action="member.provisioned", obj=member,
@@ -221,7 +221,7 @@ def group_create(*, organization: Organization, actor_member: Member, resource: 
     name = (resource.display_name or "").strip()
     wanted = _member_ids(organization, resource)
     if Team.objects.filter(organization=organization, name__iexact=name).exists():
-        raise ConflictException(detail=f"A Group with displayName {name!r} exists.")
+        raise UniquenessException(detail=f"A Group with displayName {name!r} exists.")
     team = _service(lambda: portal_services.team_create(organization=organization, actor=actor_member.user, name=name))
     _set_external_id(team, resource.external_id, team=team)
     _move_members(team=team, wanted=wanted, actor_member=actor_member, via=via)
@@ -234,7 +234,7 @@ def group_replace(*, team: Team, actor_member: Member, resource: Group, via: str
     name = (resource.display_name or "").strip()
     if name != team.name:
         if Team.objects.filter(organization=team.organization, name__iexact=name).exclude(pk=team.pk).exists():
-            raise ConflictException(detail=f"A Group with displayName {name!r} exists.")
+            raise UniquenessException(detail=f"A Group with displayName {name!r} exists.")
         _service(lambda: portal_services.team_update(team=team, actor=actor_member.user, name=name,
                                                      cost_centre=team.cost_centre))
     _set_external_id(team, resource.external_id, team=team)

@@ -29,6 +29,7 @@ from scim2_models import (
     Patch,
     PatchOp,
     ResourceType,
+    ResponseParameters,
     Schema,
     SCIMException,
     ServiceProviderConfig,
@@ -126,11 +127,11 @@ class ScimView(OrganizationAPIView, APIView):
         return model.model_validate(self.request.data, scim_ctx=context)
 
     def answer(self, resource, context: Context, status: int = 200) -> Response:
-        attributes = self.request.query_params.get("attributes")
-        excluded = self.request.query_params.get("excludedAttributes")
-        data = resource.model_dump(scim_ctx=context,
-                                   attributes=attributes.split(",") if attributes else None,
-                                   excluded_attributes=excluded.split(",") if excluded else None)
+        """The resource as SCIM serializes it, with the attributes the query asks for (RFC 7644 §3.9)."""
+        query = self.request.query_params
+        parameters = ResponseParameters.model_validate(
+            {name: query[name] for name in ("attributes", "excludedAttributes") if query.get(name)})
+        data = resource.model_dump(scim_ctx=context, response_parameters=parameters)
         return Response(data, status=status, headers={"Location": resource.meta.location} if status == 201 else None)
 
 
