@@ -168,6 +168,7 @@ def identity_provider_save(*, organization: Organization, actor: User, client_se
     must now use it (everyone but the break-glass owner)."""
     existing = IdentityProvider.objects.select_for_update().filter(organization=organization).first()
     cleaned = _clean_provider(organization=organization, data=data, client_secret=client_secret, existing=existing)
+    was_required = existing is not None and existing.sso_required
     provider = existing or IdentityProvider(organization=organization)
     diff = changes(provider, PROVIDER_FIELDS, cleaned) if existing else {
         field: [None, getattr(value, "pk", value)] for field, value in cleaned.items() if field != "metadata_xml"}
@@ -186,7 +187,7 @@ def identity_provider_save(*, organization: Organization, actor: User, client_se
     if diff:
         log_action(actor=actor, organization=organization, obj=provider, data=diff,
                    action="identity_provider.created" if existing is None else "identity_provider.updated")
-    if provider.sso_required and (existing is None or not existing.sso_required):
+    if provider.sso_required and not was_required:
         ended = organization_password_sessions_end(organization=organization, except_member=provider.break_glass_member)
         log_action(actor=actor, organization=organization, action="identity_provider.sso_required", obj=provider,
                    data={"break_glass": provider.break_glass_member.user.email, "password_sessions_ended": ended})
