@@ -59,8 +59,14 @@ def refuse(request, provider: IdentityProvider | None, reason: str):
 
 class SocialAccountAdapter(DefaultSocialAccountAdapter):
     def list_apps(self, request, provider=None, client_id=None):
+        if provider in (None, *ALLAUTH_PROVIDER.values()):
+            kind = next((kind for kind, name in ALLAUTH_PROVIDER.items() if name == provider), None)
+            # allauth names a SAML app by its client id, the organization's slug.
+            candidates = selectors.providers(kind=kind, slug=client_id if kind == IdentityProvider.Kind.SAML else None)
+        else:  # a provider id, `<slug>-<kind>`
+            candidates = [found] if (found := selectors.provider_by_id(provider)) else []
         apps = []
-        for identity_provider in selectors.providers():
+        for identity_provider in candidates:
             try:
                 app = social_app(identity_provider)
             except ValueError:  # SAML metadata that no longer reads: that provider is unusable

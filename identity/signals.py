@@ -19,7 +19,6 @@ def _signed_in(sender, request, user, sociallogin=None, **kwargs):
     provider = identity_provider_of(sociallogin)
     if provider is None:
         return
-    member = services.sso_member_join(provider=provider, user=user)
+    services.sso_member_join(provider=provider, user=user)
     request.session[SIGNED_IN_THROUGH] = provider.organization_id
     request.session[LAST_ORGANIZATION_KEY] = provider.organization.slug
-    return member
