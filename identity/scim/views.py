@@ -11,7 +11,7 @@ import logging
 
 from django.core.exceptions import RequestDataTooBig
 from pydantic import ValidationError as PydanticValidationError
-from rest_framework import exceptions, parsers, renderers
+from rest_framework import exceptions, renderers
 from rest_framework.permissions import BasePermission
 from rest_framework.response import Response
 from rest_framework.views import APIView, set_rollback
