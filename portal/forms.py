@@ -7,7 +7,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 
 from portal import services
-from portal.models import CURRENCY_CHOICES
+from portal.models import CURRENCY_CHOICES, Organization
 from portal.tenancy import ROLES
 
 TIME_ZONE_CHOICES = [(name, name) for name in sorted(zoneinfo.available_timezones())]
@@ -46,6 +46,8 @@ class OrganizationForm(forms.Form):
     name = forms.CharField(max_length=120)
     time_zone = forms.ChoiceField(choices=TIME_ZONE_CHOICES)
     currency = forms.ChoiceField(choices=CURRENCY_CHOICES)
+    leaver_allowance = forms.ChoiceField(choices=Organization.LeaverAllowance.choices, required=False,
+                                         label="Allowance left when a member is deactivated")
 
 
 class OrganizationCreateForm(forms.Form):

@@ -80,11 +80,18 @@ class User(AbstractUser):
 class Organization(models.Model):
     """The tenant: one company."""
 
+    class LeaverAllowance(models.TextChoices):
+        KEEP = "keep", "Stays on their account, for HR to transfer"
+        FORFEIT = "forfeit", "Is forfeited"
+
     name = models.CharField(max_length=120)
     slug = models.SlugField(max_length=60, unique=True)
     time_zone = models.CharField(max_length=64, default="UTC", validators=[validate_time_zone])
     currency = models.CharField(max_length=3, choices=CURRENCY_CHOICES, default="USD")
     created_at = models.DateTimeField(default=timezone.now)
+    # What happens to the allowance left on a member's account when they are deactivated.
+    leaver_allowance = models.CharField("allowance of a deactivated member", max_length=8,
+                                        choices=LeaverAllowance.choices, default=LeaverAllowance.KEEP)
 
     class Meta:
         ordering = ["name"]

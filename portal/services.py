@@ -7,6 +7,7 @@ and records the privileged action in the audit log. Errors are `ValidationError`
 from __future__ import annotations
 
 import secrets
+import uuid
 from datetime import timedelta
 
 from django.conf import settings
@@ -24,6 +25,8 @@ from portal.models import Invitation, Member, Organization, Team, User, hash_tok
 from portal.tenancy import ROLES, scope
 
 INVITATION_LIFETIME = timedelta(days=14)
+# The session of a login through an organization's identity provider names that organization.
+SIGNED_IN_THROUGH = "portal_signed_in_through"
 RESERVED_SLUGS = {"new", "admin", "api", "static", "accounts", "invitations", "orgs"}
 
 
@@ -55,8 +58,10 @@ def organization_create(*, name: str, owner: User, time_zone: str = "UTC", curre
 
 
 @transaction.atomic
-def organization_update(*, organization: Organization, actor: User, name: str, time_zone: str, currency: str) -> Organization:
-    new = {"name": name.strip(), "time_zone": time_zone, "currency": currency}
+def organization_update(*, organization: Organization, actor: User, name: str, time_zone: str, currency: str,
+                        leaver_allowance: str | None = None) -> Organization:
+    new = {"name": name.strip(), "time_zone": time_zone, "currency": currency,
+           "leaver_allowance": leaver_allowance or organization.leaver_allowance}
     diff = changes(organization, new.keys(), new)
     for field, value in new.items():
         setattr(organization, field, value)
@@ -130,8 +135,11 @@ def _active_owner_count(organization: Organization) -> int:
 
 
 @transaction.atomic
-def member_update(*, member: Member, actor_member: Member, team: Team | None, roles=None, is_active: bool | None = None) -> Member:
-    """Change a member's team, roles or active state. The last active owner cannot be removed."""
+def member_update(*, member: Member, actor_member: Member, team: Team | None, roles=None, is_active: bool | None = None,
+                  via: str = "") -> Member:
+    """Change a member's team, roles or active state. The last active owner cannot be removed; a
+    member deactivated loses their access at once (member_access_end). `via` says for the audit log
+    how the actor acted (e.g. through the directory's SCIM token)."""
     # Lock the organization's owner rows so two admins cannot demote the last two owners at once.
     list(Member.objects.select_for_update().filter(organization=member.organization, is_owner=True))
     new: dict = {"team": team}
@@ -163,9 +171,48 @@ def member_update(*, member: Member, actor_member: Member, team: Team | None, ro
         setattr(member, field, value)
     member.save()
     if diff:
-        action = "member.deactivated" if diff.get("is_active") == [True, False] else "member.updated"
-        log_action(actor=actor_member.user, organization=member.organization, action=action, obj=member, data=diff)
+        deactivated = diff.get("is_active") == [True, False]
+        via_data = {"via": via} if via else {}
+        log_action(actor=actor_member.user, organization=member.organization,
+                   action="member.deactivated" if deactivated else "member.updated", obj=member, data=diff | via_data)
+        if deactivated:
+            log_action(actor=actor_member.user, organization=member.organization, action="member.access_ended",
+                       obj=member, data=member_access_end(member=member, actor=actor_member.user) | via_data)
     return member
+
+
+def member_access_end(*, member: Member, actor: User | None) -> dict:
+    """What a member's deactivation ends at once, wherever it was made (the members page, the REST
+    API, the directory): their sessions with access to this organization, their API keys (refused
+    from the next request: the saved member drops the keys' cached identities, apikeys.signals), and
+    their open holds (released through the ledger). Their ledger stays; the allowance left on their
+    account follows the organization's rule for leavers: it stays for HR, or is forfeited.
+    Returns what it did, for the audit log."""
+    from allowances import ledger
+    from allowances.models import Account
+    from allowances.services import account_holds_release
+
+    organization = member.organization
+    ended = {
+        "sessions_ended": user_sessions_end(user=member.user, organization=organization),
+        "holds_released": account_holds_release(member_ids=[member.pk], reason="the member was deactivated"),
+    }
+    account = Account.objects.filter(member=member).first()
+    if organization.leaver_allowance == Organization.LeaverAllowance.FORFEIT and account is not None:
+        key = f"leaver:{uuid.uuid4().hex}"
+        for _attempt in range(5):  # a request in flight may still settle usage: never cut below zero
+            account.refresh_from_db(fields=["granted", "held", "used"])
+            if account.available <= 0:
+                break
+            try:
+                ledger.post(account=account, kind=ledger.Kind.ADJUSTMENT, tokens=-account.available, guard="zero",
+                            idempotency_key=key, actor=actor, reason="Forfeited: the member was deactivated",
+                            reference=f"member:{member.pk}")
+            except ledger.InsufficientTokens:
+                continue
+            ended["tokens_forfeited"] = account.available
+            break
+    return ended
 
 
 def _invitation_url(token: str) -> str:
@@ -259,13 +306,35 @@ def user_create_from_invitation(*, invitation: Invitation, password: str, first_
     return user
 
 
-def user_sessions_end(*, user: User) -> int:
-    """Log `user` out everywhere: delete every session logged in as them; returns how many.
+def _sessions_end(user_ids, *, ends=lambda data: True) -> int:
+    """Delete the live sessions logged in as one of `user_ids` whose data `ends`; returns how many.
 
     Sessions are stored in the database (Django's default engine) and are not indexed by user, so
-    each live one is read; this runs when an account is disabled, which is rare.
+    each live one is read; this runs when an account, a membership or a login rule changes, which
+    is rare.
     """
+    user_ids = {str(pk) for pk in user_ids}
     theirs = [session.pk for session in Session.objects.filter(expire_date__gt=timezone.now()).iterator()
-              if session.get_decoded().get(SESSION_KEY) == str(user.pk)]
+              if (data := session.get_decoded()).get(SESSION_KEY) in user_ids and ends(data)]
     Session.objects.filter(pk__in=theirs).delete()
     return len(theirs)
+
+
+def user_sessions_end(*, user: User, organization: Organization | None = None) -> int:
+    """Log `user` out everywhere: delete every session logged in as them; returns how many. With an
+    `organization`, only the sessions that have access to it alone: those signed in through its
+    identity provider, and every one when the user is an active member of no other organization."""
+    if organization is None or not Member.all_objects.filter(user=user, is_active=True).exclude(
+            organization=organization).exists():
+        return _sessions_end([user.pk])
+    return _sessions_end([user.pk], ends=lambda data: data.get(SIGNED_IN_THROUGH) == organization.pk)
+
+
+def organization_password_sessions_end(*, organization: Organization, except_member: Member | None) -> int:
+    """End the sessions of the organization's active members that were not signed in through its
+    identity provider (it now requires single sign-on), but for `except_member`'s (break-glass)."""
+    members = Member.all_objects.filter(organization=organization, is_active=True)
+    if except_member is not None:
+        members = members.exclude(pk=except_member.pk)
+    return _sessions_end(members.values_list("user_id", flat=True),
+                         ends=lambda data: data.get(SIGNED_IN_THROUGH) != organization.pk)

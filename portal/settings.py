@@ -79,11 +79,15 @@ INSTALLED_APPS = [
     "allauth",
     "allauth.account",
     "allauth.mfa",
+    "allauth.socialaccount",
+    "allauth.socialaccount.providers.openid_connect",
+    "allauth.socialaccount.providers.saml",
     "portal",
     "allowances",
     "apikeys",
     "gateway",
     "billing",
+    "identity",
 ]
 
 MIDDLEWARE = [
@@ -173,6 +177,10 @@ ACCOUNT_EMAIL_SUBJECT_PREFIX = "[Token allowance portal] "
 MFA_SUPPORTED_TYPES = ["totp", "recovery_codes"]
 MFA_TOTP_ISSUER = "Token allowance portal"
 MFA_ADAPTER = "portal.mfa.MFAAdapter"
+# Single sign-on: each organization's identity provider, configured on its settings pages (identity/).
+ACCOUNT_FORMS = {"login": "identity.forms.LoginForm"}
+SOCIALACCOUNT_ADAPTER = "identity.adapter.SocialAccountAdapter"
+SOCIALACCOUNT_EMAIL_AUTHENTICATION_AUTO_CONNECT = True
 
 EMAIL_BACKEND = env("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
 EMAIL_HOST = env("EMAIL_HOST", "localhost")
@@ -250,6 +258,11 @@ API_KEY_HASH_KEY = env("API_KEY_HASH_KEY")
 # Encrypts provider secrets at rest (a Fernet key: `python -c "from cryptography.fernet import Fernet;
 # print(Fernet.generate_key().decode())"`); defaults to one derived from SECRET_KEY.
 PROVIDER_SECRETS_KEY = env("PROVIDER_SECRETS_KEY")
+# Encrypts identity providers' client secrets at rest (a Fernet key, made the same way); defaults to
+# one derived from SECRET_KEY. Changing it makes the stored secrets unreadable: enter them again.
+SSO_SECRETS_KEY = env("SSO_SECRETS_KEY")
+# Name servers asked for the TXT records that verify email domains; none: the system's.
+IDENTITY_DNS_NAMESERVERS = env_list("IDENTITY_DNS_NAMESERVERS")
 # Threads serving pages and the REST API in each server process (each keeps a database connection).
 WEB_THREADS = int(env("WEB_THREADS", "10"))
 # Encrypts TOTP secrets and recovery-code seeds at rest (a Fernet key, made the same way); defaults

@@ -160,8 +160,9 @@ def require_roles(*roles: str):
 
 
 def _is_api_path(path: str) -> bool:
-    # The REST API answers in JSON, also when no route matches (the gateway's /v1/ never comes here).
-    return path.startswith("/api/")
+    # The REST API and the directory's SCIM API answer in JSON, also when no route matches (the
+    # gateway's /v1/ never comes here); their callers are authenticated by the APIs' own classes.
+    return path.startswith(("/api/", "/scim/"))
 
 
 def member_for(*, slug: str | None, user=None, key=None):

@@ -1,6 +1,7 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from identity import urls as identity_urls
 from portal import views
 
 organization_patterns = [
@@ -23,7 +24,10 @@ urlpatterns = [
     path("o/<slug:org_slug>/", include("allowances.urls")),
     path("o/<slug:org_slug>/", include("apikeys.urls")),
     path("o/<slug:org_slug>/", include("gateway.page_urls")),
+    path("o/<slug:org_slug>/", include(identity_urls.organization_patterns)),
+    path("accounts/", include(identity_urls.login_patterns)),
     path("accounts/", include("allauth.urls")),
+    path("scim/v2/o/<slug:org_slug>/", include("identity.scim.urls")),
     path("admin/", admin.site.urls),
     path("", include("portal.api.urls")),
 ]

@@ -252,6 +252,7 @@ def organization_settings(request):
     organization = request.organization
     form = OrganizationForm(request.POST or None, initial={
         "name": organization.name, "time_zone": organization.time_zone, "currency": organization.currency,
+        "leaver_allowance": organization.leaver_allowance,
     })
     if request.method == "POST" and form.is_valid():
         try:

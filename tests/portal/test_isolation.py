@@ -19,8 +19,15 @@ from tests.urlwalk import walk
 METHODS = ["get", "post", "put", "patch", "delete"]
 DENIED = {403, 404}
 # Kwargs of allauth's own account routes: secrets of one user's email or password reset, never an
-# organization's data.
-USER_ACCOUNT_KWARGS = {"key", "uidb36"}
+# organization's data; and the login routes of organizations' identity providers (allauth's OpenID
+# Connect and SAML views), public by design: they start or finish a login and hold no data.
+USER_ACCOUNT_KWARGS = {"key", "uidb36", "provider_id", "organization_slug"}
+# The directory's SCIM API takes SCIM tokens only: a session is refused as no credential at all.
+SCIM_DENIED = DENIED | {401}
+
+
+def denied(route) -> set[int]:
+    return SCIM_DENIED if route.route.startswith("scim/") else DENIED
 
 
 def tenant_models():
@@ -111,7 +118,7 @@ def test_every_route_refuses_another_organizations_objects(client, org_a, org_b)
     for route in walk():
         if route.namespace == "admin":
             continue  # platform staff only: see test_admin_is_platform_staff_only
-        is_api = route.route.startswith("api/")
+        is_api = route.route.startswith(("api/", "scim/"))
         names = route.kwarg_names
         if not names:
             # Routes without ids (sign-up, new organization, account pages) may be used, but a
@@ -132,7 +139,7 @@ def test_every_route_refuses_another_organizations_objects(client, org_a, org_b)
                     continue  # the route does not take this method at all
                 response = as_intruder(method, route.build(**values), body, is_api)
                 checked += 1
-                if response.status_code not in DENIED:
+                if response.status_code not in denied(route):
                     failures.append(f"{method.upper()} {route.build(**values)} -> {response.status_code}")
 
     assert not failures, "cross-organization requests not refused:\n" + "\n".join(failures)
@@ -171,10 +178,38 @@ def test_anonymous_requests_to_organization_routes_are_refused(client, org_b):
             continue
         values = kwargs_for(route, org_b, org_b)
         response = client.post(route.build(**values), data={"name": "anonymous"})
-        if route.route.startswith("api/"):
+        if route.route.startswith(("api/", "scim/")):
             assert response.status_code == 401, route.route
         else:
             assert response.status_code == 302 and "/accounts/login/" in response["Location"], route.route
+    assert snapshot(org_b.organization) == before
+
+
+def test_a_scim_token_of_one_organization_never_reaches_anothers_directory(client, org_a, org_b):
+    """A's SCIM token aimed at every discovered SCIM route of B, and at A's own with B's ids: 404
+    (no such organization, no such resource), in SCIM's error shape, and nothing of B changes."""
+    before = snapshot(org_b.organization)
+    body = hostile_body(org_b) | {"schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+                                  "userName": org_b.members["employee"].user.email, "active": False,
+                                  "Operations": [{"op": "replace", "path": "active", "value": False}]}
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {org_a.scim_token_secret}"}
+    checked = 0
+    for route in walk():
+        if not route.route.startswith("scim/"):
+            continue
+        aims = [kwargs_for(route, org_b, org_b)]
+        if len(route.kwarg_names) > 1:
+            aims.append(kwargs_for(route, org_a, org_b))
+        for values in aims:
+            for method in METHODS:
+                data = {} if method == "get" else {"data": json.dumps(body), "content_type": "application/scim+json"}
+                response = getattr(client, method)(route.build(**values), **data, **headers)
+                checked += 1
+                own_org = values["org_slug"] == org_a.slug
+                assert response.status_code in ({404, 405} if own_org else {404}), (
+                    method, route.build(**values), response.status_code, response.content)
+                assert response.json()["schemas"] == ["urn:ietf:params:scim:api:messages:2.0:Error"]
+    assert checked >= 30
     assert snapshot(org_b.organization) == before
 
 

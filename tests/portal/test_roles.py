@@ -56,6 +56,13 @@ EXPECTED = {
     "provider_list": ADMINS,
     "provider_edit": ADMINS,
     "usage_list": EVERYONE,
+    # Company identity: the identity provider, email domains and SCIM tokens are the admins'.
+    "identity_settings": ADMINS,
+    "identity_provider_test": ADMINS,  # POST-only
+    "identity_provider_delete": ADMINS,  # POST-only
+    "email_domain_verify": ADMINS,  # POST-only
+    "email_domain_remove": ADMINS,  # POST-only
+    "scim_token_revoke": ADMINS,  # POST-only
 }
 
 # API route name -> the roles that may GET it. Everyone else gets 403.
@@ -138,7 +145,11 @@ def _path(route, org) -> str:
 
 
 def organization_pages():
-    return [r for r in walk() if "org_slug" in r.kwarg_names and not r.route.startswith("api/")]
+    return [r for r in walk() if "org_slug" in r.kwarg_names and not r.route.startswith(("api/", "scim/"))]
+
+
+def scim_routes():
+    return [r for r in walk() if r.route.startswith("scim/")]
 
 
 def organization_api_routes():
@@ -232,6 +243,19 @@ def test_refused_roles_cannot_post_to_any_page(client, org_a):
                 failures.append(f"POST {path} as {role}: {status}, expected 403")
     assert not failures, "\n".join(failures)
     assert _snapshot(org_a.organization) == before
+
+
+def test_no_role_reaches_the_directorys_scim_api_with_a_session(client, org_a):
+    """SCIM takes the organization's SCIM token only: a member's session, whatever their roles, is no credential."""
+    routes = scim_routes()
+    assert {"scim_users", "scim_user", "scim_groups", "scim_group"} <= {route.name for route in routes}
+    for route in routes:
+        path = _path(route, org_a)
+        for role in ROLES:
+            client.force_login(org_a.members[role].user, backend="django.contrib.auth.backends.ModelBackend")
+            for method in ("get", "post", "delete"):
+                response = getattr(client, method)(path)
+                assert response.status_code == 401, (method, path, role, response.status_code)
 
 
 @pytest.mark.parametrize("role", sorted(EXPECTED["invitation_revoke"]))

@@ -1,0 +1,102 @@
+"""Reads for company identity: which identity provider an email address logs in with, whether a
+password login is refused, an organization's identity settings.
+
+Login happens before any organization is known, so the look-ups by email address and by provider
+are deliberately unscoped: they read only what a login needs.
+"""
+
+from __future__ import annotations
+
+from django.db.models import QuerySet
+
+from identity.models import EmailDomain, IdentityProvider, ScimToken
+from portal.models import Member, Organization, User
+from portal.tenancy import unscoped
+
+
+def email_domain_of(email: str) -> str:
+    return (email or "").rpartition("@")[2].strip().lower()
+
+
+def verified_organization_for(email: str) -> Organization | None:
+    """The organization that has verified the domain of `email`, if one has."""
+    domain = email_domain_of(email)
+    if not domain:
+        return None
+    with unscoped():
+        found = EmailDomain.objects.filter(domain__iexact=domain, verified_at__isnull=False).select_related(
+            "organization").first()
+    return found.organization if found else None
+
+
+def provider_for_email(email: str) -> IdentityProvider | None:
+    """The identity provider an address logs in with: that of the organization that verified its domain."""
+    organization = verified_organization_for(email)
+    if organization is None:
+        return None
+    with unscoped():
+        return IdentityProvider.objects.select_related("organization").filter(organization=organization).first()
+
+
+def provider_by_id(provider_id: str) -> IdentityProvider | None:
+    """The identity provider with this django-allauth provider id (`<slug>-<kind>`), or None."""
+    slug, _dash, kind = provider_id.rpartition("-")
+    with unscoped():
+        return IdentityProvider.objects.select_related("organization").filter(
+            organization__slug=slug, kind=kind).first()
+
+
+def providers(*, kind: str | None = None, slug: str | None = None) -> list[IdentityProvider]:
+    with unscoped():
+        found = IdentityProvider.objects.select_related("organization")
+        if kind:
+            found = found.filter(kind=kind)
+        if slug:
+            found = found.filter(organization__slug=slug)
+        return list(found)
+
+
+def email_is_organizations(*, organization: Organization, email: str) -> bool:
+    """Whether `email` is in a domain `organization` has verified: only then may its identity
+    provider or directory vouch for the address (link, create or provision an account with it)."""
+    verified = verified_organization_for(email)
+    return verified is not None and verified.pk == organization.pk
+
+
+def password_login_refusal(user: User) -> str | None:
+    """Why `user` may not log in with a password, or None: an organization they are an active member
+    of requires single sign-on, and they are not its break-glass owner."""
+    with unscoped():
+        memberships = Member.objects.filter(user=user, is_active=True).values_list("pk", "organization_id")
+        required = {provider.organization_id: provider for provider in IdentityProvider.objects.filter(
+            sso_required=True, organization_id__in=[org for _pk, org in memberships]).select_related("organization")}
+    for member_id, organization_id in memberships:
+        provider = required.get(organization_id)
+        if provider is not None and provider.break_glass_member_id != member_id:
+            return (f"{provider.organization.name} requires single sign-on: continue with your company account "
+                    f"({provider.name}) instead of a password.")
+    return None
+
+
+def identity_provider_of(*, organization: Organization) -> IdentityProvider | None:
+    return IdentityProvider.objects.filter(organization=organization).first()
+
+
+def email_domain_list(*, organization: Organization) -> QuerySet[EmailDomain]:
+    return EmailDomain.objects.filter(organization=organization).order_by("domain")
+
+
+def email_domain_get(*, organization: Organization, email_domain_id: int) -> EmailDomain:
+    from django.shortcuts import get_object_or_404
+
+    return get_object_or_404(EmailDomain.objects.filter(organization=organization), pk=email_domain_id)
+
+
+def scim_token_list(*, organization: Organization) -> QuerySet[ScimToken]:
+    return ScimToken.objects.filter(organization=organization).select_related("created_by__user")
+
+
+def scim_token_get(*, organization: Organization, scim_token_id: int) -> ScimToken:
+    from django.shortcuts import get_object_or_404
+
+    return get_object_or_404(ScimToken.objects.filter(organization=organization), pk=scim_token_id)
