@@ -83,6 +83,7 @@ INSTALLED_APPS = [
     "allowances",
     "apikeys",
     "gateway",
+    "overage",
     "billing",
 ]
 
