@@ -23,6 +23,7 @@ urlpatterns = [
     path("o/<slug:org_slug>/", include("allowances.urls")),
     path("o/<slug:org_slug>/", include("apikeys.urls")),
     path("o/<slug:org_slug>/", include("gateway.page_urls")),
+    path("o/<slug:org_slug>/", include("overage.urls")),
     path("accounts/", include("allauth.urls")),
     path("admin/", admin.site.urls),
     path("", include("portal.api.urls")),
