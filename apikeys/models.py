@@ -12,6 +12,7 @@ ENDPOINTS = {
     "embeddings": "Embeddings (/v1/embeddings)",
     "messages": "Messages (/v1/messages)",
     "usage_read": "Read own balance and usage (REST API)",
+    "overage_requests": "Ask for more tokens and follow your overage requests (REST API)",
     "usage_write": "Report usage and hold tokens from your own gateway (REST API; admins only)",
 }
 # Scopes only members with these roles may put on a key.

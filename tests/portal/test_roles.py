@@ -94,6 +94,12 @@ EXPECTED_API = {
     "api-ledger-entry-list": EVERYONE,
     "api-catalog-model-list": EVERYONE,
     "api-catalog-model-detail": EVERYONE,
+    # Members ask for more and follow and cancel their own requests (other members' answer 404);
+    # approvers and admins also see the requests they may decide, and decide them.
+    "api-overage-request-list": EVERYONE,
+    "api-overage-request-detail": EVERYONE,
+    "api-overage-request-cancel": EVERYONE,  # POST-only
+    "api-overage-request-decide": APPROVERS,  # POST-only
 }
 
 # The organization navigation: link text -> the page it opens.
