@@ -6,13 +6,16 @@ verifies."""
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import pytest
 from django.core.exceptions import ValidationError
 from django.core.management import call_command
 from django.db import connection
 
+from allowances import closing
 from allowances.models import LedgerEntry
+from allowances.periods import period_bounds
 from overage import services
 from overage.models import OverageRequest
 from portal.models import AuditLogEntry
@@ -150,4 +153,29 @@ def test_auto_approvals_asked_at_once_stay_within_the_policys_tokens(ovr):
         auto = list(OverageRequest.all_objects.filter(member=ovr.dave, auto_approved=True).values_list(
             "approved_tokens", flat=True))
     assert sum(auto) <= 300_000 and len(auto) <= 2
+    call_command("verify_ledger")
+
+
+def test_a_decision_racing_the_period_close_is_made_before_it_or_finds_the_request_lapsed(transactional_db):
+    """Both lock the account first (the close a chunk of them, in id order), so they wait for each
+    other instead of deadlocking; the request ends approved (and its unused overage lapses) or lapsed."""
+    for attempt in range(3):
+        ovr = build_overage_org(slug=f"race-close-{attempt}")
+        overage_request = ask(ovr.alice, 100_000)
+        period = overage_request.period_start
+        end = period_bounds(ovr.organization, period)[1]
+        calls = [lambda: services.overage_request_decide(overage_request=overage_request, actor_member=ovr.approver,
+                                                         decision="approve", at=end - timedelta(seconds=1)),
+                 lambda: closing.close_period(organization=ovr.organization, period=period)]
+        results = run_together(2, lambda i: in_scope(ovr.organization, calls[i]))
+        with unscoped():
+            stored = OverageRequest.all_objects.get(pk=overage_request.pk)
+            lapsed = list(LedgerEntry.all_objects.filter(account__member=ovr.alice, period_start=period,
+                                                         kind=LedgerEntry.Kind.OVERAGE_LAPSE).values_list("tokens",
+                                                                                                          flat=True))
+        if stored.state == State.APPROVED:
+            assert grants(overage_request) == 1 and lapsed == [100_000]
+        else:
+            assert stored.state == State.LAPSED and isinstance(results[0], services.OverageConflict)
+            assert grants(overage_request) == 0 and lapsed == []
     call_command("verify_ledger")
