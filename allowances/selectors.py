@@ -250,8 +250,9 @@ GROUP BY t.member_id, u.model
 
 
 def billable_overage(*, organization: Organization, period: date, member: Member | None = None) -> list[BillableUsage]:
-    """The consumed billable overage tokens of a period, per member (with their team) and model
-    (allowances.consumption's rule). A period still open answers what is billable so far."""
+    """The consumed billable overage tokens of a period, per member (with the team they are in now:
+    a settlement records the team it bills) and model, by allowances.consumption's rule. A period
+    still open answers what is billable so far."""
     with connection.cursor() as cursor:
         cursor.execute(_BILLABLE, {"org": organization.pk, "period": period,
                                    "member": member.pk if member is not None else None})
@@ -264,9 +265,3 @@ def billable_overage(*, organization: Organization, period: date, member: Member
                                  model=model, tokens=tokens) for member_id, model, tokens in rows),
                   key=lambda row: (row.team, row.email, row.model))
 
-
-def billable_by_team(*, organization: Organization, period: date) -> dict[str, int]:
-    totals: dict[str, int] = {}
-    for row in billable_overage(organization=organization, period=period):
-        totals[row.team] = totals.get(row.team, 0) + row.tokens
-    return totals

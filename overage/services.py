@@ -61,8 +61,8 @@ def _clean_ask(organization: Organization, *, tokens, reason, model, project) ->
     elif len(reason) > REASON_LENGTH:
         errors["reason"] = f"At most {REASON_LENGTH:,} characters."
     model = str(model or "").strip()
-    if model and not CatalogModel.objects.filter(organization=organization, model_id=model[:MODEL_LENGTH],
-                                                 is_active=True).exists():
+    if model and (len(model) > MODEL_LENGTH or not CatalogModel.objects.filter(
+            organization=organization, model_id=model, is_active=True).exists()):
         errors["model"] = "Choose one of the organization's models, or none."
     project = str(project or "").strip()
     if len(project) > PROJECT_LENGTH:

@@ -140,6 +140,7 @@ def test_members_ask_for_themselves_only(ovr):
     ("reason", "   \n", "Say what the tokens are for: the approver decides on it."),
     ("reason", "x" * 1001, "At most 1,000 characters."),
     ("model", "not-in-the-catalog", "Choose one of the organization's models, or none."),
+    ("model", "gpt-4o" + "x" * 200, "Choose one of the organization's models, or none."),
     ("project", "p" * 201, "At most 200 characters."),
 ])
 def test_bad_input_is_a_field_error_and_changes_nothing(ovr, field, value, message):
