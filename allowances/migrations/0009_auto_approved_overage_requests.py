@@ -18,7 +18,6 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('allowances', '0008_ledger_entry_account_in_organization'),
-        ('portal', '0003_encrypt_mfa_secrets'),
     ]
 
     operations = [

@@ -13,7 +13,7 @@ class Migration(migrations.Migration):
     initial = True
 
     dependencies = [
-        ('portal', '0003_encrypt_mfa_secrets'),  # member_id_organization is 0002's
+        ('portal', '0002_member_id_organization'),  # Member's (id, organization), for the composite keys
         migrations.swappable_dependency(settings.AUTH_USER_MODEL),
     ]
 
