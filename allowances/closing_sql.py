@@ -3,19 +3,21 @@
 Lock the chunk's accounts, compute every account's close into temporary tables, then post all
 its entries and move the accounts to the next period in one set of posts (`ledger.post_set_sql`).
 
-What an account's close books: what is unused is split youngest first: tokens granted this
-period are the youngest, then rolled-over tranches by how long they still live (usage consumes
-the oldest tokens first). This period's unused grants roll over as the closing policy says and
-the rest expires; rolled-over tranches carry on until their lifetime ends, then expire. What is
-left came back from holds taken in an earlier period and released in this one: it is older base
-allowance and follows the same rule as this period's. Consumed auto-approved overage (a negative
-balance) is booked as a billable overage grant so the next period starts at zero, never paying
-for the last one. Open holds stay held across the boundary. The next period opens with the
-policy in force then: its overdraft, and its monthly grant for active members.
+What an account's close books: what is unused is split youngest first. Approved overage is
+used last (allowances/consumption.py), so the unused tokens are overage first: that part lapses,
+unbilled. The rest is base allowance: tokens granted this period are the youngest, then
+rolled-over tranches by how long they still live (usage consumes the oldest tokens first). This
+period's unused grants roll over as the closing policy says and the rest expires; rolled-over
+tranches carry on until their lifetime ends, then expire. What is left came back from holds
+taken in an earlier period and released in this one: it is older base allowance and follows the
+same rule as this period's. Usage recorded past the balance (a negative balance) is booked as a
+billable overage grant so the next period starts at zero, never paying for the last one. Open
+holds stay held across the boundary. Overage requests of the period still pending lapse. The
+next period opens with the monthly grant of the policy in force then, for active members.
 
 The rules the close applies have one definition each, in Python (`assignment_in_force`,
-`AllowancePolicy.rollover_amount` and `overdraft_tokens`, `periods_after`); the close uses their
-SQL forms, each held equal to its Python form by tests/allowances/test_rules_in_sql.py, and
+`AllowancePolicy.rollover_amount`, `consumption.unused_overage`, `periods_after`); the close uses
+their SQL forms, each held equal to its Python form by tests/allowances/test_rules_in_sql.py, and
 tests/allowances/test_closing_sql.py holds whole closes against a reference model.
 """
 
@@ -26,16 +28,20 @@ from datetime import date, timedelta
 from django.db import connection, transaction
 
 from allowances import ledger
+from allowances.consumption import OVERAGE_KINDS, kinds_sql, unused_overage_sql
 from allowances.models import Account, AllowancePolicy, LedgerEntry
 from allowances.periods import next_period_start, period_bounds, periods_after_sql
 from allowances.selectors import assignment_in_force_sql
+from overage.models import OverageRequest
 from portal.models import Member, Organization
 
 Kind = LedgerEntry.Kind
 _A, _E, _M, _P = Account._meta.db_table, LedgerEntry._meta.db_table, Member._meta.db_table, AllowancePolicy._meta.db_table
+_R = OverageRequest._meta.db_table
 ROLLOVER_REFERENCE = "rollover-until:"  # + the first day of the last period rolled-over tokens may be used in
-# The entries that make a period's base allowance (less the overage grant of its own close).
-_BASE_KINDS = ", ".join(f"'{kind}'" for kind in (Kind.GRANT, Kind.BONUS, Kind.ADJUSTMENT, Kind.OVERAGE_GRANT))
+# The entries granted this period that are not rolled-over tranches: its grants, split from its overage.
+_BASE_KINDS = kinds_sql((Kind.GRANT, Kind.BONUS, Kind.ADJUSTMENT))
+_GRANTED_KINDS = kinds_sql((Kind.GRANT, Kind.BONUS, Kind.ADJUSTMENT, *OVERAGE_KINDS))
 
 
 def _policy_at(moment: str, alias: str) -> str:
@@ -46,18 +52,20 @@ def _policy_at(moment: str, alias: str) -> str:
 
 _PLAN = f"""
 CREATE TEMP TABLE close_base ON COMMIT DROP AS
-SELECT b.*,
+SELECT b.*, GREATEST(b.available, 0) - b.overage_unused AS unused_base,
        cp.name AS closing_name, cp.rollover_rule, cp.rollover_cap_tokens, cp.rollover_cap_percent,
        cp.rollover_lifetime_periods, cp.monthly_tokens,
-       np.id AS new_policy_id, np.name AS new_name, np.monthly_tokens AS new_monthly,
-       {AllowancePolicy.overdraft_tokens_sql("np")} AS new_overdraft
-FROM (SELECT a.id AS account_id, a.member_id, m.team_id, m.is_active, a.granted - a.used - a.held AS available,
-             COALESCE((SELECT SUM(e.granted_delta) FROM {_E} e
-                       WHERE e.account_id = a.id AND e.period_start = %(period)s AND e.kind IN ({_BASE_KINDS})
-                         AND NOT (e.kind = '{Kind.OVERAGE_GRANT}' AND e.reference = %(overage_ref)s)), 0)
-               AS base_granted
-      FROM {_A} a JOIN {_M} m ON m.id = a.member_id
-      WHERE a.id = ANY(%(ids)s) AND a.period_start = %(period)s) b
+       np.id AS new_policy_id, np.name AS new_name, np.monthly_tokens AS new_monthly
+FROM (SELECT g.*, {unused_overage_sql("g.available", "g.overage_granted")} AS overage_unused
+      FROM (SELECT a.id AS account_id, a.member_id, m.team_id, m.is_active, a.granted - a.used - a.held AS available,
+                   s.base_granted, s.overage_granted
+            FROM {_A} a JOIN {_M} m ON m.id = a.member_id
+            CROSS JOIN LATERAL (
+                SELECT COALESCE(SUM(e.granted_delta) FILTER (WHERE e.kind IN ({_BASE_KINDS})), 0) AS base_granted,
+                       COALESCE(SUM(e.granted_delta) FILTER (WHERE e.kind IN ({kinds_sql(OVERAGE_KINDS)})), 0)
+                         AS overage_granted
+                FROM {_E} e WHERE e.account_id = a.id AND e.period_start = %(period)s AND e.kind IN ({_GRANTED_KINDS})) s
+            WHERE a.id = ANY(%(ids)s) AND a.period_start = %(period)s) g) b
 {_policy_at("%(closing_at)s", "cp")}
 {_policy_at("%(opening_at)s", "np")};
 
@@ -68,7 +76,7 @@ WITH t AS (
     WHERE e.account_id = ANY(%(ids)s) AND e.period_start = %(period)s AND e.kind = '{Kind.ROLLOVER_IN}'
     GROUP BY 1, 2),
 r AS (
-    SELECT t.*, GREATEST(b.available, 0) - LEAST(GREATEST(b.available, 0), GREATEST(b.base_granted, 0)) AS rest,
+    SELECT t.*, b.unused_base - LEAST(b.unused_base, GREATEST(b.base_granted, 0)) AS rest,
            COALESCE(SUM(t.tokens) OVER (PARTITION BY t.account_id ORDER BY t.until DESC
                                         ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
     FROM t JOIN close_base b ON b.account_id = t.account_id)
@@ -78,8 +86,8 @@ FROM r;
 CREATE TEMP TABLE close_plan ON COMMIT DROP AS
 WITH s AS (
     SELECT b.*, GREATEST(-b.available, 0) AS overage,
-           LEAST(GREATEST(b.available, 0), GREATEST(b.base_granted, 0))
-             + (GREATEST(b.available, 0) - LEAST(GREATEST(b.available, 0), GREATEST(b.base_granted, 0))
+           LEAST(b.unused_base, GREATEST(b.base_granted, 0))
+             + (b.unused_base - LEAST(b.unused_base, GREATEST(b.base_granted, 0))
                 - COALESCE((SELECT SUM(t.unused) FROM close_tranche t WHERE t.account_id = b.account_id), 0))
              AS base_unused
     FROM close_base b)
@@ -96,13 +104,17 @@ SELECT account_id, until, SUM(tokens) AS tokens FROM (
 GROUP BY account_id, until;
 """
 
-# Every account of the plan moves to the next period with the new policy's overdraft, in the
-# UPDATE that moves its buckets by its close's entries.
+# Every account of the plan moves to the next period in the UPDATE that moves its buckets by its
+# close's entries; its requests still pending lapse in the same statement.
 _POST = f"""
 WITH close_entries (account_id, kind, tokens, period_start, idempotency_key, reason, reference) AS (
     SELECT account_id, '{Kind.OVERAGE_GRANT}', overage, %(period)s::date, %(close)s || 'overage',
-           'Auto-approved overage consumed this period (billed)', %(overage_ref)s
+           'Used beyond the allowance and approved overage this period (billed)', %(overage_ref)s
     FROM close_plan WHERE overage > 0
+    UNION ALL
+    SELECT account_id, '{Kind.OVERAGE_LAPSE}', overage_unused, %(period)s::date, %(close)s || 'overage-lapse',
+           'Approved overage not used this period (lapsed, not billed)', ''
+    FROM close_plan WHERE overage_unused > 0
     UNION ALL
     SELECT account_id, '{Kind.EXPIRY}', unused, %(period)s::date, %(close)s || 'expire:' || until,
            'Rolled-over tokens reached the end of their life', ''
@@ -124,7 +136,10 @@ WITH close_entries (account_id, kind, tokens, period_start, idempotency_key, rea
            new_name || ': monthly allowance', 'policy:' || new_policy_id
     FROM close_plan WHERE new_policy_id IS NOT NULL AND new_monthly > 0 AND is_active),
 {ledger.post_set_sql("close_entries", order_by="e.account_id", keyed=False, accounts="close_plan",
-                     account_changes="period_start = %(next)s, overdraft_limit = p.new_overdraft")}
+                     account_changes="period_start = %(next)s")},
+lapsed AS (UPDATE {_R} r SET state = '{OverageRequest.State.LAPSED}', decided_at = %(now)s, decision_note = %(lapse_note)s
+           FROM close_plan p WHERE r.member_id = p.member_id AND r.organization_id = %(org)s
+             AND r.state = '{OverageRequest.State.PENDING}' AND r.period_start <= %(period)s)
 SELECT count(*) FROM posted"""
 
 # Dropped here as well as on commit: inside an outer transaction the next chunk reuses the names.
@@ -141,6 +156,7 @@ def close_chunk(*, organization: Organization, period: date, after: int, limit: 
         "org": organization.pk, "period": period, "period_text": period.isoformat(), "next": next_period,
         "closing_at": opening_at - timedelta(microseconds=1), "opening_at": opening_at, "close": f"close:{period}:",
         "open": f"open:{next_period}:", "grant_key": f"grant:{next_period}", "overage_ref": f"overage:{period}",
+        "lapse_note": f"Still pending when {period:%B %Y} closed: ask again if you still need tokens this month.",
     }
     with transaction.atomic():
         with connection.cursor() as cursor:

@@ -46,7 +46,8 @@ DEMO_POLICIES = {
     "Engineering": {"name": "Standard", "monthly_tokens": 5_000_000, "rollover_rule": "capped_percent",
                     "rollover_cap_percent": 20, "overage_rule": "request_approval"},
     "Research": {"name": "Research", "monthly_tokens": 20_000_000, "rollover_rule": "all",
-                 "rollover_lifetime_periods": 2, "overage_rule": "auto_approve", "auto_approve_tokens": 2_000_000},
+                 "rollover_lifetime_periods": 2, "overage_rule": "auto_approve", "auto_approve_tokens": 2_000_000,
+                 "auto_approve_requests": 3},
 }
 
 

@@ -20,6 +20,7 @@ class PolicyForm(forms.Form):
     rollover_lifetime_periods = forms.IntegerField(initial=1, label="Rolled-over tokens live for (periods)")
     overage_rule = forms.ChoiceField(choices=AllowancePolicy.Overage.choices)
     auto_approve_tokens = forms.CharField(required=False, label="Auto-approved overage per period (tokens)")
+    auto_approve_requests = forms.CharField(required=False, label="Auto-approved requests per period")
 
 
 class PolicyEditForm(PolicyForm):

@@ -54,7 +54,7 @@ BUCKETS = ("granted", "held", "used")  # each moved by the entry's <bucket>_delt
 MOVES = {
     Kind.GRANT: (1, 0, 0), Kind.BONUS: (1, 0, 0), Kind.ROLLOVER_IN: (1, 0, 0), Kind.OVERAGE_GRANT: (1, 0, 0),
     Kind.ADJUSTMENT: (1, 0, 0),  # its tokens carry the sign
-    Kind.ROLLOVER_OUT: (-1, 0, 0), Kind.EXPIRY: (-1, 0, 0),
+    Kind.ROLLOVER_OUT: (-1, 0, 0), Kind.EXPIRY: (-1, 0, 0), Kind.OVERAGE_LAPSE: (-1, 0, 0),
     Kind.HOLD: (0, 1, 0), Kind.RELEASE: (0, 0, 0), Kind.USAGE: (0, 0, 1),
 }
 

@@ -23,6 +23,7 @@ from portal.tenancy import TenantModel
 
 # Anything above this in one grant or policy is a typo, not a budget (10 billion tokens).
 MAX_TOKENS = 10_000_000_000
+MAX_AUTO_APPROVED_REQUESTS = 1000  # per period, under an auto_approve policy
 
 
 class CatalogModel(TenantModel):
@@ -113,7 +114,7 @@ class AllowancePolicy(TenantModel):
     class Overage(models.TextChoices):
         HARD_STOP = "hard_stop", "Hard stop at the allowance"
         REQUEST_APPROVAL = "request_approval", "Member requests more; an approver decides"
-        AUTO_APPROVE = "auto_approve", "Auto-approve overage up to a limit per period"
+        AUTO_APPROVE = "auto_approve", "Requests approved at once up to a limit per period"
 
     name = models.CharField(max_length=120)
     monthly_tokens = models.BigIntegerField()
@@ -123,7 +124,10 @@ class AllowancePolicy(TenantModel):
     # How many periods rolled-over tokens live before they expire (1 = for the next period only).
     rollover_lifetime_periods = models.PositiveSmallIntegerField(default=1)
     overage_rule = models.CharField(max_length=20, choices=Overage.choices, default=Overage.HARD_STOP)
+    # Under auto_approve, overage requests are approved at once while the policy has approved
+    # fewer than these tokens and requests in the period; beyond either they go to the approvers.
     auto_approve_tokens = models.BigIntegerField(null=True, blank=True)
+    auto_approve_requests = models.PositiveIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -143,8 +147,10 @@ class AllowancePolicy(TenantModel):
             models.CheckConstraint(name="policy_rollover_lifetime_positive",
                                    condition=Q(rollover_lifetime_periods__gte=1, rollover_lifetime_periods__lte=24)),
             models.CheckConstraint(name="policy_overage_rule_consistent", condition=(
-                Q(overage_rule__in=["hard_stop", "request_approval"], auto_approve_tokens__isnull=True)
-                | Q(overage_rule="auto_approve", auto_approve_tokens__gt=0, auto_approve_tokens__lte=MAX_TOKENS)
+                Q(overage_rule__in=["hard_stop", "request_approval"], auto_approve_tokens__isnull=True,
+                  auto_approve_requests__isnull=True)
+                | Q(overage_rule="auto_approve", auto_approve_tokens__gt=0, auto_approve_tokens__lte=MAX_TOKENS,
+                    auto_approve_requests__gte=1, auto_approve_requests__lte=MAX_AUTO_APPROVED_REQUESTS)
             )),
         ]
 
@@ -152,9 +158,8 @@ class AllowancePolicy(TenantModel):
         return self.name
 
     @property
-    def overdraft_tokens(self) -> int:
-        """Tokens a member may go below zero without asking: the auto-approved overage."""
-        return self.auto_approve_tokens or 0
+    def allows_overage(self) -> bool:
+        return self.overage_rule != self.Overage.HARD_STOP
 
     def rollover_amount(self, unused: int) -> int:
         """How much of `unused` tokens this policy carries into the next period."""
@@ -168,12 +173,8 @@ class AllowancePolicy(TenantModel):
         return 0
 
     # The same rules in SQL, for the set-based period close: `policy` is the alias of a row with
-    # this model's columns, all NULL when no policy governs (nothing rolls over, no overdraft).
+    # this model's columns, all NULL when no policy governs (nothing rolls over).
     # tests/allowances/test_rules_in_sql.py holds each equal to its Python form.
-
-    @classmethod
-    def overdraft_tokens_sql(cls, policy: str) -> str:
-        return f"COALESCE({policy}.auto_approve_tokens, 0)"
 
     @classmethod
     def rollover_amount_sql(cls, policy: str, unused: str) -> str:
@@ -220,7 +221,8 @@ class Account(TenantModel):
     granted = models.BigIntegerField(default=0)
     held = models.BigIntegerField(default=0)
     used = models.BigIntegerField(default=0)
-    # How far below zero holds may take the available balance: the auto-approved overage.
+    # How far below zero holds may take the available balance. No policy sets one: overage is
+    # granted by approved overage requests (overage/), as tokens, not as an overdraft.
     overdraft_limit = models.BigIntegerField(default=0)
     opened_at = models.DateTimeField(default=timezone.now)
 
@@ -285,6 +287,7 @@ class LedgerEntry(TenantModel):
         RELEASE = "release", "Release"
         USAGE = "usage", "Usage"
         OVERAGE_GRANT = "overage_grant", "Overage grant"
+        OVERAGE_LAPSE = "overage_lapse", "Overage lapsed"
         ADJUSTMENT = "adjustment", "Adjustment"
 
     # On PostgreSQL these two are checked by ONE foreign key, (account, organization) -> the
@@ -337,6 +340,9 @@ class LedgerEntry(TenantModel):
             models.Index(fields=["organization", "created_at"], name="ledger_org_created"),
             models.Index(fields=["actor"], condition=Q(actor__isnull=False), name="ledger_actor"),
             models.Index(fields=["api_key"], condition=Q(api_key__isnull=False), name="ledger_api_key"),
+            # The few entries billing starts from: a period's overage grants (allowances.consumption).
+            models.Index(fields=["organization", "period_start"], condition=Q(kind="overage_grant"),
+                         name="ledger_overage_grants"),
         ]
 
     def __str__(self):

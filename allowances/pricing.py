@@ -33,3 +33,9 @@ class Pricing:
     def cost(self, input_tokens: int, output_tokens: int = 0, cached_tokens: int = 0) -> Decimal:
         p_in, p_out, p_cached = self.prices
         return (input_tokens * p_in + output_tokens * p_out + cached_tokens * p_cached) / MILLION
+
+    def allowance_cost(self, tokens: int) -> tuple[Decimal, Decimal]:
+        """What `tokens` counted against the allowance cost at these prices, spent all on input
+        tokens and all on output tokens: the two ends of what a mix of them costs."""
+        (m_in, m_out, _), (p_in, p_out, _) = self.multipliers, self.prices
+        return tuple(sorted((Decimal(tokens) / m_in * p_in / MILLION, Decimal(tokens) / m_out * p_out / MILLION)))

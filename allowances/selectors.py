@@ -6,11 +6,13 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from django.db import connection
 from django.db.models import IntegerField, OuterRef, QuerySet, Subquery, Sum, Value
 from django.db.models.functions import Coalesce, TruncDate
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
 
+from allowances.consumption import BASE_KINDS, OVERAGE_KINDS, billable_part_sql, kinds_sql
 from allowances.models import (
     Account,
     AllowancePolicy,
@@ -94,8 +96,9 @@ class Dashboard:
     run_out_on: date | None  # None: not before the period ends at this pace
     daily: list[tuple[date, int]]
     by_model: list[tuple[str, int]]
-    last_close: list = ()  # the ledger entries of the last period's close: what rolled over, expired, was billed
+    last_close: list = ()  # the ledger entries of the last period's close: what rolled over, expired, lapsed
     closed_period: date | None = None
+    last_close_billed: int = 0  # approved overage used in the closed period (billed to the organization)
     alerts: list = ()  # 80% / 100% alerts of the open period
 
     @property
@@ -131,9 +134,11 @@ def dashboard(*, account: Account, at: datetime | None = None) -> Dashboard:
     closed_period = periods_after(period, -1)
     last_close = list(LedgerEntry.objects.filter(account=account, idempotency_key__startswith=f"close:{closed_period}:")
                       .order_by("id"))
+    billed = sum(row.tokens for row in billable_overage(organization=organization, period=closed_period,
+                                                        member=account.member))
     alerts = list(UsageAlert.objects.filter(account=account, period_start=account.period_start).order_by("-threshold"))
     return Dashboard(
-        last_close=last_close, closed_period=closed_period, alerts=alerts,
+        last_close=last_close, closed_period=closed_period, alerts=alerts, last_close_billed=billed,
         account=account, policy=policy_in_force(member=account.member, at=at), period_begin=begin, period_end=end,
         used_this_period=used, days_left=max((end.date() - today).days, 0), burn_per_day=burn, run_out_on=run_out,
         daily=daily, by_model=[(model or "unattributed", total) for model, total in by_model],
@@ -207,3 +212,66 @@ def model_alias_get(*, organization: Organization, model_alias_id: int) -> Model
 
 def catalog_model_get(*, organization: Organization, catalog_model_id: int) -> CatalogModel:
     return get_object_or_404(CatalogModel.objects.filter(organization=organization), pk=catalog_model_id)
+
+
+# -- consumed billable overage (what billing invoices) ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class BillableUsage:
+    member_id: int
+    email: str
+    team_id: int | None
+    team: str
+    model: str
+    tokens: int
+
+
+_ENTRY, _ACCOUNT = LedgerEntry._meta.db_table, Account._meta.db_table
+# allowances.consumption's rule over the ledger: the accounts with overage in the period, what each
+# carried in, was granted as base and as overage, and the billable part of each usage entry in the
+# order recorded (ids are in the order entries were appended).
+_BILLABLE = f"""
+WITH with_overage AS (
+    SELECT DISTINCT e.account_id FROM {_ENTRY} e
+    WHERE e.organization_id = %(org)s AND e.period_start = %(period)s AND e.kind IN ({kinds_sql(OVERAGE_KINDS)})),
+totals AS (
+    SELECT a.id AS account_id, a.member_id,
+           a.held - COALESCE(SUM(e.held_delta), 0) AS carried,
+           COALESCE(SUM(e.granted_delta) FILTER (WHERE e.period_start = %(period)s
+                                                   AND e.kind IN ({kinds_sql(BASE_KINDS)})), 0) AS base,
+           COALESCE(SUM(e.granted_delta) FILTER (WHERE e.period_start = %(period)s
+                                                   AND e.kind IN ({kinds_sql(OVERAGE_KINDS)})), 0) AS overage
+    FROM {_ACCOUNT} a JOIN with_overage w ON w.account_id = a.id
+    LEFT JOIN {_ENTRY} e ON e.account_id = a.id AND e.period_start >= %(period)s
+    WHERE a.organization_id = %(org)s AND (%(member)s::bigint IS NULL OR a.member_id = %(member)s)
+    GROUP BY a.id),
+usage AS (
+    SELECT e.account_id, e.model, e.used_delta AS tokens,
+           SUM(e.used_delta) OVER (PARTITION BY e.account_id ORDER BY e.id) AS through
+    FROM {_ENTRY} e JOIN totals t ON t.account_id = e.account_id
+    WHERE e.period_start = %(period)s AND e.used_delta <> 0)
+SELECT t.member_id, u.model,
+       SUM({billable_part_sql(through="u.through", tokens="u.tokens", funds="t.carried + t.base",
+                              overage="t.overage")}) AS billable
+FROM usage u JOIN totals t ON t.account_id = u.account_id
+GROUP BY t.member_id, u.model
+"""
+
+
+def billable_overage(*, organization: Organization, period: date, member: Member | None = None) -> list[BillableUsage]:
+    """The consumed billable overage tokens of a period, per member (with the team they are in now:
+    a settlement records the team it bills) and model, by allowances.consumption's rule. A period
+    still open answers what is billable so far."""
+    with connection.cursor() as cursor:
+        cursor.execute(_BILLABLE, {"org": organization.pk, "period": period,
+                                   "member": member.pk if member is not None else None})
+        rows = [(member_id, model, int(tokens)) for member_id, model, tokens in cursor.fetchall() if tokens]
+    members = Member.objects.filter(organization=organization).select_related("user", "team").in_bulk(
+        {member_id for member_id, _model, _tokens in rows})
+    return sorted((BillableUsage(member_id=member_id, email=members[member_id].user.email,
+                                 team_id=members[member_id].team_id,
+                                 team=members[member_id].team.name if members[member_id].team else "",
+                                 model=model, tokens=tokens) for member_id, model, tokens in rows),
+                  key=lambda row: (row.team, row.email, row.model))
+

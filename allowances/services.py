@@ -22,6 +22,7 @@ from allowances import ledger
 from gateway.models import ProviderConnection
 from allowances.aliases import WILDCARD
 from allowances.models import (
+    MAX_AUTO_APPROVED_REQUESTS,
     MAX_TOKENS,
     Account,
     AllowancePolicy,
@@ -50,7 +51,8 @@ def _whole(value) -> int:
     return int(str(value).strip().replace("_", ""))
 
 
-def _tokens(value, *, field: str, allow_zero: bool = False) -> int:
+def clean_tokens(value, *, field: str, allow_zero: bool = False) -> int:
+    """A number of tokens from a form or JSON value, or a ValidationError on `field` that says why."""
     try:
         number = _whole(value)
     except (TypeError, ValueError):
@@ -234,7 +236,7 @@ def _target_members(*, organization: Organization, team: Team | None, member: Me
 # -- policies ----------------------------------------------------------------------------------
 
 POLICY_FIELDS = ["name", "monthly_tokens", "rollover_rule", "rollover_cap_tokens", "rollover_cap_percent",
-                 "rollover_lifetime_periods", "overage_rule", "auto_approve_tokens"]
+                 "rollover_lifetime_periods", "overage_rule", "auto_approve_tokens", "auto_approve_requests"]
 
 
 def _clean_policy(organization: Organization, data: dict, *, exclude_pk=None) -> dict:
@@ -253,7 +255,7 @@ def _clean_policy(organization: Organization, data: dict, *, exclude_pk=None) ->
         errors["name"] = "Give the policy a name."
     elif AllowancePolicy.objects.filter(organization=organization, name__iexact=name).exclude(pk=exclude_pk).exists():
         errors["name"] = f"A policy called “{name}” already exists."
-    monthly = field("monthly_tokens", lambda: _tokens(data.get("monthly_tokens"), field="monthly_tokens", allow_zero=True))
+    monthly = field("monthly_tokens", lambda: clean_tokens(data.get("monthly_tokens"), field="monthly_tokens", allow_zero=True))
 
     rollover = data.get("rollover_rule") or AllowancePolicy.Rollover.NONE
     cap_tokens, cap_percent = data.get("rollover_cap_tokens"), data.get("rollover_cap_percent")
@@ -265,7 +267,7 @@ def _clean_policy(organization: Organization, data: dict, *, exclude_pk=None) ->
         if cap_tokens is None:
             errors["rollover_cap_tokens"] = "A capped rollover needs the cap in tokens."
         else:
-            cap_tokens = field("rollover_cap_tokens", lambda: _tokens(cap_tokens, field="rollover_cap_tokens"))
+            cap_tokens = field("rollover_cap_tokens", lambda: clean_tokens(cap_tokens, field="rollover_cap_tokens"))
     elif cap_tokens is not None:
         errors["rollover_cap_tokens"] = "A cap in tokens only applies to the “up to a number of tokens” rule."
     if rollover == AllowancePolicy.Rollover.CAPPED_PERCENT:
@@ -291,20 +293,35 @@ def _clean_policy(organization: Organization, data: dict, *, exclude_pk=None) ->
     overage = data.get("overage_rule") or AllowancePolicy.Overage.HARD_STOP
     auto = data.get("auto_approve_tokens")
     auto = None if auto in (None, "") else auto
+    auto_count = data.get("auto_approve_requests")
+    auto_count = None if auto_count in (None, "") else auto_count
     if overage not in AllowancePolicy.Overage.values:
         errors["overage_rule"] = "Choose an overage rule."
     if overage == AllowancePolicy.Overage.AUTO_APPROVE:
         if auto is None:
             errors["auto_approve_tokens"] = "Auto-approval needs the number of tokens approved per period."
         else:
-            auto = field("auto_approve_tokens", lambda: _tokens(auto, field="auto_approve_tokens"))
-    elif auto is not None:
-        errors["auto_approve_tokens"] = "An auto-approved amount only applies to the auto-approve rule."
+            auto = field("auto_approve_tokens", lambda: clean_tokens(auto, field="auto_approve_tokens"))
+        if auto_count is None:
+            errors["auto_approve_requests"] = "Auto-approval needs the number of requests approved per period."
+        else:
+            try:
+                auto_count = _whole(auto_count)
+                if not 1 <= auto_count <= MAX_AUTO_APPROVED_REQUESTS:
+                    raise ValueError
+            except (TypeError, ValueError):
+                errors["auto_approve_requests"] = (f"A whole number of requests from 1 to "
+                                                   f"{MAX_AUTO_APPROVED_REQUESTS:,}.")
+    else:
+        if auto is not None:
+            errors["auto_approve_tokens"] = "An auto-approved amount only applies to the auto-approve rule."
+        if auto_count is not None:
+            errors["auto_approve_requests"] = "A number of auto-approved requests only applies to the auto-approve rule."
     if errors:
         raise ValidationError(errors)
     return {"name": name, "monthly_tokens": monthly, "rollover_rule": rollover, "rollover_cap_tokens": cap_tokens,
             "rollover_cap_percent": cap_percent, "rollover_lifetime_periods": lifetime, "overage_rule": overage,
-            "auto_approve_tokens": auto}
+            "auto_approve_tokens": auto, "auto_approve_requests": auto_count}
 
 
 @transaction.atomic
@@ -400,7 +417,6 @@ def _apply_policy_change(*, member: Member, old: AllowancePolicy | None, new: Al
                 break
             except ledger.InsufficientTokens:
                 continue
-    Account.objects.filter(pk=account.pk).update(overdraft_limit=new.overdraft_tokens)
 
 
 # -- accounts ----------------------------------------------------------------------------------
@@ -424,8 +440,7 @@ def account_open(*, member: Member, at: datetime | None = None) -> Account:
     policy = assignment.policy if assignment is not None else None
     try:
         with transaction.atomic():
-            account = Account.objects.create(organization=organization, member=member, period_start=period,
-                                             overdraft_limit=policy.overdraft_tokens if policy else 0)
+            account = Account.objects.create(organization=organization, member=member, period_start=period)
             if policy is not None:
                 since = max(period_bounds(organization, period)[0], member.joined_at, assignment.effective_from)
                 fraction = remaining_fraction(organization, min(since, at))
@@ -465,7 +480,7 @@ def grant_create(*, organization: Organization, actor, tokens, reason: str, memb
     """A one-off bonus to a member or to every active member of a team. Safe to submit twice with one key."""
     errors, members = _target_members(organization=organization, team=team, member=member)
     try:
-        tokens = _tokens(tokens, field="tokens")
+        tokens = clean_tokens(tokens, field="tokens")
     except ValidationError as error:
         errors.update(error.message_dict)
     reason = (reason or "").strip()
@@ -534,7 +549,7 @@ def _validate_bulk_rows(organization: Organization, rows: list[dict]) -> tuple[l
         except ValidationError:
             problems.append(f"“{email}” is not an email address")
         try:
-            tokens = _tokens(row.get("tokens"), field="tokens")
+            tokens = clean_tokens(row.get("tokens"), field="tokens")
         except ValidationError as error:
             problems.append(f"tokens: {error.message_dict['tokens'][0]}")
             tokens = None

@@ -15,6 +15,7 @@ ENDPOINTS = {
     "moderations": "Moderations (/v1/moderations)",
     "messages": "Messages and token counting (/v1/messages, what Claude Code speaks)",
     "usage_read": "Read own balance and usage (REST API)",
+    "overage_requests": "Ask for more tokens and follow your overage requests (REST API)",
     "usage_write": "Report usage and hold tokens from your own gateway (REST API; admins only)",
 }
 # Scopes only members with these roles may put on a key.

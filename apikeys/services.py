@@ -63,7 +63,7 @@ def _clean(*, member: Member, name, model_ids, endpoints, token_cap, expires_at,
             # without a policy), whichever is more. A key cannot promise more than that.
             policy = policy_in_force(member=member)
             account = Account.objects.filter(member=member).first()
-            allowance = max((policy.monthly_tokens + policy.overdraft_tokens) if policy else 0,
+            allowance = max(policy.monthly_tokens if policy else 0,
                             (account.available + account.overdraft_limit) if account else 0)
             if token_cap > allowance:
                 errors["token_cap"] = (f"A key's cap cannot exceed your own allowance of {allowance:,} tokens "

@@ -16,6 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from urllib.parse import urlencode
 
 import django.db
 import psycopg
@@ -359,7 +360,7 @@ def _authorize(args: dict, refusal: dict) -> ledger.Hold:
             return ledger.authorize(**args)
         except (ledger.InsufficientTokens, ledger.KeyCapExceeded) as refused:
             _refused(detail=str(refused), **refusal)
-            raise GatewayError(429, "insufficient_quota", _refusal_message(refused, refusal["config"]),
+            raise GatewayError(429, "insufficient_quota", _refusal_message(refused, refusal["config"], args["model"]),
                                code="insufficient_quota") from None
 
 
@@ -386,18 +387,22 @@ async def _run(statement: ledger.Statement, with_entry: str = "", params: dict |
                 raise
 
 
-def _more_url(config: OrgConfig) -> str:
-    return f"Request more at {settings.PORTAL_BASE_URL}{reverse('dashboard', kwargs={'org_slug': config.slug})}"
+def _more_url(config: OrgConfig, *, tokens: int | None = None, model: str = "") -> str:
+    """The overage request form, filled in with what the refused request was short of."""
+    query = urlencode({name: value for name, value in (("tokens", tokens), ("model", model)) if value})
+    return (f"Request more at {settings.PORTAL_BASE_URL}"
+            f"{reverse('overage_request_new', kwargs={'org_slug': config.slug})}{'?' + query if query else ''}")
 
 
-def _refusal_message(refusal, config: OrgConfig) -> str:
+def _refusal_message(refusal, config: OrgConfig, model: str = "") -> str:
     if isinstance(refusal, ledger.KeyCapExceeded):
         return (f"This request may use up to {refusal.requested:,} tokens, but this API key's own cap of "
                 f"{refusal.cap:,} tokens per period has {max(refusal.cap - refusal.spent, 0):,} left. "
                 "Use a key with a larger cap, or lower max_tokens.")
     remaining = max(refusal.available + refusal.overdraft_limit, 0)
     return (f"Token allowance exceeded: this request may use up to {refusal.requested:,} tokens and your remaining "
-            f"balance is {remaining:,} tokens. Lower max_tokens, or ask for more. {_more_url(config)}")
+            f"balance is {remaining:,} tokens. Lower max_tokens, or ask for more. "
+            f"{_more_url(config, tokens=refusal.requested - remaining, model=model)}")
 
 
 def _refused(*, identity, config, route, endpoint, requested, request_id, started, detail) -> None:

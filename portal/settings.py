@@ -86,6 +86,7 @@ INSTALLED_APPS = [
     "allowances",
     "apikeys",
     "gateway",
+    "overage",
     "billing",
     "identity",
 ]
@@ -250,6 +251,9 @@ CELERY_BEAT_SCHEDULE = {
     "usage-alerts": {"task": "allowances.send_usage_alerts", "schedule": 600.0},
     "usage-rollups": {"task": "gateway.rollup_usage", "schedule": crontab(minute=15)},
     "key-expiry-reminders": {"task": "apikeys.send_expiry_reminders", "schedule": crontab(minute=30)},
+    # Hourly, so that each approver gets the digest of their pending queue at about 08:00 in the
+    # organization's own zone (once a day, whatever reruns).
+    "overage-digests": {"task": "overage.send_pending_digests", "schedule": crontab(minute=45)},
 }
 
 # Keys the HMAC of API key secrets; defaults to SECRET_KEY. Changing it invalidates every API key.

@@ -14,7 +14,15 @@ from gateway.models import UsageRecord
 from portal import shared_cache
 from portal.audit import log_action
 from portal.tenancy import ROLES, scope, unscoped
-from tests.factories import PASSWORD, InvitationFactory, MemberFactory, OrganizationFactory, TeamFactory, UserFactory
+from tests.factories import (
+    PASSWORD,
+    InvitationFactory,
+    MemberFactory,
+    OrganizationFactory,
+    OverageRequestFactory,
+    TeamFactory,
+    UserFactory,
+)
 
 # Their code runs on other connections (threads, processes, live servers): rows must be committed.
 COMMITTING_MARKERS = {"transactional", "services"}
@@ -77,7 +85,8 @@ def seed_identity_objects(organization, *, label: str, members):
 
 
 def seed_allowance_objects(organization, *, team, members):
-    """One of each allowances object, made through the services: policy, assignment, grant, batch, hold."""
+    """One of each allowances object, made through the services: policy, assignment, grant, batch, hold;
+    and the employee's pending overage request (a row: the fixture's policy governs from next month)."""
     hr = members["hr"].user
     provider_connection = gateway_services.provider_connection_create(
         organization=organization, actor=members["admin"].user, name="Sandbox", kind="sandbox", connect_timeout=5,
@@ -104,11 +113,12 @@ def seed_allowance_objects(organization, *, team, members):
     usage_record = UsageRecord.objects.create(
         organization=organization, member=employee, api_key=api_key, model="gpt-test", endpoint="chat",
         status=UsageRecord.Status.OK, input_tokens=10, output_tokens=5, charged_tokens=20)
+    overage_request = OverageRequestFactory(member=employee)
     return {"provider_connection": provider_connection, "usage_record": usage_record,
             "key_spend": api_key.spend, "catalog_model": catalog_model, "model_alias": model_alias, "policy": policy,
             "assignment": assignment, "grant": grant,
             "grant_batch": batch, "account": account, "hold": hold, "api_key": api_key,
-            "api_key_secret": api_key_secret}
+            "api_key_secret": api_key_secret, "overage_request": overage_request}
 
 
 @pytest.fixture

@@ -6,6 +6,8 @@ import factory
 from django.utils import timezone
 from allauth.account.models import EmailAddress
 
+from allowances.periods import period_start_for
+from overage.models import OverageRequest
 from portal.models import Invitation, Member, Organization, Team, User, hash_token
 from portal.tenancy import unscoped
 
@@ -77,3 +79,16 @@ class InvitationFactory(TenantFactory):
     token = factory.Sequence(lambda n: f"invitation-token-{n}")
     token_hash = factory.LazyAttribute(lambda o: hash_token(o.token))
     expires_at = factory.LazyFunction(lambda: timezone.now() + timedelta(days=14))
+
+
+class OverageRequestFactory(TenantFactory):
+    """A pending request as a row (tests of the services make theirs through them)."""
+
+    class Meta:
+        model = OverageRequest
+
+    member = factory.SubFactory(MemberFactory)
+    organization = factory.LazyAttribute(lambda o: o.member.organization)
+    period_start = factory.LazyAttribute(lambda o: period_start_for(o.member.organization))
+    tokens = 50_000
+    reason = "A bigger evaluation run"

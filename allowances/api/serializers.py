@@ -1,6 +1,15 @@
 from rest_framework import serializers
 
-from allowances.models import MAX_TOKENS, Account, AllowancePolicy, CatalogModel, Grant, LedgerEntry, PolicyAssignment
+from allowances.models import (
+    MAX_AUTO_APPROVED_REQUESTS,
+    MAX_TOKENS,
+    Account,
+    AllowancePolicy,
+    CatalogModel,
+    Grant,
+    LedgerEntry,
+    PolicyAssignment,
+)
 from allowances.services import MAX_BULK_ROWS
 from portal.api import fields
 from portal.api.fields import MAX_ID, TokensField, WholeNumberField, object_id
@@ -15,14 +24,19 @@ class PolicySerializer(fields.ModelSerializer):
     rollover_cap_percent = WholeNumberField(min_value=1, max_value=100, required=False, allow_null=True,
                                             help_text="Only with the capped_percent rule.")
     auto_approve_tokens = TokensField(min_value=1, max_value=MAX_TOKENS, required=False, allow_null=True,
-                                           help_text="Only with the auto_approve overage rule.")
+                                      help_text="Only with the auto_approve overage rule: overage requests are "
+                                                "approved at once up to these tokens per period...")
+    auto_approve_requests = WholeNumberField(min_value=1, max_value=MAX_AUTO_APPROVED_REQUESTS, required=False,
+                                             allow_null=True, help_text="...and up to this many requests per "
+                                                                        "period (only with auto_approve).")
     rollover_lifetime_periods = WholeNumberField(min_value=1, max_value=24, required=False,
                                                  help_text="More than 1 only with a rule that rolls tokens over.")
 
     class Meta:
         model = AllowancePolicy
         fields = ["id", "name", "monthly_tokens", "rollover_rule", "rollover_cap_tokens", "rollover_cap_percent",
-                  "rollover_lifetime_periods", "overage_rule", "auto_approve_tokens", "created_at"]
+                  "rollover_lifetime_periods", "overage_rule", "auto_approve_tokens", "auto_approve_requests",
+                  "created_at"]
         read_only_fields = ["id", "created_at"]
         validators = []
         extra_kwargs = {"name": {"validators": []}}

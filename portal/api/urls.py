@@ -5,6 +5,7 @@ from rest_framework.routers import SimpleRouter
 
 from allowances.api import views as allowance_views
 from gateway import api as gateway_api
+from overage import api as overage_api
 from portal.api import views
 
 router = SimpleRouter(use_regex_path=False)
@@ -18,6 +19,7 @@ router.register("grants", allowance_views.GrantViewSet, basename="api-grant")
 router.register("balances", allowance_views.BalanceViewSet, basename="api-balance")
 router.register("ledger-entries", allowance_views.LedgerEntryViewSet, basename="api-ledger-entry")
 router.register("models", allowance_views.CatalogModelViewSet, basename="api-catalog-model")
+router.register("overage-requests", overage_api.OverageRequestViewSet, basename="api-overage-request")
 
 urlpatterns = [
     path("api/v1/o/<slug:org_slug>/", include(router.urls)),

@@ -230,8 +230,13 @@ BAD_POLICIES = [
     ("capped percent 150", {"rollover_rule": "capped_percent", "rollover_cap_percent": 150}, "rollover_cap_percent"),
     ("cap in tokens with rule none", {"rollover_cap_tokens": 1000}, "rollover_cap_tokens"),
     ("cap in tokens with rule all", {"rollover_rule": "all", "rollover_cap_tokens": 1000}, "rollover_cap_tokens"),
-    ("auto approve without tokens", {"overage_rule": "auto_approve"}, "auto_approve_tokens"),
+    ("auto approve without tokens", {"overage_rule": "auto_approve", "auto_approve_requests": 3}, "auto_approve_tokens"),
+    ("auto approve without requests", {"overage_rule": "auto_approve", "auto_approve_tokens": 1000},
+     "auto_approve_requests"),
+    ("auto approve 0 requests", {"overage_rule": "auto_approve", "auto_approve_tokens": 1000,
+                                 "auto_approve_requests": 0}, "auto_approve_requests"),
     ("auto approve tokens with hard stop", {"auto_approve_tokens": 1000}, "auto_approve_tokens"),
+    ("auto approve requests with hard stop", {"auto_approve_requests": 2}, "auto_approve_requests"),
     ("negative monthly", {"monthly_tokens": -1}, "monthly_tokens"),
     ("absurd monthly", {"monthly_tokens": 10_000_000_001}, "monthly_tokens"),
     ("monthly as text", {"monthly_tokens": "lots"}, "monthly_tokens"),
@@ -266,11 +271,11 @@ def test_policies_crud_for_hr(as_hr, org_a, org_b):
 
     created = ok(send(as_hr, "post", api(org_a, "policies/"), GOOD_POLICY | {
         "rollover_rule": "capped_tokens", "rollover_cap_tokens": "300000", "rollover_lifetime_periods": 2,
-        "overage_rule": "auto_approve", "auto_approve_tokens": 50_000}), 201)
+        "overage_rule": "auto_approve", "auto_approve_tokens": 50_000, "auto_approve_requests": 4}), 201)
     assert {k: created[k] for k in ("name", "monthly_tokens", "rollover_cap_tokens", "rollover_lifetime_periods",
-                                    "auto_approve_tokens")} == {
+                                    "auto_approve_tokens", "auto_approve_requests")} == {
         "name": "Research", "monthly_tokens": 2_000_000, "rollover_cap_tokens": 300_000,
-        "rollover_lifetime_periods": 2, "auto_approve_tokens": 50_000}
+        "rollover_lifetime_periods": 2, "auto_approve_tokens": 50_000, "auto_approve_requests": 4}
     assert audit(org_a, "policy.created")[-1].object_id == str(created["id"])
 
     fetched = ok(send(as_hr, "get", api(org_a, f"policies/{created['id']}/")))

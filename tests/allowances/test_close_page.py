@@ -208,3 +208,23 @@ def test_no_card_on_a_fresh_dashboard(org_a, as_employee):
     response = as_employee.get(reverse("dashboard", kwargs={"org_slug": org_a.slug}))
     assert card(response) is None
     assert "closed</h2>" not in response.content.decode()
+
+
+def test_the_card_reports_the_overage_that_lapsed_and_the_overage_billed(login):
+    """200,000 approved overage on top of 1,000,000: 1,100,000 used, so the allowance is gone and half
+    of the overage too. Nothing rolls over or expires; 100,000 lapse and 100,000 are billed."""
+    now = timezone.now()
+    last_month = previous_period(period_start_for(SimpleNamespace(time_zone=ZONE), now))
+    org = build(last_month, slug="overage")
+    with scope(org.organization):
+        ledger.post(account=org.account, kind=Kind.OVERAGE_GRANT, tokens=200_000, idempotency_key="overage-request:1",
+                    reference="overage-request:1")
+    use(org.account, 1_100_000, "beyond-the-allowance")
+    closing.close_due_periods(at=now)
+
+    heading, rows = card(login(org.employee).get(reverse("dashboard", kwargs={"org_slug": org.organization.slug})))
+    assert heading == f"When {last_month:%B %Y} closed"
+    assert rows == sorted([
+        ("Overage lapsed", 100_000, "Approved overage not used this period (lapsed, not billed)"),
+        ("Overage used (billed)", 100_000, "Approved overage used this period, billed to the organization"),
+    ])

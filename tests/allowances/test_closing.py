@@ -20,7 +20,7 @@ from django.core.management import CommandError, call_command
 from django.db import connections
 from django.utils import timezone
 
-from allowances import closing, ledger
+from allowances import closing, ledger, selectors
 from allowances import services
 from allowances.models import Account, LedgerEntry
 from allowances.periods import next_period_start, period_start_for, prorate
@@ -319,7 +319,7 @@ def test_a_policy_assigned_immediately_mid_month_governs_the_close_and_the_next_
         generous = services.policy_create(organization=org.organization, actor=org.actor, name="Generous",
                                           monthly_tokens=2_000_000, rollover_rule="capped_tokens",
                                           rollover_cap_tokens=50_000, overage_rule="auto_approve",
-                                          auto_approve_tokens=20_000)
+                                          auto_approve_tokens=20_000, auto_approve_requests=2)
         services.policy_assign(organization=org.organization, actor=org.actor, policy=generous,
                                member=Member.objects.get(pk=member.pk), immediately=True, at=utc(2026, 11, 16))
     assert stored(account).available == 300_000 + (1_000_000 - 150_000) - 100_000
@@ -333,7 +333,8 @@ def test_a_policy_assigned_immediately_mid_month_governs_the_close_and_the_next_
         (december, Kind.ROLLOVER_IN, 50_000, "rollover-until:2026-12-01"),
         (december, Kind.GRANT, 2_000_000, f"policy:{generous.pk}"),
     ])
-    assert (stored(account).available, stored(account).overdraft_limit) == (2_050_000, 20_000)
+    # Auto-approval approves overage requests; it lends no overdraft.
+    assert (stored(account).available, stored(account).overdraft_limit) == (2_050_000, 0)
 
 
 def test_a_policy_assigned_mid_month_for_the_next_period_leaves_the_close_to_the_old_policy():
@@ -344,7 +345,8 @@ def test_a_policy_assigned_mid_month_for_the_next_period_leaves_the_close_to_the
     with scope(org.organization):
         generous = services.policy_create(organization=org.organization, actor=org.actor, name="Generous",
                                           monthly_tokens=2_000_000, rollover_rule="all",
-                                          overage_rule="auto_approve", auto_approve_tokens=20_000)
+                                          overage_rule="auto_approve", auto_approve_tokens=20_000,
+                                          auto_approve_requests=2)
         assignment = services.policy_assign(organization=org.organization, actor=org.actor, policy=generous,
                                             team=org.team, at=utc(2026, 11, 16))
     assert assignment.effective_from == utc(2026, 12, 1)
@@ -357,7 +359,7 @@ def test_a_policy_assigned_mid_month_for_the_next_period_leaves_the_close_to_the
         (november, Kind.EXPIRY, 200_000, ""),  # the old policy (in force until the end) rolls nothing over
         (december, Kind.GRANT, 2_000_000, f"policy:{generous.pk}"),
     ])
-    assert (stored(account).available, stored(account).overdraft_limit) == (2_000_000, 20_000)
+    assert (stored(account).available, stored(account).overdraft_limit) == (2_000_000, 0)
 
 
 @pytest.mark.parametrize("rule, rolled", [
@@ -384,21 +386,33 @@ def test_the_close_rolls_over_what_the_rule_allows_and_expires_the_rest(rule, ro
     assert stored(account).available == 100_000 + rolled
 
 
-def test_the_close_bills_consumed_overage_and_keeps_open_holds_held():
+def test_the_close_lapses_unused_overage_bills_the_rest_and_keeps_open_holds_held():
     november, december = date(2026, 11, 1), date(2026, 12, 1)
-    org = build_org("UTC", november, members=2, monthly_tokens=100_000, overage_rule="auto_approve",
-                    auto_approve_tokens=50_000)
-    over, holding = org.accounts
-    use(over, 120_000, "big")  # 20,000 beyond the allowance, within the approved overage
-    assert stored(over).available == -20_000
-    with scope(org.organization):
+    org = build_org("UTC", november, members=3, monthly_tokens=100_000, overage_rule="request_approval")
+    over, holding, past = org.accounts
+    with scope(org.organization):  # approved overage requests' grants
+        for account in (over, past):
+            ledger.post(account=account, kind=Kind.OVERAGE_GRANT, tokens=50_000,
+                        idempotency_key=f"overage-request:{account.pk}", reference=f"overage-request:{account.pk}")
+    use(over, 120_000, "big")  # the allowance, then 20,000 of the 50,000 approved overage
+    with scope(org.organization):  # usage recorded past the balance (an organization's own gateway reports it)
+        ledger.post(account=past, kind=Kind.USAGE, tokens=160_000, used_delta=160_000, idempotency_key="ingested",
+                    model="reported")
         hold = ledger.authorize(account=holding, tokens=10_000, idempotency_key="in-flight")
 
     mark = last_entry_id()
     close(utc(2026, 12, 1))
-    assert rows(over, after=mark) == sorted([(november, Kind.OVERAGE_GRANT, 20_000, "overage:2026-11-01"),
+    # Overage is used last, so what is unused is overage first: 30,000 lapse, unbilled.
+    assert rows(over, after=mark) == sorted([(november, Kind.OVERAGE_LAPSE, 30_000, ""),
                                              (december, Kind.GRANT, 100_000, f"policy:{org.policy.pk}")])
-    assert (stored(over).available, stored(over).overdraft_limit) == (100_000, 50_000)
+    assert stored(over).available == 100_000
+    # 10,000 used past the allowance and the overage: booked as billable overage, so December starts at zero.
+    assert rows(past, after=mark) == sorted([(november, Kind.OVERAGE_GRANT, 10_000, "overage:2026-11-01"),
+                                             (december, Kind.GRANT, 100_000, f"policy:{org.policy.pk}")])
+    with scope(org.organization):
+        billed = {row.member_id: row.tokens for row in selectors.billable_overage(organization=org.organization,
+                                                                                 period=november)}
+    assert billed == {over.member_id: 20_000, past.member_id: 60_000}
     # The hold crosses the boundary: still held, not expired, not counted as unused.
     assert rows(holding, after=mark) == sorted([(november, Kind.EXPIRY, 90_000, ""),
                                                 (december, Kind.GRANT, 100_000, f"policy:{org.policy.pk}")])

@@ -1,11 +1,12 @@
 """The set-based close books, entry for entry, what the close's rules say for each account.
 
 Two organizations are built alike (same teams, policies, members) and live the same random
-months (grants, bonuses, usage beyond the balance, open holds, policy changes); one is closed
-account by account by a reference model of the rules written plainly in Python here
-(`close_by_reference`, on the Python definitions of the policy in force, the rollover rule and
-the month arithmetic), the other by `closing_sql.close_chunk`. After every month the two
-ledgers must be the same entry for entry, and both must verify.
+months (grants, bonuses, approved overage, usage beyond the balance, open holds, policy changes,
+overage requests left pending); one is closed account by account by a reference model of the
+rules written plainly in Python here (`close_by_reference`, on the Python definitions of the
+policy in force, the rollover rule, the overage that lapses and the month arithmetic), the other
+by `closing_sql.close_chunk`. After every month the two ledgers must be the same entry for entry,
+the same requests must have lapsed, and both ledgers must verify.
 """
 
 import random
@@ -13,12 +14,15 @@ from datetime import date, timedelta
 
 import pytest
 from django.db import transaction
+from django.utils import timezone
 
 from allowances import ledger
 from allowances.closing_sql import ROLLOVER_REFERENCE, close_chunk
+from allowances.consumption import unused_overage
 from allowances.models import Account, AllowancePolicy, LedgerEntry, PolicyAssignment
 from allowances.periods import next_period_start, period_bounds, periods_after
 from allowances.selectors import policy_in_force
+from overage.models import OverageRequest
 from portal.models import Member
 from portal.tenancy import scope
 from tests.factories import MemberFactory, OrganizationFactory, TeamFactory
@@ -34,7 +38,7 @@ POLICIES = [
      "rollover_lifetime_periods": 3},
     {"name": "Percent", "monthly_tokens": 1500, "rollover_rule": "capped_percent", "rollover_cap_percent": 25},
     {"name": "Overage", "monthly_tokens": 500, "rollover_rule": "all", "overage_rule": "auto_approve",
-     "auto_approve_tokens": 200, "rollover_lifetime_periods": 1},
+     "auto_approve_tokens": 200, "auto_approve_requests": 2, "rollover_lifetime_periods": 1},
 ]
 FIRST = date(2026, 1, 1)
 
@@ -74,6 +78,12 @@ def live_a_month(organization, policies, accounts, period, seed, month):
                 ledger.post(account=account, kind="grant", tokens=rng.choice([0, 700, 1000]), idempotency_key=f"g:{key}")
             if rng.random() < 0.4:
                 ledger.post(account=account, kind="bonus", tokens=rng.randint(1, 900), idempotency_key=f"b:{key}")
+            if rng.random() < 0.3:  # an approved overage request's grant
+                ledger.post(account=account, kind="overage_grant", tokens=rng.randint(1, 700),
+                            idempotency_key=f"overage-request:{key}", reference="overage-request")
+            if rng.random() < 0.25 and not OverageRequest.objects.filter(member=account.member, state="pending").exists():
+                OverageRequest.objects.create(organization=organization, member=account.member, period_start=period,
+                                              tokens=rng.randint(1, 5000), reason="more")
             if rng.random() < 0.2:
                 Account.objects.filter(pk=account.pk).update(overdraft_limit=rng.choice([0, 100, 300]))
                 account.refresh_from_db()
@@ -107,15 +117,18 @@ def close_by_reference(*, account: Account, period) -> bool:
         if tokens:
             ledger.post(account=account, kind=kind, tokens=tokens, idempotency_key=f"close:{period}:{key}", **extra)
 
+    entries = LedgerEntry.objects.filter(account=account, period_start=period)
+    overage = sum(entries.filter(kind=Kind.OVERAGE_GRANT).values_list("granted_delta", flat=True))
+    base_granted = sum(entries.filter(kind__in=(Kind.GRANT, Kind.BONUS, Kind.ADJUSTMENT))
+                       .values_list("granted_delta", flat=True))
     unused = account.available
     if unused < 0:
-        book(Kind.OVERAGE_GRANT, -unused, "overage", reason="Auto-approved overage consumed this period (billed)",
-             reference=f"overage:{period}")
+        book(Kind.OVERAGE_GRANT, -unused, "overage",
+             reason="Used beyond the allowance and approved overage this period (billed)", reference=f"overage:{period}")
         unused = 0
-    entries = LedgerEntry.objects.filter(account=account, period_start=period)
-    base_granted = sum(entries.filter(kind__in=(Kind.GRANT, Kind.BONUS, Kind.ADJUSTMENT, Kind.OVERAGE_GRANT))
-                       .exclude(kind=Kind.OVERAGE_GRANT, reference=f"overage:{period}")
-                       .values_list("granted_delta", flat=True))
+    lapsed = unused_overage(available=unused, overage=overage)  # approved overage is used last
+    book(Kind.OVERAGE_LAPSE, lapsed, "overage-lapse", reason="Approved overage not used this period (lapsed, not billed)")
+    unused -= lapsed
     tranches: dict = {}
     for reference, tokens in entries.filter(kind=Kind.ROLLOVER_IN).values_list("reference", "tokens"):
         until = reference.removeprefix(ROLLOVER_REFERENCE)
@@ -143,8 +156,10 @@ def close_by_reference(*, account: Account, period) -> bool:
              reference=f"{ROLLOVER_REFERENCE}{until}")
 
     new_policy = policy_in_force(member=member, at=opening_at)
-    Account.objects.filter(pk=account.pk, period_start=period).update(
-        period_start=next_period, overdraft_limit=new_policy.overdraft_tokens if new_policy else 0)
+    Account.objects.filter(pk=account.pk, period_start=period).update(period_start=next_period)
+    OverageRequest.objects.filter(member=member, state="pending", period_start__lte=period).update(
+        state="lapsed", decided_at=timezone.now(),
+        decision_note=f"Still pending when {period:%B %Y} closed: ask again if you still need tokens this month.")
     for until, tokens in carried.items():
         if tokens:
             ledger.post(account=account, kind=Kind.ROLLOVER_IN, tokens=tokens,
@@ -167,7 +182,9 @@ def ledger_of(organization):
                           if e.reference.startswith("policy:") else e.reference)
                          for e in LedgerEntry.objects.exclude(idempotency_key__regex=r"^(g|b|h|u|hold|settle|release):"))
         balances = [(a.period_start, a.granted, a.held, a.used, a.overdraft_limit) for a in accounts]
-    return entries, balances
+        requests = sorted((position[r.member.account.pk], str(r.period_start), r.tokens, r.state, r.decision_note)
+                          for r in OverageRequest.objects.select_related("member__account"))
+    return entries, balances, requests
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -191,6 +208,10 @@ def test_set_based_close_books_what_the_rules_book_for_each_account(seed):
         assert ledger_of(one) == ledger_of(two), f"month {month}"
         assert ledger.verify() == []
         period = next_period_start(period)
+    with scope(two):  # the months had what the comparison is about
+        assert LedgerEntry.objects.filter(kind=Kind.OVERAGE_LAPSE).exists()
+        assert LedgerEntry.objects.filter(kind=Kind.OVERAGE_GRANT, reference__startswith="overage:").exists()
+        assert OverageRequest.objects.filter(state="lapsed").exists()
 
 
 def test_a_chunk_is_closed_once_and_a_rerun_finds_nothing():

@@ -3,7 +3,9 @@
 After every step the invariants of DESIGN.md hold: the stored balance equals the sum of the
 entries; held equals the open holds; usage is counted once per hold whatever is retried;
 available never drops below the approved overdraft, whatever a settlement reports;
-closing a period twice changes nothing and never creates tokens.
+closing a period twice changes nothing and never creates tokens; what lapses of the approved
+overage at a close and what of it is billable never add up to more than was approved, and to
+exactly that when no request is in flight.
 """
 
 from datetime import date, timedelta
@@ -15,7 +17,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 
-from allowances import closing, ledger
+from allowances import closing, ledger, selectors
 from allowances import services as allowance_services
 from allowances.models import Account, LedgerEntry
 from allowances.periods import next_period_start
@@ -30,7 +32,9 @@ ROLLOVER_RULES = st.sampled_from([
     {"rollover_rule": "capped_tokens", "rollover_cap_tokens": 500_000, "rollover_lifetime_periods": 3},
     {"rollover_rule": "capped_percent", "rollover_cap_percent": 20},
 ])
-OVERAGE_RULES = st.sampled_from([{"overage_rule": "hard_stop"}, {"overage_rule": "auto_approve", "auto_approve_tokens": 300_000}])
+OVERAGE_RULES = st.sampled_from([{"overage_rule": "hard_stop"}, {"overage_rule": "request_approval"},
+                                 {"overage_rule": "auto_approve", "auto_approve_tokens": 300_000,
+                                  "auto_approve_requests": 2}])
 
 
 class LedgerMachine(RuleBasedStateMachine):
@@ -74,6 +78,12 @@ class LedgerMachine(RuleBasedStateMachine):
         return account.granted - self.used - sum(hold.tokens for hold in self.open_holds.values())
 
     # -- rules ----------------------------------------------------------------------------------
+
+    @rule(tokens=TOKENS)
+    def approve_overage(self, tokens):
+        self.keys += 1
+        ledger.post(account=self.account, kind=ledger.Kind.OVERAGE_GRANT, tokens=tokens,
+                    idempotency_key=f"overage-request:{self.keys}", reference=f"overage-request:{self.keys}")
 
     @rule(tokens=TOKENS)
     def grant_bonus(self, tokens):
@@ -144,6 +154,16 @@ class LedgerMachine(RuleBasedStateMachine):
             assert self.stored().granted == after.granted
         carried = after.available - self.policy.monthly_tokens
         assert 0 <= carried <= max(before.available, 0), "a period close created tokens"
+        in_period = LedgerEntry.objects.filter(account=self.account, period_start=period)
+        approved = sum(in_period.filter(kind=ledger.Kind.OVERAGE_GRANT, reference__startswith="overage-request:")
+                       .values_list("tokens", flat=True))
+        lapsed = sum(in_period.filter(kind=ledger.Kind.OVERAGE_LAPSE).values_list("tokens", flat=True))
+        booked = sum(in_period.filter(kind=ledger.Kind.OVERAGE_GRANT, reference=f"overage:{period}")
+                     .values_list("tokens", flat=True))  # usage recorded past the balance: billable too
+        billed = sum(row.tokens for row in selectors.billable_overage(organization=self.organization, period=period))
+        assert lapsed <= max(before.available, 0) and lapsed + billed <= approved + booked
+        if before.held == 0:
+            assert lapsed + billed == approved + booked, "approved overage neither lapsed nor billed"
         if self.policy.rollover_rule == "none":
             assert carried == 0
         assert after.held == before.held and after.used == before.used, "a close moved held or used tokens"

@@ -359,7 +359,7 @@ def test_another_organizations_batch_is_a_404(as_hr, org_a, org_b):
 def policy_form(**overrides):
     return {"name": "Research", "monthly_tokens": "2000000", "rollover_rule": "none", "rollover_cap_tokens": "",
             "rollover_cap_percent": "", "rollover_lifetime_periods": "1", "overage_rule": "hard_stop",
-            "auto_approve_tokens": ""} | overrides
+            "auto_approve_tokens": "", "auto_approve_requests": ""} | overrides
 
 
 BAD_POLICY_FORMS = [
@@ -368,7 +368,10 @@ BAD_POLICY_FORMS = [
     ("capped percent 150", {"rollover_rule": "capped_percent", "rollover_cap_percent": "150"}, "rollover_cap_percent"),
     ("cap in tokens with rule none", {"rollover_cap_tokens": "1000"}, "rollover_cap_tokens"),
     ("cap in tokens with rule all", {"rollover_rule": "all", "rollover_cap_tokens": "1000"}, "rollover_cap_tokens"),
-    ("auto approve without tokens", {"overage_rule": "auto_approve"}, "auto_approve_tokens"),
+    ("auto approve without tokens", {"overage_rule": "auto_approve", "auto_approve_requests": "2"},
+     "auto_approve_tokens"),
+    ("auto approve without requests", {"overage_rule": "auto_approve", "auto_approve_tokens": "1000"},
+     "auto_approve_requests"),
     ("auto approve tokens with hard stop", {"auto_approve_tokens": "1000"}, "auto_approve_tokens"),
     ("negative monthly", {"monthly_tokens": "-1"}, "monthly_tokens"),
     ("absurd monthly", {"monthly_tokens": "10000000001"}, "monthly_tokens"),
@@ -392,12 +395,12 @@ def test_policy_form_with_contradictory_rules_shows_the_error_and_changes_nothin
 def test_policy_form_creates_a_consistent_policy(as_hr, org_a):
     response = as_hr.post(url(org_a, "policy_list"), policy_form(
         rollover_rule="capped_percent", rollover_cap_percent="25", rollover_lifetime_periods="2",
-        overage_rule="auto_approve", auto_approve_tokens="100000"), follow=True)
+        overage_rule="auto_approve", auto_approve_tokens="100000", auto_approve_requests="5"), follow=True)
     assert response.redirect_chain[-1][0] == url(org_a, "policy_list")
     with unscoped():
         policy = AllowancePolicy.all_objects.get(organization=org_a.organization, name="Research")
     assert (policy.monthly_tokens, policy.rollover_cap_percent, policy.rollover_lifetime_periods,
-            policy.auto_approve_tokens) == (2_000_000, 25, 2, 100_000)
+            policy.auto_approve_tokens, policy.auto_approve_requests) == (2_000_000, 25, 2, 100_000, 5)
     assert 'title="2,000,000 tokens">2M<' in response.content.decode()
 
 

@@ -1,7 +1,8 @@
 """Each rule that SQL expresses for speed equals its one Python definition, on random cases
-evaluated by PostgreSQL: the rollover rule and the overdraft (AllowancePolicy), the policy in
-force (assignment_in_force), the month arithmetic (periods_after), a key's spend reset
-(KeySpend.spent_in), and the ledger's moves (MOVES) in its single and its set-based statements.
+evaluated by PostgreSQL: the rollover rule (AllowancePolicy), the policy in force
+(assignment_in_force), the month arithmetic (periods_after), a key's spend reset
+(KeySpend.spent_in), the ledger's moves (MOVES) in its single and its set-based statements, and
+which usage is billable overage and what of it lapses (allowances.consumption).
 A change to one form and not the other fails here.
 """
 
@@ -14,9 +15,11 @@ import pytest
 from django.db import connection
 
 from allowances import ledger
+from allowances.closing_sql import close_chunk
+from allowances.consumption import BASE_KINDS, OVERAGE_KINDS, billable_usage, unused_overage, unused_overage_sql
 from allowances.models import Account, AllowancePolicy, KeySpend, LedgerEntry, PolicyAssignment
 from allowances.periods import next_period_start, periods_after, periods_after_sql
-from allowances.selectors import assignment_in_force, assignment_in_force_sql, members_governed_by
+from allowances.selectors import assignment_in_force, assignment_in_force_sql, billable_overage, members_governed_by
 from apikeys import services as api_key_services
 from portal.models import Member, Team
 from portal.tenancy import scope, unscoped
@@ -43,12 +46,13 @@ def random_policy_rules(rng: random.Random) -> dict:
     if rule == AllowancePolicy.Rollover.CAPPED_PERCENT:
         spec["rollover_cap_percent"] = rng.choice([1, 3, 33, 50, 99, 100, rng.randint(1, 100)])
     if rng.random() < 0.5:
-        spec |= {"overage_rule": AllowancePolicy.Overage.AUTO_APPROVE, "auto_approve_tokens": rng.randint(1, 10**10)}
+        spec |= {"overage_rule": AllowancePolicy.Overage.AUTO_APPROVE, "auto_approve_tokens": rng.randint(1, 10**10),
+                 "auto_approve_requests": rng.randint(1, 1000)}
     return spec
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_the_sql_rollover_and_overdraft_equal_the_policy_methods(seed):
+def test_the_sql_rollover_equals_the_policy_method(seed):
     rng = random.Random(seed)
     organization = OrganizationFactory()
     with unscoped():
@@ -57,23 +61,22 @@ def test_the_sql_rollover_and_overdraft_equal_the_policy_methods(seed):
     unused = [-(10**10), -1, 0, 1, 2, 99, 100, 101, 999, 10**10, 2 * 10**10] + [rng.randint(-10**6, 10**11)
                                                                                 for _ in range(40)]
     found = rows(f"""
-        SELECT p.id, u.unused, {AllowancePolicy.rollover_amount_sql("p", "u.unused")},
-               {AllowancePolicy.overdraft_tokens_sql("p")}
+        SELECT p.id, u.unused, {AllowancePolicy.rollover_amount_sql("p", "u.unused")}
         FROM {AllowancePolicy._meta.db_table} p CROSS JOIN unnest(%s::bigint[]) AS u(unused)
         WHERE p.organization_id = %s""", [unused, organization.pk])
     by_id = {policy.pk: policy for policy in policies}
     assert len(found) == len(policies) * len(unused)
-    for policy_id, amount, rolled, overdraft in found:
+    for policy_id, amount, rolled in found:
         policy = by_id[policy_id]
-        assert (rolled, overdraft) == (policy.rollover_amount(amount), policy.overdraft_tokens), (
+        assert rolled == policy.rollover_amount(amount), (
             policy.rollover_rule, policy.rollover_cap_tokens, policy.rollover_cap_percent, policy.monthly_tokens, amount)
 
 
-def test_no_policy_rolls_nothing_over_and_grants_no_overdraft_in_sql():
+def test_no_policy_rolls_nothing_over_in_sql():
     found = rows(f"""
-        SELECT {AllowancePolicy.rollover_amount_sql("p", "500")}, {AllowancePolicy.overdraft_tokens_sql("p")}
+        SELECT {AllowancePolicy.rollover_amount_sql("p", "500")}
         FROM (SELECT 1) one LEFT JOIN {AllowancePolicy._meta.db_table} p ON false""", [])
-    assert found == [(0, 0)]
+    assert found == [(0,)]
 
 
 def test_the_sql_month_arithmetic_equals_periods_after():
@@ -215,3 +218,94 @@ def test_a_set_of_posts_moves_accounts_and_key_counters_as_the_same_single_posts
         assert state(*batch)[:2] == ((1_000 + 250 - 30 - 100 - 50 + 50 + 20, 0, 400 + 75 + 9),
                                      (period, 0, 400 + 75))
     assert ledger.verify(organization_id=organization.pk) == []
+
+
+# -- which usage is billable overage, and what of the overage lapses -------------------------------------------
+
+
+def test_the_sql_unused_overage_equals_unused_overage():
+    rng = random.Random(5)
+    cases = [(available, overage) for available in (-(10**10), -1, 0, 1, 5, 10**10) for overage in (0, 1, 7, 10**10)]
+    cases += [(rng.randint(-(10**6), 10**6), rng.choice([0, rng.randint(1, 10**6)])) for _ in range(500)]
+    found = rows(f"SELECT {unused_overage_sql('t.available', 't.overage')} FROM unnest(%s::bigint[], %s::bigint[]) "
+                 "WITH ORDINALITY AS t(available, overage, position) ORDER BY t.position",
+                 [[available for available, _ in cases], [overage for _, overage in cases]])
+    assert [row[0] for row in found] == [unused_overage(available=a, overage=o) for a, o in cases]
+
+
+MODELS = ["model-a", "model-b", "model-c"]
+
+
+def billable_by_reference(organization, period) -> dict:
+    """`billable_usage` on each account's entries, read plainly: what was held when the period
+    opened (the holds and closings of earlier periods), its base and overage grants, its usage."""
+    found = {}
+    for account in Account.objects.filter(organization=organization):
+        entries = list(LedgerEntry.objects.filter(account=account).order_by("id"))
+        in_period = [e for e in entries if e.period_start == period]
+        billable = billable_usage(
+            carried=sum(e.held_delta for e in entries if e.period_start < period),
+            base=sum(e.granted_delta for e in in_period if e.kind in BASE_KINDS),
+            overage=sum(e.granted_delta for e in in_period if e.kind in OVERAGE_KINDS),
+            usage=[(e.model, e.used_delta) for e in in_period if e.used_delta])
+        for model, tokens in billable.items():
+            found[account.member_id, model] = tokens
+    return found
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_sql_billable_overage_is_billable_usage_of_every_account_and_period(seed):
+    """Random months of grants, approved overage, usage of several models in and beyond the
+    balance, and holds left open across the close and settled in the next month."""
+    rng = random.Random(seed)
+    organization = OrganizationFactory(time_zone="UTC")
+    periods = [date(2026, 9, 1), date(2026, 10, 1), date(2026, 11, 1)]
+    with scope(organization):
+        teams = [TeamFactory(organization=organization) for _ in range(2)]
+        members = [MemberFactory(organization=organization, team=rng.choice([*teams, None])) for _ in range(10)]
+        accounts = [Account.objects.create(organization=organization, member=member, period_start=periods[0])
+                    for member in members]
+        carried = {account.pk: [] for account in accounts}
+        for month, period in enumerate(periods):
+            for number, account in enumerate(accounts):
+                key = f"{month}:{number}"
+                ledger.post(account=account, kind=Kind.GRANT, tokens=rng.choice([0, 500, 2_000]), idempotency_key=key)
+                for hold in carried[account.pk]:  # requests in flight at the close end in this month
+                    if rng.random() < 0.7:
+                        ledger.settle(hold=hold, used_tokens=rng.randint(0, hold.tokens))
+                    else:
+                        ledger.release(hold=hold)
+                carried[account.pk] = []
+                for step in range(rng.randint(0, 8)):
+                    what = rng.random()
+                    if what < 0.2:
+                        ledger.post(account=account, kind=Kind.OVERAGE_GRANT, tokens=rng.randint(1, 1_500),
+                                    idempotency_key=f"overage-request:{key}:{step}", reference="overage-request:x")
+                    elif what < 0.3:
+                        ledger.post(account=account, kind=Kind.BONUS, tokens=rng.randint(1, 800),
+                                    idempotency_key=f"b:{key}:{step}")
+                    elif what < 0.4:  # recorded beyond the balance, as usage ingest does
+                        tokens = rng.randint(1, 1_000)
+                        ledger.post(account=account, kind=Kind.USAGE, tokens=tokens, used_delta=tokens,
+                                    model=rng.choice(MODELS), idempotency_key=f"u:{key}:{step}")
+                    else:
+                        try:
+                            hold = ledger.authorize(account=account, tokens=rng.randint(1, 900),
+                                                    idempotency_key=f"h:{key}:{step}", model=rng.choice(MODELS),
+                                                    ttl=timedelta(days=120))
+                        except ledger.InsufficientTokens:
+                            continue
+                        if rng.random() < 0.2:
+                            carried[account.pk].append(hold)  # still in flight when the month closes
+                        else:
+                            ledger.settle(hold=hold, used_tokens=rng.randint(0, hold.tokens))
+            if month < len(periods) - 1:
+                assert close_chunk(organization=organization, period=period, after=0, limit=100)[0] == len(accounts)
+        assert ledger.verify(organization_id=organization.pk) == []
+        for period in periods:
+            expected = billable_by_reference(organization, period)
+            found = billable_overage(organization=organization, period=period)
+            assert {(row.member_id, row.model): row.tokens for row in found} == expected, period
+            teams_of = {member.pk: member.team_id for member in members}
+            assert all(row.team_id == teams_of[row.member_id] for row in found)
+        assert any(billable_by_reference(organization, period) for period in periods), "nothing was billable"

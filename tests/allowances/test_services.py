@@ -265,8 +265,19 @@ BAD_POLICIES = [
     ("cap in tokens with rule none", {"rollover_rule": "none", "rollover_cap_tokens": 1000}, "rollover_cap_tokens"),
     ("cap in tokens with rule all", {"rollover_rule": "all", "rollover_cap_tokens": 1000}, "rollover_cap_tokens"),
     ("cap in percent with rule all", {"rollover_rule": "all", "rollover_cap_percent": 10}, "rollover_cap_percent"),
-    ("auto approve without tokens", {"overage_rule": "auto_approve"}, "auto_approve_tokens"),
-    ("auto approve with zero tokens", {"overage_rule": "auto_approve", "auto_approve_tokens": 0}, "auto_approve_tokens"),
+    ("auto approve without tokens", {"overage_rule": "auto_approve", "auto_approve_requests": 2}, "auto_approve_tokens"),
+    ("auto approve with zero tokens", {"overage_rule": "auto_approve", "auto_approve_tokens": 0,
+                                       "auto_approve_requests": 2}, "auto_approve_tokens"),
+    ("auto approve without requests", {"overage_rule": "auto_approve", "auto_approve_tokens": 1000},
+     "auto_approve_requests"),
+    ("auto approve with zero requests", {"overage_rule": "auto_approve", "auto_approve_tokens": 1000,
+                                         "auto_approve_requests": 0}, "auto_approve_requests"),
+    ("auto approve with 1001 requests", {"overage_rule": "auto_approve", "auto_approve_tokens": 1000,
+                                         "auto_approve_requests": 1001}, "auto_approve_requests"),
+    ("auto approve with 2.5 requests", {"overage_rule": "auto_approve", "auto_approve_tokens": 1000,
+                                        "auto_approve_requests": "2.5"}, "auto_approve_requests"),
+    ("auto approve requests with request approval", {"overage_rule": "request_approval", "auto_approve_requests": 3},
+     "auto_approve_requests"),
     ("auto approve tokens with hard stop", {"overage_rule": "hard_stop", "auto_approve_tokens": 1000},
      "auto_approve_tokens"),
     ("auto approve tokens with request approval", {"overage_rule": "request_approval", "auto_approve_tokens": 1000},
@@ -314,7 +325,7 @@ def test_contradictory_policy_update_is_a_field_error_and_changes_nothing(org_a,
     {"rollover_rule": "capped_percent", "rollover_cap_percent": 100, "rollover_lifetime_periods": 24},
     {"rollover_rule": "capped_percent", "rollover_cap_percent": "1"},
     {"rollover_rule": "all", "rollover_cap_tokens": "", "rollover_cap_percent": None},
-    {"overage_rule": "auto_approve", "auto_approve_tokens": "250000"},
+    {"overage_rule": "auto_approve", "auto_approve_tokens": "250000", "auto_approve_requests": "3"},
     {"overage_rule": "request_approval", "monthly_tokens": 0},
     {"monthly_tokens": MAX_TOKENS},
 ], ids=repr)
@@ -327,6 +338,8 @@ def test_consistent_policies_are_created_and_audited(org_a, rules):
     assert policy.rollover_rule == expected["rollover_rule"]
     assert policy.rollover_lifetime_periods == int(expected.get("rollover_lifetime_periods", 1))
     assert policy.auto_approve_tokens == (int(expected["auto_approve_tokens"]) if "auto_approve_tokens" in rules else None)
+    assert policy.auto_approve_requests == (int(expected["auto_approve_requests"])
+                                            if "auto_approve_requests" in rules else None)
     assert audit(org_a, "policy.created")[-1].object_id == str(policy.pk)
 
 

@@ -15,6 +15,7 @@ from django.core.exceptions import ValidationError
 from django.db import connection, models
 from django.utils import timezone
 
+from allowances import ledger
 from allowances import services as allowance_services
 from gateway import services as gateway_services
 from apikeys import secrets, services
@@ -236,17 +237,19 @@ def test_a_cap_is_a_positive_whole_number(org_a, cap):
     assert refused(org_a.members["employee"], "token_cap", token_cap=cap) == "A cap is a positive whole number of tokens."
 
 
-def test_a_cap_cannot_exceed_the_owners_allowance_including_auto_approved_overage(org_a):
+def test_a_cap_cannot_exceed_the_owners_allowance_or_what_they_hold_with_approved_overage(org_a):
     member = org_a.members["employee"]
     message = refused(member, "token_cap", token_cap=1_000_001)
     assert "1,000,000" in message and "allowance" in message
     create(member, token_cap=1_000_000)  # exactly the allowance is fine
 
-    with scope(org_a.organization):
-        org_a.policy.overage_rule, org_a.policy.auto_approve_tokens = "auto_approve", 50_000
-        org_a.policy.save()
-    create(member, token_cap=1_050_000)
-    assert "1,050,000" in refused(member, "token_cap", token_cap=1_050_001)
+    with scope(org_a.organization):  # an approved overage request's grant: more than the policy's month
+        ledger.post(account=org_a.account, kind="overage_grant", tokens=2_000_000, idempotency_key="overage-request:1")
+        org_a.account.refresh_from_db()
+    holding = org_a.account.available
+    assert holding > 1_000_000
+    create(member, token_cap=holding)
+    assert f"{holding:,}" in refused(member, "token_cap", token_cap=holding + 1)
 
 
 def test_the_cap_follows_the_members_own_policy(org_a):

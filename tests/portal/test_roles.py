@@ -21,6 +21,7 @@ from tests.urlwalk import walk
 EVERYONE = frozenset(ROLES)
 PEOPLE = frozenset({"owner", "admin", "hr"})
 ADMINS = frozenset({"owner", "admin"})
+APPROVERS = frozenset({"owner", "admin", "approver"})
 
 # url name -> the roles that may open it. Everyone else gets 403.
 EXPECTED = {
@@ -63,7 +64,21 @@ EXPECTED = {
     "email_domain_verify": ADMINS,  # POST-only
     "email_domain_remove": ADMINS,  # POST-only
     "scim_token_revoke": ADMINS,  # POST-only
+    # Overage: every member asks for more and follows their own requests; approvers (admins too)
+    # decide; admins set the cap and the teams approvers approve for.
+    "overage_request_list": EVERYONE,
+    "overage_request_new": EVERYONE,
+    "overage_request_edit": EVERYONE,  # own requests: see OWN_OBJECT_PAGES
+    "overage_request_cancel": EVERYONE,  # POST-only, own requests
+    "overage_notices_dismiss": EVERYONE,  # POST-only
+    "approval_queue": APPROVERS,
+    "approval_detail": APPROVERS,
+    "approvals_approve": APPROVERS,  # POST-only
+    "approval_settings": ADMINS,
 }
+# Pages of one member's own object (the fixture's is the member with this role's): every other
+# member the role table lets in gets 404, as for an object that does not exist.
+OWN_OBJECT_PAGES = {"overage_request_edit": "employee"}
 
 # API route name -> the roles that may GET it. Everyone else gets 403.
 EXPECTED_API = {
@@ -88,6 +103,12 @@ EXPECTED_API = {
     "api-ledger-entry-list": EVERYONE,
     "api-catalog-model-list": EVERYONE,
     "api-catalog-model-detail": EVERYONE,
+    # Members ask for more and follow and cancel their own requests (other members' answer 404);
+    # approvers and admins also see the requests they may decide, and decide them.
+    "api-overage-request-list": EVERYONE,
+    "api-overage-request-detail": EVERYONE,
+    "api-overage-request-cancel": EVERYONE,  # POST-only
+    "api-overage-request-decide": APPROVERS,  # POST-only
 }
 
 # The organization navigation: link text -> the page it opens.
@@ -106,6 +127,8 @@ NAV_LINKS = {
     "Invitations": "invitation_list",
     "Audit log": "audit_log",
     "Settings": "organization_settings",
+    "Approvals": "approval_queue",
+    "Overage": "approval_settings",
 }
 
 
@@ -214,7 +237,9 @@ def test_each_role_gets_exactly_its_pages(client, org_a):
             response = client.get(path)
             checked += 1
             status = response.status_code
-            if role in allowed:
+            if role in allowed and OWN_OBJECT_PAGES.get(route.name, role) != role:
+                ok = status == 404  # someone else's object
+            elif role in allowed:
                 # 405 only for a POST-only view (it says so in its Allow header).
                 ok = status == 200 or (status == 405 and response.get("Allow") == "POST")
             else:

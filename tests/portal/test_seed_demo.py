@@ -136,3 +136,25 @@ def test_seed_prints_a_working_api_key_per_employee_and_a_rerun_replaces_them():
     email, old_secret = next(iter(first.items()))
     slug = "acme" if email.endswith("@acme.example") else "globex"
     assert Client().get(f"/api/v1/o/{slug}/balances/", HTTP_AUTHORIZATION=f"Bearer {old_secret}").status_code == 401
+
+
+def test_seed_leaves_a_working_approval_queue_in_both_organizations_and_a_rerun_adds_nothing():
+    from overage.models import OverageRequest
+
+    def requests():
+        with unscoped():
+            return sorted(OverageRequest.objects.values_list("organization__slug", "member__user__email", "tokens",
+                                                             "state", "approved_tokens"))
+
+    output = seed()
+    first = requests()
+    assert seed() and requests() == first
+    for slug, approver in (("acme", "approver@acme.example"), ("globex", "approver@globex.example")):
+        states = [state for org, _email, _tokens, state, _approved in first if org == slug]
+        assert sorted(set(states)) == ["approved", "partially_approved", "pending", "rejected"], (slug, states)
+        assert f"# 2 overage requests wait in /o/{slug}/approvals/ for {approver}" in output
+        client = Client()
+        assert client.post("/accounts/login/", {"login": approver, "password": logins(output)[approver][0]}
+                           ).status_code == 302
+        queue = client.get(f"/o/{slug}/approvals/").content.decode()
+        assert queue.count('data-testid="queue-item"') == 2

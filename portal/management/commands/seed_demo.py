@@ -11,6 +11,7 @@ from django.db import transaction
 from allowances.demo import seed_allowances
 from allowances.periods import period_bounds, period_start_for
 from apikeys.demo import seed_keys
+from overage.demo import seed_overage
 from portal.demo import DEMO_ORGANIZATIONS, DEMO_PASSWORD
 from portal.models import Member, Organization, Team, User
 from portal.tenancy import scope
@@ -22,16 +23,20 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         with transaction.atomic():
             organizations = [self._seed_organization(spec) for spec in DEMO_ORGANIZATIONS]
-            key_lines = []
+            key_lines, pending = [], []
             for organization in organizations:
                 with scope(organization):
                     key_lines.append(seed_keys(organization))
-        for organization, spec, keys in zip(organizations, DEMO_ORGANIZATIONS, key_lines):
+                    pending.append(seed_overage(organization))
+        for organization, spec, keys, waiting in zip(organizations, DEMO_ORGANIZATIONS, key_lines, pending):
             self.stdout.write(f"# {organization.name} (/o/{organization.slug}/)")
             for person in spec["people"]:
                 self.stdout.write(f"login {person['email']} {DEMO_PASSWORD} {','.join(person['roles'])}")
             for line in keys:
                 self.stdout.write(line)
+            approvers = [person["email"] for person in spec["people"] if person["roles"] == ["approver"]]
+            self.stdout.write(f"# {len(waiting)} overage requests wait in /o/{organization.slug}/approvals/ for "
+                              f"{', '.join(approvers)}")
 
     def _seed_organization(self, spec) -> Organization:
         organization, _ = Organization.objects.get_or_create(
