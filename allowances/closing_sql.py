@@ -33,11 +33,12 @@ from allowances.models import Account, AllowancePolicy, LedgerEntry
 from allowances.periods import next_period_start, period_bounds, periods_after_sql
 from allowances.selectors import assignment_in_force_sql
 from overage.models import OverageRequest
-from portal.models import Member, Organization
+from portal.models import AuditLogEntry, Member, Organization
 
 Kind = LedgerEntry.Kind
 _A, _E, _M, _P = Account._meta.db_table, LedgerEntry._meta.db_table, Member._meta.db_table, AllowancePolicy._meta.db_table
 _R = OverageRequest._meta.db_table
+_AUDIT = AuditLogEntry._meta.db_table
 ROLLOVER_REFERENCE = "rollover-until:"  # + the first day of the last period rolled-over tokens may be used in
 # The entries granted this period that are not rolled-over tranches: its grants, split from its overage.
 _BASE_KINDS = kinds_sql((Kind.GRANT, Kind.BONUS, Kind.ADJUSTMENT))
@@ -139,7 +140,15 @@ WITH close_entries (account_id, kind, tokens, period_start, idempotency_key, rea
                      account_changes="period_start = %(next)s")},
 lapsed AS (UPDATE {_R} r SET state = '{OverageRequest.State.LAPSED}', decided_at = %(now)s, decision_note = %(lapse_note)s
            FROM close_plan p WHERE r.member_id = p.member_id AND r.organization_id = %(org)s
-             AND r.state = '{OverageRequest.State.PENDING}' AND r.period_start <= %(period)s)
+             AND r.state = '{OverageRequest.State.PENDING}' AND r.period_start <= %(period)s
+           RETURNING r.id, r.tokens, r.period_start),
+-- The audit log entry portal.audit.log_action writes for a request the close lapsed (no actor).
+lapse_audit AS (INSERT INTO {_AUDIT} (organization_id, actor_id, actor_email, action, object_type, object_id,
+                                      object_repr, data, created_at)
+                SELECT %(org)s, NULL, '', 'overage_request.lapsed', '{OverageRequest._meta.label_lower}', id::text,
+                       'overage request #' || id, jsonb_build_object('tokens', tokens, 'period', period_start::text),
+                       %(now)s
+                FROM lapsed)
 SELECT count(*) FROM posted"""
 
 # Dropped here as well as on commit: inside an outer transaction the next chunk reuses the names.

@@ -60,6 +60,9 @@ class DecisionSerializer(serializers.Serializer):
     tokens = TokensField(min_value=1, max_value=MAX_TOKENS, required=False, allow_null=True,
                          help_text="To approve in part: fewer tokens than asked for. Left out: in full.")
     note = fields.CharField(max_length=services.NOTE_LENGTH, required=False, allow_blank=True)
+    asked_tokens = TokensField(min_value=1, max_value=MAX_TOKENS, required=False, allow_null=True,
+                               help_text="The amount asked for that you decided on: if the requester has changed "
+                                         "the request since, the answer is 409 and nothing is decided.")
 
 
 class OverageRequestFilterSerializer(serializers.Serializer):

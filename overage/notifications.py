@@ -7,6 +7,7 @@ that call it do. The digest is recorded per approver and day first, so a rerun s
 
 from __future__ import annotations
 
+from collections import defaultdict
 from datetime import datetime, time
 from zoneinfo import ZoneInfo
 
@@ -22,6 +23,7 @@ from portal.models import Organization
 from portal.tenancy import scope, unscoped
 
 DIGEST_HOUR = 8  # the approvers' morning, in the organization's zone
+DIGEST_LENGTH = 50  # requests listed in one digest, oldest first
 State = OverageRequest.State
 
 
@@ -98,9 +100,13 @@ def pending_digests_sent(*, at: datetime | None = None) -> int:
         if local.time() < time(DIGEST_HOUR):
             continue
         with scope(organization):
-            for approver in selectors.queue_owners(organization=organization):
-                queue = list(selectors.approval_queue(member=approver)[:50])
-                if queue and _digest_sent(organization, approver, queue, day=local.date()):
+            members = selectors.tellable_members(organization=organization)
+            queues = defaultdict(list)
+            for overage_request in selectors.pending_requests(organization=organization):
+                for approver in selectors.approvers_to_tell(overage_request=overage_request, members=members):
+                    queues[approver].append(overage_request)
+            for approver, queue in queues.items():
+                if _digest_sent(organization, approver, queue[:DIGEST_LENGTH], day=local.date()):
                     sent += 1
     return sent
 

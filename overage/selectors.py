@@ -22,7 +22,7 @@ from allowances import selectors as allowance_selectors
 from allowances.consumption import OVERAGE_KINDS, unused_overage
 from allowances.models import Account, AllowancePolicy, CatalogModel, LedgerEntry
 from allowances.periods import period_start_for
-from overage.models import ApproverTeam, OverageRequest, OverageSettings
+from overage.models import OverageRequest, OverageSettings
 from portal.models import CURRENCIES, Member, Organization
 
 State = OverageRequest.State
@@ -37,7 +37,7 @@ def approver_team_ids(*, member: Member) -> set[int] | None:
         return set()
     if member.has_any_role(["admin"]):
         return None
-    return set(ApproverTeam.objects.filter(member=member).values_list("team_id", flat=True)) or None
+    return {approves_for.team_id for approves_for in member.approves_for.all()} or None
 
 
 def decidable_requests(*, member: Member) -> QuerySet[OverageRequest]:
@@ -98,6 +98,12 @@ def pending_request(*, member: Member) -> OverageRequest | None:
     return own_requests(member=member).filter(state=State.PENDING).first()
 
 
+def pending_requests(*, organization: Organization) -> QuerySet[OverageRequest]:
+    """Every pending request of the organization, oldest first."""
+    return (OverageRequest.objects.filter(organization=organization, state=State.PENDING)
+            .select_related("member__user", "member__team", "organization").order_by("created_at", "id"))
+
+
 def approval_queue(*, member: Member) -> QuerySet[OverageRequest]:
     """What `member` has to decide, oldest first."""
     return (decidable_requests(member=member).filter(state=State.PENDING)
@@ -109,17 +115,24 @@ def approval_get(*, member: Member, overage_request_id: int) -> OverageRequest:
                                                                               "decided_by"), pk=overage_request_id)
 
 
-def queue_owners(*, organization: Organization) -> QuerySet[Member]:
-    """Who is told of requests and sent the daily digest: the members with the approver role, or
-    the admins and owners when the organization has none."""
-    members = Member.objects.filter(organization=organization, is_active=True).select_related("user", "organization")
-    approvers = members.filter(is_approver=True)
-    return approvers if approvers.exists() else members.filter(Q(is_admin=True) | Q(is_owner=True))
+def tellable_members(*, organization: Organization) -> tuple[list[Member], list[Member]]:
+    """The active approvers, and the active admins and owners, of an organization: whom
+    approvers_to_tell chooses from."""
+    members = list(Member.objects.filter(organization=organization, is_active=True)
+                   .filter(Q(is_approver=True) | Q(is_admin=True) | Q(is_owner=True))
+                   .select_related("user", "organization").prefetch_related("approves_for"))
+    return ([member for member in members if member.is_approver],
+            [member for member in members if member.is_admin or member.is_owner])
 
 
-def approvers_to_tell(*, overage_request: OverageRequest) -> list[Member]:
-    return [member for member in queue_owners(organization=overage_request.organization)
-            if may_decide(member=member, overage_request=overage_request) is None]
+def approvers_to_tell(*, overage_request: OverageRequest,
+                      members: tuple[list[Member], list[Member]] | None = None) -> list[Member]:
+    """Who is told of a pending request (emailed when it is made, listed in the daily digest): the
+    approvers who may decide it, or, when none may (there are none, or all approve for other
+    teams), the admins and owners. `members`: tellable_members of its organization, if known."""
+    approvers, admins = members or tellable_members(organization=overage_request.organization)
+    return ([member for member in approvers if may_decide(member=member, overage_request=overage_request) is None]
+            or [member for member in admins if may_decide(member=member, overage_request=overage_request) is None])
 
 
 def whom_to_ask(*, organization: Organization) -> list[str]:

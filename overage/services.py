@@ -117,6 +117,10 @@ def overage_request_create(*, member: Member, actor, tokens, reason: str, model:
     if refusal:
         raise ValidationError(refusal)
     account = _locked_account(member, at=at)
+    if idempotency_key:  # a retry that waited for the first one's lock finds it now
+        existing = OverageRequest.objects.filter(member=member, idempotency_key=idempotency_key).first()
+        if existing is not None:
+            return existing, False
     pending = selectors.pending_request(member=member)
     if pending is not None:
         raise OverageConflict(f"You already have a pending request (#{pending.pk}, {pending.tokens:,} tokens): "
@@ -238,11 +242,13 @@ def _same_decision(current: OverageRequest, *, decided_by, decision: str, tokens
 
 @transaction.atomic
 def overage_request_decide(*, overage_request: OverageRequest, actor_member: Member, decision: str,
-                           tokens=None, note: str = "", at: datetime | None = None) -> tuple[OverageRequest, bool]:
+                           tokens=None, note: str = "", asked_tokens: int | None = None,
+                           at: datetime | None = None) -> tuple[OverageRequest, bool]:
     """Approve a pending request in full (no `tokens`) or in part (`tokens` fewer than asked), or
-    reject it, with an optional note. Returns (request, decided): the same decision retried by
-    the same approver returns the request as it decided it; any other decision of a decided
-    request is an OverageConflict."""
+    reject it, with an optional note. `asked_tokens` is the amount the approver decided on: if the
+    requester has changed it since, nothing is decided (OverageConflict). Returns (request,
+    decided): the same decision retried by the same approver returns the request as it decided it;
+    any other decision of a decided request is an OverageConflict."""
     at = at or timezone.now()
     decision, tokens, note = _clean_decision(overage_request, decision=decision, tokens=tokens, note=note)
     refusal = selectors.may_decide(member=actor_member, overage_request=overage_request)
@@ -254,6 +260,11 @@ def overage_request_decide(*, overage_request: OverageRequest, actor_member: Mem
         if _same_decision(current, decided_by=actor_member.user, decision=decision, tokens=tokens):
             return current, False
         raise OverageConflict(_no_longer_pending(current), overage_request=current)
+    if asked_tokens is not None and asked_tokens != current.tokens:
+        raise OverageConflict(f"The request was changed to {current.tokens:,} tokens after you opened it (it asked "
+                              f"for {asked_tokens:,}): look at it again.", overage_request=current)
+    # Checked again against the request as it is now: the requester may have lowered it meanwhile.
+    decision, tokens, note = _clean_decision(current, decision=decision, tokens=tokens, note=note)
     account = Account.objects.get(member=current.member)
     if current.period_start != account.period_start or current.period_start != period_start_for(
             current.organization, at):
@@ -281,14 +292,16 @@ class BatchOutcome:
 
 
 def overage_requests_approve(*, overage_requests, actor_member: Member, note: str = "",
-                             at: datetime | None = None) -> BatchOutcome:
+                             asked_tokens: dict[int, int] | None = None, at: datetime | None = None) -> BatchOutcome:
     """Approve several requests in full, oldest first, each in its own transaction: what one
-    cannot take (the cap reached, decided meanwhile) is refused with the reason, the others go ahead."""
+    cannot take (the cap reached, decided or changed meanwhile) is refused with the reason, the
+    others go ahead. `asked_tokens`: request id -> the amount the approver saw."""
     outcome = BatchOutcome()
     for overage_request in sorted(overage_requests, key=lambda r: (r.created_at, r.pk)):
         try:
             decided, _ = overage_request_decide(overage_request=overage_request, actor_member=actor_member,
-                                                decision="approve", note=note, at=at)
+                                                decision="approve", note=note, at=at,
+                                                asked_tokens=(asked_tokens or {}).get(overage_request.pk))
         except ValidationError as error:
             outcome.refused.append((overage_request, " ".join(error.messages)))
         except (PermissionDenied, OverageConflict) as error:

@@ -149,14 +149,25 @@ def approvals_approve(request):
     if not form.is_valid():
         messages.error(request, " ".join(" ".join(errors) for errors in form.errors.values()))
         return redirect(org_url(request, "approval_queue"))
-    outcome = services.overage_requests_approve(overage_requests=form.cleaned_data["overage_requests"],
-                                                actor_member=request.member, note=form.cleaned_data["note"])
+    chosen = form.cleaned_data["overage_requests"]
+    outcome = services.overage_requests_approve(overage_requests=chosen, actor_member=request.member,
+                                                note=form.cleaned_data["note"],
+                                                asked_tokens={r.pk: _asked(request, f"asked-{r.pk}") for r in chosen})
     if outcome.approved:
         messages.success(request, f"Approved {len(outcome.approved)} request{'s' if len(outcome.approved) != 1 else ''}"
                                   f" in full: {', '.join(f'#{r.pk}' for r in outcome.approved)}.")
     for refused, why in outcome.refused:
         messages.error(request, f"#{refused.pk} was not approved: {why}")
     return redirect(org_url(request, "approval_queue"))
+
+
+def _asked(request, name: str) -> int | None:
+    """The amount the page showed for a request (a hidden field), so that a request changed since
+    is not decided unseen; not sent: None; unreadable: 0, an amount no request has."""
+    shown = request.POST.get(name)
+    if shown is None:
+        return None
+    return int(shown) if shown.isascii() and shown.isdigit() and len(shown) <= MAX_PREFILLED_DIGITS else 0
 
 
 @require_roles("approver")
@@ -167,7 +178,8 @@ def approval_detail(request, overage_request_id):
     if request.method == "POST" and form.is_valid():
         try:
             decided, _ = services.overage_request_decide(overage_request=overage_request,
-                                                         actor_member=request.member, **form.cleaned_data)
+                                                         actor_member=request.member, **form.cleaned_data,
+                                                         asked_tokens=_asked(request, "asked_tokens"))
         except ValidationError as error:
             apply_service_error(form, error)
         except services.OverageConflict as conflict:

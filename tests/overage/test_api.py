@@ -7,6 +7,7 @@ import pytest
 
 from allowances.models import LedgerEntry
 from apikeys import services as api_key_services
+from overage import services
 from overage.models import OverageRequest
 from portal.tenancy import scope, unscoped
 from tests.overage.conftest import AUTO_TOKENS, ask
@@ -185,3 +186,18 @@ def test_the_schema_types_the_operations(client, ovr):
     assert schema["components"]["schemas"][decision]["enum"] == ["approve", "reject"]
     listed = {parameter["name"] for parameter in operations["get"]["parameters"]}
     assert {"state", "team", "member", "limit", "offset"} <= listed
+
+
+def test_a_decision_names_the_amount_it_decided_on_and_a_changed_request_is_a_409(ovr, login):
+    overage_request = ask(ovr.alice, 250_000)
+    with scope(ovr.organization):
+        services.overage_request_update(overage_request=overage_request, actor_member=ovr.alice, tokens=300_000,
+                                        reason=overage_request.reason)
+    before = state(ovr.organization)
+    conflict = answer(send(login(ovr.approver), "post", api(ovr, f"{overage_request.pk}/decide/"),
+                           {"decision": "approve", "asked_tokens": 250_000}), 409)
+    assert "changed to 300,000 tokens" in conflict["detail"]
+    assert state(ovr.organization) == before
+    decided = answer(send(login(ovr.approver), "post", api(ovr, f"{overage_request.pk}/decide/"),
+                          {"decision": "approve", "asked_tokens": 300_000}), 200)
+    assert (decided["state"], decided["approved_tokens"]) == ("approved", 300_000)

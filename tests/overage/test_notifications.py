@@ -10,7 +10,7 @@ import pytest
 from django.conf import settings
 from django.utils import timezone
 
-from overage import notifications
+from overage import notifications, services
 from overage.models import ApproverDigest
 from portal.tenancy import scope, unscoped
 from tests.overage.conftest import AUTO_TOKENS, ask, build_overage_org, decide
@@ -131,3 +131,21 @@ def test_a_real_worker_sends_the_digest_once_and_the_decision_email(workers, bro
         assert log.count("Your request for 10,000 tokens was approved") == 1, log  # the header folds after it
     finally:
         purge(broker, queue)
+
+
+@pytest.mark.django_db
+def test_a_request_no_approver_may_decide_goes_to_the_admins_and_owners(ovr, mailoutbox,
+                                                                        django_capture_on_commit_callbacks):
+    """Both approvers approve for Engineering only; a Research request is the admins' to decide."""
+    with scope(ovr.organization):
+        services.approver_teams_set(organization=ovr.organization, actor=ovr.admin.user, approver=ovr.approver,
+                                    teams=[ovr.engineering])
+        with django_capture_on_commit_callbacks(execute=True):
+            research = ask(ovr.carol, AUTO_TOKENS + 1)
+    assert research.is_pending
+    assert sorted(message.to[0] for message in mailoutbox) == ["admin@ovr.example", "owner@ovr.example"]
+    mailoutbox.clear()
+    day = timezone.localdate() + timedelta(days=1)
+    assert notifications.pending_digests_sent(at=local(ovr, day.year, day.month, day.day, 9, 0)) == 2
+    assert sorted((message.to[0], f"#{research.pk}" in message.body) for message in mailoutbox) == [
+        ("admin@ovr.example", True), ("owner@ovr.example", True)]

@@ -269,3 +269,28 @@ def test_the_dashboard_shows_the_pending_request_then_the_decision_until_dismiss
     assert 'data-testid="overage-status"' in text(response)  # the overage of the month: granted, used, left
     client.post(url(ovr, "overage_notices_dismiss"))
     assert 'data-testid="overage-notice"' not in text(client.get(url(ovr, "dashboard")))
+
+
+def test_the_pages_decide_only_the_amount_they_showed(ovr, login):
+    """The detail page and the queue send the amount they showed; the requester raised it since."""
+    one, other = ask(ovr.alice, 10_000), ask(ovr.bob, 20_000)
+    client = login(ovr.approver)
+    detail = text(client.get(url(ovr, "approval_detail", overage_request_id=one.pk)))
+    assert 'name="asked_tokens" value="10000"' in detail
+    assert f'name="asked-{other.pk}" value="20000"' in text(client.get(url(ovr, "approval_queue")))
+    with scope(ovr.organization):
+        for request, member in ((one, ovr.alice), (other, ovr.bob)):
+            services.overage_request_update(overage_request=request, actor_member=member, tokens=900_000,
+                                            reason=request.reason)
+    before = state(ovr.organization)
+    response = client.post(url(ovr, "approval_detail", overage_request_id=one.pk),
+                           {"decision": "approve", "asked_tokens": "10000"}, follow=True)
+    assert any("changed to 900,000 tokens" in message for message in messages_of(response))
+    response = client.post(url(ovr, "approvals_approve"),
+                           {"overage_requests": [other.pk], f"asked-{other.pk}": "20000"}, follow=True)
+    assert any(f"#{other.pk} was not approved: The request was changed to 900,000" in message
+               for message in messages_of(response))
+    tampered = client.post(url(ovr, "approval_detail", overage_request_id=one.pk),
+                           {"decision": "approve", "asked_tokens": "lots"}, follow=True)
+    assert tampered.status_code == 200 and any("changed to 900,000" in m for m in messages_of(tampered))
+    assert state(ovr.organization) == before

@@ -507,3 +507,58 @@ def test_the_context_of_a_request_is_what_a_decision_needs(ovr):
     assert context.outcomes == {"Rejected": 1} and [r.state for r in context.previous] == [State.REJECTED]
     # 500,000 allowance tokens of gpt-4o (x5): 100,000 input tokens at 2.50 or output tokens at 10.00 per million.
     assert (str(context.cost_low), str(context.cost_high), context.currency) == ("0.25", "1.00", "USD")
+
+
+# -- a decision against a request changed meanwhile -------------------------------------------------------------
+
+
+def change(overage_request, member, tokens):
+    with scope(member.organization):
+        return services.overage_request_update(overage_request=overage_request, actor_member=member, tokens=tokens,
+                                               reason=overage_request.reason)
+
+
+def test_a_decision_on_the_amount_seen_is_refused_once_the_requester_changed_it(ovr):
+    overage_request = ask(ovr.alice, 200_000)
+    change(overage_request, ovr.alice, 400_000)  # after the approver opened it at 200,000
+    before = state(ovr.organization)
+    with scope(ovr.organization), pytest.raises(services.OverageConflict, match="changed to 400,000 tokens"):
+        services.overage_request_decide(overage_request=overage_request, actor_member=ovr.approver,
+                                        decision="approve", asked_tokens=200_000)
+    assert state(ovr.organization) == before
+    assert decide(overage_request, ovr.approver, asked_tokens=400_000).approved_tokens == 400_000
+
+
+def test_a_part_approval_larger_than_the_lowered_request_is_a_field_error(ovr):
+    """The approver loaded 200,000 and approves 150,000 of it; meanwhile it was lowered to 100,000."""
+    overage_request = ask(ovr.alice, 200_000)
+    change(overage_request, ovr.alice, 100_000)
+    before = state(ovr.organization)
+    with scope(ovr.organization), pytest.raises(ValidationError) as refused:
+        services.overage_request_decide(overage_request=overage_request, actor_member=ovr.approver,
+                                        decision="approve", tokens=150_000)
+    assert "At most the 100,000 tokens asked for" in refused.value.message_dict["tokens"][0]
+    assert state(ovr.organization) == before
+
+
+def test_the_batch_refuses_what_was_changed_since_the_queue_showed_it(ovr):
+    kept, changed = ask(ovr.alice, 10_000), ask(ovr.bob, 20_000)
+    change(changed, ovr.bob, 90_000)
+    with scope(ovr.organization):
+        outcome = services.overage_requests_approve(overage_requests=[kept, changed], actor_member=ovr.approver,
+                                                    asked_tokens={kept.pk: 10_000, changed.pk: 20_000})
+    assert [r.pk for r in outcome.approved] == [kept.pk]
+    assert [(r.pk, "changed to 90,000 tokens" in why) for r, why in outcome.refused] == [(changed.pk, True)]
+    assert grants_of(ovr.bob) == []
+
+
+def test_the_close_audits_each_request_it_lapses(ovr):
+    overage_request = ask(ovr.alice, 50_000)
+    next_month = period_bounds(ovr.organization, overage_request.period_start)[1]
+    with scope(ovr.organization):
+        closing.close_due_periods(at=next_month, organization=ovr.organization)
+        closing.close_due_periods(at=next_month, organization=ovr.organization)  # a rerun audits nothing more
+    [entry] = audited(ovr.organization, "overage_request.lapsed")
+    assert (entry.object_type, entry.object_id, entry.actor_id) == ("overage.overagerequest", str(overage_request.pk),
+                                                                    None)
+    assert entry.data == {"tokens": 50_000, "period": overage_request.period_start.isoformat()}
