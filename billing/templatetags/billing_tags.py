@@ -1,0 +1,11 @@
+from django import template
+
+from billing.selectors import from_minor
+
+register = template.Library()
+
+
+@register.filter
+def money(amount_minor, currency: str) -> str:
+    """Minor units as the amount people read, e.g. 1234, "USD" -> "12.34 USD"."""
+    return f"{from_minor(int(amount_minor), currency):,} {currency}"
