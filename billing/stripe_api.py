@@ -130,9 +130,10 @@ def invoice_items_of(*, customer_id: str) -> dict[str, str]:
     items = _v1().invoice_items.list(params={"customer": customer_id, "limit": 100})
     found = {}
     for item in items.auto_paging_iter():
-        line = (item.metadata or {}).get("settlement_line")
-        if line and not item.invoice:
-            found[line] = item.id
+        item = item.to_dict()
+        line = (item.get("metadata") or {}).get("settlement_line")
+        if line and not item.get("invoice"):
+            found[line] = item["id"]
     return found
 
 

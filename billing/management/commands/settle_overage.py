@@ -36,10 +36,11 @@ class Command(BaseCommand):
         failed = False
         for organization in organizations:
             month = wanted or periods_after(period_start_for(organization), -1)
-            if month >= period_start_for(organization):
-                raise CommandError(f"{month:%Y-%m} has not ended for {organization.slug} yet: only closed months are settled")
-            with scope(organization):
-                settlement = services.settlement_run(organization=organization, period=month)
+            try:
+                with scope(organization):
+                    settlement = services.settlement_run(organization=organization, period=month)
+            except services.BillingNotReady as reason:
+                raise CommandError(f"{organization.slug}: {reason}") from None
             if settlement is None:
                 self.stdout.write(f"{organization.slug} {month:%Y-%m}: nothing billable")
                 continue
