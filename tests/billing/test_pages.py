@@ -89,3 +89,23 @@ def test_the_webhook_is_refused_without_a_configured_secret(client, db):
 def test_a_period_not_closed_yet_is_not_settled(billed):
     with scope(billed.organization), pytest.raises(services.BillingNotReady, match="not been closed"):
         services.settlement_run(organization=billed.organization, period=billed.period)
+
+
+def test_the_demo_leaves_the_billing_page_meaningful_without_stripe_keys(db, client,
+                                                                         django_capture_on_commit_callbacks):
+    from django.core.management import call_command
+
+    from portal.models import User
+
+    with django_capture_on_commit_callbacks(execute=True):
+        call_command("seed_demo", stdout=io.StringIO())
+        call_command("seed_demo", stdout=io.StringIO())  # again: nothing more is used
+    client.force_login(User.objects.get(email="owner@acme.example"),
+                       backend="django.contrib.auth.backends.ModelBackend")
+    response = client.get("/o/acme/billing/")
+    assert response.status_code == 200
+    page = response.content.decode()
+    assert "Billing is not configured" in page
+    [row] = response.context["current"].teams
+    assert (row.team, [(m.model, m.tokens) for m in row.models]) == ("Engineering", [("gpt-4o", 300_000)])
+    assert response.context["current"].amount_minor > 0 and "300,000" in page
