@@ -3,8 +3,9 @@ per team and model, and each settlement's chargeback CSV for finance."""
 
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiResponse, extend_schema
-from rest_framework import mixins, renderers, serializers
+from rest_framework import mixins, serializers
 from rest_framework.decorators import action
+from rest_framework.negotiation import BaseContentNegotiation
 
 from billing import selectors
 from billing.models import Settlement, SettlementLine
@@ -13,16 +14,15 @@ from portal.api import fields
 from portal.api.views import OrganizationViewSet
 
 
-class CSVRenderer(renderers.BaseRenderer):
-    """Lets a client ask for text/csv; the chargeback answers it itself, errors as their detail."""
+class ErrorsInJSON(BaseContentNegotiation):
+    """The chargeback answers its CSV itself; whatever the client accepts, an error is the API's
+    JSON (as the schema declares), never a 406."""
 
-    media_type = "text/csv"
-    format = "csv"
-    charset = "utf-8"
+    def select_parser(self, request, parsers):
+        return parsers[0] if parsers else None
 
-    def render(self, data, accepted_media_type=None, renderer_context=None):
-        detail = data.get("detail", data) if isinstance(data, dict) else data
-        return str(detail).encode()
+    def select_renderer(self, request, renderers, format_suffix=None):
+        return renderers[0], renderers[0].media_type
 
 
 class ModelPartSerializer(serializers.Serializer):
@@ -36,6 +36,8 @@ class SettlementLineSerializer(fields.ModelSerializer):
 
     team = serializers.IntegerField(source="team_id", read_only=True, allow_null=True)
     by_model = ModelPartSerializer(many=True, read_only=True)
+    # Declared: a model field with a unique constraint would get a validator that queries it.
+    stripe_invoice_item_id = serializers.CharField(read_only=True)
 
     class Meta:
         model = SettlementLine
@@ -48,6 +50,9 @@ class SettlementSerializer(fields.ModelSerializer):
     """The charge of one period's consumed billable overage; money in the currency's minor units."""
 
     lines = SettlementLineSerializer(many=True, read_only=True)
+    stripe_invoice_id = serializers.CharField(read_only=True, help_text="Empty until the invoice is made.")
+    stripe_invoice_url = serializers.CharField(read_only=True, help_text="Stripe's invoice or receipt page, "
+                                                                         "if Stripe gave one.")
 
     class Meta:
         model = Settlement
@@ -66,7 +71,7 @@ class SettlementViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Organi
 
     @extend_schema(responses={(200, "text/csv"): OpenApiResponse(
         response=OpenApiTypes.STR, description="A row per team and model: " + ", ".join(selectors.CHARGEBACK_COLUMNS))})
-    @action(detail=True, methods=["get"], renderer_classes=[renderers.JSONRenderer, CSVRenderer])
+    @action(detail=True, methods=["get"], content_negotiation_class=ErrorsInJSON)
     def chargeback(self, request, settlement_id):
         """The settlement's chargeback for finance, as CSV."""
         return chargeback_response(self.get_object())

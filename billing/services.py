@@ -316,7 +316,7 @@ def settlement_sync(*, settlement: Settlement, invoice: dict) -> Settlement:
         moved = rows.exclude(status=Status.PAID).update(status=Status.PAID, paid_at=now, last_error="", updated_at=now)
     elif status in ("void", "uncollectible"):
         moved = rows.exclude(status__in=[Status.PAID, Status.VOID]).update(status=Status.VOID, updated_at=now)
-    elif status == "open" and invoice["payment_status"] in ("requires_payment_method", "canceled"):
+    elif invoice["payment_failed"]:
         moved = rows.filter(status=Status.PENDING).update(
             status=Status.PAST_DUE, past_due_since=now, updated_at=now,
             last_error="The payment failed: update the payment method and retry the payment.")

@@ -187,6 +187,11 @@ def invoice_retrieve(*, invoice_id: str) -> dict:
                    "description": line.get("description")} for line in invoice["lines"]["data"]],
         "url": invoice.get("hosted_invoice_url") or receipt or "",
         "payment_intent": payment_intent or "", "payment_status": payment_status,
+        # Whether a charge was attempted and failed: Stripe's newer API versions show no payment
+        # intent on the invoice, only that it was attempted and is still open.
+        "payment_failed": invoice.get("status") == "open" and (
+            payment_status in ("requires_payment_method", "canceled")
+            or (not payment_intent and bool(invoice.get("attempted")))),
     }
 
 

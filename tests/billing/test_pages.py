@@ -109,3 +109,21 @@ def test_the_demo_leaves_the_billing_page_meaningful_without_stripe_keys(db, cli
     [row] = response.context["current"].teams
     assert (row.team, [(m.model, m.tokens) for m in row.models]) == ("Engineering", [("gpt-4o", 300_000)])
     assert response.context["current"].amount_minor > 0 and "300,000" in page
+
+
+def test_the_approvers_queue_says_why_approvals_are_frozen(billed, client, django_capture_on_commit_callbacks,
+                                                           settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    with django_capture_on_commit_callbacks(execute=True):
+        close(billed)
+    client.force_login(billed.approver.user, backend="django.contrib.auth.backends.ModelBackend")
+    assert "approvals-frozen" not in client.get(f"/o/{billed.slug}/approvals/").content.decode()
+    with unscoped():
+        Settlement.all_objects.filter(organization=billed.organization).update(
+            status=Settlement.Status.PAST_DUE, past_due_since=timezone.now() - timedelta(days=settings.BILLING_GRACE_DAYS,
+                                                                                       hours=1))
+    page = client.get(f"/o/{billed.slug}/approvals/").content.decode()
+    assert "Overage approvals are frozen" in page and "approvals-frozen" in page

@@ -10,7 +10,6 @@ from django.core import mail
 from django.core.management import call_command
 
 from allowances.periods import period_bounds, periods_after
-
 from billing import services, stripe_api
 from billing.models import BillingAccount, Settlement
 from overage import services as overage_services
@@ -19,6 +18,10 @@ from portal.tenancy import scope, unscoped
 from tests.billing.conftest import EXPECTED, close, invoices_of, set_up_billing
 
 pytestmark = pytest.mark.services
+
+
+class Killed(Exception):
+    """The run ends where it stands, between two Stripe calls."""
 
 
 def settlement_of(org) -> Settlement:
@@ -102,11 +105,11 @@ def test_a_crash_between_two_stripe_calls_then_a_rerun_completes_without_duplica
         item = made(**kwargs)
         calls.append(item)
         if len(calls) == 2:
-            raise SystemExit("worker killed")
+            raise Killed("the worker dies here")
         return item
 
     monkeypatch.setattr(stripe_api, "invoice_item_create", dies_after_the_second)
-    with pytest.raises(SystemExit):
+    with pytest.raises(Killed):
         close(billed)
     settlement = settlement_of(billed)
     assert settlement.status == Settlement.Status.PENDING and settlement.stripe_invoice_id == ""
