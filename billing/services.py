@@ -364,7 +364,7 @@ def stripe_event_receive(*, event: dict) -> tuple[StripeEvent, bool]:
 
 
 def _invoice_of_event(event: StripeEvent) -> str | None:
-    obj = (event.payload.get("data") or {}).get("object") or {}
+    obj = event.payload["data"]["object"]  # its shape was checked when it was received
     if event.type.startswith("invoice."):
         return obj.get("id")
     if event.type.startswith("payment_intent.") and obj.get("id"):

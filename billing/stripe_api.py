@@ -207,5 +207,12 @@ def webhook_event(*, payload: bytes, signature: str) -> dict:
     SignatureError (or ValueError for a body that is not an event) otherwise."""
     if not settings.STRIPE_WEBHOOK_SECRET:
         raise SignatureError("No webhook secret is configured.", signature)
-    event = stripe.Webhook.construct_event(payload, signature, settings.STRIPE_WEBHOOK_SECRET)
-    return event.to_dict()
+    try:
+        event = stripe.Webhook.construct_event(payload, signature, settings.STRIPE_WEBHOOK_SECRET).to_dict()
+    except (AttributeError, TypeError):  # signed, but JSON that is not an object
+        raise ValueError("not a Stripe event") from None
+    data = event.get("data")
+    if not (isinstance(event.get("id"), str) and event["id"] and isinstance(event.get("type"), str)
+            and isinstance(data, dict) and isinstance(data.get("object"), dict)):
+        raise ValueError("not a Stripe event")
+    return event

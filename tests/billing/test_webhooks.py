@@ -93,8 +93,9 @@ def test_a_missing_or_bad_signature_is_refused_and_nothing_is_stored(billed, str
                     {"Stripe-Signature": "t=1,v1=00", "Content-Type": "application/json"}):
         response = httpx.post(portal_url + PATH, content=payload, headers=headers, timeout=10)
         assert response.status_code == 400 and "Stripe-Signature" in response.json()["error"], response.text
-    response = httpx.post(portal_url + PATH, content=b"not json", headers=signed(b"not json"), timeout=10)
-    assert response.status_code == 400
+    for body in (b"not json", b"[1]", b"null", b'{"id": "evt_1"}', b'{"id": "evt_1", "type": "x", "data": 5}'):
+        response = httpx.post(portal_url + PATH, content=body, headers=signed(body), timeout=10)
+        assert response.status_code == 400, (body, response.text)  # signed, but no event
     assert httpx.get(portal_url + PATH, timeout=10).status_code == 405
     assert not StripeEvent.objects.exists()
 
