@@ -64,13 +64,9 @@ def build_billed(slug: str = "bil"):
             input_price_per_million="3.00", output_price_per_million="15.00")
     consume(org, org.alice, ALICE_BEYOND, "gpt-4o", "alice")
     consume(org, org.carol, CAROL_BEYOND, "claude-sonnet", "carol")
-    org.period = _period(org)
-    return org
-
-
-def _period(org):
     with scope(org.organization):
-        return Account.objects.get(member=org.alice).period_start
+        org.period = Account.objects.get(member=org.alice).period_start  # the open month, settled by `close`
+    return org
 
 
 @pytest.fixture

@@ -93,34 +93,45 @@ def test_a_rerun_of_the_same_period_charges_nothing_new(billed, stripe_server):
     assert stripe_server.v1.invoice_items.list(params={"customer": customer}).data == []  # none left pending
 
 
-def test_a_crash_between_two_stripe_calls_then_a_rerun_completes_without_duplicates(billed, stripe_server,
-                                                                                    monkeypatch):
-    """The run dies right after Stripe made the second invoice item, before the portal recorded it;
-    the rerun finds that item at Stripe and makes the invoice of exactly the two lines."""
+@pytest.mark.parametrize(("call", "dies_on"), [
+    ("invoice_item_create", 2),  # the second team's item made at Stripe, not recorded
+    ("invoice_create", 1),  # the invoice made, its id not recorded
+    ("invoice_pay", 1),  # paid at Stripe, not recorded
+])
+def test_a_crash_between_two_stripe_calls_then_a_rerun_completes_without_duplicates(
+        billed, stripe_server, monkeypatch, call, dies_on):
+    """The run dies right after a Stripe call returned, before the portal recorded what it made;
+    the rerun finds it at Stripe and ends with one invoice of exactly the two lines, paid once."""
     set_up_billing(billed)
-    made = stripe_api.invoice_item_create
+    made = getattr(stripe_api, call)
     calls = []
 
-    def dies_after_the_second(**kwargs):
-        item = made(**kwargs)
-        calls.append(item)
-        if len(calls) == 2:
+    def dies_after_stripe_answered(**kwargs):
+        answer = made(**kwargs)
+        calls.append(answer)
+        if len(calls) == dies_on:
             raise Killed("the worker dies here")
-        return item
+        return answer
 
-    monkeypatch.setattr(stripe_api, "invoice_item_create", dies_after_the_second)
+    monkeypatch.setattr(stripe_api, call, dies_after_stripe_answered)
     with pytest.raises(Killed):
         close(billed)
-    settlement = settlement_of(billed)
-    assert settlement.status == Settlement.Status.PENDING and settlement.stripe_invoice_id == ""
-    monkeypatch.setattr(stripe_api, "invoice_item_create", made)
+    assert settlement_of(billed).status == Settlement.Status.PENDING
+    monkeypatch.setattr(stripe_api, call, made)
     call_command("settle_overage", org=billed.slug, period=f"{billed.period:%Y-%m}")
     settlement = settlement_of(billed)
     assert settlement.status == Settlement.Status.PAID, settlement.last_error
     [invoice] = settlement_invoices(stripe_server, billed)
+    assert invoice.id == settlement.stripe_invoice_id and invoice.status == "paid"
     assert invoice.total == sum(EXPECTED.values())
     assert [amount for amount, _ in charged_lines(invoice)] == sorted(EXPECTED.values())
-    assert {line.invoice_item for line in invoice.lines.data if line.amount} == set(calls)
+    with unscoped():
+        recorded = set(settlement.lines.values_list("stripe_invoice_item_id", flat=True))
+    assert {line.invoice_item for line in invoice.lines.data if line.amount} == recorded
+    customer = account_of(billed).stripe_customer_id
+    charges = [pi for pi in stripe_server.v1.payment_intents.list(params={"limit": 100}).data
+               if pi.customer == customer and pi.status == "succeeded"]
+    assert [pi.amount for pi in charges] == [invoice.total]  # charged once
 
 
 def test_a_declined_card_is_past_due_emails_the_owners_freezes_approvals_after_the_grace_period(
