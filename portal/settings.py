@@ -254,6 +254,8 @@ CELERY_BEAT_SCHEDULE = {
     # Hourly, so that each approver gets the digest of their pending queue at about 08:00 in the
     # organization's own zone (once a day, whatever reruns).
     "overage-digests": {"task": "overage.send_pending_digests", "schedule": crontab(minute=45)},
+    # Settlements a close could not charge yet (no card, Stripe unavailable) are charged once they can be.
+    "settle-pending": {"task": "billing.settle_pending", "schedule": crontab(minute=50)},
 }
 
 # Keys the HMAC of API key secrets; defaults to SECRET_KEY. Changing it invalidates every API key.
@@ -284,6 +286,8 @@ STRIPE_SECRET_KEY = env("STRIPE_SECRET_KEY")
 STRIPE_PUBLISHABLE_KEY = env("STRIPE_PUBLISHABLE_KEY")
 STRIPE_WEBHOOK_SECRET = env("STRIPE_WEBHOOK_SECRET")
 STRIPE_API_BASE = env("STRIPE_API_BASE")  # e.g. a localstripe URL in tests
+# Days a settlement may stay past due (its payment failed) before new overage approvals freeze.
+BILLING_GRACE_DAYS = int(env("BILLING_GRACE_DAYS", "7"))
 
 LOGGING = {
     "version": 1,

@@ -75,6 +75,11 @@ EXPECTED = {
     "approval_detail": APPROVERS,
     "approvals_approve": APPROVERS,  # POST-only
     "approval_settings": ADMINS,
+    # Billing: the owner's (DESIGN.md roles), and admins' (who can do what an owner can but assign roles).
+    "billing": ADMINS,
+    "billing_payment_method": ADMINS,  # POST-only
+    "billing_settlement_retry": ADMINS,  # POST-only
+    "billing_chargeback": ADMINS,
 }
 # Pages of one member's own object (the fixture's is the member with this role's): every other
 # member the role table lets in gets 404, as for an object that does not exist.
@@ -109,6 +114,9 @@ EXPECTED_API = {
     "api-overage-request-detail": EVERYONE,
     "api-overage-request-cancel": EVERYONE,  # POST-only
     "api-overage-request-decide": APPROVERS,  # POST-only
+    "api-settlement-list": ADMINS,
+    "api-settlement-detail": ADMINS,
+    "api-settlement-chargeback": ADMINS,
 }
 
 # The organization navigation: link text -> the page it opens.
@@ -129,6 +137,7 @@ NAV_LINKS = {
     "Settings": "organization_settings",
     "Approvals": "approval_queue",
     "Overage": "approval_settings",
+    "Billing": "billing",
 }
 
 
