@@ -105,13 +105,16 @@ EOF
     export PORTAL_TEST_REDIS_CONF=$work/redis.conf
     services="$services, Redis on 127.0.0.1:$redis_port"
 
-    # localstripe's CLI takes only --port: it listens on every interface (::), and keeps its state
-    # in /tmp/localstripe.pickle, a path it does not let one change. As root it runs in a mount
-    # namespace of its own whose /tmp is this run's folder, so runs at once never share that file.
+    # localstripe's own CLI listens on every interface (::): its aiohttp app is served here on
+    # loopback instead, starting empty. It keeps its state in /tmp/localstripe.pickle, a path it
+    # does not let one change: as root it runs in a mount namespace of its own whose /tmp is this
+    # run's folder, so runs at once never share that file.
     mkdir "$work/stripe"
     stripe_port=$(free_port)
-    localstripe=("$root/.venv/bin/localstripe" --port "$stripe_port" --from-scratch)
-    [ -x "${localstripe[0]}" ] || { echo "localstripe is not installed in .venv: run make install" >&2; exit 1; }
+    localstripe=("$root/.venv/bin/python" -c "import sys; from aiohttp import web; from localstripe.server import app
+web.run_app(app, host='127.0.0.1', port=int(sys.argv[1]), print=None)" "$stripe_port")
+    "$root/.venv/bin/python" -c "import localstripe" 2>/dev/null \
+        || { echo "localstripe is not installed in .venv: run make install" >&2; exit 1; }
     if [ "$(id -u)" = 0 ] && command -v unshare >/dev/null; then
         unshare --mount --propagation private sh -c 'mount --bind "$0" /tmp && exec "$@"' "$work/stripe" \
             "${localstripe[@]}" >"$work/stripe/log" 2>&1 &
