@@ -11,6 +11,7 @@ from django.db.models.functions import Coalesce
 from django.urls import reverse
 
 from allowances.models import Account, LedgerEntry, UsageAlert
+from portal.links import public_url
 from portal.tenancy import scope, unscoped
 
 
@@ -52,7 +53,7 @@ def _record(account: Account, threshold: int) -> bool:
 
 
 def _email(account: Account, alert: UsageAlert) -> None:
-    dashboard = settings.PORTAL_BASE_URL + reverse("dashboard", kwargs={"org_slug": account.organization.slug})
+    dashboard = public_url(reverse("dashboard", kwargs={"org_slug": account.organization.slug}))
     passed = "used all of" if alert.threshold >= 100 else f"used {alert.threshold}% of"
     send_mail(
         subject=f"{settings.ACCOUNT_EMAIL_SUBJECT_PREFIX}You have {passed} your token allowance",

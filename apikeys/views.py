@@ -1,6 +1,5 @@
 """API key pages: members mint and manage their own keys; admins see and revoke every key."""
 
-from django.conf import settings
 from django.contrib import messages
 from django.core.exceptions import ValidationError
 from django.shortcuts import redirect, render
@@ -11,6 +10,7 @@ from allowances.selectors import catalog
 from apikeys import selectors, services
 from apikeys.forms import ApiKeyForm, RotateForm
 from portal.forms import apply_service_error
+from portal.links import public_base
 from portal.reauth import confirm_password_first
 from portal.tenancy import require_roles
 from portal.views import org_url
@@ -23,7 +23,7 @@ def _form(request, data=None):
 
 def _show_secret_once(request, key, secret, status=201):
     """The only response that ever carries the secret: not cached, not stored, not logged."""
-    return render(request, "apikeys/created.html", {"key": key, "secret": secret, "base_url": settings.PORTAL_BASE_URL},
+    return render(request, "apikeys/created.html", {"key": key, "secret": secret, "base_url": public_base()},
                   status=status)
 
 
@@ -31,7 +31,7 @@ def _show_secret_once(request, key, secret, status=201):
 def key_list(request):
     return render(request, "apikeys/key_list.html", {
         "form": _form(request), "keys": selectors.keys_of(member=request.member), "rotate_form": RotateForm(),
-        "base_url": settings.PORTAL_BASE_URL,
+        "base_url": public_base(),
     })
 
 
@@ -50,7 +50,7 @@ def key_create(request):
             return _show_secret_once(request, key, secret)
     return render(request, "apikeys/key_list.html", {
         "form": form, "keys": selectors.keys_of(member=request.member), "rotate_form": RotateForm(),
-        "base_url": settings.PORTAL_BASE_URL,
+        "base_url": public_base(),
     }, status=400)
 
 

@@ -62,8 +62,11 @@ if PRODUCTION and not ALLOWED_HOSTS:
     raise ImproperlyConfigured("ALLOWED_HOSTS must be set in production")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
 
-# The base URL people and tools use to reach this portal (shown in snippets and emails).
-PORTAL_BASE_URL = env("PORTAL_BASE_URL", "http://127.0.0.1:8000").rstrip("/")
+# The address people and tools use to reach this portal, in snippets, emails and the gateway's 429
+# (portal.links). Unset: the address each request came in on; with no request (Celery), HOST_PORT,
+# the address `make run` serves on.
+PORTAL_BASE_URL = env("PORTAL_BASE_URL").rstrip("/")
+HOST_PORT = env("HOST_PORT", "127.0.0.1:8000")
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -94,6 +97,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "portal.staticfiles.StaticFilesMiddleware",
+    "portal.links.PublicBaseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",

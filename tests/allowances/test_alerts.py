@@ -100,7 +100,7 @@ def test_crossing_80_then_100_percent_alerts_once_per_threshold(org_a, run, mail
     assert "4,000 of 5,000 tokens" in mail.body
     assert org_a.organization.name in mail.body
     assert f"{period:%B %Y}" in mail.body
-    assert settings.PORTAL_BASE_URL + dashboard_url(org_a) in mail.body
+    assert f"http://{settings.HOST_PORT}" + dashboard_url(org_a) in mail.body
 
     # Just under 100% is still only the 80% alert (released the fixture's hold, so the hold fits).
     with scope(org_a.organization):
@@ -235,7 +235,7 @@ def test_other_organizations_are_not_affected(org_a, org_b, run, mailoutbox, log
     mail = mailoutbox[1]
     assert mail.to == [org_b.members["employee"].user.email]
     assert org_b.organization.name in mail.body
-    assert settings.PORTAL_BASE_URL + dashboard_url(org_b) in mail.body
+    assert f"http://{settings.HOST_PORT}" + dashboard_url(org_b) in mail.body
     assert notices(login(org_a.members["employee"]).get(dashboard_url(org_a)))  # still A's own notice
 
 

@@ -15,7 +15,6 @@ import re
 import httpx
 import pytest
 from django.apps import apps
-from django.conf import settings
 from django.contrib.sessions.models import Session
 from django.core.management import call_command
 from django.db import connection, models
@@ -151,7 +150,7 @@ def test_member_mints_a_key_sees_it_once_uses_it_and_revokes_it(portal_server, c
     parts = secrets.parse(secret)  # well-formed, checksum included
     assert len(parts.secret) == secrets.SECRET_LENGTH
 
-    base = settings.PORTAL_BASE_URL
+    base = portal_server.url  # no PORTAL_BASE_URL: the address the page was served on
     snippets = {heading: page.locator("h2", has_text=heading).locator("xpath=following-sibling::pre[1]").inner_text()
                 for heading in ("OpenAI SDK (Python)", "Anthropic SDK (Python)", "curl")}
     assert f'OpenAI(base_url="{base}/v1", api_key="{secret}")' in snippets["OpenAI SDK (Python)"]
