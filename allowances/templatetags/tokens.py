@@ -24,3 +24,14 @@ def tokens(value):
     if value is None or value == "":
         return "—"
     return format_html('<span class="tokens" title="{} tokens">{}</span>', f"{int(value):,}", humanize_tokens(value))
+
+
+@register.filter
+def share_used(used, allowance) -> str:
+    """The share of `allowance` that `used` is, as a percentage with up to two decimals, rounded
+    down (4,999 of 5,000 is '99.98', never '100'): integers only, as everything in the ledger."""
+    used, allowance = int(used or 0), int(allowance or 0)
+    if allowance <= 0:
+        return "0"
+    whole, hundredths = divmod(used * 10_000 // allowance, 100)
+    return f"{whole}.{hundredths:02d}".rstrip("0").rstrip(".")
