@@ -35,3 +35,20 @@ def share_used(used, allowance) -> str:
         return "0"
     whole, hundredths = divmod(used * 10_000 // allowance, 100)
     return f"{whole}.{hundredths:02d}".rstrip("0").rstrip(".")
+
+
+@register.filter
+def signed_tokens(value):
+    """A change of balance, signed and coloured: +12.4M (a grant), −3k (usage)."""
+    value = int(value or 0)
+    sign, css = ("+", "plus") if value > 0 else ("\u2212", "minus") if value < 0 else ("", "zero")
+    return format_html('<span class="tokens amount-{}" title="{}{} tokens">{}{}</span>', css, sign, f"{abs(value):,}",
+                       sign, humanize_tokens(abs(value)))
+
+
+@register.simple_tag
+def balance_level(member) -> str:
+    """The level of a row of allowances.selectors.member_balances: ok, low or exhausted."""
+    from allowances.selectors import balance_level as level_of
+
+    return level_of(available=member.available_now, granted=member.granted_this_period)

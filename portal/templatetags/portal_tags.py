@@ -13,3 +13,8 @@ def org_url(context, name, **kwargs):
 @register.filter
 def has_role(member, role):
     return member is not None and member.has_any_role([role])
+
+
+@register.filter
+def get_item(mapping, key):
+    return mapping.get(key) if mapping else None
