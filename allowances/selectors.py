@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 from django.db import connection
 from django.db.models import Count, F, IntegerField, OuterRef, Q, QuerySet, Subquery, Sum, Value
 from django.db.models.lookups import GreaterThan
-from django.db.models.functions import Coalesce, TruncDate
+from django.db.models.functions import Coalesce
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
 
@@ -212,9 +212,11 @@ def dashboard(*, account: Account, at: datetime | None = None) -> Dashboard:
     granted = in_period.aggregate(total=Sum("granted_delta"))["total"] or 0
     usage = in_period.exclude(used_delta=0)
     used = usage.aggregate(total=Sum("used_delta"))["total"] or 0
-    per_day = dict(usage.annotate(day=TruncDate("created_at", tzinfo=zone)).values("day").annotate(
-        total=Sum("used_delta")).values_list("day", "total"))
     today = at.astimezone(zone).date()
+    per_day: dict[date, int] = {}
+    for day, _team, _model, tokens in usage_by_day(organization=organization, since=begin.date(), at=at,
+                                                   member=account.member):
+        per_day[day] = per_day.get(day, 0) + tokens
     daily, day = [], begin.date()
     while day < end.date():
         daily.append((day, per_day.get(day, 0) if day <= today else 0))
@@ -246,17 +248,17 @@ def dashboard(*, account: Account, at: datetime | None = None) -> Dashboard:
 
 @dataclass
 class Overview:
-    """An organization's open period for HR and admins: spend against the total allowance, by team,
-    by model and by day. History comes from the hourly roll-ups (days before today), today from the
-    ledger, so the figures are live."""
+    """An organization's open period for HR and admins: spend against the total allowance, by team
+    and by model, and the last days by team. History comes from the hourly roll-ups (days before
+    today), today from the ledger, so the figures are live."""
     period_begin: datetime
     period_end: datetime
     today: date
     gauge: Gauge
     members: int
-    by_team: list[tuple[str, int]]
+    by_team: list[tuple[str, int]]  # this period
     by_model: list[tuple[str, int]]
-    days: list[date]
+    days: list[date]  # the last OVER_TIME_DAYS days, whichever period they were in
     by_day_and_team: dict[str, list[int]]
     attention: list[Member]  # members near or past their limit, fewest tokens left first
 
@@ -268,21 +270,22 @@ class Overview:
 NO_TEAM = "No team"
 
 
-def period_usage(*, organization: Organization, at: datetime | None = None) -> list[tuple[date, str, str, int]]:
-    """(day, team, model, tokens) of the open period: roll-ups for the days before today, the
-    ledger's usage entries for today (the roll-up of today lags by up to an hour)."""
+def usage_by_day(*, organization: Organization, since: date, at: datetime | None = None,
+                 member: Member | None = None) -> list[tuple[date, str, str, int]]:
+    """(day, team, model, tokens) from `since` to today, of the organization or one member:
+    roll-ups for the days before today (by when the usage happened), the ledger's usage entries
+    for today (the roll-up of today lags by up to an hour)."""
     at = at or timezone.now()
     zone = ZoneInfo(organization.time_zone)
-    period = period_start_for(organization, at)
-    begin, _end = period_bounds(organization, period)
     today = at.astimezone(zone).date()
     today_begins = datetime.combine(today, datetime.min.time(), tzinfo=zone)
-    history = (UsageRollup.objects.filter(organization=organization, day__gte=begin.date(), day__lt=today)
-               .values("day", "team_name", "model").annotate(tokens=Sum("charged_tokens")).order_by())
+    rollups = UsageRollup.objects.filter(organization=organization, day__gte=since, day__lt=today)
+    entries = LedgerEntry.objects.filter(organization=organization, created_at__gte=today_begins, created_at__lte=at)
+    if member is not None:
+        rollups, entries = rollups.filter(member=member), entries.filter(account__member=member)
+    history = rollups.values("day", "team_name", "model").annotate(tokens=Sum("charged_tokens")).order_by()
     rows = [(row["day"], row["team_name"] or NO_TEAM, row["model"], row["tokens"]) for row in history]
-    live = (LedgerEntry.objects.filter(organization=organization, period_start=period, created_at__gte=today_begins,
-                                       created_at__lte=at)
-            .exclude(used_delta=0).values("account__member__team__name", "model")
+    live = (entries.exclude(used_delta=0).values("account__member__team__name", "model")
             .annotate(tokens=Sum("used_delta")).order_by())
     rows += [(today, row["account__member__team__name"] or NO_TEAM, row["model"] or "unattributed", row["tokens"])
              for row in live]
@@ -296,24 +299,29 @@ def _totals(pairs) -> list[tuple[str, int]]:
     return sorted(totals.items(), key=lambda item: (-item[1], item[0]))
 
 
+OVER_TIME_DAYS = 30
+
+
 def organization_overview(*, organization: Organization, at: datetime | None = None) -> Overview:
     at = at or timezone.now()
     zone = ZoneInfo(organization.time_zone)
     period = period_start_for(organization, at)
     begin, end = period_bounds(organization, period)
     today = at.astimezone(zone).date()
-    usage = period_usage(organization=organization, at=at)
+    first_day = today - timedelta(days=OVER_TIME_DAYS - 1)
+    usage = usage_by_day(organization=organization, since=min(first_day, begin.date()), at=at)
+    this_period = [row for row in usage if row[0] >= begin.date()]
     balances = member_balances(organization=organization, at=at)
     sums = balances.aggregate(granted=Sum("granted_this_period"), held=Sum("held_now"), left=Sum("available_now"),
                               members=Count("pk"))
-    used = sum(tokens for _day, _team, _model, tokens in usage)
+    used = sum(tokens for _day, _team, _model, tokens in this_period)
     granted, held, left = sums["granted"] or 0, sums["held"] or 0, sums["left"] or 0
-    days = [begin.date() + timedelta(days=offset) for offset in range((min(today, end.date() - timedelta(days=1))
-                                                                      - begin.date()).days + 1)]
-    by_team = _totals((team, tokens) for _day, team, _model, tokens in usage)
-    per_day: dict[str, list[int]] = {team: [0] * len(days) for team, _tokens in by_team}
-    for day, team, _model, tokens in usage:
-        per_day[team][(day - begin.date()).days] += tokens
+    days = [first_day + timedelta(days=offset) for offset in range(OVER_TIME_DAYS)]
+    recent = [row for row in usage if row[0] >= first_day]
+    per_day: dict[str, list[int]] = {team: [0] * len(days) for team, _tokens in
+                                     _totals((team, tokens) for _day, team, _model, tokens in recent)}
+    for day, team, _model, tokens in recent:
+        per_day[team][(day - first_day).days] += tokens
     attention = list(balances.filter(granted_this_period__gt=0).filter(
         balance_level_filter("low", available=F("available_now"), granted=F("granted_this_period"))
         | balance_level_filter("exhausted", available=F("available_now"), granted=F("granted_this_period"))
@@ -321,7 +329,8 @@ def organization_overview(*, organization: Organization, at: datetime | None = N
     return Overview(period_begin=begin, period_end=end, today=today, members=sums["members"],
                     gauge=Gauge(granted=granted, used=used, held=held, left=left,
                                 level=balance_level(available=left, granted=granted) if granted else "ok"),
-                    by_team=by_team, by_model=_totals((model, tokens) for _day, _team, model, tokens in usage),
+                    by_team=_totals((team, tokens) for _day, team, _model, tokens in this_period),
+                    by_model=_totals((model, tokens) for _day, _team, model, tokens in this_period),
                     days=days, by_day_and_team=per_day, attention=attention)
 
 

@@ -73,6 +73,7 @@ def test_the_overview_counts_today_live_from_the_ledger_not_the_roll_up(org_a, r
     assert board.by_model == [("claude-x", 95_000), ("gpt-test", 1_000)]
     assert board.gauge.used == 96_000
     assert board.days[-1] == today and board.by_day_and_team["Research"][-1] == 95_000
+    assert len(board.days) == selectors.OVER_TIME_DAYS
     assert [member.user.email for member in board.attention] == ["res@a.example"]
 
 
@@ -88,8 +89,21 @@ def test_the_overview_takes_earlier_days_from_the_roll_up(org_a, research):
         board = selectors.organization_overview(organization=organization, at=at)
     # Today's ledger entries (made now, not on the period's second day) are not the roll-up's day.
     assert board.by_team == [("Research", 7_000), (selectors.NO_TEAM, 3_000)]
-    assert board.days == [begin.date(), begin.date() + timedelta(days=1)]
-    assert board.by_day_and_team == {"Research": [7_000, 0], selectors.NO_TEAM: [3_000, 0]}
+    assert len(board.days) == selectors.OVER_TIME_DAYS and board.days[-1] == begin.date() + timedelta(days=1)
+    assert {team: values[-2:] for team, values in board.by_day_and_team.items()} == {
+        "Research": [7_000, 0], selectors.NO_TEAM: [3_000, 0]}
+
+
+def test_over_time_reaches_back_into_the_last_period_but_the_breakdowns_are_this_periods(org_a, research):
+    organization = org_a.organization
+    begin = period_bounds(organization, period_start_for(organization))[0]
+    with scope(organization):
+        UsageRollup.objects.create(organization=organization, day=begin.date() - timedelta(days=1), member=research,
+                                   team_name="Research", model="claude-x", charged_tokens=40_000)
+        board = selectors.organization_overview(organization=organization)
+    assert board.by_team == [("Research", 95_000)]  # last period's day is not this period's spend
+    day = board.days.index(begin.date() - timedelta(days=1))
+    assert board.by_day_and_team["Research"][day] == 40_000
 
 
 def test_the_overview_page_shows_the_breakdowns_charts_and_who_is_near_the_limit(login, org_a, research):
