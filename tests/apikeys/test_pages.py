@@ -160,6 +160,11 @@ def test_after_logging_in_through_the_form_and_confirming_the_password_creation_
     response = client.post(KEYS_AFTER_PASSWORD, {"password": org_a.password}, follow=True)
     assert response.redirect_chain == [(page(org_a), 302)] and response.status_code == 200
     assert keys_of(employee) == [org_a.api_key]  # nothing replayed behind the member's back
+    # ... but what the member typed is there again, to submit once more (once: a reload is empty).
+    kept = response.context["form"]
+    assert kept["name"].value() == VALID_NAME and kept["endpoints"].value() == ["chat", "usage_read"]
+    assert kept["form_token"].value() == submitted["form_token"]
+    assert client.get(page(org_a)).context["form"]["name"].value() is None
 
     response = client.post(page(org_a, "new/"), submitted)
     assert response.status_code == 201, response.content[:500]
