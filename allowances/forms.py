@@ -23,6 +23,22 @@ class PolicyForm(forms.Form):
     auto_approve_requests = forms.CharField(required=False, label="Auto-approved requests per period")
 
 
+    # Fields that only one rule uses: shown while that rule is chosen (static/js/portal.js; all of
+    # them without JavaScript).
+    SHOWN_WHEN = {
+        "rollover_cap_tokens": "rollover_rule=capped_tokens",
+        "rollover_cap_percent": "rollover_rule=capped_percent",
+        "rollover_lifetime_periods": "rollover_rule=all,capped_tokens,capped_percent",
+        "auto_approve_tokens": "overage_rule=auto_approve",
+        "auto_approve_requests": "overage_rule=auto_approve",
+    }
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name, rule in self.SHOWN_WHEN.items():
+            self.fields[name].widget.attrs["data-shown-when"] = rule
+
+
 class PolicyEditForm(PolicyForm):
     applies = forms.ChoiceField(choices=APPLY_CHOICES, initial="next", widget=forms.RadioSelect,
                                 label="The change applies")

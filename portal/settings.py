@@ -76,6 +76,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "django.contrib.humanize",
+    "django.forms",  # its widget templates, for FORM_RENDERER below
     "rest_framework",
     "drf_spectacular",
     "django_htmx",
@@ -109,6 +110,10 @@ MIDDLEWARE = [
     # After authentication: resolves /o/<slug>/ to the organization and keeps its scope active.
     "portal.tenancy.TenancyMiddleware",
 ]
+
+# Forms render through the project's templates, so templates/django/forms/ can place each field's
+# errors under the field.
+FORM_RENDERER = "django.forms.renderers.TemplatesSetting"
 
 ROOT_URLCONF = "portal.urls"
 WSGI_APPLICATION = "portal.wsgi.application"

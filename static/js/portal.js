@@ -30,3 +30,19 @@ document.querySelectorAll("pre.snippet[id]").forEach(function (pre) {
   button.textContent = "Copy";
   pre.insertAdjacentElement("afterend", button);
 });
+
+// Form fields that only one choice uses (data-shown-when="select_name=value1,value2") are shown
+// while that choice is made; a field with an error stays in view.
+function showChosenFields(form) {
+  form.querySelectorAll("[data-shown-when]").forEach(function (input) {
+    var rule = input.dataset.shownWhen.split("="), chosen = form.elements[rule[0]];
+    var block = input.closest(".field") || input.parentElement;
+    var wanted = !chosen || rule[1].split(",").indexOf(chosen.value) !== -1 || block.querySelector(".errorlist");
+    block.hidden = !wanted;
+  });
+}
+document.querySelectorAll("form").forEach(function (form) {
+  if (!form.querySelector("[data-shown-when]")) return;
+  showChosenFields(form);
+  form.addEventListener("change", function () { showChosenFields(form); });
+});

@@ -152,3 +152,30 @@ def test_on_a_phone_no_page_of_the_navigation_scrolls_sideways(signed_in, demo, 
         if name in ("My allowance", "Overview", "Balances", "API keys", "Approvals"):
             screenshot(page, f"phone-{role}-{name}")
     assert too_wide == {}, f"pages wider than {PHONE['width']} px: {too_wide}"
+
+
+def test_the_policy_form_shows_only_the_fields_of_the_rules_chosen(signed_in, demo):
+    page = signed_in(ROLES["hr"])
+    page.goto(f"{demo.url}/o/acme/policies/")
+    form = page.locator("form.card").last
+    cap, percent = form.get_by_label("Rollover cap (tokens)"), form.get_by_label("Rollover cap (% of the monthly amount)")
+    lives, auto = form.get_by_label("Rolled-over tokens live for (periods)"), form.get_by_label(
+        "Auto-approved overage per period (tokens)")
+    form.get_by_label("Rollover rule").select_option("none")
+    form.get_by_label("Overage rule").select_option("hard_stop")
+    for field in (cap, percent, lives, auto):
+        expect(field).to_be_hidden()
+    form.get_by_label("Rollover rule").select_option("capped_tokens")
+    expect(cap).to_be_visible()
+    expect(lives).to_be_visible()
+    expect(percent).to_be_hidden()
+    form.get_by_label("Overage rule").select_option("auto_approve")
+    expect(auto).to_be_visible()
+    # A typed amount with separators, a field error under its field: the page keeps the fields in view.
+    form.get_by_label("Name").fill("Interns")
+    form.get_by_label("Monthly tokens").fill("1,000,000")
+    cap.fill("lots")
+    form.get_by_role("button").click()
+    error = page.locator(".field", has=page.get_by_label("Rollover cap (tokens)")).locator(".errorlist")
+    expect(error).to_be_visible()
+    expect(page.get_by_label("Monthly tokens")).to_have_value("1,000,000")
