@@ -198,3 +198,17 @@ def test_a_low_balance_raises_the_banner_with_the_way_to_ask_for_more(login, org
                     idempotency_key="ingest:rest")
     page = login(research).get(url(org_a, "dashboard")).content.decode()
     assert 'data-level="exhausted" role="alert"' in page and "Your allowance is used up for this period." in page
+
+
+def test_the_employee_s_days_before_today_come_from_the_roll_up_by_when_usage_happened(org_a):
+    employee = org_a.members["employee"]
+    organization = org_a.organization
+    begin = period_bounds(organization, period_start_for(organization))[0]
+    at = begin + timedelta(days=1, hours=12)
+    with scope(organization):
+        UsageRollup.objects.create(organization=organization, day=begin.date(), member=employee, team_name="Team a",
+                                   model="gpt-test", charged_tokens=12_345)
+        UsageRollup.objects.create(organization=organization, day=begin.date(), member=org_a.members["hr"],
+                                   team_name="Team a", model="gpt-test", charged_tokens=99)  # someone else's
+        board = selectors.dashboard(account=Account.objects.get(member=employee), at=at)
+    assert board.daily[0] == (begin.date(), 12_345) and board.daily[1] == (begin.date() + timedelta(days=1), 0)
