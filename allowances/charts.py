@@ -4,7 +4,7 @@ is an image with a text label; the pages put a table of the same numbers beside 
 
 from __future__ import annotations
 
-from datetime import date, timedelta
+from datetime import date
 
 import pygal
 from django.utils.safestring import SafeString, mark_safe
@@ -13,7 +13,6 @@ from pygal.style import Style
 
 from allowances.templatetags.tokens import humanize_tokens
 
-SVG = ""  # pygal builds its tree with plain tag names (the namespace is declared on the root)
 FONT = 'system-ui, -apple-system, "Segoe UI", sans-serif'
 ACCENT, PROJECTED, DANGER = "#2856c7", "#b9c8ef", "#b42318"
 PALETTE = (ACCENT, "#1d7a46", "#c2410c", "#7c3aed", "#0e7490", "#a16207", "#be185d", "#4b5563")
@@ -39,24 +38,24 @@ def _svg(chart, *, label: str, marks: dict[str, str] | None = None) -> SafeStrin
     """The chart's SVG with its script removed, its label as title, a native tooltip per bar from
     the bar's label, and the x guides named in `marks` ({x label: text}) drawn as markers."""
     tree = chart.render_tree()
-    for script in list(tree.iter(f"{SVG}script")):
+    for script in list(tree.iter("script")):
         script.getparent().remove(script)
     tree.set("role", "img")
     tree.set("aria-label", label)
-    tree.find(f"{SVG}title").text = label
-    for described in tree.iter(f"{SVG}desc"):
+    tree.find("title").text = label
+    for described in tree.iter("desc"):
         if described.get("class") == "label":  # pygal's tooltip text, read by its JavaScript: a <title> instead
-            etree.SubElement(described.getparent(), f"{SVG}title").text = described.text
-    for guide in tree.iterfind(f".//{SVG}g[@class='axis x']/{SVG}g[@class='guides']"):
-        text = guide.find(f"{SVG}text")
+            etree.SubElement(described.getparent(), "title").text = described.text
+    for guide in list(tree.iterfind(".//g[@class='axis x']/g[@class='guides']")):
+        text = guide.find("text")
         if text is not None and text.text in (marks or {}):
             guide.set("class", "guides marked")
             plot = guide.getparent().getparent()
             plot.append(guide)  # over the bars, not under them (out of the axis: its text styled here)
             text.set("style", "font-size:12px;text-anchor:middle")
-            line = guide.find(f"{SVG}path")
+            line = guide.find("path")
             line.set("style", f"stroke:{DANGER};stroke-width:2;stroke-dasharray:none")
-            mark = etree.SubElement(guide, f"{SVG}text", x=text.get("x"), y="-2")
+            mark = etree.SubElement(guide, "text", x=text.get("x"), y="-2")
             mark.set("style", f"fill:{DANGER};font-size:12px;font-weight:600;text-anchor:middle")
             mark.set("class", "mark")
             mark.text = marks[text.text]
@@ -124,8 +123,3 @@ def spend_over_time_chart(days: list[date], series: dict[str, list[int]], *, wha
     total = sum(sum(values) for values in series.values())
     return _svg(chart, label=f"Tokens used per day by {what} from {day_label(days[0])} to {day_label(days[-1])}, "
                              f"{total:,} in all")
-
-
-def period_days(begin: date, end: date) -> list[date]:
-    """The days from `begin` up to, not including, `end`."""
-    return [begin + timedelta(days=offset) for offset in range((end - begin).days)]

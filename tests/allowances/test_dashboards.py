@@ -212,3 +212,13 @@ def test_the_employee_s_days_before_today_come_from_the_roll_up_by_when_usage_ha
                                    team_name="Team a", model="gpt-test", charged_tokens=99)  # someone else's
         board = selectors.dashboard(account=Account.objects.get(member=employee), at=at)
     assert board.daily[0] == (begin.date(), 12_345) and board.daily[1] == (begin.date() + timedelta(days=1), 0)
+
+
+def test_names_in_the_charts_are_text_not_markup(login, org_a):
+    team = TeamFactory(organization=org_a.organization, name='<script>alert("team")</script>')
+    member = MemberFactory(organization=org_a.organization, team=team, user=UserFactory(email="x@a.example"))
+    grant(org_a, member, 1_000)
+    use(member, 500, model="gpt-test")
+    page = login(org_a.members["hr"]).get(url(org_a, "overview")).content.decode()
+    assert 'data-testid="team-chart"' in page
+    assert '<script>alert("team")' not in page and "&lt;script&gt;alert" in page
