@@ -8,6 +8,7 @@ from django.urls import reverse
 
 from billing.models import Settlement
 from billing.selectors import from_minor, grace_period
+from portal.links import public_url
 from portal.models import Member
 from portal.tenancy import scope
 
@@ -22,7 +23,7 @@ def past_due_sent(*, settlement_id: int) -> int:
             organization=organization, is_active=True, is_owner=True).select_related("user")]
         if not owners:
             return 0
-        url = settings.PORTAL_BASE_URL + reverse("billing", kwargs={"org_slug": organization.slug})
+        url = public_url(reverse("billing", kwargs={"org_slug": organization.slug}))
         frozen_on = settlement.past_due_since + grace_period()
         send_mail(
             subject=f"{settings.ACCOUNT_EMAIL_SUBJECT_PREFIX}Payment failed: {organization.name}'s token overage "

@@ -20,7 +20,6 @@ from urllib.parse import urlencode
 
 import django.db
 import psycopg
-from django.conf import settings
 from django.db import connection, transaction
 from django.urls import reverse
 from django.utils import timezone
@@ -39,6 +38,7 @@ from gateway.models import ProviderConnection, UsageRecord
 from gateway.upstream import Usage
 from portal import async_db, shared_cache
 from portal.async_db import in_thread
+from portal.links import public_url
 from portal.models import Organization
 from portal.tenancy import scope, unscoped
 
@@ -401,8 +401,8 @@ async def _run(statement: ledger.Statement, with_entry: str = "", params: dict |
 def _more_url(config: OrgConfig, *, tokens: int | None = None, model: str = "") -> str:
     """The overage request form, filled in with what the refused request was short of."""
     query = urlencode({name: value for name, value in (("tokens", tokens), ("model", model)) if value})
-    return (f"Request more at {settings.PORTAL_BASE_URL}"
-            f"{reverse('overage_request_new', kwargs={'org_slug': config.slug})}{'?' + query if query else ''}")
+    path = reverse("overage_request_new", kwargs={"org_slug": config.slug})
+    return f"Request more at {public_url(path)}{'?' + query if query else ''}"
 
 
 def _refusal_message(refusal, config: OrgConfig, model: str = "") -> str:

@@ -35,7 +35,9 @@ EXPECTED = {
     "audit_log": ADMINS,
     "organization_settings": ADMINS,
     # Allowances: HR runs budgets; admins own the model catalog (DESIGN.md roles).
+    "overview": PEOPLE,
     "balances": PEOPLE,
+    "balance_detail": PEOPLE,
     "policy_list": PEOPLE,
     "policy_assign": PEOPLE,
     "policy_edit": PEOPLE,
@@ -121,6 +123,7 @@ EXPECTED_API = {
 
 # The organization navigation: link text -> the page it opens.
 NAV_LINKS = {
+    "Overview": "overview",
     "My allowance": "dashboard",
     "Balances": "balances",
     "Policies": "policy_list",

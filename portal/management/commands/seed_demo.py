@@ -8,7 +8,7 @@ from allauth.account.models import EmailAddress
 from django.core.management.base import BaseCommand
 from django.db import transaction
 
-from allowances.demo import seed_allowances
+from allowances.demo import seed_allowances, seed_usage
 from allowances.periods import period_bounds, period_start_for
 from apikeys.demo import seed_keys
 from billing.demo import seed_billing
@@ -28,6 +28,7 @@ class Command(BaseCommand):
             for organization in organizations:
                 with scope(organization):
                     key_lines.append(seed_keys(organization))
+                    seed_usage(organization)
                     pending.append(seed_overage(organization))
                     seed_billing(organization)
         for organization, spec, keys, waiting in zip(organizations, DEMO_ORGANIZATIONS, key_lines, pending):
