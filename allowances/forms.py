@@ -21,6 +21,10 @@ class PolicyForm(forms.Form):
     overage_rule = forms.ChoiceField(choices=AllowancePolicy.Overage.choices)
     auto_approve_tokens = forms.CharField(required=False, label="Auto-approved overage per period (tokens)")
     auto_approve_requests = forms.CharField(required=False, label="Auto-approved requests per period")
+    economy_below_percent = forms.CharField(
+        required=False, label="Route to economy models below (% left)", help_text=(
+            "When less than this share of the period's granted tokens (or of a key's cap) is left, requests for a "
+            "model with an economy counterpart are served by it instead of being refused. Empty: never."))
 
 
 class PolicyEditForm(PolicyForm):
@@ -92,10 +96,14 @@ class CatalogModelForm(forms.Form):
     output_price_per_million = forms.CharField(initial="0", label="Output price per million tokens")
     cached_price_per_million = forms.CharField(initial="0", label="Cached price per million tokens")
     is_active = forms.BooleanField(required=False, initial=True)
+    economy_counterpart = forms.ModelChoiceField(
+        queryset=None, required=False, label="Economy counterpart", help_text=(
+            "The cheaper model that serves this model's requests when a member's policy routes near the limit."))
 
-    def __init__(self, *args, connections, **kwargs):
+    def __init__(self, *args, connections, catalog, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["connection"].queryset = connections
+        self.fields["economy_counterpart"].queryset = catalog
 
 
 class ModelAliasForm(forms.Form):

@@ -45,6 +45,12 @@ class CatalogModel(TenantModel):
     output_price_per_million = models.DecimalField(max_digits=12, decimal_places=4, default=Decimal("0"))
     cached_price_per_million = models.DecimalField(max_digits=12, decimal_places=4, default=Decimal("0"))
     is_active = models.BooleanField(default=True)
+    # Budget-aware routing: where this model's requests go when the member's policy says the
+    # allowance (or the key's cap) is nearly spent. Of the same organization (migration 0011).
+    economy_counterpart = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL,
+                                            related_name="premium_models", db_constraint=False,
+                                            help_text="The cheaper model that serves this one's requests near the "
+                                                      "limit, when the member's policy routes.")
 
     class Meta:
         ordering = ["display_name"]
@@ -60,6 +66,8 @@ class CatalogModel(TenantModel):
                 name="catalog_prices_not_negative",
             ),
             models.CheckConstraint(condition=Q(max_output_tokens__gt=0), name="catalog_max_output_positive"),
+            models.CheckConstraint(condition=Q(economy_counterpart__isnull=True) | ~Q(economy_counterpart=F("id")),
+                                   name="catalog_economy_counterpart_not_itself"),
             # What aliases reference (with their organization): see ModelAlias.
             models.UniqueConstraint(fields=["id", "organization"], name="catalog_model_id_organization"),
         ]
@@ -128,6 +136,9 @@ class AllowancePolicy(TenantModel):
     # fewer than these tokens and requests in the period; beyond either they go to the approvers.
     auto_approve_tokens = models.BigIntegerField(null=True, blank=True)
     auto_approve_requests = models.PositiveIntegerField(null=True, blank=True)
+    # Budget-aware routing: below this percentage of the period's granted tokens left (or of the
+    # key's cap), requests for a model with an economy counterpart go to it. None: never routed.
+    economy_below_percent = models.PositiveSmallIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -152,6 +163,8 @@ class AllowancePolicy(TenantModel):
                 | Q(overage_rule="auto_approve", auto_approve_tokens__gt=0, auto_approve_tokens__lte=MAX_TOKENS,
                     auto_approve_requests__gte=1, auto_approve_requests__lte=MAX_AUTO_APPROVED_REQUESTS)
             )),
+            models.CheckConstraint(name="policy_economy_below_percent_in_range", condition=(
+                Q(economy_below_percent__isnull=True) | Q(economy_below_percent__gte=1, economy_below_percent__lte=100))),
         ]
 
     def __str__(self):

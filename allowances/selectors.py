@@ -197,7 +197,7 @@ def grant_batch_get(*, organization: Organization, grant_batch_id: int) -> Grant
 
 
 def catalog(*, organization: Organization, active_only: bool = False) -> QuerySet[CatalogModel]:
-    models = CatalogModel.objects.filter(organization=organization).select_related("connection")
+    models = CatalogModel.objects.filter(organization=organization).select_related("connection", "economy_counterpart")
     return models.filter(is_active=True) if active_only else models.order_by("display_name")
 
 

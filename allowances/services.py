@@ -68,7 +68,7 @@ def clean_tokens(value, *, field: str, allow_zero: bool = False) -> int:
 
 CATALOG_FIELDS = ["model_id", "display_name", "connection", "upstream_model", "max_output_tokens", "input_multiplier",
                   "output_multiplier", "cached_multiplier", "input_price_per_million", "output_price_per_million",
-                  "cached_price_per_million", "is_active"]
+                  "cached_price_per_million", "is_active", "economy_counterpart"]
 _CATALOG_DECIMALS = CATALOG_FIELDS[5:11]
 
 
@@ -124,9 +124,39 @@ def _clean_catalog(organization: Organization, data: dict, *, exclude_pk=None) -
         elif value != value.quantize(Decimal(1).scaleb(-places)):
             errors[field] = f"Use at most {places} decimal places."
         cleaned[field] = value
+    cleaned["economy_counterpart"] = _clean_economy(organization, data.get("economy_counterpart"), model_id=model_id,
+                                                    connection=connection, errors=errors)
     if errors:
         raise ValidationError(errors)
     return cleaned
+
+
+def _clean_economy(organization: Organization, value, *, model_id: str, connection, errors: dict):
+    """The economy counterpart named by an instance or an id: another active model of the
+    organization, reachable in every API the premium model is (routing never changes the API a
+    client speaks), and not routed on itself (one hop)."""
+    if value in (None, ""):
+        return None
+    pk = value.pk if isinstance(value, CatalogModel) else value
+    try:
+        counterpart = CatalogModel.objects.filter(organization=organization, pk=int(str(pk))).select_related(
+            "connection").first()
+    except (TypeError, ValueError):
+        counterpart = None
+    if counterpart is None:
+        errors["economy_counterpart"] = "Choose another model of the catalog."
+    elif counterpart.model_id == model_id:
+        errors["economy_counterpart"] = "A model cannot be its own economy counterpart."
+    elif not counterpart.is_active:
+        errors["economy_counterpart"] = f"{counterpart.model_id} is switched off."
+    elif counterpart.economy_counterpart_id is not None:
+        errors["economy_counterpart"] = (f"{counterpart.model_id} is routed to an economy model itself; choose a model "
+                                         "without one (requests are routed once).")
+    elif connection is not None and counterpart.connection.family not in ("any", connection.family):
+        errors["economy_counterpart"] = (f"{counterpart.model_id} is served by an API of another kind "
+                                         f"({counterpart.connection.get_kind_display()}): clients of this model could "
+                                         "not read its replies.")
+    return counterpart
 
 
 @transaction.atomic
@@ -236,7 +266,8 @@ def _target_members(*, organization: Organization, team: Team | None, member: Me
 # -- policies ----------------------------------------------------------------------------------
 
 POLICY_FIELDS = ["name", "monthly_tokens", "rollover_rule", "rollover_cap_tokens", "rollover_cap_percent",
-                 "rollover_lifetime_periods", "overage_rule", "auto_approve_tokens", "auto_approve_requests"]
+                 "rollover_lifetime_periods", "overage_rule", "auto_approve_tokens", "auto_approve_requests",
+                 "economy_below_percent"]
 
 
 def _clean_policy(organization: Organization, data: dict, *, exclude_pk=None) -> dict:
@@ -317,11 +348,21 @@ def _clean_policy(organization: Organization, data: dict, *, exclude_pk=None) ->
             errors["auto_approve_tokens"] = "An auto-approved amount only applies to the auto-approve rule."
         if auto_count is not None:
             errors["auto_approve_requests"] = "A number of auto-approved requests only applies to the auto-approve rule."
+    economy = data.get("economy_below_percent")
+    if economy in (None, ""):
+        economy = None
+    else:
+        try:
+            economy = _whole(economy)
+            if not 1 <= economy <= 100:
+                raise ValueError
+        except (TypeError, ValueError):
+            errors["economy_below_percent"] = "A whole percentage from 1 to 100, or empty to never route."
     if errors:
         raise ValidationError(errors)
     return {"name": name, "monthly_tokens": monthly, "rollover_rule": rollover, "rollover_cap_tokens": cap_tokens,
             "rollover_cap_percent": cap_percent, "rollover_lifetime_periods": lifetime, "overage_rule": overage,
-            "auto_approve_tokens": auto, "auto_approve_requests": auto_count}
+            "auto_approve_tokens": auto, "auto_approve_requests": auto_count, "economy_below_percent": economy}
 
 
 @transaction.atomic

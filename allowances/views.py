@@ -184,6 +184,11 @@ def grant_batch(request, grant_batch_id):
     return render(request, "allowances/grant_batch.html", {"batch": batch})
 
 
+def _catalog_form(request, data=None, **kwargs):
+    return CatalogModelForm(data, connections=connections_of(organization=request.organization),
+                            catalog=selectors.catalog(organization=request.organization, active_only=True), **kwargs)
+
+
 def _alias_form(request, data=None):
     return ModelAliasForm(data, catalog=selectors.catalog(organization=request.organization))
 
@@ -199,7 +204,7 @@ def _catalog_page(request, *, form, alias_form, status=200):
 @require_roles("admin")
 @require_http_methods(["GET", "POST"])
 def catalog(request):
-    form = CatalogModelForm(request.POST or None, connections=connections_of(organization=request.organization))
+    form = _catalog_form(request, request.POST or None)
     if request.method == "POST" and form.is_valid():
         try:
             entry = services.catalog_model_create(organization=request.organization, actor=request.user, **form.cleaned_data)
@@ -224,7 +229,7 @@ def model_alias_create(request):
         else:
             messages.success(request, f"Requests for {alias.alias} now go to {alias.catalog_model.model_id}.")
             return redirect(org_url(request, "catalog"))
-    form = CatalogModelForm(connections=connections_of(organization=request.organization))
+    form = _catalog_form(request)
     return _catalog_page(request, form=form, alias_form=alias_form, status=400)
 
 
@@ -241,8 +246,8 @@ def model_alias_delete(request, model_alias_id):
 @require_http_methods(["GET", "POST"])
 def catalog_model_edit(request, catalog_model_id):
     entry = selectors.catalog_model_get(organization=request.organization, catalog_model_id=catalog_model_id)
-    form = CatalogModelForm(request.POST or None, connections=connections_of(organization=request.organization),
-                            initial={field: getattr(entry, field) for field in services.CATALOG_FIELDS})
+    form = _catalog_form(request, request.POST or None,
+                         initial={field: getattr(entry, field) for field in services.CATALOG_FIELDS})
     if request.method == "POST" and form.is_valid():
         try:
             services.catalog_model_update(catalog_model=entry, actor=request.user, **form.cleaned_data)

@@ -39,6 +39,8 @@ class ApiKey(TenantModel):
     spend = models.ForeignKey("allowances.KeySpend", on_delete=models.PROTECT, related_name="keys")
     allowed_cidrs = models.JSONField(default=list, blank=True)
     expires_at = models.DateTimeField(null=True, blank=True)
+    # Off: near the limit its requests are refused, never routed to an economy model.
+    economy_routing = models.BooleanField(default=True, db_default=True)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(default=timezone.now)
     last_used_at = models.DateTimeField(null=True, blank=True)

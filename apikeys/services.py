@@ -34,7 +34,8 @@ class KeyRefused(Exception):
     """A presented key cannot be used; the message says why, without revealing anything secret."""
 
 
-def _clean(*, member: Member, name, model_ids, endpoints, token_cap, expires_at, allowed_cidrs) -> dict:
+def _clean(*, member: Member, name, model_ids, endpoints, token_cap, expires_at, allowed_cidrs,
+           economy_routing=True) -> dict:
     errors = {}
     name = (name or "").strip()
     if not name:
@@ -86,13 +87,14 @@ def _clean(*, member: Member, name, model_ids, endpoints, token_cap, expires_at,
     if errors:
         raise ValidationError(errors)
     return {"name": name, "model_ids": model_ids, "endpoints": endpoints, "token_cap": token_cap,
-            "expires_at": expires_at, "allowed_cidrs": networks}
+            "expires_at": expires_at, "allowed_cidrs": networks, "economy_routing": economy_routing is not False}
 
 
 def _settings_for_audit(key: ApiKey) -> dict:
     return {"name": key.name, "key": f"{key.display_prefix}…{key.last_four}", "models": key.model_ids or "all allowed",
             "endpoints": key.endpoints, "token_cap": key.token_cap, "allowed_cidrs": key.allowed_cidrs,
-            "expires_at": key.expires_at.isoformat() if key.expires_at else None}
+            "expires_at": key.expires_at.isoformat() if key.expires_at else None,
+            "economy_routing": key.economy_routing}
 
 
 def _mint(*, member: Member, actor, settings: dict, spend: KeySpend | None = None) -> tuple[ApiKey, str]:
@@ -107,7 +109,8 @@ def _mint(*, member: Member, actor, settings: dict, spend: KeySpend | None = Non
 
 @transaction.atomic
 def api_key_create(*, member: Member, actor, name: str, endpoints, model_ids=(), token_cap=None,
-                   expires_at: datetime | None = None, allowed_cidrs=(), form_token: str = "") -> tuple[ApiKey, str]:
+                   expires_at: datetime | None = None, allowed_cidrs=(), economy_routing: bool = True,
+                   form_token: str = "") -> tuple[ApiKey, str]:
     """Mint a key for `member`. Returns the key and its secret, which is never available again.
 
     A form submitted twice (a reload of the page that showed the secret) does not mint a second key.
@@ -117,7 +120,8 @@ def api_key_create(*, member: Member, actor, name: str, endpoints, model_ids=(),
         raise ValidationError(f"This form already created the key “{previous.name}”; its secret was shown once. "
                               "Revoke it and create a new key if you did not copy it.")
     settings = _clean(member=member, name=name, model_ids=model_ids, endpoints=endpoints, token_cap=token_cap,
-                      expires_at=expires_at, allowed_cidrs=allowed_cidrs) | {"form_token": form_token}
+                      expires_at=expires_at, allowed_cidrs=allowed_cidrs,
+                      economy_routing=economy_routing) | {"form_token": form_token}
     try:
         with transaction.atomic():
             key, secret = _mint(member=member, actor=actor, settings=settings)
@@ -149,7 +153,8 @@ def api_key_rotate(*, key: ApiKey, actor, grace_hours: int = 0) -> tuple[ApiKey,
     if not 0 <= grace_hours <= MAX_ROTATION_GRACE_HOURS:
         raise ValidationError({"grace_hours": f"The grace period is 0 to {MAX_ROTATION_GRACE_HOURS} hours."})
     settings = {field: getattr(key, field) for field in
-                ("name", "model_ids", "endpoints", "token_cap", "expires_at", "allowed_cidrs")}  # not the form token
+                ("name", "model_ids", "endpoints", "token_cap", "expires_at", "allowed_cidrs",
+                 "economy_routing")}  # not the form token
     # The successor shares the spend counter: rotating never resets the key's cap.
     new_key, secret = _mint(member=key.member, actor=actor, settings=settings, spend=key.spend)
     key.rotated_to, key.works_until = new_key, timezone.now() + timedelta(hours=grace_hours)
@@ -180,6 +185,8 @@ class KeyIdentity:
     account_id: int | None = None  # the owner's allowance account, once one is open
     spend_id: int | None = None  # the key's spend counter (its cap), shared across rotations
     public_id: str = ""
+    economy_routing: bool = True  # the key may be routed to economy models (it did not opt out)
+    economy_below_percent: int | None = None  # the owner's policy: route below this % left (None: never)
 
 
 def cache_key(public_id: str) -> str:
@@ -213,7 +220,14 @@ def _load(public_id: str) -> KeyIdentity | None:
                        allowed_cidrs=tuple(key.allowed_cidrs), token_cap=key.token_cap,
                        refusal_at=min(ends) if ends else None, refused=refused,
                        account_id=Account.all_objects.filter(member_id=key.member_id).values_list("id", flat=True).first(),
-                       spend_id=key.spend_id, public_id=key.public_id)
+                       spend_id=key.spend_id, public_id=key.public_id, economy_routing=key.economy_routing,
+                       economy_below_percent=_economy_below_percent(key.member))
+
+
+def _economy_below_percent(member: Member) -> int | None:
+    with unscoped():  # the member's own and their team's assignments only
+        policy = policy_in_force(member=member)
+    return policy.economy_below_percent if policy is not None else None
 
 
 def presented(raw_key: str) -> secrets.ParsedKey:

@@ -90,6 +90,9 @@ class UsageRecord(TenantModel):
     model = models.CharField(max_length=100)  # the catalog model charged
     # The id the client sent, when it was an alias of `model` (raw inserts, the ingest, leave it out).
     requested_model = models.CharField(max_length=100, blank=True, default="", db_default="")
+    # The catalog model asked for, when budget-aware routing sent the request to `model`, its
+    # economy counterpart, instead ("" when not routed).
+    routed_from = models.CharField(max_length=100, blank=True, default="", db_default="")
     endpoint = models.CharField(max_length=20)
     source = models.CharField(max_length=10, choices=Source.choices, default=Source.GATEWAY)
     status = models.CharField(max_length=20, choices=Status.choices)
