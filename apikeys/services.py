@@ -34,6 +34,10 @@ class KeyRefused(Exception):
     """A presented key cannot be used; the message says why, without revealing anything secret."""
 
 
+class KeyPaused(KeyRefused):
+    """The key is paused by a spend-velocity breaker until its owner or an admin resumes it."""
+
+
 def _clean(*, member: Member, name, model_ids, endpoints, token_cap, expires_at, allowed_cidrs,
            economy_routing=True) -> dict:
     errors = {}
@@ -187,6 +191,8 @@ class KeyIdentity:
     public_id: str = ""
     economy_routing: bool = True  # the key may be routed to economy models (it did not opt out)
     economy_below_percent: int | None = None  # the owner's policy: route below this % left (None: never)
+    paused: str | None = None  # why a spend-velocity breaker paused the key, and how to resume it
+    normal_hour_tokens: int | None = None  # the owner's normal hour (gateway.SpendNormal), for the breaker
 
 
 def cache_key(public_id: str) -> str:
@@ -194,6 +200,7 @@ def cache_key(public_id: str) -> str:
 
 
 IDENTITY_TTL = 300  # seconds; every change to a key or its owner drops the cached identity at once
+NORMAL_MIN_HOURS = 5  # a member's normal hour counts for the breaker once it comes from this many hours
 
 
 def identity_load(public_id: str) -> KeyIdentity | None:
@@ -207,7 +214,8 @@ def identity_load(public_id: str) -> KeyIdentity | None:
 
 def _load(public_id: str) -> KeyIdentity | None:
     with unscoped():
-        key = ApiKey.objects.select_related("member__user").filter(public_id=public_id).first()
+        key = ApiKey.objects.select_related("member__user", "paused_by", "organization").filter(
+            public_id=public_id).first()
     if key is None:
         return None
     ends = [moment for moment in (key.expires_at, key.works_until) if moment is not None]
@@ -221,7 +229,29 @@ def _load(public_id: str) -> KeyIdentity | None:
                        refusal_at=min(ends) if ends else None, refused=refused,
                        account_id=Account.all_objects.filter(member_id=key.member_id).values_list("id", flat=True).first(),
                        spend_id=key.spend_id, public_id=key.public_id, economy_routing=key.economy_routing,
-                       economy_below_percent=_economy_below_percent(key.member))
+                       economy_below_percent=_economy_below_percent(key.member), paused=_paused(key),
+                       normal_hour_tokens=_normal_hour(key.member_id))
+
+
+def _paused(key: ApiKey) -> str | None:
+    if key.paused_at is None:
+        return None
+    from django.conf import settings
+    from django.urls import reverse
+
+    keys_page = settings.PORTAL_BASE_URL + reverse("key_list", kwargs={"org_slug": key.organization.slug})
+    what = key.paused_by.description if key.paused_by is not None else "a spend-velocity breaker tripped"
+    return (f"API key paused by the spend-velocity breaker: {what}. Nothing more is sent with it until it is "
+            f"resumed: its owner can resume it at {keys_page} (after checking what runs with it), or an "
+            "administrator can.")
+
+
+def _normal_hour(member_id: int) -> int | None:
+    from gateway.models import SpendNormal
+
+    with unscoped():
+        return SpendNormal.objects.filter(member_id=member_id, active_hours__gte=NORMAL_MIN_HOURS).values_list(
+            "p95_hour_tokens", flat=True).first()
 
 
 def _economy_below_percent(member: Member) -> int | None:
@@ -255,6 +285,8 @@ def admit(parts: secrets.ParsedKey, identity: KeyIdentity, *, ip: str | None) ->
             address = None
         if address is None or not any(address in ipaddress.ip_network(net) for net in identity.allowed_cidrs):
             raise KeyRefused(f"API key refused: requests from {ip} are outside the key's allowed IP ranges.")
+    if identity.paused:
+        raise KeyPaused(identity.paused)
     return now
 
 

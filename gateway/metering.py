@@ -31,11 +31,11 @@ from allowances.aliases import AliasTable
 from allowances.models import CatalogModel, LedgerEntry, ModelAlias
 from allowances.pricing import Pricing
 from apikeys.authentication import ApiKeyAuthentication
-from apikeys.services import KeyIdentity, KeyRefused
-from gateway import alarms, bounds, sandbox
+from apikeys.services import KeyIdentity, KeyPaused, KeyRefused
+from gateway import alarms, bounds, breaker, sandbox
 from gateway.apis import ENDPOINTS, SCOPE_PATHS
 from gateway.errors import GatewayError
-from gateway.models import ProviderConnection, UsageRecord
+from gateway.models import BreakerSettings, ProviderConnection, UsageRecord
 from gateway.upstream import Usage
 from portal import async_db, shared_cache
 from portal.async_db import in_thread
@@ -86,6 +86,7 @@ class OrgConfig:
     slug: str
     models: dict[str, ModelRoute]
     aliases: AliasTable
+    breaker: breaker.Limits | None = None  # the spend-velocity limits, if any is set
 
     def resolve(self, requested: str) -> ModelRoute | None:
         """The catalog model a requested id names, directly or through an alias (allowances.aliases)."""
@@ -116,7 +117,11 @@ def _load_config(organization_id: int) -> OrgConfig:
                 economy_id=entry.economy_counterpart.model_id if entry.economy_counterpart else None)
         aliases = AliasTable(ModelAlias.all_objects.filter(organization_id=organization_id)
                              .values_list("alias", "catalog_model__model_id"))
-    return OrgConfig(organization_id=organization_id, slug=organization.slug, models=models, aliases=aliases)
+        limits = BreakerSettings.all_objects.filter(organization_id=organization_id).values(
+            *BreakerSettings.LIMITS, "member_normal_multiple").first()
+    limits = breaker.Limits(**limits) if limits and any(value is not None for value in limits.values()) else None
+    return OrgConfig(organization_id=organization_id, slug=organization.slug, models=models, aliases=aliases,
+                     breaker=limits)
 
 
 def org_config(organization_id: int) -> OrgConfig:
@@ -193,6 +198,8 @@ async def lookup(*, raw_key: str | None, ip: str | None, endpoint: str | None) -
 
     try:
         identity, found = await ApiKeyAuthentication.aidentify(raw_key, ip=ip, cached=also_cached)
+    except KeyPaused as paused:
+        raise GatewayError(429, "rate_limit_error", str(paused), code="breaker_tripped") from None
     except KeyRefused as refused:
         raise GatewayError(401, "authentication_error", str(refused), code="invalid_api_key") from None
     if endpoint is not None and ENDPOINTS[endpoint].scope not in identity.endpoints:
@@ -538,7 +545,24 @@ async def _settle(begun: Begun, usage: Usage, record: dict) -> int:
         recorded = True
     if recorded and record["uncharged"]:
         await in_thread(alarms.uncharged_usage)(organization_id=record["org"], record=record)
+    if recorded and record["charged"] and begun.config.breaker is not None:
+        await _count_spend(begun, record["charged"])
     return record["charged"]
+
+
+async def _count_spend(begun: Begun, charged: int) -> None:
+    """The breaker's rates move by what was charged (gateway.breaker); a limit passed pauses keys."""
+    identity = begun.identity
+    try:
+        exceeded = await breaker.record(
+            subjects={"key": identity.id, "member": identity.member_id, "organization": identity.organization_id},
+            limits=begun.config.breaker, tokens=charged, normal_hour=identity.normal_hour_tokens)
+        if exceeded is not None:
+            from gateway.services import breaker_trip  # the services import this module
+
+            await in_thread(breaker_trip)(organization_id=identity.organization_id, exceeded=exceeded)
+    except Exception:  # the request is settled; the breaker must never fail it
+        log.exception("spend-velocity breaker failed after request %s", begun.request_id)
 
 
 def _finish_closed(begun: Begun, usage: Usage, record: dict) -> tuple[dict, bool]:

@@ -10,7 +10,7 @@ from django.shortcuts import get_object_or_404
 from django.utils import timezone
 
 from allowances.periods import period_bounds
-from gateway.models import ProviderConnection, UsageRecord, UsageRollup
+from gateway.models import BreakerTrip, ProviderConnection, UsageRecord, UsageRollup
 from portal.models import Member, Organization
 
 
@@ -20,6 +20,10 @@ def connections_of(*, organization: Organization) -> QuerySet[ProviderConnection
 
 def connection_get(*, organization: Organization, connection_id: int) -> ProviderConnection:
     return get_object_or_404(connections_of(organization=organization), pk=connection_id)
+
+
+def breaker_trip_get(*, organization: Organization, breaker_trip_id: int) -> BreakerTrip:
+    return get_object_or_404(BreakerTrip.objects.filter(organization=organization), pk=breaker_trip_id)
 
 
 def usage_summary(*, organization: Organization, days: int = 30) -> list[dict]:

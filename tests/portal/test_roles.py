@@ -53,6 +53,11 @@ EXPECTED = {
     "key_rotate": EVERYONE,  # POST-only, own keys
     "key_revoke": EVERYONE,  # POST-only, own keys (admins: any)
     "key_admin": ADMINS,
+    "key_resume": EVERYONE,  # POST-only, own keys paused by their own breaker (admins: any)
+    "key_breaker_exempt": ADMINS,  # POST-only
+    # The spend-velocity breaker: its limits and its trips are the admins'.
+    "breaker_settings": ADMINS,
+    "breaker_trip_resume": ADMINS,  # POST-only
     # Gateway: admins own the provider connections; every member sees their own usage (HR: everyone's).
     "provider_list": ADMINS,
     "provider_edit": ADMINS,
@@ -129,6 +134,7 @@ NAV_LINKS = {
     "Settings": "organization_settings",
     "Approvals": "approval_queue",
     "Overage": "approval_settings",
+    "Breaker": "breaker_settings",
 }
 
 
