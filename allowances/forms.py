@@ -119,3 +119,23 @@ class ModelAliasForm(forms.Form):
 class HistoryFilterForm(DateRangeFilterForm):
     kind = forms.ChoiceField(choices=[("", "All kinds"), *LedgerEntry.Kind.choices], required=False)
     field_order = ["kind", "since", "until"]
+
+
+class TransferForm(forms.Form):
+    receiver = forms.ModelChoiceField(queryset=None, label="Give to")
+    tokens = forms.CharField(label="Tokens", help_text="Whole tokens of your unused base allowance.")
+    note = forms.CharField(max_length=300, required=False)
+    idempotency_key = forms.CharField(widget=forms.HiddenInput, max_length=100)
+
+    def __init__(self, *args, receivers, **kwargs):
+        kwargs.setdefault("initial", {}).setdefault("idempotency_key", uuid.uuid4().hex)
+        super().__init__(*args, **kwargs)
+        self.fields["receiver"].queryset = receivers
+        self.fields["receiver"].label_from_instance = lambda member: member.user.email
+
+
+class TransferSettingsForm(forms.Form):
+    enabled = forms.BooleanField(required=False, label="Members may give allowance to each other")
+    same_team_only = forms.BooleanField(required=False, initial=True, label="Only to members of their own team")
+    max_per_period = forms.CharField(required=False, label="Most one member may give per period (tokens)",
+                                     help_text="Empty: up to their whole unused base allowance.")

@@ -57,6 +57,7 @@ MOVES = {
     Kind.ADJUSTMENT: (1, 0, 0),  # its tokens carry the sign
     Kind.ROLLOVER_OUT: (-1, 0, 0), Kind.EXPIRY: (-1, 0, 0), Kind.OVERAGE_LAPSE: (-1, 0, 0),
     Kind.HOLD: (0, 1, 0), Kind.RELEASE: (0, 0, 0), Kind.USAGE: (0, 0, 1),
+    Kind.TRANSFER_OUT: (-1, 0, 0), Kind.TRANSFER_IN: (1, 0, 0),
 }
 
 # Guards: how low the account's (alias a) available balance may go after the entry. None: no limit

@@ -15,7 +15,7 @@ from decimal import Decimal, InvalidOperation
 
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, models, transaction
 from django.utils import timezone
 
 from allowances import ledger
@@ -32,9 +32,11 @@ from allowances.models import (
     LedgerEntry,
     ModelAlias,
     PolicyAssignment,
+    Transfer,
+    TransferSettings,
 )
 from allowances.periods import next_period_start, period_bounds, period_start_for, prorate, remaining_fraction
-from allowances.selectors import assignment_in_force, members_governed_by, policy_in_force
+from allowances.selectors import assignment_in_force, members_governed_by, policy_in_force, transferable
 from portal.audit import changes, log_action
 from portal.models import Member, Organization, Team
 from portal.tenancy import unscoped
@@ -684,3 +686,97 @@ def grant_bulk(*, organization: Organization, actor, rows: list[dict], idempoten
     batch = GrantBatch.objects.create(organization=organization, filename="API request", rows=valid, created_by=actor,
                                       idempotency_key=idempotency_key or uuid.uuid4().hex)
     return grant_batch_apply(batch=batch, actor=actor)
+
+
+# -- transfers -----------------------------------------------------------------------------------
+
+
+@transaction.atomic
+def transfer_settings_save(*, organization: Organization, actor, enabled: bool, same_team_only: bool,
+                           max_per_period=None) -> TransferSettings:
+    """The organization's rules for transfers between members; a field error for a bad maximum."""
+    maximum = None if max_per_period in (None, "") else clean_tokens(max_per_period, field="max_per_period")
+    rules = TransferSettings.objects.select_for_update().filter(organization=organization).first()
+    rules = rules or TransferSettings(organization=organization)
+    cleaned = {"enabled": bool(enabled), "same_team_only": bool(same_team_only), "max_per_period": maximum}
+    diff = changes(rules, cleaned.keys(), cleaned)
+    for field, value in cleaned.items():
+        setattr(rules, field, value)
+    rules.updated_at = timezone.now()
+    rules.save()
+    if diff:
+        log_action(actor=actor, organization=organization, action="transfer_settings.updated", obj=rules, data=diff)
+    return rules
+
+
+def _transfer_receiver(organization: Organization, giver: Member, receiver, rules: TransferSettings) -> Member:
+    pk = receiver.pk if isinstance(receiver, Member) else receiver
+    try:
+        found = Member.objects.filter(organization=organization, is_active=True, pk=int(str(pk))).select_related(
+            "user", "team").first()
+    except (TypeError, ValueError):
+        found = None
+    if found is None:
+        raise ValidationError({"receiver": "Choose an active member of the organization."})
+    if found.pk == giver.pk:
+        raise ValidationError({"receiver": "You cannot give tokens to yourself."})
+    if rules.same_team_only and (giver.team_id is None or found.team_id != giver.team_id):
+        raise ValidationError({"receiver": "Transfers go to members of your own team only in this organization."})
+    return found
+
+
+def transfer_create(*, giver: Member, receiver, tokens, actor, idempotency_key: str, note: str = "") -> Transfer:
+    """Give part of `giver`'s unused base allowance to another member: one transaction that locks
+    both accounts (in id order, as every ledger write does) and posts the transfer_out and the
+    transfer_in together, or nothing. Approved overage is never given: at most the balance beyond
+    the overage it still holds (allowances.consumption). A retry with the same key returns the
+    first transfer."""
+    organization = giver.organization
+    key = str(idempotency_key or "").strip()[:100]
+    if not key:
+        raise ValidationError("A transfer needs an idempotency key (the form's token).")
+    previous = Transfer.objects.filter(organization=organization, idempotency_key=key).first()
+    if previous is not None:
+        if previous.giver_id != giver.pk:
+            raise ValidationError("This idempotency key was used for another member's transfer.")
+        return previous
+    rules = TransferSettings.objects.filter(organization=organization).first()
+    if rules is None or not rules.enabled:
+        raise ValidationError("Transfers are switched off in this organization; an administrator switches them on.")
+    tokens = clean_tokens(tokens, field="tokens")
+    receiver = _transfer_receiver(organization, giver, receiver, rules)
+    note = str(note or "").strip()[:300]
+    accounts = [account_open(member=m).pk for m in (giver, receiver)]
+    try:
+        with transaction.atomic():
+            ledger.lock(account_ids=accounts)
+            given, taken = (Account.objects.get(member=giver), Account.objects.get(member=receiver))
+            if given.period_start != taken.period_start:
+                raise ValidationError("The period is closing right now; try again in a minute.")
+            room = transferable(account=given)
+            if tokens > room:
+                raise ValidationError({"tokens": (
+                    f"You can give at most {max(room, 0):,} tokens now: what is left of your base allowance "
+                    "(approved overage and tokens held by requests in flight cannot be given).")})
+            if rules.max_per_period is not None:
+                so_far = Transfer.objects.filter(organization=organization, giver=giver,
+                                                 period_start=given.period_start).aggregate(
+                    total=models.Sum("tokens"))["total"] or 0
+                if so_far + tokens > rules.max_per_period:
+                    raise ValidationError({"tokens": (
+                        f"At most {rules.max_per_period:,} tokens may be given per period; you have given "
+                        f"{so_far:,} this period, so {max(rules.max_per_period - so_far, 0):,} more at most.")})
+            transfer = Transfer.objects.create(organization=organization, giver=giver, receiver=receiver,
+                                               tokens=tokens, period_start=given.period_start, note=note,
+                                               idempotency_key=key, created_by=actor)
+            reference = f"transfer:{transfer.pk}"
+            ledger.post(account=given, kind=Kind.TRANSFER_OUT, tokens=tokens, guard="zero", actor=actor,
+                        idempotency_key=reference, reference=reference, reason=f"given to {receiver.user.email}")
+            ledger.post(account=taken, kind=Kind.TRANSFER_IN, tokens=tokens, actor=actor, idempotency_key=reference,
+                        reference=reference, reason=f"received from {giver.user.email}")
+            log_action(actor=actor, organization=organization, action="transfer.created", obj=transfer, data={
+                "giver": giver.user.email, "receiver": receiver.user.email, "tokens": tokens,
+                "period_start": given.period_start.isoformat(), "note": note})
+    except IntegrityError:  # the same form submitted twice at once: the other submission made it
+        return Transfer.objects.get(organization=organization, idempotency_key=key)
+    return transfer

@@ -17,6 +17,8 @@ from allowances.forms import (
     ModelAliasForm,
     PolicyEditForm,
     PolicyForm,
+    TransferForm,
+    TransferSettingsForm,
 )
 from gateway.selectors import connections_of
 from portal import selectors as portal_selectors
@@ -257,3 +259,57 @@ def catalog_model_edit(request, catalog_model_id):
             messages.success(request, f"{entry.display_name} saved.")
             return redirect(org_url(request, "catalog"))
     return render(request, "allowances/catalog_edit.html", {"form": form, "entry": entry})
+
+
+def _transfer_page(request, form, status=200):
+    account = services.account_open(member=request.member)
+    return render(request, "allowances/transfers.html", {
+        "form": form, "rules": selectors.transfer_rules(organization=request.organization),
+        "transferable": selectors.transferable(account=account),
+        "mine": selectors.transfers_of(member=request.member),
+    }, status=status)
+
+
+@require_http_methods(["GET", "POST"])
+def transfer_list(request):
+    """A member gives part of their unused base allowance to a teammate, and sees what they gave and got."""
+    receivers = selectors.transfer_receivers(member=request.member)
+    form = TransferForm(request.POST if request.method == "POST" else None, receivers=receivers)
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        try:
+            transfer = services.transfer_create(giver=request.member, receiver=data["receiver"], tokens=data["tokens"],
+                                                note=data["note"], idempotency_key=data["idempotency_key"],
+                                                actor=request.user)
+        except ValidationError as error:
+            apply_service_error(form, error)
+        else:
+            messages.success(request, f"{transfer.tokens:,} tokens given to {transfer.receiver.user.email}.")
+            return redirect(org_url(request, "transfer_list"))
+    return _transfer_page(request, form, status=400 if form.errors else 200)
+
+
+@require_roles("hr")
+@require_GET
+def transfer_report(request):
+    period = services.account_open(member=request.member).period_start
+    return render(request, "allowances/transfer_report.html", {
+        "report": selectors.transfer_report(organization=request.organization, period=period), "period": period})
+
+
+@require_roles("admin")
+@require_http_methods(["GET", "POST"])
+def transfer_settings(request):
+    rules = selectors.transfer_rules(organization=request.organization)
+    form = TransferSettingsForm(request.POST if request.method == "POST" else None, initial={
+        "enabled": rules.enabled, "same_team_only": rules.same_team_only, "max_per_period": rules.max_per_period})
+    if request.method == "POST" and form.is_valid():
+        try:
+            services.transfer_settings_save(organization=request.organization, actor=request.user, **form.cleaned_data)
+        except ValidationError as error:
+            apply_service_error(form, error)
+        else:
+            messages.success(request, "Transfer rules saved.")
+            return redirect(org_url(request, "transfer_settings"))
+    return render(request, "allowances/transfer_settings.html", {"form": form},
+                  status=400 if form.errors else 200)

@@ -87,7 +87,8 @@ def seed_identity_objects(organization, *, label: str, members):
 def seed_governance_objects(organization, *, members, api_key):
     """One of each spend-governance object: the breaker's settings (no limit set, made through the
     service), a trip of the fixture key's breaker already resumed (a row: tripping pauses keys),
-    and the employee's normal hour (from too few hours to count)."""
+    the employee's normal hour (from too few hours to count) and the transfer rules (off). No
+    transfer: it would move the fixture accounts' balances."""
     from gateway.models import BreakerTrip, SpendNormal
 
     breaker_settings = gateway_services.breaker_settings_save(organization=organization, actor=members["admin"].user)
@@ -96,7 +97,10 @@ def seed_governance_objects(organization, *, members, api_key):
         window="minute", rate=2_000, limit=1_000, resumed_at=timezone.now(), resumed_by=members["admin"].user)
     spend_normal = SpendNormal.objects.create(organization=organization, member=members["employee"],
                                               p95_hour_tokens=100, active_hours=1)
-    return {"breaker_settings": breaker_settings, "breaker_trip": breaker_trip, "spend_normal": spend_normal}
+    transfer_settings = allowance_services.transfer_settings_save(organization=organization, actor=None,
+                                                                  enabled=False, same_team_only=True)
+    return {"breaker_settings": breaker_settings, "breaker_trip": breaker_trip, "spend_normal": spend_normal,
+            "transfer_settings": transfer_settings}
 
 
 def seed_allowance_objects(organization, *, team, members):

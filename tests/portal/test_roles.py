@@ -58,6 +58,10 @@ EXPECTED = {
     # The spend-velocity breaker: its limits and its trips are the admins'.
     "breaker_settings": ADMINS,
     "breaker_trip_resume": ADMINS,  # POST-only
+    # Transfers: every member gives to teammates; HR reads the report; admins set the rules.
+    "transfer_list": EVERYONE,
+    "transfer_report": PEOPLE,
+    "transfer_settings": ADMINS,
     # Gateway: admins own the provider connections; every member sees their own usage (HR: everyone's).
     "provider_list": ADMINS,
     "provider_edit": ADMINS,
@@ -135,6 +139,9 @@ NAV_LINKS = {
     "Approvals": "approval_queue",
     "Overage": "approval_settings",
     "Breaker": "breaker_settings",
+    "Transfers": "transfer_list",
+    "Transfer report": "transfer_report",
+    "Transfer rules": "transfer_settings",
 }
 
 
