@@ -178,3 +178,29 @@ def test_the_rules_page_saves_with_field_errors(teammates, login):
     with pytest.raises(ValidationError) as raised:
         give(teammates, 10)
     assert "switched off" in " ".join(raised.value.messages)
+
+
+def test_transferred_tokens_roll_over_as_base_allowance_and_a_second_close_changes_nothing():
+    from datetime import date, timedelta
+
+    from allowances.periods import next_period_start
+    from tests.allowances.test_closing import begin_of, build_org, close, ledger_snapshot, stored, use
+
+    period = date(2026, 10, 1)
+    org = build_org("UTC", period, members=2, rollover_rule="all")
+    giver, receiver = org.members
+    with scope(org.organization):
+        allowance_services.transfer_settings_save(organization=org.organization, actor=org.actor, enabled=True,
+                                                  same_team_only=True)
+        allowance_services.transfer_create(giver=giver, receiver=receiver, tokens=300_000, actor=giver.user,
+                                           idempotency_key="before-the-close")
+    use(org.accounts[1], 1_200_000, "spent-the-gift")  # more than their own 1,000,000: not billable, it was given
+    at = begin_of("UTC", next_period_start(period)) + timedelta(hours=1)
+    close(at, org.organization)
+    first = ledger_snapshot(org.organization)
+    close(at, org.organization)
+    assert ledger_snapshot(org.organization) == first
+    # Everything unused rolls over: the giver's 700,000 and the receiver's 100,000, each on top of the new month.
+    assert [stored(account).available for account in org.accounts] == [1_700_000, 1_100_000]
+    with scope(org.organization):
+        assert billable_overage(organization=org.organization, period=period) == []
