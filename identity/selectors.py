@@ -7,7 +7,7 @@ are deliberately unscoped: they read only what a login needs.
 
 from __future__ import annotations
 
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 
 from identity.models import EmailDomain, IdentityProvider, ScimToken
 from portal.models import Member, Organization, User
@@ -61,6 +61,23 @@ def email_is_organizations(*, organization: Organization, email: str) -> bool:
     provider or directory vouch for the address (link, create or provision an account with it)."""
     verified = verified_organization_for(email)
     return verified is not None and verified.pk == organization.pk
+
+
+def email_link_refusal(*, user: User, organization: Organization) -> str | None:
+    """Why an identity provider of `organization` may not take over `user`'s existing account by
+    the email address it asserts, or None. An organization's admins choose its identity provider, so
+    its assertion is trusted only for an account that has nothing beyond an ordinary membership of
+    that one organization: not platform staff, not an owner or admin anywhere, not a member of any
+    other organization. Those link from their own logged-in session (a "connect" login)."""
+    if user.is_staff or user.is_superuser:
+        return "This account is a platform administrator's."
+    with unscoped():
+        memberships = Member.objects.filter(user=user)
+        if memberships.exclude(organization=organization).exists():
+            return "This account is a member of another organization too."
+        if memberships.filter(Q(is_owner=True) | Q(is_admin=True)).exists():
+            return "This account is an owner or an admin."
+    return None
 
 
 def password_login_refusal(user: User) -> str | None:

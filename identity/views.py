@@ -135,8 +135,12 @@ def identity_provider_test(request):
 def identity_provider_delete(request):
     provider = selectors.identity_provider_of(organization=request.organization)
     if provider is not None:
-        services.identity_provider_delete(provider=provider, actor=request.user)
-        messages.success(request, "Identity provider removed: members log in with passwords again.")
+        try:
+            services.identity_provider_delete(provider=provider, actor=request.user)
+        except ValidationError as error:
+            messages.error(request, " ".join(error.messages))
+        else:
+            messages.success(request, "Identity provider removed: members log in with passwords again.")
     return redirect(org_url(request, "identity_settings"))
 
 
