@@ -1,4 +1,4 @@
-from django.urls import path
+from django.urls import include, path, re_path
 
 from identity import views
 
@@ -15,8 +15,14 @@ organization_patterns = [
          name="scim_token_revoke"),
 ]
 
-# Under /accounts/: logging in with a company account.
+# Under /accounts/: logging in with a company account; django-allauth's SAML views that read what
+# an identity provider sends, ahead of allauth's own routes (same paths, allauth's URL names).
 login_patterns = [
     path("company/", views.sso_start, name="sso_start"),
     path("company/route/", views.sso_route, name="sso_route"),
+    re_path(r"^saml/(?P<organization_slug>[^/]+)/", include([
+        path("acs/finish/", views.saml_finish_acs),
+        path("login/", views.saml_login),
+        path("metadata/", views.saml_metadata),
+    ])),
 ]

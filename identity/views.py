@@ -2,12 +2,20 @@
 page where an owner or admin configures the identity provider, tests it, verifies email domains
 and issues the directory's SCIM tokens."""
 
+import http.client
+import logging
+from functools import wraps
+
+from allauth.socialaccount.providers.saml import views as saml_views
 from django.contrib import messages
 from django.core.exceptions import ValidationError
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from lxml import etree
+from onelogin.saml2 import xmlparser
+from onelogin.saml2.errors import OneLogin_Saml2_Error, OneLogin_Saml2_ValidationError
 
 from identity import selectors, services
 from identity.adapter import ALLAUTH_PROVIDER
@@ -18,6 +26,9 @@ from portal.forms import apply_service_error
 from portal.models import Member
 from portal.tenancy import require_roles
 from portal.views import org_url
+
+
+log = logging.getLogger(__name__)
 
 
 def login_url(provider: IdentityProvider) -> str:
@@ -31,6 +42,37 @@ def _company_login(request, email: str):
     provider = selectors.provider_for_email(email)
     return {"provider": provider, "provider_login_url": login_url(provider) if provider else None,
             "next": request.GET.get("next", "")}
+
+
+# What python3-saml raises, beyond what django-allauth's SAML views handle, on XML it will not read
+# (malformed, a DTD or entities) and on an identity provider's metadata URL it cannot fetch.
+SAML_UNREADABLE = (etree.LxmlError, xmlparser.DTDForbidden, xmlparser.EntitiesForbidden, xmlparser.NotSupportedError,
+                   OneLogin_Saml2_Error, OneLogin_Saml2_ValidationError)
+METADATA_UNREACHABLE = (OSError, http.client.HTTPException)  # urllib's URLError and HTTPError are OSErrors
+
+
+def _saml_failures_refused(view):
+    """django-allauth's SAML view, with what it lets through answered as a 400 page saying why."""
+    def refused(request, organization_slug, error, reason):
+        log.warning("SAML request of %s refused: %r", organization_slug, error)
+        return render(request, "identity/sso_refused.html", {"reason": reason, "provider": None}, status=400)
+
+    @wraps(view)
+    def wrapped(request, *args, organization_slug, **kwargs):
+        try:
+            return view(request, *args, organization_slug=organization_slug, **kwargs)
+        except METADATA_UNREACHABLE as error:
+            return refused(request, organization_slug, error, "The identity provider's SAML metadata could not be "
+                           "fetched; try again later, or ask your administrator to check its metadata URL.")
+        except SAML_UNREADABLE as error:
+            return refused(request, organization_slug, error, "The identity provider's SAML message could not be "
+                           "read; nothing was logged in.")
+    return wrapped
+
+
+saml_finish_acs = _saml_failures_refused(saml_views.finish_acs)
+saml_login = _saml_failures_refused(saml_views.login)
+saml_metadata = _saml_failures_refused(saml_views.metadata)
 
 
 @require_GET
