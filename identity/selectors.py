@@ -80,23 +80,39 @@ def email_link_refusal(*, user: User, organization: Organization) -> str | None:
     return None
 
 
-def password_login_refusal(user: User) -> str | None:
-    """Why `user` may not log in with a password, or None: an organization they are an active member
-    of requires single sign-on, and they are not its break-glass owner."""
+def organization_session_refusal(*, member: Member, signed_in_through: int | None) -> str | None:
+    """Why a session may not use `member`'s organization, or None: the organization requires single
+    sign-on and the session was not signed in through its identity provider (`signed_in_through`,
+    the organization a login through an identity provider names), unless `member` is its break-glass
+    owner, still an active owner. The one rule of "single sign-on required", checked wherever a
+    session acts in an organization (pages and the REST API); API keys are not sessions."""
+    organization = member.organization
+    if signed_in_through == organization.pk:
+        return None
     with unscoped():
-        memberships = Member.objects.filter(user=user, is_active=True).values_list("pk", "organization_id")
-        required = {provider.organization_id: provider for provider in IdentityProvider.objects.filter(
-            sso_required=True, organization_id__in=[org for _pk, org in memberships]).select_related("organization")}
-    for member_id, organization_id in memberships:
-        provider = required.get(organization_id)
-        if provider is not None and provider.break_glass_member_id != member_id:
-            return (f"{provider.organization.name} requires single sign-on: continue with your company account "
-                    f"({provider.name}) instead of a password.")
-    return None
+        provider = IdentityProvider.objects.filter(organization=organization, sso_required=True).first()
+    if provider is None:
+        return None
+    if provider.break_glass_member_id == member.pk and member.is_owner and member.is_active:
+        return None
+    return (f"{organization.name} requires single sign-on: continue with your company account ({provider.name}) "
+            "to use it.")
+
+
+def password_login_refusal(user: User) -> str | None:
+    """Why `user` may not log in with a password, or None: every organization they are an active
+    member of refuses a password session (organization_session_refusal). A password session that
+    some of their organizations refuse is refused there only."""
+    with unscoped():
+        memberships = list(Member.objects.filter(user=user, is_active=True).select_related("organization"))
+    refusals = [organization_session_refusal(member=member, signed_in_through=None) for member in memberships]
+    return refusals[0] if refusals and all(refusals) else None
 
 
 def identity_provider_of(*, organization: Organization) -> IdentityProvider | None:
-    return IdentityProvider.objects.filter(organization=organization).first()
+    """The organization's identity provider; read also before a session may enter its scope."""
+    with unscoped():
+        return IdentityProvider.objects.select_related("organization").filter(organization=organization).first()
 
 
 def email_domain_list(*, organization: Organization) -> QuerySet[EmailDomain]:

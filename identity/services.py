@@ -30,7 +30,6 @@ from identity.models import EmailDomain, IdentityProvider, ScimToken, cipher
 from identity.selectors import email_is_organizations, email_link_refusal
 from portal.audit import changes, log_action
 from portal.models import Member, Organization, User
-from portal.services import organization_password_sessions_end
 from portal.tenancy import ROLES, scope
 
 SCIM_TOKEN = SecretFormat(prefix="tas_", what="SCIM token")
@@ -187,8 +186,7 @@ def _social_accounts_unlink(organization: Organization) -> int:
 def identity_provider_save(*, organization: Organization, actor: User, client_secret: str | None = None,
                            **data) -> IdentityProvider:
     """Configure the organization's identity provider (create or change it). A changed connection
-    must be tested again; requiring single sign-on ends the password sessions of the members who
-    must now use it (everyone but the break-glass owner)."""
+    must be tested again, and forgets the accounts the old one linked; only an owner may change it."""
     existing = IdentityProvider.objects.select_for_update().filter(organization=organization).first()
     cleaned = _clean_provider(organization=organization, actor=actor, data=data, client_secret=client_secret,
                               existing=existing)
@@ -215,9 +213,10 @@ def identity_provider_save(*, organization: Organization, actor: User, client_se
         log_action(actor=actor, organization=organization, obj=provider, data=diff,
                    action="identity_provider.created" if existing is None else "identity_provider.updated")
     if provider.sso_required and not was_required:
-        ended = organization_password_sessions_end(organization=organization, except_member=provider.break_glass_member)
+        # From the next request, the organization refuses sessions not signed in through the provider
+        # (selectors.organization_session_refusal); they stay for the members' other organizations.
         log_action(actor=actor, organization=organization, action="identity_provider.sso_required", obj=provider,
-                   data={"break_glass": provider.break_glass_member.user.email, "password_sessions_ended": ended})
+                   data={"break_glass": provider.break_glass_member.user.email})
     return provider
 
 

@@ -328,13 +328,3 @@ def user_sessions_end(*, user: User, organization: Organization | None = None) -
             organization=organization).exists():
         return _sessions_end([user.pk])
     return _sessions_end([user.pk], ends=lambda data: data.get(SIGNED_IN_THROUGH) == organization.pk)
-
-
-def organization_password_sessions_end(*, organization: Organization, except_member: Member | None) -> int:
-    """End the sessions of the organization's active members that were not signed in through its
-    identity provider (it now requires single sign-on), but for `except_member`'s (break-glass)."""
-    members = Member.all_objects.filter(organization=organization, is_active=True)
-    if except_member is not None:
-        members = members.exclude(pk=except_member.pk)
-    return _sessions_end(members.values_list("user_id", flat=True),
-                         ends=lambda data: data.get(SIGNED_IN_THROUGH) != organization.pk)
