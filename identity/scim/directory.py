@@ -3,8 +3,8 @@ the changes it provisions, made through the portal's own services so every rule 
 apply as on the pages: creating, replacing, patching, deactivating and deleting members, and teams
 with their members.
 
-A member deleted by the directory is deactivated (their keys revoked too), never removed: their
-ledger stays. A group deleted is emptied and no longer listed; the team stays, for its history.
+A member deleted by the directory is deactivated (losing what every leaver loses), never removed:
+their ledger stays. A group deleted is emptied and no longer listed; the team stays, for its history.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from scim2_models import (
     User,
 )
 
-from apikeys.services import api_key_revoke
 from identity.models import DirectoryEntry, IdentityProvider
 from identity.selectors import email_is_organizations
 from portal import services as portal_services
@@ -180,12 +179,15 @@ def user_replace(*, member: Member, actor_member: Member, resource: User, via: s
 
 @transaction.atomic
 def user_delete(*, member: Member, actor_member: Member, via: str) -> None:
-    """Deprovision: deactivated (access ended at once), keys revoked, no longer listed; the ledger stays."""
+    """Deprovision: deactivated, losing what every leaver loses (portal.services.member_access_end),
+    no longer listed; the ledger stays."""
     if member.is_active:
         _service(lambda: portal_services.member_update(member=member, actor_member=actor_member, team=member.team,
                                                        is_active=False, via=via))
-    for key in member.api_keys.filter(revoked_at__isnull=True):
-        api_key_revoke(key=key, actor=actor_member.user)
+    else:  # deactivated before: the leaver rule again, for what it left (a key of an older rule)
+        log_action(actor=actor_member.user, organization=member.organization, action="member.access_ended",
+                   obj=member, data=portal_services.member_access_end(member=member, actor=actor_member.user)
+                   | {"via": via})
     entry = _entry(member, member=member)
     entry.deleted_at = timezone.now()
     entry.save(update_fields=["deleted_at"])
