@@ -7,6 +7,8 @@ are deliberately unscoped: they read only what a login needs.
 
 from __future__ import annotations
 
+from django.core.exceptions import ValidationError
+from django.core.validators import validate_email
 from django.db.models import Q, QuerySet
 
 from identity.models import EmailDomain, IdentityProvider, ScimToken
@@ -59,6 +61,10 @@ def providers(*, kind: str | None = None, slug: str | None = None) -> list[Ident
 def email_is_organizations(*, organization: Organization, email: str) -> bool:
     """Whether `email` is in a domain `organization` has verified: only then may its identity
     provider or directory vouch for the address (link, create or provision an account with it)."""
+    try:
+        validate_email(email)  # one address: "x@y@a.example" is not one of a.example's
+    except ValidationError:
+        return False
     verified = verified_organization_for(email)
     return verified is not None and verified.pk == organization.pk
 
