@@ -188,8 +188,8 @@ def session_refusal(request, member) -> str | None:
     from portal.services import SIGNED_IN_THROUGH
 
     session = getattr(request, "session", None)  # none: signed in through no identity provider
-    return organization_session_refusal(member=member,
-                                        signed_in_through=session.get(SIGNED_IN_THROUGH) if session is not None else None)
+    signed_in_through = session.get(SIGNED_IN_THROUGH) if session is not None else None
+    return organization_session_refusal(member=member, signed_in_through=signed_in_through)
 
 
 def activate(request, member) -> None:

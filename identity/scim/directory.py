@@ -145,7 +145,8 @@ def _adopt(user: Account, email: str) -> None:
     user.save(update_fields=["password"])
     portal_services.user_sessions_end(user=user)
     if address is None:
-        EmailAddress.objects.create(user=user, email=email, verified=True, primary=not EmailAddress.objects.filter(user=user).exists())
+        primary = not EmailAddress.objects.filter(user=user).exists()
+        EmailAddress.objects.create(user=user, email=email, verified=True, primary=primary)
     else:
         address.verified = True
         address.save(update_fields=["verified"])

@@ -1,7 +1,8 @@
 """A member deprovisioned by the directory loses access at once, served as in production (uvicorn,
 the gateway and the SCIM API on one server): their key is revoked and fails at the gateway on the
-very next request (and stays revoked if they are made active again), their sessions end, their open holds are released, and the allowance left on their
-account follows the organization's rule for leavers; the ledger is kept."""
+very next request (and stays revoked if they are made active again), their sessions end, their open
+holds are released, and the allowance left on their account follows the organization's rule for
+leavers; the ledger is kept."""
 
 import json
 

@@ -52,7 +52,8 @@ def test_an_assertion_is_not_linked_to_an_account_it_must_not_take_over(client, 
 
 def test_an_ordinary_member_is_linked_by_email_and_audited(client, org_a, saml_idp):
     employee = org_a.members["employee"]
-    assert post_to_acs(client, saml_idp.answer(start_login(client, org_a), email=employee.user.email)).status_code == 302
+    form = saml_idp.answer(start_login(client, org_a), email=employee.user.email)
+    assert post_to_acs(client, form).status_code == 302
     assert client.session["_auth_user_id"] == str(employee.user.pk)
     assert list(linked(org_a).values_list("user_id", flat=True)) == [employee.user.pk]
     assert [entry["email"] for entry in audited(org_a, "sso.account_linked")] == [employee.user.email]

@@ -96,6 +96,6 @@ def test_an_invitation_accepted_with_a_password_does_not_open_an_organization_th
     require_sso(org_b)
     client = Client()
     response = client.post(f"/invitations/{org_b.invitation_token}/", {
-        "first_name": "New", "last_name": "Comer", "password1": "a-long-passphrase-9", "password2": "a-long-passphrase-9"},
-        follow=True)
+        "first_name": "New", "last_name": "Comer", "password1": "a-long-passphrase-9",
+        "password2": "a-long-passphrase-9"}, follow=True)
     assert response.status_code == 403 and "requires single sign-on" in response.content.decode()
