@@ -15,8 +15,8 @@ organization_patterns = [
          name="scim_token_revoke"),
 ]
 
-# Under /accounts/: logging in with a company account; django-allauth's SAML views that read what
-# an identity provider sends, ahead of allauth's own routes (same paths, allauth's URL names).
+# Under /accounts/: logging in with a company account; django-allauth's SAML and OpenID Connect
+# views, ahead of allauth's own routes (same paths; reversed by allauth's URL names).
 login_patterns = [
     path("company/", views.sso_start, name="sso_start"),
     path("company/route/", views.sso_route, name="sso_route"),
@@ -24,5 +24,9 @@ login_patterns = [
         path("acs/finish/", views.saml_finish_acs),
         path("login/", views.saml_login),
         path("metadata/", views.saml_metadata),
+    ])),
+    re_path(r"^oidc/(?P<provider_id>[^/]+)/", include([
+        path("login/", views.oidc_login),
+        path("login/callback/", views.oidc_callback),
     ])),
 ]

@@ -6,6 +6,8 @@ import http.client
 import logging
 from functools import wraps
 
+import requests
+from allauth.socialaccount.providers.openid_connect import views as oidc_views
 from allauth.socialaccount.providers.saml import views as saml_views
 from django.contrib import messages
 from django.core.exceptions import ValidationError
@@ -45,43 +47,38 @@ def _company_login(request, email: str):
 
 
 # What python3-saml raises, beyond what django-allauth's SAML views handle, on XML it will not read
-# (malformed, a DTD or entities) and on an identity provider's metadata URL it cannot fetch.
+# (malformed, a DTD or entities); and what fetching an identity provider's SAML metadata or OpenID
+# Connect discovery document raises when it cannot be had (urllib's URLError is an OSError).
 SAML_UNREADABLE = (etree.LxmlError, xmlparser.DTDForbidden, xmlparser.EntitiesForbidden, xmlparser.NotSupportedError,
                    OneLogin_Saml2_Error, OneLogin_Saml2_ValidationError)
-METADATA_UNREACHABLE = (OSError, http.client.HTTPException)  # urllib's URLError and HTTPError are OSErrors
+PROVIDER_UNREACHABLE = (OSError, http.client.HTTPException, requests.RequestException)
+UNREACHABLE = ("The identity provider could not be reached (its metadata or discovery document could not be "
+               "fetched); try again later, or ask your administrator to check its settings.")
 
 
-def _saml_failures_refused(view):
-    """django-allauth's SAML view, with what it lets through answered as a 400 page saying why."""
-    def refused(request, organization_slug, error, reason):
-        log.warning("SAML request of %s refused: %r", organization_slug, error)
+def _failures_refused(view, org_kwarg: str):
+    """django-allauth's login view, with what it lets through answered as a 400 page saying why."""
+    def refused(request, kwargs, error, reason):
+        log.warning("Single sign-on request of %s refused: %r", kwargs.get(org_kwarg), error)
         return render(request, "identity/sso_refused.html", {"reason": reason, "provider": None}, status=400)
 
     @wraps(view)
-    def wrapped(request, *args, organization_slug, **kwargs):
+    def wrapped(request, *args, **kwargs):
         try:
-            return view(request, *args, organization_slug=organization_slug, **kwargs)
-        except METADATA_UNREACHABLE as error:
-            return refused(request, organization_slug, error, "The identity provider's SAML metadata could not be "
-                           "fetched; try again later, or ask your administrator to check its metadata URL.")
+            return view(request, *args, **kwargs)
+        except PROVIDER_UNREACHABLE as error:
+            return refused(request, kwargs, error, UNREACHABLE)
         except SAML_UNREADABLE as error:
-            return refused(request, organization_slug, error, "The identity provider's SAML message could not be "
-                           "read; nothing was logged in.")
+            return refused(request, kwargs, error, "The identity provider's SAML message could not be read; nothing "
+                                                   "was logged in.")
     return wrapped
 
 
-saml_finish_acs = _saml_failures_refused(saml_views.finish_acs)
-saml_login = _saml_failures_refused(saml_views.login)
-saml_metadata = _saml_failures_refused(saml_views.metadata)
-
-
-def sso_required(request, *, member, reason: str):
-    """The page a session gets in an organization that requires single sign-on it did not use: the
-    way in is the organization's identity provider, back to the page asked for."""
-    provider = selectors.identity_provider_of(organization=member.organization)
-    return render(request, "identity/sso_required.html", {
-        "reason": reason, "provider": provider, "provider_login_url": login_url(provider),
-        "next": request.get_full_path()}, status=403)
+saml_finish_acs = _failures_refused(saml_views.finish_acs, "organization_slug")
+saml_login = _failures_refused(saml_views.login, "organization_slug")
+saml_metadata = _failures_refused(saml_views.metadata, "organization_slug")
+oidc_login = _failures_refused(oidc_views.login, "provider_id")
+oidc_callback = _failures_refused(oidc_views.callback, "provider_id")
 
 
 @require_GET

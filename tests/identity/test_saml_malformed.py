@@ -1,7 +1,7 @@
 """The SAML endpoints anyone can post to never fail on the server: a SAMLResponse that is not base64,
 not XML, XML with a DTD or entities, or XML that is no SAML response is refused with a 4xx page and
-logs no one in; an identity provider whose metadata URL cannot be read makes its login and the
-portal's metadata page a 4xx saying so, not a 500."""
+logs no one in; an identity provider whose metadata URL (or OpenID Connect discovery document)
+cannot be read makes its login and the portal's metadata page a 4xx saying so, not a 500."""
 
 import base64
 
@@ -49,3 +49,9 @@ def test_unreadable_metadata_makes_the_login_and_metadata_pages_a_4xx(client, or
     metadata = client.get(f"/accounts/saml/{org_a.slug}/metadata/")
     assert metadata.status_code == 400
     assert "_auth_user_id" not in client.session
+
+
+def test_an_unreachable_openid_connect_provider_makes_its_login_a_4xx(client, org_a):
+    # The fixture's provider is at https://idp.a.example/, a name that does not resolve.
+    login = client.post(f"/accounts/oidc/{org_a.slug}-oidc/login/", {"process": "login"})
+    assert login.status_code == 400 and b"could not be reached" in login.content
