@@ -112,7 +112,8 @@ class SocialAccountAdapter(DefaultSocialAccountAdapter):
             user = sociallogin.user
         else:  # an account with the address (allauth's lookup found it: it is about to be linked), or none
             user = sociallogin.user if sociallogin.is_existing else None
-            by_email = user is not None
+            # Logged in as that very account already (e.g. with its password), it links its own.
+            by_email = user is not None and user.pk != request.user.pk
         try:
             services.sso_login_check(provider=identity_provider, email=email, user=user, by_email=by_email)
         except services.SsoRefused as refused:

@@ -1,5 +1,5 @@
 """Reads for company identity: which identity provider an email address logs in with, whether a
-password login is refused, an organization's identity settings.
+session may use an organization (single sign-on required), an organization's identity settings.
 
 Login happens before any organization is known, so the look-ups by email address and by provider
 are deliberately unscoped: they read only what a login needs.
@@ -103,16 +103,6 @@ def organization_session_refusal(*, member: Member, signed_in_through: int | Non
         return None
     return (f"{organization.name} requires single sign-on: continue with your company account ({provider.name}) "
             "to use it.")
-
-
-def password_login_refusal(user: User) -> str | None:
-    """Why `user` may not log in with a password, or None: every organization they are an active
-    member of refuses a password session (organization_session_refusal). A password session that
-    some of their organizations refuse is refused there only."""
-    with unscoped():
-        memberships = list(Member.objects.filter(user=user, is_active=True).select_related("organization"))
-    refusals = [organization_session_refusal(member=member, signed_in_through=None) for member in memberships]
-    return refusals[0] if refusals and all(refusals) else None
 
 
 def identity_provider_of(*, organization: Organization) -> IdentityProvider | None:

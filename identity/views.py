@@ -81,6 +81,15 @@ oidc_login = _failures_refused(oidc_views.login, "provider_id")
 oidc_callback = _failures_refused(oidc_views.callback, "provider_id")
 
 
+def sso_required(request, *, member, reason: str):
+    """The page a session gets in an organization that requires single sign-on it did not use: the
+    way in is the organization's identity provider, back to the page asked for."""
+    provider = selectors.identity_provider_of(organization=member.organization)
+    return render(request, "identity/sso_required.html", {
+        "reason": reason, "provider": provider, "provider_login_url": login_url(provider),
+        "next": request.get_full_path()}, status=403)
+
+
 @require_GET
 def sso_route(request):
     """The login page's fragment, fetched as the email is typed: a "continue with your company

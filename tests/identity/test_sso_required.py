@@ -2,10 +2,12 @@
 and the REST API): a session not signed in through that organization's identity provider gets a
 page offering it (403 on the API), whatever login made it (a password, another organization's
 identity provider, an invitation accepted); API keys are not sessions and keep working. A password
-login is refused only when every organization of the person would refuse it; the break-glass owner
-is exempt only while an active owner."""
+login is refused by that organization only, not for the person's others; the break-glass owner is
+exempt only while an active owner. An owner or admin, whose account a provider does not link by
+email, links it from their own password session."""
 
 import pytest
+from allauth.socialaccount.models import SocialAccount
 from django.test import Client
 from django.utils import timezone
 
@@ -14,6 +16,7 @@ from portal.models import Member
 from portal.services import SIGNED_IN_THROUGH
 from portal.tenancy import unscoped
 from tests.factories import PASSWORD, MemberFactory
+from tests.identity.test_saml_login import client, post_to_acs, saml_idp, start_login  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.django_db
 
@@ -70,16 +73,15 @@ def test_api_keys_are_not_sessions(client, org_b, in_both):
     assert response.status_code == 200
 
 
-def test_a_password_login_is_refused_only_when_every_organization_refuses_it(org_a, org_b, in_both):
-    # In A too: the password login goes on (A allows it); B refuses the session.
+@pytest.mark.parametrize("also_in_a", [True, False])
+def test_a_password_login_is_refused_by_the_organization_that_requires_sso_only(org_a, org_b, in_both, also_in_a):
+    person = in_both if also_in_a else org_b.members["hr"]
     client = Client()
-    assert client.post("/accounts/login/", {"login": in_both.user.email, "password": PASSWORD}).status_code == 302
-    assert client.get(f"/o/{org_a.slug}/").status_code == 200
-    assert client.get(f"/o/{org_b.slug}/").status_code == 403
-    # Only in B: refused at the form, saying why.
-    only_b = org_b.members["hr"]
-    refused = Client().post("/accounts/login/", {"login": only_b.user.email, "password": PASSWORD})
-    assert refused.status_code == 200 and "requires single sign-on" in refused.content.decode()
+    assert client.post("/accounts/login/", {"login": person.user.email, "password": PASSWORD}).status_code == 302
+    if also_in_a:
+        assert client.get(f"/o/{org_a.slug}/").status_code == 200
+    refused = client.get(f"/o/{org_b.slug}/")
+    assert refused.status_code == 403 and "requires single sign-on" in refused.content.decode()
 
 
 def test_the_break_glass_owner_is_exempt_only_while_an_active_owner(org_b):
@@ -99,3 +101,14 @@ def test_an_invitation_accepted_with_a_password_does_not_open_an_organization_th
         "first_name": "New", "last_name": "Comer", "password1": "a-long-passphrase-9",
         "password2": "a-long-passphrase-9"}, follow=True)
     assert response.status_code == 403 and "requires single sign-on" in response.content.decode()
+
+
+def test_an_admin_links_their_company_account_from_their_password_session(client, org_a, saml_idp):
+    require_sso(org_a)
+    admin = org_a.members["admin"]
+    client.force_login(admin.user, backend="django.contrib.auth.backends.ModelBackend")
+    assert client.get(f"/o/{org_a.slug}/").status_code == 403
+    post_to_acs(client, saml_idp.answer(start_login(client, org_a), email=admin.user.email))
+    assert client.session["_auth_user_id"] == str(admin.user.pk)
+    assert client.get(f"/o/{org_a.slug}/").status_code == 200
+    assert SocialAccount.objects.filter(provider=f"{org_a.slug}-saml", user=admin.user).exists()
