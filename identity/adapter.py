@@ -4,8 +4,9 @@ The providers are allauth's own (`openid_connect`, `saml`); their apps are built
 organizations' IdentityProvider rows (the client secret decrypted only here), never stored as
 allauth SocialApp rows. An identity provider vouches only for the addresses in its organization's
 verified email domains: only those are taken as verified, linked to an existing account by email
-address, or given a new account; and a login must be one the organization allows
-(identity.services.sso_login_check).
+address (an ordinary account of that organization only; others link from their own logged-in
+session, a "connect" login), or given a new account; and a login must be one the organization
+allows (identity.services.sso_login_check). Every refusal is in the organization's audit log.
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ def identity_provider_of(sociallogin_or_provider) -> IdentityProvider | None:
     return selectors.provider_by_id(provider.app.provider_id) if provider.app else None
 
 
-def refuse(request, provider: IdentityProvider | None, reason: str):
+def refuse(request, provider: IdentityProvider | None, reason: str, *, email: str = "", user=None):
+    """Stop the login on a page saying why; recorded in the organization's audit log."""
+    if provider is not None:
+        services.sso_refusal_record(provider=provider, email=email, user=user, reason=reason)
     raise ImmediateHttpResponse(render(request, "identity/sso_refused.html",
                                        {"reason": reason, "provider": provider}, status=403))
 
@@ -94,16 +98,23 @@ class SocialAccountAdapter(DefaultSocialAccountAdapter):
         identity_provider = identity_provider_of(sociallogin)
         if identity_provider is None:
             refuse(request, None, "This identity provider is no longer configured.")
-        if sociallogin.state.get("process") == AuthProcess.CONNECT:
-            refuse(request, identity_provider, "Company accounts are linked at login, not from the account pages.")
         email = next((address.email for address in sociallogin.email_addresses
                       if self.is_email_verified(sociallogin.provider, address.email)),
                      sociallogin.user.email if sociallogin.user else "")
-        user = sociallogin.user if sociallogin.is_existing else None
-        if user is None:
-            found = self.authenticate_by_email(sociallogin)
-            user = found[0] if found else None
+        by_email = False
+        if sociallogin.state.get("process") == AuthProcess.CONNECT:
+            # Linking from one's own logged-in session: the provider must name that very account.
+            user = request.user if request.user.is_authenticated else None
+            if user is None or user.email.lower() != email.lower():
+                refuse(request, identity_provider, f"{identity_provider.name} signed you in as {email or 'nobody'}: "
+                       "log in to that account first to link it.", email=email, user=user)
+        elif sociallogin.account.pk is not None:  # the provider's subject is linked to an account
+            user = sociallogin.user
+        else:  # an account with the address (allauth's lookup found it: it is about to be linked), or none
+            user = sociallogin.user if sociallogin.is_existing else None
+            # Logged in as that very account already (e.g. with its password), it links its own.
+            by_email = user is not None and user.pk != request.user.pk
         try:
-            services.sso_login_check(provider=identity_provider, email=email, user=user)
+            services.sso_login_check(provider=identity_provider, email=email, user=user, by_email=by_email)
         except services.SsoRefused as refused:
-            refuse(request, identity_provider, str(refused))
+            refuse(request, identity_provider, str(refused), email=email, user=user)

@@ -1,17 +1,15 @@
 from allauth.account.forms import LoginForm as AllauthLoginForm
 from django import forms
-from django.core.exceptions import ValidationError
 from django.urls import reverse
-from django.utils.html import format_html
 
-from identity import selectors
 from identity.models import ROLE_CHOICES, IdentityProvider
 
 
 class LoginForm(AllauthLoginForm):
     """allauth's login form; the email field asks, as it is typed, whether the address logs in with
-    a company account (htmx), and a password login that an organization's SSO rule forbids is refused
-    saying so."""
+    a company account (htmx). An organization that requires single sign-on refuses a password
+    session when it is used there (identity.selectors.organization_session_refusal), not here: a
+    person's other organizations may take it."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -19,16 +17,6 @@ class LoginForm(AllauthLoginForm):
             "hx-get": reverse("sso_route"), "hx-trigger": "input changed delay:300ms, change",
             "hx-target": "#company-login", "hx-sync": "this:replace",
         })
-
-    def clean(self):
-        cleaned = super().clean()
-        user = getattr(self, "user", None)
-        if user is not None:
-            refusal = selectors.password_login_refusal(user)
-            if refusal:
-                raise ValidationError(format_html('{} <a href="{}?email={}">Continue with your company account</a>.',
-                                                  refusal, reverse("sso_start"), user.email))
-        return cleaned
 
 
 class CompanyLoginForm(forms.Form):

@@ -1,5 +1,5 @@
 """Reads for company identity: which identity provider an email address logs in with, whether a
-password login is refused, an organization's identity settings.
+session may use an organization (single sign-on required), an organization's identity settings.
 
 Login happens before any organization is known, so the look-ups by email address and by provider
 are deliberately unscoped: they read only what a login needs.
@@ -7,7 +7,9 @@ are deliberately unscoped: they read only what a login needs.
 
 from __future__ import annotations
 
-from django.db.models import QuerySet
+from django.core.exceptions import ValidationError
+from django.core.validators import validate_email
+from django.db.models import Q, QuerySet
 
 from identity.models import EmailDomain, IdentityProvider, ScimToken
 from portal.models import Member, Organization, User
@@ -59,27 +61,54 @@ def providers(*, kind: str | None = None, slug: str | None = None) -> list[Ident
 def email_is_organizations(*, organization: Organization, email: str) -> bool:
     """Whether `email` is in a domain `organization` has verified: only then may its identity
     provider or directory vouch for the address (link, create or provision an account with it)."""
+    try:
+        validate_email(email)  # one address: "x@y@a.example" is not one of a.example's
+    except ValidationError:
+        return False
     verified = verified_organization_for(email)
     return verified is not None and verified.pk == organization.pk
 
 
-def password_login_refusal(user: User) -> str | None:
-    """Why `user` may not log in with a password, or None: an organization they are an active member
-    of requires single sign-on, and they are not its break-glass owner."""
+def email_link_refusal(*, user: User, organization: Organization) -> str | None:
+    """Why an identity provider of `organization` may not take over `user`'s existing account by
+    the email address it asserts, or None. An organization's admins choose its identity provider, so
+    its assertion is trusted only for an account that has nothing beyond an ordinary membership of
+    that one organization: not platform staff, not an owner or admin anywhere, not a member of any
+    other organization. Those link from their own logged-in session (a "connect" login)."""
+    if user.is_staff or user.is_superuser:
+        return "This account is a platform administrator's."
     with unscoped():
-        memberships = Member.objects.filter(user=user, is_active=True).values_list("pk", "organization_id")
-        required = {provider.organization_id: provider for provider in IdentityProvider.objects.filter(
-            sso_required=True, organization_id__in=[org for _pk, org in memberships]).select_related("organization")}
-    for member_id, organization_id in memberships:
-        provider = required.get(organization_id)
-        if provider is not None and provider.break_glass_member_id != member_id:
-            return (f"{provider.organization.name} requires single sign-on: continue with your company account "
-                    f"({provider.name}) instead of a password.")
+        memberships = Member.objects.filter(user=user)
+        if memberships.exclude(organization=organization).exists():
+            return "This account is a member of another organization too."
+        if memberships.filter(Q(is_owner=True) | Q(is_admin=True)).exists():
+            return "This account is an owner or an admin."
     return None
 
 
+def organization_session_refusal(*, member: Member, signed_in_through: int | None) -> str | None:
+    """Why a session may not use `member`'s organization, or None: the organization requires single
+    sign-on and the session was not signed in through its identity provider (`signed_in_through`,
+    the organization a login through an identity provider names), unless `member` is its break-glass
+    owner, still an active owner. The one rule of "single sign-on required", checked wherever a
+    session acts in an organization (pages and the REST API); API keys are not sessions."""
+    organization = member.organization
+    if signed_in_through == organization.pk:
+        return None
+    with unscoped():
+        provider = IdentityProvider.objects.filter(organization=organization, sso_required=True).first()
+    if provider is None:
+        return None
+    if provider.break_glass_member_id == member.pk and member.is_owner and member.is_active:
+        return None
+    return (f"{organization.name} requires single sign-on: continue with your company account ({provider.name}) "
+            "to use it.")
+
+
 def identity_provider_of(*, organization: Organization) -> IdentityProvider | None:
-    return IdentityProvider.objects.filter(organization=organization).first()
+    """The organization's identity provider; read also before a session may enter its scope."""
+    with unscoped():
+        return IdentityProvider.objects.select_related("organization").filter(organization=organization).first()
 
 
 def email_domain_list(*, organization: Organization) -> QuerySet[EmailDomain]:

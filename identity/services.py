@@ -17,7 +17,7 @@ import dns.resolver
 import httpx
 from cryptography import x509
 from django.conf import settings
-from django.core.exceptions import ValidationError
+from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
 from django.core.validators import URLValidator
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -27,10 +27,9 @@ from onelogin.saml2.idp_metadata_parser import OneLogin_Saml2_IdPMetadataParser
 from apikeys.secrets import SecretFormat, hash_secret
 from gateway.destinations import url_refusal
 from identity.models import EmailDomain, IdentityProvider, ScimToken, cipher
-from identity.selectors import email_is_organizations
+from identity.selectors import email_is_organizations, email_link_refusal
 from portal.audit import changes, log_action
 from portal.models import Member, Organization, User
-from portal.services import organization_password_sessions_end
 from portal.tenancy import ROLES, scope
 
 SCIM_TOKEN = SecretFormat(prefix="tas_", what="SCIM token")
@@ -89,7 +88,7 @@ def _clean_url(value: str, field: str, errors: dict) -> str:
     return value
 
 
-def _clean_provider(*, organization: Organization, data: dict, client_secret: str | None,
+def _clean_provider(*, organization: Organization, actor: User, data: dict, client_secret: str | None,
                     existing: IdentityProvider | None) -> dict:
     errors: dict[str, str] = {}
     kind = data.get("kind")
@@ -146,13 +145,15 @@ def _clean_provider(*, organization: Organization, data: dict, client_secret: st
                                     or not break_glass.is_active):
         errors["break_glass_member"] = "The break-glass account must be an active owner of this organization."
     cleaned["break_glass_member"] = break_glass
+    # Whoever chooses the identity provider decides who logs in: an owner's decision, like roles.
+    if connection_changed(existing, cleaned) and not _is_owner(organization=organization, actor=actor):
+        errors[NON_FIELD_ERRORS] = ("Only an owner can choose the identity provider (its discovery URL, client id "
+                                    "or SAML metadata).")
     if cleaned["sso_required"]:
         if break_glass is None and "break_glass_member" not in errors:
             errors["break_glass_member"] = ("Choose a break-glass owner before requiring single sign-on: they can "
                                             "still log in with a password and two-factor authentication.")
-        connection_changed = existing is None or any(
-            cleaned[field] != getattr(existing, field) for field in CONNECTION_FIELDS) or client_secret
-        if connection_changed or existing.tested_at is None:
+        if connection_changed(existing, cleaned) or client_secret or existing.tested_at is None:
             errors["sso_required"] = ("Test the connection first: single sign-on can only be required once a "
                                       "test of this configuration passed.")
     if errors:
@@ -160,14 +161,36 @@ def _clean_provider(*, organization: Organization, data: dict, client_secret: st
     return cleaned
 
 
+def connection_changed(existing: IdentityProvider | None, cleaned: dict) -> bool:
+    return existing is None or any(cleaned[field] != getattr(existing, field) for field in CONNECTION_FIELDS)
+
+
+def _is_owner(*, organization: Organization, actor: User) -> bool:
+    return Member.all_objects.filter(organization=organization, user=actor, is_owner=True, is_active=True).exists()
+
+
+def _social_accounts_unlink(organization: Organization) -> int:
+    """Forget which accounts the organization's identity provider logged in as (django-allauth's
+    social accounts, keyed by the provider's subject or NameID): a new provider's subjects are
+    its own, and a reused one must not log in as whoever the old provider named. Returns how many."""
+    from allauth.socialaccount.models import SocialAccount
+
+    provider_ids = [f"{organization.slug}-{kind}" for kind in IdentityProvider.Kind.values]
+    accounts = SocialAccount.objects.filter(provider__in=provider_ids)
+    count = accounts.count()
+    accounts.delete()
+    return count
+
+
 @transaction.atomic
 def identity_provider_save(*, organization: Organization, actor: User, client_secret: str | None = None,
                            **data) -> IdentityProvider:
     """Configure the organization's identity provider (create or change it). A changed connection
-    must be tested again; requiring single sign-on ends the password sessions of the members who
-    must now use it (everyone but the break-glass owner)."""
+    must be tested again, and forgets the accounts the old one linked; only an owner may change it."""
     existing = IdentityProvider.objects.select_for_update().filter(organization=organization).first()
-    cleaned = _clean_provider(organization=organization, data=data, client_secret=client_secret, existing=existing)
+    cleaned = _clean_provider(organization=organization, actor=actor, data=data, client_secret=client_secret,
+                              existing=existing)
+    new_connection = connection_changed(existing, cleaned)
     was_required = existing is not None and existing.sso_required
     provider = existing or IdentityProvider(organization=organization)
     diff = changes(provider, PROVIDER_FIELDS, cleaned) if existing else {
@@ -181,23 +204,29 @@ def identity_provider_save(*, organization: Organization, actor: User, client_se
     elif client_secret:
         provider.client_secret_encrypted = cipher.encrypt(client_secret)
         diff["client_secret"] = "changed"
-    if existing is None or CONNECTION_FIELDS & diff.keys() or client_secret:
+    if new_connection or client_secret:
         provider.tested_at, provider.test_report = None, []
     provider.save()
+    if new_connection:
+        diff["social_accounts_unlinked"] = _social_accounts_unlink(organization)
     if diff:
         log_action(actor=actor, organization=organization, obj=provider, data=diff,
                    action="identity_provider.created" if existing is None else "identity_provider.updated")
     if provider.sso_required and not was_required:
-        ended = organization_password_sessions_end(organization=organization, except_member=provider.break_glass_member)
+        # From the next request, the organization refuses sessions not signed in through the provider
+        # (selectors.organization_session_refusal); they stay for the members' other organizations.
         log_action(actor=actor, organization=organization, action="identity_provider.sso_required", obj=provider,
-                   data={"break_glass": provider.break_glass_member.user.email, "password_sessions_ended": ended})
+                   data={"break_glass": provider.break_glass_member.user.email})
     return provider
 
 
 @transaction.atomic
 def identity_provider_delete(*, provider: IdentityProvider, actor: User) -> None:
+    if not _is_owner(organization=provider.organization, actor=actor):
+        raise ValidationError("Only an owner can remove the identity provider.")
     log_action(actor=actor, organization=provider.organization, action="identity_provider.deleted", obj=provider,
-               data={"name": provider.name, "kind": provider.kind})
+               data={"name": provider.name, "kind": provider.kind,
+                     "social_accounts_unlinked": _social_accounts_unlink(provider.organization)})
     provider.delete()
 
 
@@ -390,9 +419,11 @@ class SsoRefused(Exception):
     """A login through an identity provider that must not go on; the message says why, to the person."""
 
 
-def sso_login_check(*, provider: IdentityProvider, email: str, user: User | None) -> None:
+def sso_login_check(*, provider: IdentityProvider, email: str, user: User | None, by_email: bool = False) -> None:
     """Whether a login through `provider` as `email` (the account `user`, if one exists) may go on;
-    SsoRefused saying why. The provider vouches only for its organization's verified domains."""
+    SsoRefused saying why. The provider vouches only for its organization's verified domains;
+    `by_email`: `user` is found by that address and would be linked to the provider now, which only
+    an ordinary account of the organization may be (selectors.email_link_refusal)."""
     organization = provider.organization
     if not email:
         raise SsoRefused(f"{provider.name} did not say which email address you have.")
@@ -401,6 +432,9 @@ def sso_login_check(*, provider: IdentityProvider, email: str, user: User | None
                          f"{organization.name} has verified.")
     if user is not None and not user.is_active:
         raise SsoRefused("This account is disabled.")
+    if by_email and user is not None and (refusal := email_link_refusal(user=user, organization=organization)):
+        raise SsoRefused(f"{refusal} It is not linked to {provider.name} by its email address: log in with your "
+                         "password, then link your company account from your logged-in session.")
     with scope(organization):
         member = Member.objects.filter(organization=organization, user=user).first() if user is not None else None
     if member is not None and not member.is_active:
@@ -408,6 +442,16 @@ def sso_login_check(*, provider: IdentityProvider, email: str, user: User | None
     if member is None and not provider.jit_enabled:
         raise SsoRefused(f"{organization.name} does not add people at their first login: ask an administrator "
                          "to invite you.")
+
+
+def sso_refusal_record(*, provider: IdentityProvider, email: str, user: User | None, reason: str) -> None:
+    log_action(actor=None, organization=provider.organization, action="sso.refused", obj=provider,
+               data={"email": email, "account": user.email if user is not None else None, "reason": reason})
+
+
+def sso_account_link_record(*, provider: IdentityProvider, user: User, uid: str) -> None:
+    log_action(actor=user, organization=provider.organization, action="sso.account_linked", obj=provider,
+               data={"email": user.email, "subject": uid})
 
 
 @transaction.atomic

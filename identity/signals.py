@@ -4,6 +4,7 @@ the member ends that session (portal.services.member_access_end), and a session 
 one kind an organization that requires single sign-on keeps."""
 
 from allauth.account.signals import user_logged_in
+from allauth.socialaccount.signals import social_account_added
 from django.dispatch import receiver
 
 from identity import services
@@ -22,3 +23,10 @@ def _signed_in(sender, request, user, sociallogin=None, **kwargs):
     services.sso_member_join(provider=provider, user=user)
     request.session[SIGNED_IN_THROUGH] = provider.organization_id
     request.session[LAST_ORGANIZATION_KEY] = provider.organization.slug
+
+
+@receiver(social_account_added)
+def _account_linked(sender, request, sociallogin, **kwargs):
+    provider = identity_provider_of(sociallogin)
+    if provider is not None:
+        services.sso_account_link_record(provider=provider, user=sociallogin.user, uid=sociallogin.account.uid)

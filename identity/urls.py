@@ -1,4 +1,4 @@
-from django.urls import path
+from django.urls import include, path, re_path
 
 from identity import views
 
@@ -15,8 +15,18 @@ organization_patterns = [
          name="scim_token_revoke"),
 ]
 
-# Under /accounts/: logging in with a company account.
+# Under /accounts/: logging in with a company account; django-allauth's SAML and OpenID Connect
+# views, ahead of allauth's own routes (same paths; reversed by allauth's URL names).
 login_patterns = [
     path("company/", views.sso_start, name="sso_start"),
     path("company/route/", views.sso_route, name="sso_route"),
+    re_path(r"^saml/(?P<organization_slug>[^/]+)/", include([
+        path("acs/finish/", views.saml_finish_acs),
+        path("login/", views.saml_login),
+        path("metadata/", views.saml_metadata),
+    ])),
+    re_path(r"^oidc/(?P<provider_id>[^/]+)/", include([
+        path("login/", views.oidc_login),
+        path("login/callback/", views.oidc_callback),
+    ])),
 ]

@@ -2,12 +2,22 @@
 page where an owner or admin configures the identity provider, tests it, verifies email domains
 and issues the directory's SCIM tokens."""
 
+import http.client
+import logging
+from functools import wraps
+
+import requests
+from allauth.socialaccount.providers.openid_connect import views as oidc_views
+from allauth.socialaccount.providers.saml import views as saml_views
 from django.contrib import messages
 from django.core.exceptions import ValidationError
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from lxml import etree
+from onelogin.saml2 import xmlparser
+from onelogin.saml2.errors import OneLogin_Saml2_Error, OneLogin_Saml2_ValidationError
 
 from identity import selectors, services
 from identity.adapter import ALLAUTH_PROVIDER
@@ -18,6 +28,9 @@ from portal.forms import apply_service_error
 from portal.models import Member
 from portal.tenancy import require_roles
 from portal.views import org_url
+
+
+log = logging.getLogger(__name__)
 
 
 def login_url(provider: IdentityProvider) -> str:
@@ -31,6 +44,50 @@ def _company_login(request, email: str):
     provider = selectors.provider_for_email(email)
     return {"provider": provider, "provider_login_url": login_url(provider) if provider else None,
             "next": request.GET.get("next", "")}
+
+
+# What python3-saml raises, beyond what django-allauth's SAML views handle, on XML it will not read
+# (malformed, a DTD or entities); and what fetching an identity provider's SAML metadata or OpenID
+# Connect discovery document raises when it cannot be had (urllib's URLError is an OSError).
+SAML_UNREADABLE = (etree.LxmlError, xmlparser.DTDForbidden, xmlparser.EntitiesForbidden, xmlparser.NotSupportedError,
+                   OneLogin_Saml2_Error, OneLogin_Saml2_ValidationError)
+PROVIDER_UNREACHABLE = (OSError, http.client.HTTPException, requests.RequestException)
+UNREACHABLE = ("The identity provider could not be reached (its metadata or discovery document could not be "
+               "fetched); try again later, or ask your administrator to check its settings.")
+
+
+def _failures_refused(view, org_kwarg: str):
+    """django-allauth's login view, with what it lets through answered as a 400 page saying why."""
+    def refused(request, kwargs, error, reason):
+        log.warning("Single sign-on request of %s refused: %r", kwargs.get(org_kwarg), error)
+        return render(request, "identity/sso_refused.html", {"reason": reason, "provider": None}, status=400)
+
+    @wraps(view)
+    def wrapped(request, *args, **kwargs):
+        try:
+            return view(request, *args, **kwargs)
+        except PROVIDER_UNREACHABLE as error:
+            return refused(request, kwargs, error, UNREACHABLE)
+        except SAML_UNREADABLE as error:
+            return refused(request, kwargs, error, "The identity provider's SAML message could not be read; nothing "
+                                                   "was logged in.")
+    return wrapped
+
+
+saml_finish_acs = _failures_refused(saml_views.finish_acs, "organization_slug")
+saml_login = _failures_refused(saml_views.login, "organization_slug")
+saml_metadata = _failures_refused(saml_views.metadata, "organization_slug")
+oidc_login = _failures_refused(oidc_views.login, "provider_id")
+oidc_callback = _failures_refused(oidc_views.callback, "provider_id")
+
+
+def sso_required(request, *, member, reason: str):
+    """The page a session gets in an organization that requires single sign-on it did not use: the
+    way in is the organization's identity provider, back to the page asked for."""
+    provider = selectors.identity_provider_of(organization=member.organization)
+    return render(request, "identity/sso_required.html", {
+        "reason": reason, "provider": provider, "provider_login_url": login_url(provider),
+        "next": request.get_full_path()}, status=403)
 
 
 @require_GET
@@ -135,8 +192,12 @@ def identity_provider_test(request):
 def identity_provider_delete(request):
     provider = selectors.identity_provider_of(organization=request.organization)
     if provider is not None:
-        services.identity_provider_delete(provider=provider, actor=request.user)
-        messages.success(request, "Identity provider removed: members log in with passwords again.")
+        try:
+            services.identity_provider_delete(provider=provider, actor=request.user)
+        except ValidationError as error:
+            messages.error(request, " ".join(error.messages))
+        else:
+            messages.success(request, "Identity provider removed: members log in with passwords again.")
     return redirect(org_url(request, "identity_settings"))
 
 

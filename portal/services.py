@@ -183,19 +183,24 @@ def member_update(*, member: Member, actor_member: Member, team: Team | None, ro
 
 
 def member_access_end(*, member: Member, actor: User | None) -> dict:
-    """What a member's deactivation ends at once, wherever it was made (the members page, the REST
-    API, the directory): their sessions with access to this organization, their API keys (refused
-    from the next request: the saved member drops the keys' cached identities, apikeys.signals), and
-    their open holds (released through the ledger). Their ledger stays; the allowance left on their
+    """What a leaver loses at once, wherever they left (deactivated on the members page, the REST
+    API or by the directory, or deleted by the directory): their sessions with access to this
+    organization, their API keys (revoked: a member made active again mints new ones), and their
+    open holds (released through the ledger). Their ledger stays; the allowance left on their
     account follows the organization's rule for leavers: it stays for HR, or is forfeited.
     Returns what it did, for the audit log."""
     from allowances import ledger
     from allowances.models import Account
     from allowances.services import account_holds_release
+    from apikeys.services import api_key_revoke
 
     organization = member.organization
+    keys = list(member.api_keys.filter(revoked_at__isnull=True))
+    for key in keys:
+        api_key_revoke(key=key, actor=actor)
     ended = {
         "sessions_ended": user_sessions_end(user=member.user, organization=organization),
+        "api_keys_revoked": [f"{key.display_prefix}…{key.last_four}" for key in keys],
         "holds_released": account_holds_release(member_ids=[member.pk], reason="the member was deactivated"),
     }
     account = Account.objects.filter(member=member).first()
@@ -329,13 +334,3 @@ def user_sessions_end(*, user: User, organization: Organization | None = None) -
             organization=organization).exists():
         return _sessions_end([user.pk])
     return _sessions_end([user.pk], ends=lambda data: data.get(SIGNED_IN_THROUGH) == organization.pk)
-
-
-def organization_password_sessions_end(*, organization: Organization, except_member: Member | None) -> int:
-    """End the sessions of the organization's active members that were not signed in through its
-    identity provider (it now requires single sign-on), but for `except_member`'s (break-glass)."""
-    members = Member.all_objects.filter(organization=organization, is_active=True)
-    if except_member is not None:
-        members = members.exclude(pk=except_member.pk)
-    return _sessions_end(members.values_list("user_id", flat=True),
-                         ends=lambda data: data.get(SIGNED_IN_THROUGH) != organization.pk)

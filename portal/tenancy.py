@@ -181,6 +181,17 @@ def member_for(*, slug: str | None, user=None, key=None):
     return members.filter(user=user).first()
 
 
+def session_refusal(request, member) -> str | None:
+    """Why the request's session may not act as `member` (their organization requires single
+    sign-on, identity.selectors.organization_session_refusal), or None."""
+    from identity.selectors import organization_session_refusal  # the identity app builds on this module
+    from portal.services import SIGNED_IN_THROUGH
+
+    session = getattr(request, "session", None)  # none: signed in through no identity provider
+    signed_in_through = session.get(SIGNED_IN_THROUGH) if session is not None else None
+    return organization_session_refusal(member=member, signed_in_through=signed_in_through)
+
+
 def activate(request, member) -> None:
     """Act for `member` from here on: the request's organization and member, the organization's
     scope and its time zone (the zone its periods are counted in). For code that runs in a context
@@ -194,7 +205,8 @@ class TenancyMiddleware:
     """Resolve the organization of the URL and, for pages, the signed-in member; keep the scope active.
 
     The scope stays active while the response renders. A user who is not an active member of the
-    organization gets the same 404 as for an organization that does not exist. API requests are
+    organization gets the same 404 as for an organization that does not exist; a session the
+    organization refuses (it requires single sign-on) gets the page that offers it. API requests are
     authenticated by the API's own classes (a key or the session); the API view activates the
     scope once it knows the caller is a member (portal.api.views.OrganizationAPIView).
     """
@@ -233,6 +245,11 @@ class TenancyMiddleware:
 
                 return redirect_to_login(request.get_full_path(), settings.LOGIN_URL)
             raise Http404("No such organization.")
+        refusal = session_refusal(request, member)
+        if refusal is not None:  # fail closed: the way in is the organization's single sign-on
+            from identity.views import sso_required
+
+            return sso_required(request, member=member, reason=refusal)
         return contextvars.copy_context().run(self._as_member, request, member)
 
     def _as_member(self, request, member):

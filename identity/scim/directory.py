@@ -3,8 +3,8 @@ the changes it provisions, made through the portal's own services so every rule 
 apply as on the pages: creating, replacing, patching, deactivating and deleting members, and teams
 with their members.
 
-A member deleted by the directory is deactivated (their keys revoked too), never removed: their
-ledger stays. A group deleted is emptied and no longer listed; the team stays, for its history.
+A member deleted by the directory is deactivated (losing what every leaver loses), never removed:
+their ledger stays. A group deleted is emptied and no longer listed; the team stays, for its history.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from scim2_models import (
     User,
 )
 
-from apikeys.services import api_key_revoke
 from identity.models import DirectoryEntry, IdentityProvider
 from identity.selectors import email_is_organizations
 from portal import services as portal_services
@@ -102,10 +101,13 @@ def _entry(obj, **kind) -> DirectoryEntry:
     return entry
 
 
-def _set_external_id(obj, external_id: str | None, **kind) -> None:
+def _set_external_id(obj, external_id: str | None, *, actor_member: Member, via: str, **kind) -> None:
     entry = _entry(obj, **kind)
-    if entry.external_id != (external_id or ""):
-        entry.external_id = (external_id or "")[:255]
+    external_id = (external_id or "")[:255]
+    if entry.external_id != external_id:
+        log_action(actor=actor_member.user, organization=obj.organization, action="directory.external_id_changed",
+                   obj=obj, data={"external_id": [entry.external_id, external_id], "via": via})
+        entry.external_id = external_id
         entry.save(update_fields=["external_id"])
 
 
@@ -117,14 +119,37 @@ def _service(call):
         raise InvalidValueException(detail=" ".join(error.messages)) from None
 
 
-def _names(user: Account, resource: User, organization: Organization) -> None:
+def _names(user: Account, resource: User, organization: Organization, *, actor_member: Member, via: str) -> None:
     """The directory names the person only where it vouches for their address."""
     if resource.name is None or not email_is_organizations(organization=organization, email=user.email):
         return
     first, last = (resource.name.given_name or "")[:150], (resource.name.family_name or "")[:150]
     if (first, last) != (user.first_name, user.last_name):
+        log_action(actor=actor_member.user, organization=organization, action="directory.name_changed", obj=user,
+                   data={"email": user.email, "first_name": [user.first_name, first],
+                         "last_name": [user.last_name, last], "via": via})
         user.first_name, user.last_name = first, last
         user.save(update_fields=["first_name", "last_name"])
+
+
+def _adopt(user: Account, email: str) -> None:
+    """An account that exists with the address the directory provisions: the directory vouches for
+    the address, so an account that never proved it is not kept with the password whoever made it
+    chose (as django-allauth does when a login by email finds such an account)."""
+    from allauth.account.models import EmailAddress
+
+    address = EmailAddress.objects.filter(user=user, email__iexact=email).first()
+    if address is not None and address.verified:
+        return
+    user.set_unusable_password()
+    user.save(update_fields=["password"])
+    portal_services.user_sessions_end(user=user)
+    if address is None:
+        primary = not EmailAddress.objects.filter(user=user).exists()
+        EmailAddress.objects.create(user=user, email=email, verified=True, primary=primary)
+    else:
+        address.verified = True
+        address.save(update_fields=["verified"])
 
 
 @transaction.atomic
@@ -151,13 +176,15 @@ def user_create(*, organization: Organization, actor_member: Member, resource: U
     if user is None:
         user = Account.objects.create_user(email=email, password=None)
         EmailAddress.objects.create(user=user, email=email, verified=True, primary=True)
+    else:
+        _adopt(user, email)
     provider = IdentityProvider.objects.filter(organization=organization).first()
     member = Member(organization=organization, user=user, team=provider.default_team if provider else None,
                     is_active=resource.active is not False)
     member.set_roles([provider.default_role if provider else "employee"])
     member.save()
-    _names(user, resource, organization)
-    _set_external_id(member, resource.external_id, member=member)
+    _names(user, resource, organization, actor_member=actor_member, via=via)
+    _set_external_id(member, resource.external_id, actor_member=actor_member, via=via, member=member)
     log_action(actor=actor_member.user, organization=organization, action="member.provisioned", obj=member,
                data={"email": email, "roles": member.roles, "team": member.team, "active": member.is_active,
                      "via": via})
@@ -169,8 +196,8 @@ def user_replace(*, member: Member, actor_member: Member, resource: User, via: s
     """The member as the directory now describes them (their address cannot change: it is their account)."""
     if resource.user_name is not None and resource.user_name.strip().lower() != member.user.email.lower():
         raise MutabilityException(detail="userName cannot change: it is the person's login to every organization.")
-    _names(member.user, resource, member.organization)
-    _set_external_id(member, resource.external_id, member=member)
+    _names(member.user, resource, member.organization, actor_member=actor_member, via=via)
+    _set_external_id(member, resource.external_id, actor_member=actor_member, via=via, member=member)
     active = resource.active is not False
     if active != member.is_active:
         _service(lambda: portal_services.member_update(member=member, actor_member=actor_member, team=member.team,
@@ -180,12 +207,15 @@ def user_replace(*, member: Member, actor_member: Member, resource: User, via: s
 
 @transaction.atomic
 def user_delete(*, member: Member, actor_member: Member, via: str) -> None:
-    """Deprovision: deactivated (access ended at once), keys revoked, no longer listed; the ledger stays."""
+    """Deprovision: deactivated, losing what every leaver loses (portal.services.member_access_end),
+    no longer listed; the ledger stays."""
     if member.is_active:
         _service(lambda: portal_services.member_update(member=member, actor_member=actor_member, team=member.team,
                                                        is_active=False, via=via))
-    for key in member.api_keys.filter(revoked_at__isnull=True):
-        api_key_revoke(key=key, actor=actor_member.user)
+    else:  # deactivated before: the leaver rule again, for what it left (a key of an older rule)
+        log_action(actor=actor_member.user, organization=member.organization, action="member.access_ended",
+                   obj=member, data=portal_services.member_access_end(member=member, actor=actor_member.user)
+                   | {"via": via})
     entry = _entry(member, member=member)
     entry.deleted_at = timezone.now()
     entry.save(update_fields=["deleted_at"])
@@ -223,7 +253,7 @@ def group_create(*, organization: Organization, actor_member: Member, resource: 
     if Team.objects.filter(organization=organization, name__iexact=name).exists():
         raise UniquenessException(detail=f"A Group with displayName {name!r} exists.")
     team = _service(lambda: portal_services.team_create(organization=organization, actor=actor_member.user, name=name))
-    _set_external_id(team, resource.external_id, team=team)
+    _set_external_id(team, resource.external_id, actor_member=actor_member, via=via, team=team)
     _move_members(team=team, wanted=wanted, actor_member=actor_member, via=via)
     return team
 
@@ -237,7 +267,7 @@ def group_replace(*, team: Team, actor_member: Member, resource: Group, via: str
             raise UniquenessException(detail=f"A Group with displayName {name!r} exists.")
         _service(lambda: portal_services.team_update(team=team, actor=actor_member.user, name=name,
                                                      cost_centre=team.cost_centre))
-    _set_external_id(team, resource.external_id, team=team)
+    _set_external_id(team, resource.external_id, actor_member=actor_member, via=via, team=team)
     _move_members(team=team, wanted=wanted, actor_member=actor_member, via=via)
     return team
 

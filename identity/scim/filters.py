@@ -5,12 +5,15 @@ attributes the portal stores. Any other attribute is refused as `invalidFilter`,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from django.db.models import Q
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 from scim2_models import Group, InvalidFilterException, ScimFilter, User
 from scim2_models.path import CompareOperator, FilterVisitor, LogicalOperator
 
-# SCIM attribute path (lower case) -> the model field it reads, and whether it is a number id.
+# SCIM attribute path (lower case) -> the model field it reads, and its kind: a number id, text, boolean or time.
 USER_FIELDS = {
     "id": ("pk", "id"), "username": ("user__email", "text"), "externalid": ("directory__external_id", "text"),
     "displayname": ("user__email", "text"), "name.givenname": ("user__first_name", "text"),
@@ -25,6 +28,7 @@ GROUP_FIELDS = {
 }
 _TEXT = {CompareOperator.eq: "iexact", CompareOperator.co: "icontains", CompareOperator.sw: "istartswith",
          CompareOperator.ew: "iendswith"}
+MAX_ID = 2**63 - 1  # PostgreSQL's bigint
 _ORDER = {CompareOperator.gt: "gt", CompareOperator.ge: "gte", CompareOperator.lt: "lt", CompareOperator.le: "lte"}
 
 
@@ -42,11 +46,18 @@ class _ToQuery(FilterVisitor[Q]):
     def visit_comparison(self, node) -> Q:
         field, kind = self._field(node.attr_path)
         value, op = node.value, node.op
+        if value is None:  # `eq null` is "not present" (RFC 7644 §3.4.2.2), `ne null` "present"
+            if op not in (CompareOperator.eq, CompareOperator.ne):
+                raise InvalidFilterException(detail=f"null is compared with eq or ne, not {op}.")
+            present = self._present(field, kind)
+            return present if op == CompareOperator.ne else ~present
         if kind == "id":
             try:
                 value = int(str(value))
             except ValueError:  # no row has a non-numeric id
                 return Q(pk__in=[]) if op != CompareOperator.ne else Q()
+            if not -MAX_ID <= value <= MAX_ID:
+                raise InvalidFilterException(detail=f"{value} is not an id: ids are 64-bit integers.")
             if op in (CompareOperator.eq, CompareOperator.ne):
                 match = Q(**{field: value})
                 return ~match if op == CompareOperator.ne else match
@@ -57,18 +68,38 @@ class _ToQuery(FilterVisitor[Q]):
             if op not in (CompareOperator.eq, CompareOperator.ne) or not isinstance(value, bool):
                 raise InvalidFilterException(detail="A boolean is compared with eq or ne to true or false.")
             return Q(**{field: value if op == CompareOperator.eq else not value})
+        if kind == "time":
+            try:
+                moment = value if isinstance(value, datetime) else parse_datetime(value) if isinstance(value, str) \
+                    else None
+            except ValueError:  # well formed, but no such day or hour
+                moment = None
+            if moment is None or op not in (CompareOperator.eq, CompareOperator.ne, *_ORDER):
+                raise InvalidFilterException(detail="A date is compared with eq, ne, gt, ge, lt or le to a date "
+                                                    'and time such as "2024-01-31T00:00:00Z".')
+            if timezone.is_naive(moment):
+                moment = timezone.make_aware(moment, UTC)
+            if op in _ORDER:
+                return Q(**{f"{field}__{_ORDER[op]}": moment})
+            return ~Q(**{field: moment}) if op == CompareOperator.ne else Q(**{field: moment})
+        if not isinstance(value, str) or isinstance(value, bool):
+            raise InvalidFilterException(detail=f"{node.attr_path} is a string: compare it to one, in quotes.")
+        value = value.replace("\x00", "")  # PostgreSQL text holds no NUL
         if op == CompareOperator.ne:
             return ~Q(**{f"{field}__iexact": value})
-        if kind == "text" and op in _TEXT:
-            return Q(**{f"{field}__{_TEXT[op]}": str(value).replace("\x00", "")})
+        if op in _TEXT:
+            return Q(**{f"{field}__{_TEXT[op]}": value})
         if op in _ORDER:
             return Q(**{f"{field}__{_ORDER[op]}": value})
         raise InvalidFilterException(detail=f"{op} does not apply here.")
 
-    def visit_present(self, node) -> Q:
-        field, kind = self._field(node.attr_path)
+    @staticmethod
+    def _present(field: str, kind: str) -> Q:
         present = Q(**{f"{field}__isnull": False})
         return present & ~Q(**{field: ""}) if kind == "text" else present
+
+    def visit_present(self, node) -> Q:
+        return self._present(*self._field(node.attr_path))
 
     def visit_not(self, node) -> Q:
         return ~self.visit(node.expr)

@@ -155,7 +155,8 @@ class _Collection(ScimView):
             queryset = queryset.filter(filter_to_q(text)).distinct()
         start, count = _page(self.request)
         total = queryset.count()
-        rows = list(queryset[start - 1:start - 1 + count]) if count else []
+        # A page past the end is empty, not an OFFSET the database cannot take.
+        rows = list(queryset[start - 1:start - 1 + count]) if count and start <= total else []
         page = ListResponse[self.model](total_results=total, start_index=start, items_per_page=len(rows),
                                         resources=[to_resource(row, base_url=self.base_url) for row in rows])
         return self.answer(page, Context.SEARCH_RESPONSE)

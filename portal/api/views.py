@@ -6,7 +6,7 @@ from django.core.exceptions import ValidationError
 from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import NotAuthenticated, NotFound
+from rest_framework.exceptions import NotAuthenticated, NotFound, PermissionDenied
 from rest_framework.response import Response
 
 from apikeys.services import KeyIdentity
@@ -26,7 +26,8 @@ class OrganizationAPIView:
     """Every API view is one: once DRF has authenticated the caller (an API key or the session), the
     caller must be an active member of the URL's organization (or, on routes without one, the key's
     organization), and the view runs in that organization's scope. Anyone else gets 404, as for an
-    organization that does not exist; no caller, 401."""
+    organization that does not exist; no caller, 401; a session the organization refuses (it
+    requires single sign-on), 403."""
 
     key_only = False  # routes whose organization is the presented key's
 
@@ -53,6 +54,8 @@ class OrganizationAPIView:
                                     key=key)
         if member is None:
             raise NotFound()
+        if key is None and (refusal := tenancy.session_refusal(request, member)):
+            raise PermissionDenied(refusal)
         return member
 
     @property

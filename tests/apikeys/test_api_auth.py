@@ -230,16 +230,16 @@ def test_revocation_on_the_page_takes_effect_on_the_next_request(client, org_a, 
     ok(get(api_client, org_a, "balances/", org_a.api_key_secret))  # the member's other key still works
 
 
-def test_deactivating_the_owner_refuses_the_key_on_the_next_request(client, org_a):
+def test_deactivating_the_owner_revokes_the_key_from_the_next_request(client, org_a):
     owner, employee = org_a.members["owner"], org_a.members["employee"]
     warm(client, org_a, org_a.api_key_secret)
     with scope(org_a.organization):
         portal_services.member_update(member=employee, actor_member=owner, team=employee.team, is_active=False)
-    refused(get(client, org_a, "balances/", org_a.api_key_secret), 401,
-            "API key refused: the key's owner is no longer an active member.")
+    refused(get(client, org_a, "balances/", org_a.api_key_secret), 401, "API key refused: this API key was revoked.")
+    # Active again, the leaver's old key stays revoked.
     with scope(org_a.organization):
         portal_services.member_update(member=employee, actor_member=owner, team=employee.team, is_active=True)
-    ok(get(client, org_a, "balances/", org_a.api_key_secret))
+    refused(get(client, org_a, "balances/", org_a.api_key_secret), 401, "API key refused: this API key was revoked.")
 
 
 def test_changing_the_owners_roles_keeps_the_key_narrow(client, org_a):

@@ -105,11 +105,10 @@ def test_sso_required_refuses_passwords_but_the_break_glass_owner(page, portal_s
             client_id="portal", jit_enabled=True, default_role="employee", sso_required=True,
             break_glass_member=owner)
 
-    # A member's password login is refused, saying why, with the way in.
+    # A member's password session is refused by the organization, saying why, with the way in.
     log_in(employee.user.email, org_a.password)
     expect(page.get_by_text("requires single sign-on")).to_be_visible()
-    expect(page).to_have_url(re.compile(r"/accounts/login/$"))
-    page.get_by_role("link", name="Continue with your company account").click()
+    expect(page).to_have_url(re.compile(rf"/o/{org_a.slug}/$"))
     page.get_by_role("button", name="Continue with your company account").click()
     sign_in_at_the_idp(page, idp, employee.user.email)
     expect(page).to_have_url(re.compile(rf"/o/{org_a.slug}/$"))

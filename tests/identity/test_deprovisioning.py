@@ -1,7 +1,8 @@
 """A member deprovisioned by the directory loses access at once, served as in production (uvicorn,
-the gateway and the SCIM API on one server): their key fails at the gateway on the very next
-request, their sessions end, their open holds are released, and the allowance left on their
-account follows the organization's rule for leavers; the ledger is kept."""
+the gateway and the SCIM API on one server): their key is revoked and fails at the gateway on the
+very next request (and stays revoked if they are made active again), their sessions end, their open
+holds are released, and the allowance left on their account follows the organization's rule for
+leavers; the ledger is kept."""
 
 import json
 
@@ -65,7 +66,7 @@ def test_deactivated_by_scim_the_key_fails_at_the_gateway_on_the_next_request(me
 
     refused = chat(metered, metered.key)
     assert refused.status_code == 401, refused.text
-    assert refused.json()["error"]["message"] == "API key refused: the key's owner is no longer an active member."
+    assert refused.json()["error"]["message"] == "API key refused: this API key was revoked."
     assert len(metered.upstream.requests) == 1  # nothing after the deactivation reached the provider
     assert browser.get(f"/o/{org.slug}/").status_code == 302  # their only organization: the session ended
 
@@ -86,11 +87,12 @@ def test_deactivated_by_scim_the_key_fails_at_the_gateway_on_the_next_request(me
 
     call_command("verify_ledger")  # every account still equals the sum of its entries
 
-    # Active again (the directory re-hires them), the key works again; the ended session stays ended.
+    # Active again (the directory re-hires them), the old key stays revoked: they mint a new one.
     patch = PatchOp[User](operations=[PatchOperation[User](op="replace", path="active", value=True)])
     scim.modify(User, str(employee.pk), patch)
-    if leaver_allowance == "keep":
-        assert chat(metered, metered.key).status_code == 200
+    again = chat(metered, metered.key)
+    assert again.status_code == 401
+    assert again.json()["error"]["message"] == "API key refused: this API key was revoked."
 
 
 def test_deleted_by_scim_the_key_is_revoked(metered):

@@ -88,8 +88,10 @@ def test_test_the_connection_then_require_single_sign_on(as_owner, org_a):
     assert save(as_owner, org_a, discovery_url=url, sso_required="on", break_glass_member=owner.pk).status_code == 302
     provider = provider_of(org_a)
     assert provider.sso_required and provider.break_glass_member_id == owner.pk
-    # The members' password sessions ended; the break-glass owner's did not.
-    assert employee_browser.get(f"/o/{org_a.slug}/").status_code == 302
+    # The members' password sessions are refused from the next request, with the way in; the
+    # break-glass owner's is not.
+    refused = employee_browser.get(f"/o/{org_a.slug}/")
+    assert refused.status_code == 403 and "requires single sign-on" in refused.content.decode()
     assert as_owner.get(page(org_a)).status_code == 200
     assert {"identity_provider.tested", "identity_provider.sso_required"} <= set(actions(org_a, "identity_provider"))
 
