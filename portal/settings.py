@@ -89,6 +89,7 @@ INSTALLED_APPS = [
     "overage",
     "billing",
     "identity",
+    "reports",
 ]
 
 MIDDLEWARE = [
@@ -254,6 +255,8 @@ CELERY_BEAT_SCHEDULE = {
     # Hourly, so that each approver gets the digest of their pending queue at about 08:00 in the
     # organization's own zone (once a day, whatever reruns).
     "overage-digests": {"task": "overage.send_pending_digests", "schedule": crontab(minute=45)},
+    # Daily, after the providers have reported the last UTC days (each run redoes the last three).
+    "reconcile-providers": {"task": "reports.reconcile_providers", "schedule": crontab(hour=6, minute=20)},
 }
 
 # Keys the HMAC of API key secrets; defaults to SECRET_KEY. Changing it invalidates every API key.

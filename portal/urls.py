@@ -25,6 +25,7 @@ urlpatterns = [
     path("o/<slug:org_slug>/", include("apikeys.urls")),
     path("o/<slug:org_slug>/", include("gateway.page_urls")),
     path("o/<slug:org_slug>/", include("overage.urls")),
+    path("o/<slug:org_slug>/", include("reports.urls")),
     path("o/<slug:org_slug>/", include(identity_urls.organization_patterns)),
     path("accounts/", include(identity_urls.login_patterns)),
     path("accounts/", include("allauth.urls")),
