@@ -8,19 +8,19 @@ from reports.models import ReportSettings
 NO_TEAM = "(none)"  # the team filter's value for members without a team
 
 
-class PeriodField(forms.CharField):
+class PeriodField(forms.Field):
     """A period as YYYY-MM (the first day of the calendar month)."""
 
-    def __init__(self, **kwargs):
-        super().__init__(max_length=7, **kwargs)
+    widget = forms.TextInput(attrs={"maxlength": 7, "placeholder": "YYYY-MM"})
 
     def to_python(self, value):
-        text = super().to_python(value)
+        text = str(value or "").strip()
         if not text:
             return None
         try:
             year, month = text.split("-")
-            if not (len(year) == 4 and len(month) == 2 and year.isdigit() and month.isdigit()):
+            if not (len(year) == 4 and len(month) == 2 and year.isascii() and year.isdigit() and month.isascii()
+                    and month.isdigit() and int(year) >= 1900):
                 raise ValueError
             return date(int(year), int(month), 1)
         except ValueError:
