@@ -13,15 +13,16 @@ from reports import selectors
 PERIOD_PATTERN = r"^(19|20)[0-9]{2}-(0[1-9]|1[0-2])$"
 
 
-class QueryPeriodField(_AsSent, serializers.RegexField):
-    def to_internal_value(self, data):
-        text = super().to_internal_value(data)
-        return date(int(text[:4]), int(text[5:7]), 1)
+class QueryRegexField(_AsSent, serializers.RegexField):
+    pass
 
 
 class PayrollQuery(serializers.Serializer):
-    period = QueryPeriodField(PERIOD_PATTERN, help_text="The period (calendar month in the organization's zone), "
-                                                         "as YYYY-MM.")
+    period = QueryRegexField(PERIOD_PATTERN, help_text="The period (calendar month in the organization's zone), "
+                                                        "as YYYY-MM.")
+
+    def validate_period(self, value: str) -> date:
+        return date(int(value[:4]), int(value[5:7]), 1)
 
 
 class PayrollRowSerializer(serializers.Serializer):

@@ -58,9 +58,21 @@ def make_org(label: str):
     with scope(organization):
         allowance = seed_allowance_objects(organization, team=team, members=members)
         identity = seed_identity_objects(organization, label=label, members=members)
+        reports = seed_report_objects(organization, members=members)
     return SimpleNamespace(organization=organization, slug=organization.slug, team=team, members=members,
                            invitation=invitation, invitation_token=f"token-of-{label}", password=PASSWORD, **allowance,
-                           **identity)
+                           **identity, **reports)
+
+
+def seed_report_objects(organization, *, members):
+    """A statement export of last month, queued (a row: the service would queue its task)."""
+    from allowances.periods import period_start_for, periods_after
+    from reports.models import StatementExport
+
+    statement_export = StatementExport.objects.create(
+        organization=organization, period_start=periods_after(period_start_for(organization), -1),
+        requested_by=members["hr"].user)
+    return {"statement_export": statement_export}
 
 
 def seed_identity_objects(organization, *, label: str, members):

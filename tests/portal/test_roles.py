@@ -75,6 +75,15 @@ EXPECTED = {
     "approval_detail": APPROVERS,
     "approvals_approve": APPROVERS,  # POST-only
     "approval_settings": ADMINS,
+    # Reports: every member sees their own value per token and statements; HR exports everyone's
+    # statements and the payroll; admins reconcile and set the report settings.
+    "insights": EVERYONE,
+    "statements": EVERYONE,
+    "statement_exports": PEOPLE,
+    "statement_export": PEOPLE,
+    "payroll": PEOPLE,
+    "reconciliation": ADMINS,
+    "report_settings": ADMINS,
 }
 # Pages of one member's own object (the fixture's is the member with this role's): every other
 # member the role table lets in gets 404, as for an object that does not exist.
@@ -109,6 +118,8 @@ EXPECTED_API = {
     "api-overage-request-detail": EVERYONE,
     "api-overage-request-cancel": EVERYONE,  # POST-only
     "api-overage-request-decide": APPROVERS,  # POST-only
+    # The payroll / HRIS export is HR's.
+    "api-payroll-list": PEOPLE,
 }
 
 # The organization navigation: link text -> the page it opens.
@@ -122,6 +133,7 @@ NAV_LINKS = {
     "All keys": "key_admin",
     "Providers": "provider_list",
     "Usage": "usage_list",
+    "Value per token": "insights",
     "Members": "member_list",
     "Teams": "team_list",
     "Invitations": "invitation_list",
