@@ -174,7 +174,7 @@ def portal_usage(*, connection: ProviderConnection, provider_models: dict[str, s
                     occurred_at__lt=datetime.combine(end, time.min, tzinfo=UTC))
             .annotate(utc_day=TruncDate("occurred_at", tzinfo=UTC)).values("utc_day", "model")
             .annotate(requests=Count("id"), input=Sum("input_tokens"), output=Sum("output_tokens"),
-                      cached=Sum("cached_tokens"), cost=Sum("cost"),
+                      cached=Sum("cached_tokens"), total_cost=Sum("cost"),
                       zero=Count("id", filter=Q(status=UsageRecord.Status.OK) & (Q(charged_tokens=0) | Q(cost=0))))
             .order_by())
     found: dict[tuple[date, str], PortalUsage] = {}
@@ -184,6 +184,6 @@ def portal_usage(*, connection: ProviderConnection, provider_models: dict[str, s
         usage.input_tokens += row["input"]
         usage.output_tokens += row["output"]
         usage.cached_tokens += row["cached"]
-        usage.cost += row["cost"]
+        usage.cost += row["total_cost"]
         usage.zero_records += row["zero"]
     return found
