@@ -101,7 +101,8 @@ def statement_export_run(*, statement_export_id: int) -> StatementExport:
             StatementExport.objects.filter(pk=export.pk).update(state=StatementExport.State.RUNNING,
                                                                 total=len(items), done=0)
             archive = io.BytesIO()
-            with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as bundle:
+            # Stored, not deflated: the PDFs are compressed already.
+            with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_STORED) as bundle:
                 for index, item in enumerate(items, 1):
                     bundle.writestr(documents.statement_filename(item, "pdf"),
                                     documents.statement_pdf(item, organization_name=organization.name))
