@@ -3,7 +3,7 @@ loopback, reached through the gateway's address-checked client): matching report
 missing day, an over-report, an unpriced model and zero-cost usage each raise one alert naming the
 day and model; a rerun changes nothing."""
 
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from django.core import mail
