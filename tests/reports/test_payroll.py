@@ -24,7 +24,8 @@ pytestmark = pytest.mark.django_db
 def payroll_org(org_a):
     """Org A's employee (externalId E-100 from the directory, team cost centre CC-7): 5,000 (the
     fixture's grant) + 20,000 granted, an approved overage of 10,000, 12,000 used; HR has 1,000
-    granted and nothing used. Valued at 4.00 per million (input price 4.00, multiplier 1)."""
+    granted and nothing used, the owner 500,000. Valued at 4.00 per million (input price 4.00,
+    multiplier 1)."""
     organization = org_a.organization
     employee, hr = org_a.members["employee"], org_a.members["hr"]
     with scope(organization):
@@ -39,6 +40,11 @@ def payroll_org(org_a):
         ledger.settle(hold=hold, used_tokens=12_000)
         allowance_services.account_open(member=hr)
         allowance_services.grant_create(organization=organization, actor=None, tokens=1_000, reason="x", member=hr)
+        # The owner has the most tokens and comes last: rows go by email, never by tokens.
+        owner = org_a.members["owner"]
+        allowance_services.account_open(member=owner)
+        allowance_services.grant_create(organization=organization, actor=None, tokens=500_000, reason="x",
+                                        member=owner)
     org_a.period = f"{account.period_start:%Y-%m}"
     return org_a
 
@@ -47,6 +53,7 @@ EXPECTED = [
     # employee id, email, cost centre, team, granted, used, value granted, value used, currency
     ["E-100", "employee@a.example", "CC-7", "Team a", "35000", "12000", "0.14", "0.05", "USD"],
     ["hr@a.example", "hr@a.example", "CC-7", "Team a", "1000", "0", "0.00", "0.00", "USD"],
+    ["owner@a.example", "owner@a.example", "CC-7", "Team a", "500000", "0", "2.00", "0.00", "USD"],
 ]
 
 
