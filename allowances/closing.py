@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import date, datetime
 
+from django.db import transaction
 from django.db.models import Min
 from django.utils import timezone
 
@@ -62,6 +63,14 @@ def close_organization_periods(*, organization: Organization, at: datetime | Non
         count = close_period(organization=organization, period=oldest, chunk_size=chunk_size)
         closed.append((oldest, count))
         log.info("closed %s accounts of %s for the period of %s", count, organization.slug, oldest)
+        _settle(organization, oldest)
+
+
+def _settle(organization: Organization, period: date) -> None:
+    """The closed period's consumed billable overage goes to Stripe (billing), in a task of its own."""
+    from billing import tasks as billing_tasks
+
+    transaction.on_commit(lambda: billing_tasks.settle_period.delay(organization.pk, period.isoformat()))
 
 
 def close_period(*, organization: Organization, period: date, chunk_size: int = CHUNK_SIZE) -> int:

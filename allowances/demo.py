@@ -73,3 +73,61 @@ def seed_allowances(organization) -> None:
                                             effective_from=period_begin)
     for member in Member.objects.filter(organization=organization).select_related("organization"):
         account_open(member=member)
+
+
+# The demo's usage, so that the dashboards have days to show: (employee's position, share of the
+# policy's monthly tokens used by now, {model: share of that usage}). The second Engineering
+# employee is near the limit (the low-balance banner); usage is spread over the days of the
+# period so far (today only on its first day), reported like an organization's own gateway would.
+DEMO_USAGE = [
+    (0, "0.45", {"gpt-4o-mini": "0.6", "gpt-4o": "0.4"}),
+    (1, "0.86", {"gpt-4o-mini": "0.5", "claude-haiku": "0.3", "claude-sonnet": "0.2"}),
+    (2, "0.3", {"claude-sonnet": "0.7", "claude-haiku": "0.2", "text-embedding-3-small": "0.1"}),
+]
+
+
+def seed_usage(organization, *, at=None) -> int:
+    """Report the demo's usage through the usage ingest (records and ledger, counted once per day
+    and event: a rerun on the same day adds nothing) and roll the days up; returns the events sent."""
+    from datetime import datetime, time, timedelta
+    from zoneinfo import ZoneInfo
+
+    from django.utils import timezone
+
+    from allowances.selectors import policy_in_force
+    from gateway.rollups import rollup_day
+    from gateway.services import usage_ingest
+
+    at = at or timezone.now()
+    zone = ZoneInfo(organization.time_zone)
+    today = at.astimezone(zone).date()
+    first = max(period_bounds(organization, period_start_for(organization, at))[0].date(), today - timedelta(days=13))
+    days = [first + timedelta(days=offset) for offset in range((today - first).days + 1)]
+    weights = [3 + (index * 7) % 5 for index in range(len(days))]  # a working pattern, not a flat line
+    multipliers = {model_id: Decimal(m_in) for model_id, _name, _most, m_in, *_rest in DEFAULT_CATALOG}
+    employees = [m for m in Member.objects.filter(organization=organization, is_active=True).select_related("user")
+                 .order_by("pk") if m.roles == ["employee"]]
+    admin = Member.objects.filter(organization=organization, is_owner=True).select_related("user").first()
+    events = []
+    for position, share, models in DEMO_USAGE:
+        member = employees[position]
+        policy = policy_in_force(member=member, at=at)
+        if policy is None:
+            continue
+        total = Decimal(policy.monthly_tokens) * Decimal(share)
+        for day, weight in zip(days, weights, strict=True):
+            when = (datetime.combine(day, time(10), tzinfo=zone) if day < today
+                    else max(datetime.combine(day, time.min, tzinfo=zone), at - timedelta(minutes=5)))
+            for model, model_share in models.items():
+                charged = total * weight / sum(weights) * Decimal(model_share)
+                raw = int(charged / multipliers[model])  # input and output count alike in the demo catalog
+                if raw <= 0:
+                    continue
+                events.append({"idempotency_key": f"demo:{member.pk}:{day}:{model}", "member": member.user.email,
+                               "model": model, "input_tokens": raw * 4 // 5, "output_tokens": raw - raw * 4 // 5,
+                               "timestamp": when.isoformat()})
+    if events:
+        usage_ingest(organization=organization, actor=admin.user if admin else None, events=events)
+    for day in days:
+        rollup_day(organization=organization, day=day)
+    return len(events)

@@ -3,7 +3,7 @@ import uuid
 from django import forms
 
 from allowances.models import AllowancePolicy, CatalogModel, LedgerEntry
-from portal.forms import DateRangeFilterForm
+from portal.forms import DateRangeFilterForm, TokenAmountField
 
 APPLY_CHOICES = [
     ("next", "From the next period (nothing changes this month)"),
@@ -13,14 +13,30 @@ APPLY_CHOICES = [
 
 class PolicyForm(forms.Form):
     name = forms.CharField(max_length=120)
-    monthly_tokens = forms.CharField(help_text="Whole tokens per calendar month, e.g. 5000000.")
+    monthly_tokens = TokenAmountField(help_text="Whole tokens per calendar month, e.g. 5,000,000.")
     rollover_rule = forms.ChoiceField(choices=AllowancePolicy.Rollover.choices)
-    rollover_cap_tokens = forms.CharField(required=False, label="Rollover cap (tokens)")
+    rollover_cap_tokens = TokenAmountField(required=False, label="Rollover cap (tokens)")
     rollover_cap_percent = forms.CharField(required=False, label="Rollover cap (% of the monthly amount)")
     rollover_lifetime_periods = forms.IntegerField(initial=1, label="Rolled-over tokens live for (periods)")
     overage_rule = forms.ChoiceField(choices=AllowancePolicy.Overage.choices)
-    auto_approve_tokens = forms.CharField(required=False, label="Auto-approved overage per period (tokens)")
+    auto_approve_tokens = TokenAmountField(required=False, label="Auto-approved overage per period (tokens)")
     auto_approve_requests = forms.CharField(required=False, label="Auto-approved requests per period")
+
+
+    # Fields that only one rule uses: shown while that rule is chosen (static/js/portal.js; all of
+    # them without JavaScript).
+    SHOWN_WHEN = {
+        "rollover_cap_tokens": "rollover_rule=capped_tokens",
+        "rollover_cap_percent": "rollover_rule=capped_percent",
+        "rollover_lifetime_periods": "rollover_rule=all,capped_tokens,capped_percent",
+        "auto_approve_tokens": "overage_rule=auto_approve",
+        "auto_approve_requests": "overage_rule=auto_approve",
+    }
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name, rule in self.SHOWN_WHEN.items():
+            self.fields[name].widget.attrs["data-shown-when"] = rule
 
 
 class PolicyEditForm(PolicyForm):
@@ -60,7 +76,7 @@ class AssignmentForm(TeamOrMemberForm):
 
 
 class GrantForm(TeamOrMemberForm):
-    tokens = forms.CharField(help_text="Whole tokens, e.g. 250000.")
+    tokens = TokenAmountField(help_text="Whole tokens, e.g. 250,000.")
     reason = forms.CharField(max_length=500)
     # Generated when the form is shown, so a double submit grants once.
     idempotency_key = forms.CharField(widget=forms.HiddenInput, max_length=100)

@@ -345,6 +345,14 @@ class LedgerEntry(TenantModel):
                          name="ledger_overage_grants"),
         ]
 
+    @property
+    def signed_tokens(self) -> int:
+        """The entry as the member's history shows it: grants +, expiries, lapses and usage -, a
+        hold - and its release + (a settlement's release of its hold is not usage)."""
+        if self.granted_delta or self.used_delta:
+            return self.granted_delta - self.used_delta
+        return -self.held_delta
+
     def __str__(self):
         return f"{self.kind} {self.tokens} on account {self.account_id}"
 

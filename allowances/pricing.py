@@ -39,3 +39,9 @@ class Pricing:
         tokens and all on output tokens: the two ends of what a mix of them costs."""
         (m_in, m_out, _), (p_in, p_out, _) = self.multipliers, self.prices
         return tuple(sorted((Decimal(tokens) / m_in * p_in / MILLION, Decimal(tokens) / m_out * p_out / MILLION)))
+
+    def billable_cost(self, tokens: int) -> Decimal:
+        """What `tokens` of billable overage (counted against the allowance) are charged: the
+        lower end of allowance_cost, as if all were input tokens. The ledger keeps counted tokens,
+        not their input/output mix, so the charge is never more than what they can have cost."""
+        return self.allowance_cost(tokens)[0]

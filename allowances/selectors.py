@@ -7,8 +7,9 @@ from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from django.db import connection
-from django.db.models import IntegerField, OuterRef, QuerySet, Subquery, Sum, Value
-from django.db.models.functions import Coalesce, TruncDate
+from django.db.models import Count, F, IntegerField, OuterRef, Q, QuerySet, Subquery, Sum, Value
+from django.db.models.lookups import GreaterThan
+from django.db.models.functions import Coalesce
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
 
@@ -25,6 +26,7 @@ from allowances.models import (
     UsageAlert,
 )
 from allowances.periods import period_bounds, period_start_for, periods_after
+from gateway.models import UsageRollup
 from portal.models import Member, Organization
 
 
@@ -49,13 +51,18 @@ def assignment_in_force_sql(*, organization: str, member: str, team: str, at: st
         ORDER BY (pa.member_id IS NOT NULL) DESC, pa.effective_from DESC, pa.id DESC LIMIT 1"""
 
 
-def members_governed_by(*, policy: AllowancePolicy, at: datetime) -> QuerySet[Member]:
-    """The active members `policy` governs at `at`, by the rule of assignment_in_force, in one query."""
+def _policy_in_force(at: datetime):
+    """The id of the policy governing the outer member at `at`, by the rule of assignment_in_force."""
     in_force = PolicyAssignment.objects.filter(effective_from__lte=at).order_by("-effective_from", "-id")
     own = Subquery(in_force.filter(member=OuterRef("pk")).values("policy_id")[:1])
     team = Subquery(in_force.filter(team=OuterRef("team_id")).values("policy_id")[:1])
+    return Coalesce(own, team)
+
+
+def members_governed_by(*, policy: AllowancePolicy, at: datetime) -> QuerySet[Member]:
+    """The active members `policy` governs at `at`, by the rule of assignment_in_force, in one query."""
     return (Member.objects.filter(organization=policy.organization, is_active=True).select_related("organization")
-            .annotate(policy_in_force=Coalesce(own, team)).filter(policy_in_force=policy.pk))
+            .annotate(policy_in_force=_policy_in_force(at)).filter(policy_in_force=policy.pk))
 
 
 def policy_in_force(*, member: Member, at: datetime | None = None) -> AllowancePolicy | None:
@@ -63,25 +70,101 @@ def policy_in_force(*, member: Member, at: datetime | None = None) -> AllowanceP
     return assignment.policy if assignment is not None else None
 
 
-def _used_in_period(period: date):
+def _sum_in_period(period: date, field: str):
     return Coalesce(Subquery(
         LedgerEntry.objects.filter(account=OuterRef("account"), period_start=period).order_by()
-        .values("account").annotate(total=Sum("used_delta")).values("total"),
+        .values("account").annotate(total=Sum(field)).values("total"),
         output_field=IntegerField(),
     ), Value(0))
 
 
-def member_balances(*, organization: Organization, search: str = "", team_id: int | None = None) -> QuerySet[Member]:
-    """Members with their account and the tokens they used in the open period (HR's overview)."""
-    period = period_start_for(organization)
+# HR's balances table: the sorts and level filters it offers (query value -> what it orders by).
+BALANCE_SORTS = {"email": "user__email", "team": "team__name", "granted": "granted_this_period",
+                 "used": "used_this_period", "held": "held_now", "left": "available_now"}
+BALANCE_LEVELS = {"low": "Low", "exhausted": "Used up", "ok": "OK", "none": "No policy"}
+
+
+def member_balances(*, organization: Organization, search: str = "", team_id: int | None = None,
+                    level: str = "", sort: str = "email", at: datetime | None = None) -> QuerySet[Member]:
+    """Members with what their account was granted and used in the open period, held and left now,
+    and the policy in force (HR's overview). `level` is a key of BALANCE_LEVELS; `sort` a key of
+    BALANCE_SORTS, "-" first for descending; anything else is ignored."""
+    at = at or timezone.now()
+    period = period_start_for(organization, at)
     members = (Member.objects.filter(organization=organization, is_active=True)
-               .select_related("user", "team", "account").annotate(used_this_period=_used_in_period(period)))
+               .select_related("user", "team", "account")
+               .annotate(used_this_period=_sum_in_period(period, "used_delta"),
+                         granted_this_period=_sum_in_period(period, "granted_delta"),
+                         held_now=Coalesce(F("account__held"), Value(0)),
+                         available_now=Coalesce(F("account__granted") - F("account__used") - F("account__held"), Value(0)),
+                         policy_in_force=_policy_in_force(at)))
     search = search.replace("\x00", "").strip()  # PostgreSQL refuses NUL characters: a 500 for ?q=%00
     if search:
         members = members.filter(user__email__icontains=search)
     if team_id:
         members = members.filter(team_id=team_id)
-    return members.order_by("user__email")
+    if level == "none":
+        members = members.filter(policy_in_force__isnull=True)
+    elif level in BALANCE_LEVELS:
+        members = members.filter(balance_level_filter(level, available=F("available_now"),
+                                                      granted=F("granted_this_period")))
+    descending = sort.startswith("-")
+    order = BALANCE_SORTS.get(sort.removeprefix("-"), "user__email")
+    return members.order_by(f"-{order}" if descending else order, "user__email")
+
+
+def member_balance_get(*, organization: Organization, member_id: int) -> Member:
+    return get_object_or_404(member_balances(organization=organization), pk=member_id)
+
+
+LOW_FRACTION = 5  # a balance under a fifth of what the period granted is low
+
+
+def balance_level(*, available: int, granted: int) -> str:
+    """"exhausted" (nothing left), "low" (under a fifth of what the period granted) or "ok"; the
+    dashboard's gauge and banner, the request-more entry and HR's filters all go by it (the
+    filters by `balance_level_filter`, its form in the database, tested against this one)."""
+    if available <= 0:
+        return "exhausted"
+    return "low" if available * LOW_FRACTION < granted else "ok"
+
+
+def balance_level_filter(level: str, *, available, granted) -> Q:
+    """`balance_level` as a filter over the expressions `available` and `granted`."""
+    exhausted = Q(GreaterThan(Value(1), available))
+    if level == "exhausted":
+        return exhausted
+    low = Q(GreaterThan(granted, available * LOW_FRACTION))
+    return ~exhausted & low if level == "low" else ~exhausted & ~low
+
+
+@dataclass(frozen=True)
+class Gauge:
+    """Used, held and left against what was granted this period, in whole per-mille of the gauge."""
+    granted: int
+    used: int
+    held: int
+    left: int
+    level: str
+
+    @property
+    def scale(self) -> int:
+        return max(self.granted, self.used + self.held + max(self.left, 0), 1)
+
+    def _permille(self, tokens: int) -> int:
+        return max(tokens, 0) * 1000 // self.scale
+
+    @property
+    def used_permille(self) -> int:
+        return self._permille(self.used)
+
+    @property
+    def held_permille(self) -> int:
+        return self._permille(self.held)
+
+    @property
+    def left_permille(self) -> int:
+        return max(1000 - self.used_permille - self.held_permille, 0) if self.left > 0 else 0
 
 
 @dataclass
@@ -100,6 +183,19 @@ class Dashboard:
     closed_period: date | None = None
     last_close_billed: int = 0  # approved overage used in the closed period (billed to the organization)
     alerts: list = ()  # 80% / 100% alerts of the open period
+    granted_this_period: int = 0
+    today: date | None = None
+
+    @property
+    def gauge(self) -> Gauge:
+        available = self.account.available
+        return Gauge(granted=self.granted_this_period, used=self.used_this_period, held=self.account.held,
+                     left=available, level=balance_level(available=available, granted=self.granted_this_period))
+
+    @property
+    def is_new(self) -> bool:
+        """Nothing granted and nothing used yet: the dashboard explains what comes next."""
+        return not self.granted_this_period and not self.used_this_period and self.account.available <= 0
 
     @property
     def last_day(self) -> date:
@@ -112,11 +208,15 @@ def dashboard(*, account: Account, at: datetime | None = None) -> Dashboard:
     zone = ZoneInfo(organization.time_zone)
     period = period_start_for(organization, at)
     begin, end = period_bounds(organization, period)
-    usage = LedgerEntry.objects.filter(account=account, period_start=period).exclude(used_delta=0)
+    in_period = LedgerEntry.objects.filter(account=account, period_start=period)
+    granted = in_period.aggregate(total=Sum("granted_delta"))["total"] or 0
+    usage = in_period.exclude(used_delta=0)
     used = usage.aggregate(total=Sum("used_delta"))["total"] or 0
-    per_day = dict(usage.annotate(day=TruncDate("created_at", tzinfo=zone)).values("day").annotate(
-        total=Sum("used_delta")).values_list("day", "total"))
     today = at.astimezone(zone).date()
+    per_day: dict[date, int] = {}
+    for day, _team, _model, tokens in usage_by_day(organization=organization, since=begin.date(), at=at,
+                                                   member=account.member):
+        per_day[day] = per_day.get(day, 0) + tokens
     daily, day = [], begin.date()
     while day < end.date():
         daily.append((day, per_day.get(day, 0) if day <= today else 0))
@@ -139,10 +239,99 @@ def dashboard(*, account: Account, at: datetime | None = None) -> Dashboard:
     alerts = list(UsageAlert.objects.filter(account=account, period_start=account.period_start).order_by("-threshold"))
     return Dashboard(
         last_close=last_close, closed_period=closed_period, alerts=alerts, last_close_billed=billed,
+        granted_this_period=granted, today=today,
         account=account, policy=policy_in_force(member=account.member, at=at), period_begin=begin, period_end=end,
         used_this_period=used, days_left=max((end.date() - today).days, 0), burn_per_day=burn, run_out_on=run_out,
         daily=daily, by_model=[(model or "unattributed", total) for model, total in by_model],
     )
+
+
+@dataclass
+class Overview:
+    """An organization's open period for HR and admins: spend against the total allowance, by team
+    and by model, and the last days by team. History comes from the hourly roll-ups (days before
+    today), today from the ledger, so the figures are live."""
+    period_begin: datetime
+    period_end: datetime
+    today: date
+    gauge: Gauge
+    members: int
+    by_team: list[tuple[str, int]]  # this period
+    by_model: list[tuple[str, int]]
+    days: list[date]  # the last OVER_TIME_DAYS days, whichever period they were in
+    by_day_and_team: dict[str, list[int]]
+    attention: list[Member]  # members near or past their limit, fewest tokens left first
+
+    @property
+    def last_day(self) -> date:
+        return (self.period_end - timedelta(days=1)).date()
+
+
+NO_TEAM = "No team"
+
+
+def usage_by_day(*, organization: Organization, since: date, at: datetime | None = None,
+                 member: Member | None = None) -> list[tuple[date, str, str, int]]:
+    """(day, team, model, tokens) from `since` to today, of the organization or one member:
+    roll-ups for the days before today (by when the usage happened), the ledger's usage entries
+    for today (the roll-up of today lags by up to an hour)."""
+    at = at or timezone.now()
+    zone = ZoneInfo(organization.time_zone)
+    today = at.astimezone(zone).date()
+    today_begins = datetime.combine(today, datetime.min.time(), tzinfo=zone)
+    rollups = UsageRollup.objects.filter(organization=organization, day__gte=since, day__lt=today)
+    entries = LedgerEntry.objects.filter(organization=organization, created_at__gte=today_begins, created_at__lte=at)
+    if member is not None:
+        rollups, entries = rollups.filter(member=member), entries.filter(account__member=member)
+    history = rollups.values("day", "team_name", "model").annotate(tokens=Sum("charged_tokens")).order_by()
+    rows = [(row["day"], row["team_name"] or NO_TEAM, row["model"], row["tokens"]) for row in history]
+    live = (entries.exclude(used_delta=0).values("account__member__team__name", "model")
+            .annotate(tokens=Sum("used_delta")).order_by())
+    rows += [(today, row["account__member__team__name"] or NO_TEAM, row["model"] or "unattributed", row["tokens"])
+             for row in live]
+    return [row for row in rows if row[3]]
+
+
+def _totals(pairs) -> list[tuple[str, int]]:
+    totals: dict[str, int] = {}
+    for name, tokens in pairs:
+        totals[name] = totals.get(name, 0) + tokens
+    return sorted(totals.items(), key=lambda item: (-item[1], item[0]))
+
+
+OVER_TIME_DAYS = 30
+
+
+def organization_overview(*, organization: Organization, at: datetime | None = None) -> Overview:
+    at = at or timezone.now()
+    zone = ZoneInfo(organization.time_zone)
+    period = period_start_for(organization, at)
+    begin, end = period_bounds(organization, period)
+    today = at.astimezone(zone).date()
+    first_day = today - timedelta(days=OVER_TIME_DAYS - 1)
+    usage = usage_by_day(organization=organization, since=min(first_day, begin.date()), at=at)
+    this_period = [row for row in usage if row[0] >= begin.date()]
+    balances = member_balances(organization=organization, at=at)
+    sums = balances.aggregate(granted=Sum("granted_this_period"), held=Sum("held_now"), left=Sum("available_now"),
+                              members=Count("pk"))
+    used = sum(tokens for _day, _team, _model, tokens in this_period)
+    granted, held, left = sums["granted"] or 0, sums["held"] or 0, sums["left"] or 0
+    days = [first_day + timedelta(days=offset) for offset in range(OVER_TIME_DAYS)]
+    recent = [row for row in usage if row[0] >= first_day]
+    per_day: dict[str, list[int]] = {team: [0] * len(days) for team, _tokens in
+                                     _totals((team, tokens) for _day, team, _model, tokens in recent)}
+    for day, team, _model, tokens in recent:
+        per_day[team][(day - first_day).days] += tokens
+    attention = list(balances.filter(granted_this_period__gt=0).filter(
+        balance_level_filter("low", available=F("available_now"), granted=F("granted_this_period"))
+        | balance_level_filter("exhausted", available=F("available_now"), granted=F("granted_this_period"))
+    ).order_by("available_now", "user__email")[:10])
+    return Overview(period_begin=begin, period_end=end, today=today, members=sums["members"],
+                    gauge=Gauge(granted=granted, used=used, held=held, left=left,
+                                level=balance_level(available=left, granted=granted) if granted else "ok"),
+                    by_team=_totals((team, tokens) for _day, team, _model, tokens in this_period),
+                    by_model=_totals((model, tokens) for _day, _team, model, tokens in this_period),
+                    days=days, by_day_and_team=per_day, attention=attention)
 
 
 def ledger_history(*, account: Account, kind: str = "", since: date | None = None,

@@ -5,7 +5,9 @@ from allowances import views
 # Included under /o/<org_slug>/.
 urlpatterns = [
     path("", views.dashboard, name="dashboard"),
+    path("overview/", views.overview, name="overview"),
     path("balances/", views.balances, name="balances"),
+    path("balances/<int:member_id>/", views.balance_detail, name="balance_detail"),
     path("policies/", views.policy_list, name="policy_list"),
     path("policies/assign/", views.policy_assign, name="policy_assign"),
     path("policies/<int:allowance_policy_id>/", views.policy_edit, name="policy_edit"),

@@ -6,8 +6,7 @@ from django.core.paginator import Paginator
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from allowances import selectors, services
-from allowances.charts import daily_usage_svg
+from allowances import charts, selectors, services
 from allowances.forms import (
     AssignmentForm,
     CatalogModelForm,
@@ -18,8 +17,10 @@ from allowances.forms import (
     PolicyEditForm,
     PolicyForm,
 )
-from gateway.selectors import connections_of
+from apikeys.selectors import keys_of
+from gateway.selectors import connections_of, usage_records
 from portal import selectors as portal_selectors
+from portal.exports import csv_response
 from portal.forms import apply_service_error
 from portal.tenancy import require_roles
 from portal.views import LAST_ORGANIZATION_KEY, org_url
@@ -43,19 +44,76 @@ def dashboard(request):
         return render(request, "allowances/_history.html", {"page": page, "history_form": form}, status=form.status)
     board = selectors.dashboard(account=account)
     return render(request, "allowances/dashboard.html", {
-        "board": board, "chart": daily_usage_svg(board.daily), "history_form": form, "page": page,
+        "board": board, "history_form": form, "page": page,
+        "chart": charts.daily_usage_chart(board.daily, today=board.today, burn_per_day=board.burn_per_day,
+                                          run_out_on=board.run_out_on),
+        "model_chart": charts.breakdown_chart(board.by_model, what="model"),
     }, status=form.status)
+
+
+@require_roles("hr")
+@require_GET
+def overview(request):
+    """HR's and admins' view of the open period: spend against the organization's allowance, by
+    team, by model and by day, and the members near or past their limit."""
+    board = selectors.organization_overview(organization=request.organization)
+    if request.GET.get("export") in ("teams", "models"):
+        rows = board.by_team if request.GET["export"] == "teams" else board.by_model
+        what = "team" if request.GET["export"] == "teams" else "model"
+        return csv_response(f"{request.organization.slug}-{what}s-{board.period_begin:%Y-%m}.csv",
+                            [what, "tokens used this period"], rows)
+    return render(request, "allowances/overview.html", {
+        "board": board,
+        "team_chart": charts.breakdown_chart(board.by_team, what="team"),
+        "model_chart": charts.breakdown_chart(board.by_model, what="model"),
+        "time_chart": charts.spend_over_time_chart(board.days, board.by_day_and_team, what="team"),
+    })
 
 
 @require_roles("hr")
 @require_GET
 def balances(request):
     team_id = request.GET.get("team", "")
-    members = selectors.member_balances(organization=request.organization, search=request.GET.get("q", ""),
-                                        team_id=int(team_id) if team_id.isascii() and team_id.isdigit() and len(team_id) < 18 else None)
+    level = request.GET.get("level", "")
+    sort = request.GET.get("sort", "email")
+    members = selectors.member_balances(
+        organization=request.organization, search=request.GET.get("q", ""), level=level, sort=sort,
+        team_id=int(team_id) if team_id.isascii() and team_id.isdigit() and len(team_id) < 18 else None)
+    if request.GET.get("export") == "csv":
+        return csv_response(f"{request.organization.slug}-balances.csv",
+                            ["email", "team", "policy", "granted this period", "used this period", "held", "left", "level"],
+                            _balance_rows(request.organization, members))
     return render(request, "allowances/balances.html", {
         "page": Paginator(members, 50).get_page(request.GET.get("page")), "q": request.GET.get("q", ""),
         "teams": portal_selectors.team_list(organization=request.organization), "team_id": team_id,
+        "level": level, "levels": selectors.BALANCE_LEVELS, "sort": sort,
+        "columns": [("email", "Member", ""), ("team", "Team", ""), ("granted", "Granted", "num"),
+                    ("used", "Used this period", "num"), ("held", "Held", "num"), ("left", "Left", "num")],
+        "policies": {policy.pk: policy for policy in selectors.policy_list(organization=request.organization)},
+    })
+
+
+def _balance_rows(organization, members):
+    policies = {policy.pk: policy.name for policy in selectors.policy_list(organization=organization)}
+    for member in members:
+        level = selectors.balance_level(available=member.available_now, granted=member.granted_this_period)
+        yield [member.user.email, member.team.name if member.team else "", policies.get(member.policy_in_force, ""),
+               member.granted_this_period, member.used_this_period, member.held_now, member.available_now, level]
+
+
+@require_roles("hr")
+@require_GET
+def balance_detail(request, member_id):
+    """One member's allowance, keys and recent usage, from HR's balances."""
+    subject = selectors.member_balance_get(organization=request.organization, member_id=member_id)
+    account = getattr(subject, "account", None)
+    board = selectors.dashboard(account=account) if account is not None else None
+    return render(request, "allowances/balance_detail.html", {
+        "subject": subject, "board": board,
+        "chart": charts.daily_usage_chart(board.daily, today=board.today, burn_per_day=board.burn_per_day,
+                                          run_out_on=board.run_out_on) if board and board.used_this_period else "",
+        "keys": keys_of(member=subject),
+        "records": usage_records(organization=request.organization, member=subject)[:20],
     })
 
 

@@ -3,6 +3,7 @@ import uuid
 from django import forms
 
 from apikeys.models import ENDPOINT_ROLES, ENDPOINTS, MAX_ROTATION_GRACE_HOURS
+from portal.forms import TokenAmountField
 
 
 class ApiKeyForm(forms.Form):
@@ -11,7 +12,7 @@ class ApiKeyForm(forms.Form):
                                           initial=["chat", "responses", "messages"])
     model_ids = forms.MultipleChoiceField(choices=[], required=False, widget=forms.CheckboxSelectMultiple,
                                           label="Models", help_text="None ticked: every model your policy allows.")
-    token_cap = forms.CharField(required=False, label="Token cap per period",
+    token_cap = TokenAmountField(required=False, label="Token cap per period",
                                 help_text="Optional sub-budget of your allowance for this key.")
     expires_at = forms.DateTimeField(required=False, label="Expires",
                                      widget=forms.DateTimeInput(attrs={"type": "datetime-local"}))

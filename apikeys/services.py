@@ -19,6 +19,7 @@ from allowances.selectors import policy_in_force
 from apikeys import secrets
 from apikeys.models import ENDPOINT_ROLES, ENDPOINTS, MAX_ROTATION_GRACE_HOURS, ApiKey
 from portal.audit import log_action
+from portal.links import public_url
 from portal.models import Member
 from portal import shared_cache
 from portal.tenancy import unscoped
@@ -299,7 +300,7 @@ def send_expiry_reminders(*, at: datetime | None = None) -> int:
             # Claimed by this update or by a concurrent run, never both: one email per key.
             if not ApiKey.objects.filter(pk=key.pk, expiry_reminded_at=None).update(expiry_reminded_at=at):
                 continue
-        keys_page = settings.PORTAL_BASE_URL + reverse("key_list", kwargs={"org_slug": key.organization.slug})
+        keys_page = public_url(reverse("key_list", kwargs={"org_slug": key.organization.slug}))
         try:
             send_mail(subject=f"{settings.ACCOUNT_EMAIL_SUBJECT_PREFIX}Your API key “{key.name}” expires soon",
                       message=(f"Your API key “{key.name}” ({key.display_prefix}…{key.last_four}) in "

@@ -1,6 +1,5 @@
 """API key pages: members mint and manage their own keys; admins see and revoke every key."""
 
-from django.conf import settings
 from django.contrib import messages
 from django.core.exceptions import ValidationError
 from django.shortcuts import redirect, render
@@ -11,34 +10,36 @@ from allowances.selectors import catalog
 from apikeys import selectors, services
 from apikeys.forms import ApiKeyForm, RotateForm
 from portal.forms import apply_service_error
-from portal.reauth import confirm_password_first
+from portal.links import public_base
+from portal.reauth import confirm_password_first, kept_form
 from portal.tenancy import require_roles
 from portal.views import org_url
 
 
-def _form(request, data=None):
+def _form(request, data=None, initial=None):
     return ApiKeyForm(data, catalog=catalog(organization=request.organization, active_only=True).order_by("display_name"),
-                      member=request.member)
+                      member=request.member, initial=initial or {})
 
 
 def _show_secret_once(request, key, secret, status=201):
     """The only response that ever carries the secret: not cached, not stored, not logged."""
-    return render(request, "apikeys/created.html", {"key": key, "secret": secret, "base_url": settings.PORTAL_BASE_URL},
+    return render(request, "apikeys/created.html", {"key": key, "secret": secret, "base_url": public_base()},
                   status=status)
 
 
 @require_GET
 def key_list(request):
+    typed = kept_form(request, then=org_url(request, "key_list"), form_class=ApiKeyForm)  # before the password check
     return render(request, "apikeys/key_list.html", {
-        "form": _form(request), "keys": selectors.keys_of(member=request.member), "rotate_form": RotateForm(),
-        "base_url": settings.PORTAL_BASE_URL,
+        "form": _form(request, initial=typed), "keys": selectors.keys_of(member=request.member),
+        "rotate_form": RotateForm(), "base_url": public_base(),
     })
 
 
 @never_cache
 @require_POST
 def key_create(request):
-    if prompt := confirm_password_first(request, then=org_url(request, "key_list")):
+    if prompt := confirm_password_first(request, then=org_url(request, "key_list"), keep=True):
         return prompt
     form = _form(request, request.POST)
     if form.is_valid():
@@ -50,7 +51,7 @@ def key_create(request):
             return _show_secret_once(request, key, secret)
     return render(request, "apikeys/key_list.html", {
         "form": form, "keys": selectors.keys_of(member=request.member), "rotate_form": RotateForm(),
-        "base_url": settings.PORTAL_BASE_URL,
+        "base_url": public_base(),
     }, status=400)
 
 
@@ -59,7 +60,7 @@ def key_create(request):
 def key_rotate(request, api_key_id):
     # Find the key first: someone else's key answers 404 before any password prompt.
     key = selectors.key_get(organization=request.organization, api_key_id=api_key_id, member=request.member)
-    if prompt := confirm_password_first(request, then=org_url(request, "key_list")):
+    if prompt := confirm_password_first(request, then=org_url(request, "key_list"), keep=True):
         return prompt
     form = RotateForm(request.POST)
     if form.is_valid():

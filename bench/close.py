@@ -31,6 +31,8 @@ django.setup()
 
 from django.db import connection, connections  # noqa: E402
 
+from portal.models import Organization  # noqa: E402
+
 ACCOUNTS = int(os.environ.get("ACCOUNTS", "1000000"))
 ORGANIZATIONS = int(os.environ.get("ORGANIZATIONS", "10"))
 WORKERS = int(os.environ.get("WORKERS", str(os.cpu_count() or 1)))
@@ -46,10 +48,9 @@ def seed() -> list[int]:
     organizations = []
     with connection.cursor() as cursor:
         for number in range(ORGANIZATIONS):
-            cursor.execute("INSERT INTO portal_organization (name, slug, time_zone, currency, created_at) "
-                           "VALUES (%s, %s, %s, 'USD', now()) RETURNING id",
-                           [f"Bench {number}", f"bench-{number}", ["UTC", "Europe/Berlin", "America/New_York"][number % 3]])
-            org = cursor.fetchone()[0]
+            # Through the model, so the organization's defaults are whatever the model says.
+            org = Organization.objects.create(name=f"Bench {number}", slug=f"bench-{number}", currency="USD",
+                                              time_zone=["UTC", "Europe/Berlin", "America/New_York"][number % 3]).pk
             organizations.append(org)
             cursor.execute("INSERT INTO portal_team (organization_id, name, cost_centre, created_at) "
                            "VALUES (%s, 'Everyone', '', now()) RETURNING id", [org])
@@ -88,7 +89,6 @@ def seed() -> list[int]:
 
 def close_organizations(organization_ids: list[int]) -> int:
     from allowances.closing import close_period
-    from portal.models import Organization
 
     connections.close_all()  # a fresh connection in each worker process
     closed = 0

@@ -33,6 +33,7 @@ from django.db import connection, connections  # noqa: E402
 
 from allowances import ledger  # noqa: E402
 from allowances.models import Account, LedgerEntry  # noqa: E402
+from portal.models import Organization  # noqa: E402
 
 WORKERS = 8
 SECONDS = float(os.environ.get("BENCH_SECONDS", "8"))
@@ -45,9 +46,7 @@ HOLD, USED = 100, 60
 def seed_accounts() -> list[tuple[int, int]]:
     """10,000 members with funded accounts, written in bulk (grant entries and balances agree)."""
     with connection.cursor() as cursor:
-        cursor.execute("INSERT INTO portal_organization (name, slug, time_zone, currency, created_at) "
-                       "VALUES ('Bench', 'bench', 'UTC', 'USD', now()) RETURNING id")
-        org = cursor.fetchone()[0]
+        org = Organization.objects.create(name="Bench", slug="bench", time_zone="UTC", currency="USD").pk
         cursor.execute("INSERT INTO portal_user (password, is_superuser, email, first_name, last_name, is_staff, is_active, date_joined) "
                        "SELECT '!', false, 'u' || i || '@bench.example', '', '', false, true, now() FROM generate_series(1, %s) i", [ACCOUNTS])
         cursor.execute("INSERT INTO portal_member (organization_id, user_id, is_owner, is_admin, is_hr, is_approver, is_employee, is_active, joined_at) "

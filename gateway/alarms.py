@@ -19,6 +19,7 @@ from django.db.models import Q
 from django.urls import reverse
 
 from portal.audit import log_action
+from portal.links import public_url
 from portal.models import Member, Organization
 from portal.tenancy import unscoped
 
@@ -49,7 +50,7 @@ def _email(organization: Organization) -> None:
                                                 is_active=True).values_list("user__email", flat=True))
     if not recipients:
         return
-    usage = settings.PORTAL_BASE_URL + reverse("usage_list", kwargs={"org_slug": organization.slug})
+    usage = public_url(reverse("usage_list", kwargs={"org_slug": organization.slug}))
     send_mail(subject=f"{settings.ACCOUNT_EMAIL_SUBJECT_PREFIX}A provider reported more usage than was held",
               message=(f"In {organization.name}, a provider reported more tokens for a request than the gateway "
                        "had held for it. The excess was not charged to the member's allowance, but your provider "

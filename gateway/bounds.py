@@ -93,6 +93,9 @@ def _positive_int(body: dict, name: str, ceiling: int) -> int | None:
     return value
 
 
+TEXT_PARTS = ("text", "input_text", "output_text", "summary_text")  # content parts that carry a `text`
+
+
 def _parts(content, where: str, param: str, allowed: set[str] | None = None) -> list:
     """The content's parts: a string is one text part; a list must hold objects (of the `allowed`
     types, when given; a text part's text is a string)."""
@@ -104,8 +107,10 @@ def _parts(content, where: str, param: str, allowed: set[str] | None = None) -> 
         kind = part.get("type")
         if allowed is not None and (not isinstance(kind, str) or kind not in allowed):
             raise _invalid(f"{where}[{index}].type must be one of {', '.join(sorted(allowed))}.", param)
-        if kind in ("text", "input_text", "output_text") and not isinstance(part.get("text"), str):
+        if kind in TEXT_PARTS and not isinstance(part.get("text"), str):
             raise _invalid(f"{where}[{index}].text must be a string.", param)
+        if kind == "refusal" and not isinstance(part.get("refusal"), str):
+            raise _invalid(f"{where}[{index}].refusal must be a string.", param)
     return content
 
 
@@ -213,7 +218,7 @@ def _tools_prompt(body: dict, family: str) -> int:
     for index, tool in enumerate(tools):
         kind = tool.get("type")
         if family == "openai":
-            if kind not in CHAT_TOOLS:
+            if not isinstance(kind, str) or kind not in CHAT_TOOLS:
                 raise _invalid(f"`tools[{index}].type` must be one of {', '.join(sorted(CHAT_TOOLS))}.", "tools")
         elif isinstance(kind, str) and kind.startswith(ANTHROPIC_SERVER_TOOLS):
             raise _unboundable(f"The server tool `{kind}` (it runs at the provider, and its results count as input)",
@@ -236,16 +241,18 @@ def _responses_tools(tools, param: str) -> None:
             _responses_tools(tool.get("tools") or [], param)
 
 
-def _responses_input(body: dict) -> tuple[int, int, int]:
-    """(items, images, bytes of image data) of a Responses request's input, checked."""
+def _responses_input(body: dict) -> tuple[int, int, int, bool]:
+    """(items, images, bytes of image data, whether an item adds tools) of a Responses request's
+    input, checked."""
     if body.get("instructions") is not None and not isinstance(body.get("instructions"), str):
         raise _invalid("`instructions` must be a string.", "instructions")
     value = body.get("input")
     if isinstance(value, str):
-        return 1, 0, 0
+        return 1, 0, 0, False
     if not isinstance(value, list) or not value:
         raise _invalid("`input` must be a string or a non-empty list of input items.", "input")
     images = data = 0
+    adds_tools = False
     for index, item in enumerate(value):
         if not isinstance(item, dict):
             raise _invalid(f"`input[{index}]` must be an object (an input item).", "input")
@@ -255,18 +262,16 @@ def _responses_input(body: dict) -> tuple[int, int, int]:
                 raise _invalid(f"`input[{index}].role` must be one of {', '.join(sorted(RESPONSES_ROLES))}.", "input")
             found = _images(_parts(item.get("content"), f"`input[{index}].content`", "input"), "input")
         elif kind in ("function_call_output", "custom_tool_call_output"):
-            output = item.get("output")
-            found = _images(output if isinstance(output, list) and all(isinstance(p, dict) for p in output) else [],
-                            "input")
+            found = _images(_parts(item.get("output"), f"`input[{index}].output`", "input"), "input")
         elif kind == "item_reference":
             raise _unboundable("An input item stored at the provider (`item_reference`)", "input")
         elif kind == "additional_tools":
             _responses_tools(item.get("tools") or [], "input")
-            found = (0, 0)
+            adds_tools, found = adds_tools or bool(item.get("tools")), (0, 0)
         else:
             found = (0, 0)  # function calls, reasoning items and the like: all of them in the body
         images, data = images + found[0], data + found[1]
-    return len(value), images, data
+    return len(value), images, data, adds_tools
 
 
 def _responses(body: dict, most_output: int, image_tokens: int) -> Bound:
@@ -280,12 +285,12 @@ def _responses(body: dict, most_output: int, image_tokens: int) -> Bound:
     previous = body.get("previous_response_id")
     if previous is not None and (not isinstance(previous, str) or not previous or len(previous) > 100):
         raise _invalid("`previous_response_id` must be the id of an earlier response.", "previous_response_id")
-    items, images, data = _responses_input(body)
+    items, images, data, adds_tools = _responses_input(body)
     _responses_tools(body.get("tools") or [], "tools")
     output, forward = _cap(body, ("max_output_tokens",), most_output, most_output, "max_output_tokens")
     input_tokens = (_encoded_size(body) - data + images * image_tokens + REQUEST_FRAMING
                     + MESSAGE_FRAMING * (items + 1)  # the instructions are one more message
-                    + (TOOL_PROMPT if body.get("tools") else 0))
+                    + (TOOL_PROMPT if body.get("tools") or adds_tools else 0))
     return Bound(input_tokens=input_tokens, output_cap=output, choices=1, forward=forward,
                  previous_response_id=previous)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -118,9 +119,20 @@ async def _body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):  # 1e999: valid JSON, but no provider and no JSON answer can carry it
+        raise ValueError(f"{text} is not a finite number")
+    return number
+
+
+def _not_a_number(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
 def _json_object(raw: bytes) -> dict:
     try:
-        body = json.loads(raw or b"null")
+        body = json.loads(raw or b"null", parse_float=_finite, parse_constant=_not_a_number)
     except (ValueError, UnicodeDecodeError):
         body = None
     except RecursionError:
@@ -221,11 +233,10 @@ async def _answer(begun: Begun, exchange: Exchange, data: dict, content: bytes |
         response_id = data["id"]
     elif begun.endpoint == "responses" and isinstance(data.get("id"), str):
         response_id = data["id"]
+    if content is None:  # rendered before settling: a reply that cannot be sent is not charged
+        content = JSONResponse(data).body
     await _finish(begun, status=Status.OK, usage=usage, detail=detail, response_id=response_id)
-    headers = _headers(begun)
-    if content is None:
-        return JSONResponse(data, headers=headers)
-    return Response(content, media_type="application/json", headers=headers)
+    return Response(content, media_type="application/json", headers=_headers(begun))
 
 
 def _headers(begun: Begun) -> dict:

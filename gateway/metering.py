@@ -14,13 +14,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from urllib.parse import urlencode
 
 import django.db
 import psycopg
-from django.conf import settings
 from django.db import connection, transaction
 from django.urls import reverse
 from django.utils import timezone
@@ -39,6 +38,7 @@ from gateway.models import ProviderConnection, UsageRecord
 from gateway.upstream import Usage
 from portal import async_db, shared_cache
 from portal.async_db import in_thread
+from portal.links import public_url
 from portal.models import Organization
 from portal.tenancy import scope, unscoped
 
@@ -247,6 +247,14 @@ def _bound(route: ModelRoute, endpoint: str, body: dict) -> bounds.Bound:
                         cap_field=cap_field(route), image_tokens=sandbox.IMAGE_TOKENS if route.is_sandbox else None)
 
 
+def _covering_translation(route: ModelRoute, worst: bounds.Bound, *, chat: dict) -> bounds.Bound:
+    """A translated request's provider reads the chat body it is sent, which can be larger than the
+    request the client sent (namespaces prefixed to tool names, parameters given to freeform
+    tools): the hold covers the larger of the two."""
+    sent = _bound(route, "chat", chat)
+    return replace(worst, input_tokens=max(worst.input_tokens, sent.input_tokens))
+
+
 def _reserve(route: ModelRoute, worst: bounds.Bound) -> int:
     """The tokens to hold for a request's worst case."""
     return max(route.weighted(Usage(input=worst.input_tokens, output=worst.output_cap * worst.choices)), 1)
@@ -298,7 +306,8 @@ async def begin(*, raw_key: str | None, ip: str | None, endpoint: str, body: dic
     """Authenticate, check and hold the request's worst case; GatewayError if it may not go ahead.
 
     `plan(route, bound)`, if given, is called before anything is held (it may refuse the request
-    with a GatewayError); what it returns is the Begun's `plan`."""
+    with a GatewayError); what it returns is the Begun's `plan`: None, or a translation
+    `(chat body, how to answer)` whose chat body the hold covers as well."""
     try:
         return await _begin(raw_key=raw_key, ip=ip, endpoint=endpoint, body=body, request_id=request_id,
                             started=started, plan=plan)
@@ -318,8 +327,10 @@ async def _begin(*, raw_key, ip, endpoint, body, request_id, started, plan) -> B
     worst = _bound(route, endpoint, body)
     if worst.previous_response_id is not None:
         worst = await in_thread(_continued)(identity, route, worst)
-    reserve = _reserve(route, worst)
     planned = plan(route, worst) if plan is not None else None
+    if planned is not None:
+        worst = _covering_translation(route, worst, chat=planned[0])
+    reserve = _reserve(route, worst)
     requested = body["model"]
     refusal = {"identity": identity, "config": config, "route": route, "endpoint": endpoint,
                "requested": requested, "request_id": request_id, "started": started}
@@ -390,8 +401,8 @@ async def _run(statement: ledger.Statement, with_entry: str = "", params: dict |
 def _more_url(config: OrgConfig, *, tokens: int | None = None, model: str = "") -> str:
     """The overage request form, filled in with what the refused request was short of."""
     query = urlencode({name: value for name, value in (("tokens", tokens), ("model", model)) if value})
-    return (f"Request more at {settings.PORTAL_BASE_URL}"
-            f"{reverse('overage_request_new', kwargs={'org_slug': config.slug})}{'?' + query if query else ''}")
+    path = reverse("overage_request_new", kwargs={"org_slug": config.slug})
+    return f"Request more at {public_url(path)}{'?' + query if query else ''}"
 
 
 def _refusal_message(refusal, config: OrgConfig, model: str = "") -> str:

@@ -22,12 +22,13 @@ import json
 import time
 import uuid
 
+from gateway.bounds import TEXT_PARTS
 from gateway.errors import GatewayError
+from gateway.upstream import Usage
 
 NAMESPACE_SEPARATOR = "__"
 _FREEFORM_PARAMETERS = {"type": "object", "properties": {"input": {"type": "string"}}, "required": ["input"]}
 _PASSED = ("temperature", "top_p", "user", "parallel_tool_calls")
-_TEXT_PARTS = ("input_text", "output_text", "text", "summary_text")
 
 
 def _untranslatable(what: str, param: str = "input") -> GatewayError:
@@ -47,7 +48,7 @@ def _text(content) -> str:
 
 def _chat_part(part: dict, index: int):
     kind = part.get("type")
-    if kind in _TEXT_PARTS or kind == "refusal":
+    if kind in TEXT_PARTS or kind == "refusal":
         return {"type": "text", "text": part.get("text") or part.get("refusal") or ""}
     if kind == "input_image":
         if not part.get("image_url"):
@@ -170,13 +171,17 @@ def to_chat(body: dict, *, cap_field: str, output_cap: int) -> tuple[dict, Trans
 
 
 def _usage(chat_usage) -> dict | None:
-    if not isinstance(chat_usage, dict):
+    """The response's usage from the chat reply's, read by the rule metering charges it by."""
+    usage = Usage.from_openai(chat_usage) if isinstance(chat_usage, dict) else None
+    if usage is None:
         return None
-    prompt, completion = int(chat_usage.get("prompt_tokens") or 0), int(chat_usage.get("completion_tokens") or 0)
-    cached = int((chat_usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
-    reasoning = int((chat_usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0)
-    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached}, "output_tokens": completion,
-            "output_tokens_details": {"reasoning_tokens": reasoning}, "total_tokens": prompt + completion}
+    details = chat_usage.get("completion_tokens_details")
+    reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
+    prompt = usage.input + usage.cached
+    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": usage.cached},
+            "output_tokens": usage.output,
+            "output_tokens_details": {"reasoning_tokens": reasoning if type(reasoning) is int else 0},
+            "total_tokens": prompt + usage.output}
 
 
 def sse(event: dict) -> bytes:

@@ -3,12 +3,13 @@ import uuid
 from django import forms
 
 from overage import services
+from portal.forms import TokenAmountField
 
 
 class OverageRequestForm(forms.Form):
     """What the member asks for; the service checks it (the same rules as the API)."""
 
-    tokens = forms.CharField(required=False, help_text="How many tokens more you need this month, e.g. 500000.")
+    tokens = TokenAmountField(required=False, help_text="How many tokens more you need this month, e.g. 500,000.")
     reason = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 3}),
                              help_text="What the tokens are for: the approver decides on it.")
     model = forms.ChoiceField(required=False, label="Model (optional)")
@@ -25,7 +26,7 @@ class OverageRequestForm(forms.Form):
 
 class DecisionForm(forms.Form):
     decision = forms.ChoiceField(choices=[("approve", "Approve"), ("reject", "Reject")])
-    tokens = forms.CharField(required=False, label="Approve only (tokens)",
+    tokens = TokenAmountField(required=False, label="Approve only (tokens)",
                              help_text="Leave empty to approve what was asked for; fewer tokens approve it in part.")
     note = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 2}), label="Note (optional)",
                            help_text="The requester sees it.")
@@ -42,7 +43,7 @@ class BatchApproveForm(forms.Form):
 
 
 class CapForm(forms.Form):
-    cap_tokens = forms.CharField(required=False, label="Approved overage per month, for the whole organization (tokens)",
+    cap_tokens = TokenAmountField(required=False, label="Approved overage per month, for the whole organization (tokens)",
                                  help_text="Empty: no cap. 0: nothing can be approved.")
 
 

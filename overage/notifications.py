@@ -19,6 +19,7 @@ from django.utils import timezone
 
 from overage import selectors
 from overage.models import ApproverDigest, OverageRequest
+from portal.links import public_url
 from portal.models import Organization
 from portal.tenancy import scope, unscoped
 
@@ -28,7 +29,7 @@ State = OverageRequest.State
 
 
 def _url(organization: Organization, name: str, **kwargs) -> str:
-    return settings.PORTAL_BASE_URL + reverse(name, kwargs={"org_slug": organization.slug, **kwargs})
+    return public_url(reverse(name, kwargs={"org_slug": organization.slug, **kwargs}))
 
 
 def _subject(text: str) -> str:

@@ -243,9 +243,6 @@ class OverageStatus:
     notices: list  # decided requests the member has not dismissed yet
 
 
-LOW_FRACTION = 5  # a balance under a fifth of what the period granted is low
-
-
 def overage_status(*, account: Account) -> OverageStatus:
     member = account.member
     period = account.period_start
@@ -256,7 +253,7 @@ def overage_status(*, account: Account) -> OverageStatus:
     billable = sum(row.tokens for row in allowance_selectors.billable_overage(organization=account.organization, period=period,
                                                           member=member)) if overage else 0
     available = account.available
-    level = "exhausted" if available <= 0 else "low" if available * LOW_FRACTION < all_granted else "ok"
+    level = allowance_selectors.balance_level(available=available, granted=all_granted)
     notices = list(own_requests(member=member).exclude(state__in=[State.PENDING, State.CANCELLED])
                    .filter(notice_seen_at__isnull=True)[:3])
     return OverageStatus(granted=overage, billable_used=billable, left=unused_overage(available=available,

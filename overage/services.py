@@ -11,7 +11,8 @@ concurrent approvals cannot pass the cap together.
 
 Errors: ValidationError by field for bad input and for rules the input breaks (the cap, the
 policy); PermissionDenied for who may not; OverageConflict when the request is no longer in a
-state to do it (a decided or cancelled request, a period being closed).
+state to do it (a decided or cancelled request, a period being closed), or approvals are frozen
+(a settlement past due beyond the grace period: billing.selectors.approvals_frozen).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from allowances.models import Account, AllowancePolicy, CatalogModel
 from allowances.periods import period_start_for
 from allowances.selectors import policy_in_force
 from allowances.services import account_open, clean_tokens
+from billing.selectors import approvals_frozen
 from overage import selectors
 from overage.models import ApproverTeam, OverageRequest, OverageSettings
 from portal.audit import log_action
@@ -166,6 +168,8 @@ def _approve_at_once_or_queue(overage_request: OverageRequest, *, account: Accou
                               announce: bool = True) -> None:
     fits = selectors.auto_approval_fits(policy=policy, member=overage_request.member,
                                         period=account.period_start, tokens=overage_request.tokens)
+    if fits and approvals_frozen(organization=overage_request.organization, at=at):
+        fits = False  # it waits for an approver, who may approve it once the settlement is paid
     if fits:
         try:
             _check_cap(overage_request.organization, period=account.period_start, tokens=overage_request.tokens)
@@ -272,6 +276,7 @@ def overage_request_decide(*, overage_request: OverageRequest, actor_member: Mem
                               "that month's close.", overage_request=current)
     if decision == "approve":
         tokens = tokens or current.tokens
+        _check_not_frozen(current.organization, at=at, overage_request=current)
         _check_cap(current.organization, period=current.period_start, tokens=tokens)
         _approve(current, account=account, tokens=tokens, decided_by=actor_member.user, note=note, auto=False, at=at)
     else:
@@ -309,6 +314,13 @@ def overage_requests_approve(*, overage_requests, actor_member: Member, note: st
         else:
             outcome.approved.append(decided)
     return outcome
+
+
+def _check_not_frozen(organization: Organization, *, at: datetime, overage_request: OverageRequest) -> None:
+    """No approval while a settlement is past due beyond the grace period (billing's rule)."""
+    frozen = approvals_frozen(organization=organization, at=at)
+    if frozen:
+        raise OverageConflict(frozen, overage_request=overage_request)
 
 
 def _check_cap(organization: Organization, *, period, tokens: int) -> None:

@@ -8,6 +8,7 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from allowances.selectors import catalog, policy_in_force
+from billing.selectors import approvals_frozen
 from overage import selectors, services
 from overage.forms import ApproverTeamsForm, BatchApproveForm, CapForm, DecisionForm, OverageRequestForm
 from portal import selectors as portal_selectors
@@ -139,6 +140,7 @@ def approval_queue(request):
         "batch_form": BatchApproveForm(queue=queue),
         "cap_room": selectors.cap_room(organization=request.organization,
                                        period=selectors.current_period(organization=request.organization)),
+        "frozen": approvals_frozen(organization=request.organization),
     })
 
 

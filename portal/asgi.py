@@ -22,7 +22,7 @@ from a2wsgi import WSGIMiddleware  # noqa: E402
 from django.conf import settings  # noqa: E402
 
 from gateway import endpoints, upstream  # noqa: E402  (after Django is set up)
-from portal import async_db  # noqa: E402
+from portal import async_db, links  # noqa: E402
 
 GATEWAY_PREFIX = "/v1/"
 portal_application = WSGIMiddleware(django_application, workers=settings.WEB_THREADS)
@@ -45,7 +45,8 @@ async def application(scope, receive, send):
     if scope["type"] == "lifespan":
         return await _lifespan(receive, send)
     if scope["type"] == "http" and scope["path"].startswith(GATEWAY_PREFIX):
-        return await endpoints.application(scope, receive, send)
+        with links.serving(scope):  # the 429's link to request more points where the request came in
+            return await endpoints.application(scope, receive, send)
     if scope["type"] == "websocket":  # none are served (e.g. the Responses API's WebSocket mode)
         return await endpoints.refuse_websocket(scope, receive, send)
     return await portal_application(scope, receive, send)

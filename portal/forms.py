@@ -1,3 +1,4 @@
+import re
 import zoneinfo
 from datetime import date
 
@@ -21,6 +22,29 @@ def apply_service_error(form: forms.Form, error: ValidationError) -> None:
             form.add_error(field if field in form.fields else None, messages)
     else:
         form.add_error(None, error.messages)
+
+
+class TokenAmountField(forms.CharField):
+    """A number of tokens as people type it: `1000000`, `1,000,000`, `1 000 000` or `1_000_000`;
+    shown with thousands separators. It only takes the separators out: the service that receives
+    the digits says what is wrong with a number (one rule for forms, API and CSV)."""
+
+    GROUPED = re.compile(r"-?\d{1,3}(?:([,\u00a0\u202f _])\d{3})(?:\1\d{3})*")
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("widget", forms.TextInput(attrs={"inputmode": "numeric", "autocomplete": "off"}))
+        super().__init__(**kwargs)
+
+    def to_python(self, value):
+        value = super().to_python(value)
+        if self.GROUPED.fullmatch(value):
+            return re.sub(r"[^\d-]", "", value)
+        return value
+
+    def prepare_value(self, value):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return f"{value:,}"
+        return value
 
 
 class SignupOrganizationForm(forms.Form):

@@ -21,6 +21,7 @@ from django.utils import timezone
 from django.utils.text import slugify
 
 from portal.audit import changes, log_action
+from portal.links import public_url
 from portal.models import Invitation, Member, Organization, Team, User, hash_token
 from portal.tenancy import ROLES, scope
 
@@ -216,7 +217,7 @@ def member_access_end(*, member: Member, actor: User | None) -> dict:
 
 
 def _invitation_url(token: str) -> str:
-    return settings.PORTAL_BASE_URL + reverse("invitation_accept", kwargs={"token": token})
+    return public_url(reverse("invitation_accept", kwargs={"token": token}))
 
 
 @transaction.atomic

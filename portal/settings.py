@@ -62,8 +62,11 @@ if PRODUCTION and not ALLOWED_HOSTS:
     raise ImproperlyConfigured("ALLOWED_HOSTS must be set in production")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS")
 
-# The base URL people and tools use to reach this portal (shown in snippets and emails).
-PORTAL_BASE_URL = env("PORTAL_BASE_URL", "http://127.0.0.1:8000").rstrip("/")
+# The address people and tools use to reach this portal, in snippets, emails and the gateway's 429
+# (portal.links). Unset: the address each request came in on; with no request (Celery), HOST_PORT,
+# the address `make run` serves on.
+PORTAL_BASE_URL = env("PORTAL_BASE_URL").rstrip("/")
+HOST_PORT = env("HOST_PORT", "127.0.0.1:8000")
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -73,6 +76,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "django.contrib.humanize",
+    "django.forms",  # its widget templates, for FORM_RENDERER below
     "rest_framework",
     "drf_spectacular",
     "django_htmx",
@@ -95,6 +99,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "portal.staticfiles.StaticFilesMiddleware",
+    "portal.links.PublicBaseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -106,6 +111,10 @@ MIDDLEWARE = [
     # After authentication: resolves /o/<slug>/ to the organization and keeps its scope active.
     "portal.tenancy.TenancyMiddleware",
 ]
+
+# Forms render through the project's templates, so templates/django/forms/ can place each field's
+# errors under the field.
+FORM_RENDERER = "django.forms.renderers.TemplatesSetting"
 
 ROOT_URLCONF = "portal.urls"
 WSGI_APPLICATION = "portal.wsgi.application"
@@ -257,6 +266,8 @@ CELERY_BEAT_SCHEDULE = {
     "overage-digests": {"task": "overage.send_pending_digests", "schedule": crontab(minute=45)},
     # Daily, after the providers have reported the last UTC days (each run redoes the last three).
     "reconcile-providers": {"task": "reports.reconcile_providers", "schedule": crontab(hour=6, minute=20)},
+    # Settlements a close could not charge yet (no card, Stripe unavailable) are charged once they can be.
+    "settle-pending": {"task": "billing.settle_pending", "schedule": crontab(minute=50)},
 }
 
 # Keys the HMAC of API key secrets; defaults to SECRET_KEY. Changing it invalidates every API key.
@@ -287,6 +298,8 @@ STRIPE_SECRET_KEY = env("STRIPE_SECRET_KEY")
 STRIPE_PUBLISHABLE_KEY = env("STRIPE_PUBLISHABLE_KEY")
 STRIPE_WEBHOOK_SECRET = env("STRIPE_WEBHOOK_SECRET")
 STRIPE_API_BASE = env("STRIPE_API_BASE")  # e.g. a localstripe URL in tests
+# Days a settlement may stay past due (its payment failed) before new overage approvals freeze.
+BILLING_GRACE_DAYS = int(env("BILLING_GRACE_DAYS", "7"))
 
 LOGGING = {
     "version": 1,

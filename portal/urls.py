@@ -1,6 +1,7 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from billing import urls as billing_urls
 from identity import urls as identity_urls
 from portal import views
 
@@ -27,6 +28,8 @@ urlpatterns = [
     path("o/<slug:org_slug>/", include("overage.urls")),
     path("o/<slug:org_slug>/", include("reports.urls")),
     path("o/<slug:org_slug>/", include(identity_urls.organization_patterns)),
+    path("o/<slug:org_slug>/", include(billing_urls.urlpatterns)),
+    path("", include(billing_urls.webhook_patterns)),
     path("accounts/", include(identity_urls.login_patterns)),
     path("accounts/", include("allauth.urls")),
     path("scim/v2/o/<slug:org_slug>/", include("identity.scim.urls")),

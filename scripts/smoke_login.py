@@ -38,8 +38,12 @@ with httpx.Client(base_url=base, follow_redirects=True) as client:
     members = client.get(f"/o/{org}/members/")
     if members.status_code != 200 or email not in members.text:
         sys.exit(f"members page answered {members.status_code} without {email}")
-    if client.get("/static/css/portal.css").status_code != 200:
-        sys.exit("the stylesheet is not served")
+    if client.get("/static/css/portal.css").status_code != 200 or client.get("/static/js/portal.js").status_code != 200:
+        sys.exit("the stylesheet or the script is not served")
+    # No PORTAL_BASE_URL: the snippets point where make run serves (HOST_PORT), not at port 8000.
+    keys = client.get(f"/o/{org}/keys/")
+    if f'OPENAI_BASE_URL={base}/v1' not in keys.text:
+        sys.exit(f"the keys page's snippets do not point at {base}")
 
 # The API keys seed_demo printed work against the sandbox provider at once, offline.
 key = re.search(r"^api key for (\S+): (tap_\S+)$", log, re.MULTILINE)

@@ -4,7 +4,8 @@
 # PG_BINDIR=/path/to/bin (e.g. /usr/lib/postgresql/15/bin); Redis, and Chromium for the browser
 # tests, are installed from Debian packages when missing. Starts them on free ports in a temporary
 # folder, exports DATABASE_URL and REDIS_URL, and stops them whatever the command does.
-# PG_ONLY=1 starts PostgreSQL alone (no Redis, no Chromium).
+# Unless PG_ONLY=1 (PostgreSQL alone: no Redis, no Chromium, no localstripe), also starts
+# localstripe (a fake Stripe, from .venv) and exports PORTAL_TEST_STRIPE_API_BASE for the billing tests.
 # Usage: scripts/with-services.sh COMMAND [ARGS...]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -59,6 +60,7 @@ fi
 cleanup() {
     [ -x "$work/pg/pg_ctl" ] && "$work/pg/pg_ctl" -m immediate stop >/dev/null 2>&1 || true
     [ -f "$work/redis.pid" ] && kill "$(cat "$work/redis.pid")" 2>/dev/null || true
+    [ -f "$work/stripe/pid" ] && kill "$(cat "$work/stripe/pid")" 2>/dev/null || true
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -102,6 +104,32 @@ EOF
     export PORTAL_TEST_BROKER_URL="redis://127.0.0.1:$redis_port/1"
     export PORTAL_TEST_REDIS_CONF=$work/redis.conf
     services="$services, Redis on 127.0.0.1:$redis_port"
+
+    # localstripe's own CLI listens on every interface (::): its aiohttp app is served here on
+    # loopback instead, starting empty. It keeps its state in /tmp/localstripe.pickle, a path it
+    # does not let one change: as root it runs in a mount namespace of its own whose /tmp is this
+    # run's folder, so runs at once never share that file.
+    mkdir "$work/stripe"
+    stripe_port=$(free_port)
+    localstripe=("$root/.venv/bin/python" -c "import sys; from aiohttp import web; from localstripe.server import app
+web.run_app(app, host='127.0.0.1', port=int(sys.argv[1]), print=None)" "$stripe_port")
+    "$root/.venv/bin/python" -c "import localstripe" 2>/dev/null \
+        || { echo "localstripe is not installed in .venv: run make install" >&2; exit 1; }
+    if [ "$(id -u)" = 0 ] && command -v unshare >/dev/null; then
+        unshare --mount --propagation private sh -c 'mount --bind "$0" /tmp && exec "$@"' "$work/stripe" \
+            "${localstripe[@]}" >"$work/stripe/log" 2>&1 &
+    else
+        echo "with-services: not root, so localstripe keeps its state in the shared /tmp/localstripe.pickle" >&2
+        "${localstripe[@]}" >"$work/stripe/log" 2>&1 &
+    fi
+    echo $! >"$work/stripe/pid"
+    for _ in $(seq 100); do
+        python3 -c "import socket; socket.create_connection(('127.0.0.1', $stripe_port), 0.2)" 2>/dev/null && break
+        kill -0 "$(cat "$work/stripe/pid")" 2>/dev/null || { cat "$work/stripe/log" >&2; exit 1; }
+        sleep 0.1
+    done
+    export PORTAL_TEST_STRIPE_API_BASE="http://127.0.0.1:$stripe_port"
+    services="$services, localstripe on port $stripe_port"
 fi
 echo "services: $services"
 "$@"

@@ -58,10 +58,27 @@ def make_org(label: str):
     with scope(organization):
         allowance = seed_allowance_objects(organization, team=team, members=members)
         identity = seed_identity_objects(organization, label=label, members=members)
+        billing = seed_billing_objects(organization, team=team)
         reports = seed_report_objects(organization, members=members)
     return SimpleNamespace(organization=organization, slug=organization.slug, team=team, members=members,
                            invitation=invitation, invitation_token=f"token-of-{label}", password=PASSWORD, **allowance,
-                           **identity, **reports)
+                           **identity, **billing, **reports)
+
+
+def seed_billing_objects(organization, *, team):
+    """A billing account (no Stripe customer) and a settlement of an earlier month with its team's
+    line (rows: the fixture has no closed period with consumed overage)."""
+    from datetime import date
+
+    from billing.models import BillingAccount, Settlement, SettlementLine
+
+    billing_account = BillingAccount.objects.create(organization=organization, billing_email="finance@example.com")
+    settlement = Settlement.objects.create(organization=organization, period_start=date(2025, 1, 1), currency="USD",
+                                           amount_minor=1234, tokens=1000, status=Settlement.Status.PENDING)
+    settlement_line = SettlementLine.objects.create(
+        organization=organization, settlement=settlement, team=team, team_name=team.name, tokens=1000,
+        amount_minor=1234, by_model=[{"model": "gpt-test", "tokens": 1000, "amount_minor": 1234}])
+    return {"billing_account": billing_account, "settlement": settlement, "settlement_line": settlement_line}
 
 
 def seed_report_objects(organization, *, members):

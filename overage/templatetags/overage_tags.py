@@ -10,7 +10,7 @@ register = template.Library()
 
 @register.inclusion_tag("overage/_dashboard_entry.html", takes_context=True)
 def overage_entry(context, board):
-    return {"status": selectors.overage_status(account=board.account), "request": context["request"],
+    return {"status": selectors.overage_status(account=board.account), "request": context["request"], "board": board,
             "csrf_token": context.get("csrf_token")}
 
 

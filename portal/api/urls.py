@@ -4,6 +4,7 @@ from rest_framework.permissions import AllowAny
 from rest_framework.routers import SimpleRouter
 
 from allowances.api import views as allowance_views
+from billing import api as billing_api
 from gateway import api as gateway_api
 from overage import api as overage_api
 from portal.api import views
@@ -22,6 +23,7 @@ router.register("ledger-entries", allowance_views.LedgerEntryViewSet, basename="
 router.register("models", allowance_views.CatalogModelViewSet, basename="api-catalog-model")
 router.register("overage-requests", overage_api.OverageRequestViewSet, basename="api-overage-request")
 router.register("payroll", reports_api.PayrollViewSet, basename="api-payroll")
+router.register("billing/settlements", billing_api.SettlementViewSet, basename="api-settlement")
 
 urlpatterns = [
     path("api/v1/o/<slug:org_slug>/", include(router.urls)),

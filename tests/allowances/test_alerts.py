@@ -100,7 +100,7 @@ def test_crossing_80_then_100_percent_alerts_once_per_threshold(org_a, run, mail
     assert "4,000 of 5,000 tokens" in mail.body
     assert org_a.organization.name in mail.body
     assert f"{period:%B %Y}" in mail.body
-    assert settings.PORTAL_BASE_URL + dashboard_url(org_a) in mail.body
+    assert f"http://{settings.HOST_PORT}" + dashboard_url(org_a) in mail.body
 
     # Just under 100% is still only the 80% alert (released the fixture's hold, so the hold fits).
     with scope(org_a.organization):
@@ -144,9 +144,23 @@ def test_usage_past_100_percent_at_once_records_both_thresholds(org_a, run, mail
                     idempotency_key="ingest:beyond")
     assert run() == 2
     assert [row[2:] for row in alerts()] == [(80, 6_000, 5_000), (100, 6_000, 5_000)]
-    assert sorted(mail.subject.rsplit("used ", 1)[1] for mail in mailoutbox) == [
-        "80% of your token allowance", "all of your token allowance"]
+    (mail,) = mailoutbox  # one email, for the highest threshold, with the share really used
+    assert mail.subject.endswith("You have used all of your token allowance")
+    assert "6,000 of 5,000 tokens (120%)" in mail.body
     assert run() == 0
+
+
+def test_the_email_states_the_share_really_used_not_the_threshold(org_a, run, mailoutbox, login):
+    with scope(org_a.organization):
+        ledger.settle(hold=org_a.hold, used_tokens=999)
+    use(org_a.account, 4_000, "jump")  # 4,999 of 5,000 in one step: past 80%, not yet 100%
+    assert run() == 1
+    assert [row[2:] for row in alerts()] == [(80, 4_999, 5_000)]
+    (mail,) = mailoutbox
+    assert mail.subject.endswith("You have used 99.98% of your token allowance")
+    assert "4,999 of 5,000 tokens (99.98%)" in mail.body and "80%" not in mail.body
+    (notice,) = notices(login(org_a.members["employee"]).get(dashboard_url(org_a)))
+    assert "You have used 99.98% of your allowance" in notice
 
 
 def test_a_new_period_alerts_again(org_a, run, mailoutbox):
@@ -235,7 +249,7 @@ def test_other_organizations_are_not_affected(org_a, org_b, run, mailoutbox, log
     mail = mailoutbox[1]
     assert mail.to == [org_b.members["employee"].user.email]
     assert org_b.organization.name in mail.body
-    assert settings.PORTAL_BASE_URL + dashboard_url(org_b) in mail.body
+    assert f"http://{settings.HOST_PORT}" + dashboard_url(org_b) in mail.body
     assert notices(login(org_a.members["employee"]).get(dashboard_url(org_a)))  # still A's own notice
 
 

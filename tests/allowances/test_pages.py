@@ -26,7 +26,8 @@ from portal.tenancy import scope, unscoped
 from tests.allowances.helpers import snapshot
 from tests.factories import MemberFactory, TeamFactory, UserFactory
 
-_BAR = re.compile(r'<rect [^>]*class="bar" data-day="([0-9-]+)" data-tokens="(\d+)"')
+_DAY_TIP = re.compile(r"<title>(\w{3} \w{3} \d+): ([0-9,]+) tokens used</title>")
+_X_LABEL = re.compile(r'<g class="guides[^"]*"><path d="M[^"]*" class="[^"]*"[^>]*/><text [^>]*>(\w{3} \d+)</text>')
 _HISTORY_ROW = re.compile(r'<tr data-testid="history-row">(.*?)</tr>', re.S)
 _BALANCE_ROW = re.compile(r'<tr data-testid="balance-row">(.*?)</tr>', re.S)
 _BATCH_ROW = re.compile(r'<tr data-testid="batch-row">(.*?)</tr>', re.S)
@@ -519,6 +520,12 @@ def busy_employee(org_a):
 VISIBLE_HISTORY = 4
 
 
+def gauge_figure(page: str, testid: str) -> str:
+    match = re.search(rf'<dd data-testid="{testid}">(.*?)</dd>', page, re.S)
+    assert match, testid
+    return match.group(1)
+
+
 def stat(page: str, label: str) -> str:
     match = re.search(rf'<div class="label">{label}</div><div class="value"[^>]*>(.*?)</div>', page, re.S)
     assert match, label
@@ -533,8 +540,11 @@ def test_dashboard_shows_balance_usage_days_left_burn_rate_chart_models_and_hist
     page = response.content.decode()
     board = response.context["board"]
 
-    assert stat(page, "Available") == '<span class="tokens" title="5,000,000 tokens">5M</span>'
-    assert stat(page, "Used this period") == '<span class="tokens" title="290,000 tokens">290k</span>'
+    assert gauge_figure(page, "available") == '<span class="tokens" title="5,000,000 tokens">5M</span>'
+    assert gauge_figure(page, "used") == '<span class="tokens" title="290,000 tokens">290k</span>'
+    assert gauge_figure(page, "held") == '<span class="tokens" title="1,000 tokens">1k</span>'
+    assert gauge_figure(page, "granted") == f'<span class="tokens" title="{5_291_000:,} tokens">5.3M</span>'
+    assert re.search(r'data-testid="gauge" data-level="ok"', page)
 
     today = finish.date()  # the organization's zone is UTC
     period = date(today.year, today.month, 1)
@@ -554,12 +564,18 @@ def test_dashboard_shows_balance_usage_days_left_burn_rate_chart_models_and_hist
     else:
         assert run_out == "At this pace your allowance lasts the period."
 
-    chart = re.search(r'data-testid="usage-chart">(.*?)</div>', page, re.S).group(1)
-    assert chart.startswith("<svg")
-    bars = _BAR.findall(chart)
-    assert len(bars) == (end - period).days
-    assert [day for day, _ in bars] == [(period + timedelta(days=i)).isoformat() for i in range(len(bars))]
-    assert {day: int(tokens) for day, tokens in bars if tokens != "0"} == {today.isoformat(): 290_000}
+    chart = re.search(r'data-testid="usage-chart">(.*?)</figure>', page, re.S).group(1)
+    assert chart.startswith("<svg") and 'role="img"' in chart and "<script" not in chart
+    assert 'class="axis x"' in chart and 'class="axis y always_show"' in chart  # axes, with titles
+    assert ">Day of the period</text>" in chart and ">Tokens</text>" in chart
+    labels = _X_LABEL.findall(chart)  # dates on the axis: the period's first day, today (marked)
+    assert f"{period:%b} {period.day}" in labels and f"{today:%b} {today.day}" in labels
+    assert ">today</text>" in chart
+    # A tooltip per day with usage (the SVG's own <title>: no JavaScript needed).
+    assert _DAY_TIP.findall(chart) == [(f"{today:%a %b} {today.day}", "290,000")]
+    table = re.search(r'data-testid="usage-table">(.*?)</table>', page, re.S).group(1)
+    assert re.findall(r"<td>(.*?)</td><td class=\"num\">([0-9,]+)</td>", table) == [
+        (f"{today:%a %b} {today.day}", "290,000")]
 
     by_model = re.findall(r"<tr><td>([^<]+)</td><td class=\"num\"><span class=\"tokens\" title=\"([0-9,]+) tokens\">",
                           page)
@@ -572,8 +588,10 @@ def test_dashboard_shows_balance_usage_days_left_burn_rate_chart_models_and_hist
     # Holds (and releases) are left out unless asked for by kind: two bonuses and two usages.
     assert len(rows) == expected == VISIBLE_HISTORY
     assert not any(">Hold" in row for row in rows)
-    assert "Usage" in rows[0] and "claude-x" in rows[0] and 'title="40,000 tokens"' in rows[0]
-    assert any("quarter bonus" in row and "by hr@a.example" in row for row in rows)
+    # Signed and coloured: usage -, grants +.
+    assert "Usage" in rows[0] and "claude-x" in rows[0] and 'amount-minus" title="\u221240,000 tokens"' in rows[0]
+    (bonus,) = [row for row in rows if "quarter bonus" in row and "by hr@a.example" in row]
+    assert f'amount-plus" title="+{5_286_000:,} tokens">+5.3M<' in bonus
 
 
 def test_dashboard_says_when_the_allowance_runs_out(login, org_a):
@@ -585,7 +603,9 @@ def test_dashboard_says_when_the_allowance_runs_out(login, org_a):
     response = login(member).get(url(org_a, "dashboard"))
     page = response.content.decode()
     today = timezone.now().date()
-    assert stat(page, "Available") == '<span class="tokens" title="-2,000 tokens">-2k</span>'
+    assert gauge_figure(page, "available") == '<span class="tokens" title="-2,000 tokens">-2k</span>'
+    assert re.search(r'data-testid="gauge" data-level="exhausted"', page)
+    assert "Your allowance is used up for this period." in page
     assert f"At this pace you run out on {today:%b} {today.day}." in page
 
 
@@ -595,7 +615,8 @@ def test_dashboard_without_usage_lasts_the_period(login, org_a):
     page = login(member).get(url(org_a, "dashboard")).content.decode()
     assert "At this pace your allowance lasts the period." in page
     assert "No usage this period yet." in page
-    assert [tokens for _day, tokens in _BAR.findall(page)] == ["0"] * len(_BAR.findall(page)) and _BAR.findall(page)
+    assert 'data-testid="usage-chart"' not in page and 'data-testid="usage-empty"' in page
+    assert 'data-testid="gauge"' in page and 'data-testid="empty-state"' not in page
 
 
 def test_first_dashboard_visit_shows_the_monthly_grant(login, org_a):
@@ -610,7 +631,7 @@ def test_first_dashboard_visit_shows_the_monthly_grant(login, org_a):
                            user=UserFactory(email="first@a.example"))
     page = login(member).get(url(org_a, "dashboard")).content.decode()
     assert balance(member) == (1_000_000, 0, 0)
-    assert stat(page, "Available") == '<span class="tokens" title="1,000,000 tokens">1M</span>'
+    assert gauge_figure(page, "available") == '<span class="tokens" title="1,000,000 tokens">1M</span>'
     assert "policy Standard" in page
 
 
@@ -681,10 +702,11 @@ def test_balances_page_lists_members_with_available_and_used_this_period(as_hr, 
     assert response.status_code == 200
     rows = {}
     for row in _BALANCE_ROW.findall(response.content.decode()):
-        cells = [cell.strip() for cell in _CELL.findall(row)]
+        cells = [re.sub(r"<a [^>]*>(.*?)</a>", r"\1", cell).strip() for cell in _CELL.findall(row)]
         rows[cells[0]] = cells[1:]
     assert sorted(rows) == sorted(m.user.email for m in org_a.members.values())
-    team, granted, used, held, avail = rows["employee@a.example"]
+    team, granted, used, held, avail, policy, level = rows["employee@a.example"]
+    assert "no policy" in policy and ">ok</span>" in level  # the fixture's policy governs from next month
     assert team == "Team a"
     assert used == '<span class="tokens" title="290,000 tokens">290k</span>'
     assert avail == '<span class="tokens" title="5,000,000 tokens">5M</span>'
@@ -696,13 +718,17 @@ def test_balances_page_lists_members_with_available_and_used_this_period(as_hr, 
     assert "@b.example" not in response.content.decode()
 
 
+def emails_listed(response) -> list[str]:
+    return [re.sub(r"<[^>]+>", "", _CELL.findall(row)[0]) for row in _BALANCE_ROW.findall(response.content.decode())]
+
+
 def test_balances_page_filters_by_search_and_team(as_hr, org_a, busy_employee):
     other = TeamFactory(organization=org_a.organization, name="Elsewhere")
     MemberFactory(organization=org_a.organization, team=other, user=UserFactory(email="far@a.example"))
     searched = as_hr.get(url(org_a, "balances"), {"q": "EMPLOY"})
-    assert [_CELL.findall(r)[0] for r in _BALANCE_ROW.findall(searched.content.decode())] == ["employee@a.example"]
+    assert emails_listed(searched) == ["employee@a.example"]
     by_team = as_hr.get(url(org_a, "balances"), {"team": other.pk})
-    assert [_CELL.findall(r)[0] for r in _BALANCE_ROW.findall(by_team.content.decode())] == ["far@a.example"]
+    assert emails_listed(by_team) == ["far@a.example"]
     for junk in ("abc", "-1", "9" * 40, "١٢"):
         assert as_hr.get(url(org_a, "balances"), {"team": junk}).status_code == 200
 

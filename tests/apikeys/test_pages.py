@@ -160,6 +160,11 @@ def test_after_logging_in_through_the_form_and_confirming_the_password_creation_
     response = client.post(KEYS_AFTER_PASSWORD, {"password": org_a.password}, follow=True)
     assert response.redirect_chain == [(page(org_a), 302)] and response.status_code == 200
     assert keys_of(employee) == [org_a.api_key]  # nothing replayed behind the member's back
+    # ... but what the member typed is there again, to submit once more (once: a reload is empty).
+    kept = response.context["form"]
+    assert kept["name"].value() == VALID_NAME and kept["endpoints"].value() == ["chat", "usage_read"]
+    assert kept["form_token"].value() == submitted["form_token"]
+    assert client.get(page(org_a)).context["form"]["name"].value() is None
 
     response = client.post(page(org_a, "new/"), submitted)
     assert response.status_code == 201, response.content[:500]
@@ -265,7 +270,7 @@ def setups_on(response) -> dict[str, str]:
     import html
     import re
 
-    found = re.findall(r'<pre id="(setup-[a-z-]+)">(.*?)</pre>', text(response), re.S)
+    found = re.findall(r'<pre class="snippet" id="(setup-[a-z-]+)">(.*?)</pre>', text(response), re.S)
     assert all(f'data-copy="{name}"' in text(response) for name, _ in found)
     return {name: html.unescape(body) for name, body in found}
 
@@ -341,11 +346,12 @@ def test_a_refused_form_names_the_field_and_creates_nothing(as_member, org_a, ca
 
 
 def test_the_cap_error_names_the_allowance(as_member, org_a):
-    response = as_member("employee").post(page(org_a, "new/"), form(token_cap="2,000,000"))
+    response = as_member("employee").post(page(org_a, "new/"), form(token_cap="2.000.000"))  # a decimal point?
     assert response.context["form"].errors["token_cap"] == ["A cap is a positive whole number of tokens."]
-    response = as_member("employee").post(page(org_a, "new/"), form(token_cap="2000000"))
-    assert response.context["form"].errors["token_cap"] == [
-        "A key's cap cannot exceed your own allowance of 1,000,000 tokens per period."]
+    for typed in ("2000000", "2,000,000"):  # thousands separators are taken as people type them
+        response = as_member("employee").post(page(org_a, "new/"), form(token_cap=typed))
+        assert response.context["form"].errors["token_cap"] == [
+            "A key's cap cannot exceed your own allowance of 1,000,000 tokens per period."]
 
 
 def test_a_full_form_is_stored_normalised(as_member, org_a):

@@ -80,7 +80,7 @@ def test_one_reminder_per_key_expiring_within_7_days(org_a, org_b, mailoutbox):
     assert f"{soon.display_prefix}…{soon.last_four}" in mail.body
     assert org_a.organization.name in mail.body
     assert f"{soon.expires_at.astimezone(dt_timezone.utc):%Y-%m-%d %H:%M} UTC" in mail.body
-    assert settings.PORTAL_BASE_URL + reverse("key_list", kwargs={"org_slug": org_a.slug}) in mail.body
+    assert f"http://{settings.HOST_PORT}" + reverse("key_list", kwargs={"org_slug": org_a.slug}) in mail.body
 
     assert f"{successor.display_prefix}…{successor.last_four}" in reminder_for(mailoutbox, successor).body
     assert f"…{rotated.last_four}" not in reminder_for(mailoutbox, successor).body

@@ -1,7 +1,9 @@
 """Headless Chromium from Debian, driven by Playwright (it cannot download its own browser here)."""
 
 import os
+import re
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -55,3 +57,29 @@ def log_in(page, portal_server):
         return page
 
     return _log_in
+
+
+# Screenshots of the main pages, for a reviewer to look at after a run (git-ignored; listed at the end).
+ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS_DIR", Path(__file__).resolve().parents[2] / "test-artifacts"))
+_SAVED: list[Path] = []
+
+
+@pytest.fixture
+def screenshot():
+    """screenshot(page, name): a full-page PNG in the artifacts folder, named for the test run."""
+
+    def _shot(page, name: str) -> Path:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        path = ARTIFACTS / f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}.png"
+        page.screenshot(path=str(path), full_page=True)
+        _SAVED.append(path)
+        return path
+
+    return _shot
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _SAVED:
+        terminalreporter.write_sep("-", f"{len(_SAVED)} screenshots in {ARTIFACTS}")
+        for path in _SAVED:
+            terminalreporter.write_line(str(path))

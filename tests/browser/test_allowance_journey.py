@@ -6,6 +6,7 @@ the chart and the per-model table.
 """
 
 import re
+from datetime import datetime
 from zoneinfo import ZoneInfo
 
 from django.core.management import call_command
@@ -21,7 +22,6 @@ from portal.tenancy import unscoped
 HR, CAROL = "hr@acme.example", "carol@acme.example"
 BONUS, BONUS_REASON = 250_000, "Thanks for the launch week"
 USED = 37_500  # what the gateway settles for carol's request (less than it held)
-SCREENSHOT = "/tmp/allowance-dashboard.png"
 
 
 def _carol_account():
@@ -35,7 +35,7 @@ def _field(page, label):
     return page.get_by_label(f"{label}:", exact=True)
 
 
-def test_hr_sets_policy_and_bonus_and_member_sees_the_ledger(portal_server, page, log_in):
+def test_hr_sets_policy_and_bonus_and_member_sees_the_ledger(portal_server, page, log_in, screenshot):
     call_command("seed_demo", stdout=open("/dev/null", "w"))
     page.set_default_timeout(10_000)  # every page here is server-rendered and quick; fail fast
 
@@ -88,7 +88,11 @@ def test_hr_sets_policy_and_bonus_and_member_sees_the_ledger(portal_server, page
     expect(grant_row).to_contain_text(CAROL)
     expect(grant_row.locator(".tokens")).to_have_attribute("title", f"{BONUS:,} tokens")
 
-    # -- 3. Carol makes a request through the gateway's ledger calls (hold, then settle).
+    # -- 3. Carol makes a request through the gateway's ledger calls (hold, then settle), on top
+    # of the usage the demo gave her.
+    demo_used = _carol_account().used
+    with unscoped():
+        demo_sonnet = sum(_carol_account().entries.filter(model="claude-sonnet").values_list("used_delta", flat=True))
     hold = ledger.authorize(account=_carol_account(), tokens=50_000, idempotency_key="browser-journey-1",
                             model="claude-sonnet")
     ledger.settle(hold=hold, used_tokens=USED)
@@ -103,7 +107,7 @@ def test_hr_sets_policy_and_bonus_and_member_sees_the_ledger(portal_server, page
 
     # The Available figure is the ledger's number, exactly (the tooltip carries the unrounded value).
     account = _carol_account()
-    assert account.held == 0 and account.used == USED
+    assert account.held == 0 and account.used == demo_used + USED
     available = page.locator("[data-testid=available] .tokens")
     expect(available).to_have_attribute("title", f"{account.available:,} tokens")
     # ...and that number includes the bonus: one bonus entry, and the stored balance is the sum of the entries.
@@ -114,25 +118,33 @@ def test_hr_sets_policy_and_bonus_and_member_sees_the_ledger(portal_server, page
     bonus_row = page.locator("[data-testid=history-row]", has_text="Bonus grant")
     expect(bonus_row).to_have_count(1)
     expect(bonus_row).to_contain_text(BONUS_REASON)
-    expect(bonus_row.locator(".tokens")).to_have_attribute("title", f"{BONUS:,} tokens")
+    expect(bonus_row.locator(".tokens")).to_have_attribute("title", f"+{BONUS:,} tokens")  # a grant: signed +
     # The immediate assignment moved carol from Research (20M) to Focus (8M) pro rata, visibly.
     expect(page.locator("main > p.muted").first).to_contain_text("policy Focus (8M a month)")
     expect(page.locator("[data-testid=history-row]", has_text="Adjustment")).to_contain_text(
         "Policy Focus applied immediately")
 
-    # Today's bar (in the organization's time zone) carries the settled usage; no other day has any.
-    today = timezone.now().astimezone(ZoneInfo("Europe/Berlin")).date().isoformat()
+    # Today's bar (in the organization's time zone) carries the settled usage (the tooltip says so,
+    # exactly); the bars add up to what the period used.
+    zone = ZoneInfo("Europe/Berlin")
+    today = timezone.now().astimezone(zone).date()
+    today_begins = datetime.combine(today, datetime.min.time(), tzinfo=zone)
+    with unscoped():
+        used_today = sum(account.entries.filter(created_at__gte=today_begins).values_list("used_delta", flat=True))
+        used_in_period = sum(account.entries.filter(period_start=account.period_start).values_list("used_delta", flat=True))
+    assert used_today >= USED
     chart = page.locator("[data-testid=usage-chart] svg")
     expect(chart).to_be_visible()
-    expect(chart.locator(f"rect.bar[data-day='{today}']")).to_have_attribute("data-tokens", str(USED))
-    tokens_per_bar = chart.locator("rect.bar").evaluate_all("bars => bars.map(b => Number(b.dataset.tokens))")
-    assert sum(tokens_per_bar) == USED
-    expect(page.locator("[data-testid=used] .tokens")).to_have_attribute("title", f"{USED:,} tokens")
+    tips = chart.locator("g.bar title").all_text_contents()
+    assert f"{today:%a %b} {today.day}: {used_today:,} tokens used" in tips, tips
+    assert sum(int(re.search(r": ([\d,]+) tokens used", tip).group(1).replace(",", "")) for tip in tips
+               if "tokens used" in tip) == used_in_period
+    expect(page.locator("[data-testid=used] .tokens")).to_have_attribute("title", f"{used_in_period:,} tokens")
 
     by_model = page.locator(".card", has=page.get_by_role("heading", name="By model"))
-    expect(by_model.locator("tbody tr")).to_have_count(1)
-    expect(by_model.locator("tbody tr td").first).to_have_text("claude-sonnet")
-    expect(by_model.locator("tbody tr .tokens")).to_have_attribute("title", f"{USED:,} tokens")
+    sonnet = by_model.locator("tbody tr", has_text="claude-sonnet")
+    expect(sonnet).to_have_count(1)
+    expect(sonnet.locator(".tokens")).to_have_attribute("title", f"{demo_sonnet + USED:,} tokens")
 
     # -- 4. A screenshot for a human look at the layout.
-    page.screenshot(path=SCREENSHOT, full_page=True)
+    screenshot(page, "allowance-dashboard")

@@ -15,7 +15,6 @@ import re
 import httpx
 import pytest
 from django.apps import apps
-from django.conf import settings
 from django.contrib.sessions.models import Session
 from django.core.management import call_command
 from django.db import connection, models
@@ -151,7 +150,7 @@ def test_member_mints_a_key_sees_it_once_uses_it_and_revokes_it(portal_server, c
     parts = secrets.parse(secret)  # well-formed, checksum included
     assert len(parts.secret) == secrets.SECRET_LENGTH
 
-    base = settings.PORTAL_BASE_URL
+    base = portal_server.url  # no PORTAL_BASE_URL: the address the page was served on
     snippets = {heading: page.locator("h2", has_text=heading).locator("xpath=following-sibling::pre[1]").inner_text()
                 for heading in ("OpenAI SDK (Python)", "Anthropic SDK (Python)", "curl")}
     assert f'OpenAI(base_url="{base}/v1", api_key="{secret}")' in snippets["OpenAI SDK (Python)"]
@@ -242,7 +241,14 @@ def test_member_mints_a_key_sees_it_once_uses_it_and_revokes_it(portal_server, c
     page.goto(f"{portal_server.url}/o/acme/keys/")
 
     # -- 7. alice revokes the key from the page; the very next API call is refused.
-    page.locator("[data-testid=key-row]", has_text=KEY_NAME).get_by_role("button", name="Revoke").click()
+    revoke = page.locator("[data-testid=key-row]", has_text=KEY_NAME).get_by_role("button", name="Revoke")
+    asked = []
+    page.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.dismiss()))
+    revoke.click()  # a confirmation first: dismissed, nothing happens
+    assert asked and f"Revoke the key “{KEY_NAME}”?" in asked[0]
+    expect(revoke).to_have_count(1)
+    page.once("dialog", lambda dialog: dialog.accept())
+    revoke.click()
     expect(page.locator(".messages .success")).to_contain_text(f"Key {KEY_NAME} revoked")
     row = page.locator("[data-testid=key-row]", has_text=KEY_NAME)
     expect(row).to_contain_text("revoked")

@@ -7,7 +7,6 @@ from urllib.parse import parse_qs, urlsplit
 import anthropic
 import openai
 import pytest
-from django.conf import settings
 
 from allowances import ledger
 from allowances.ledger import verify
@@ -48,7 +47,8 @@ def test_the_openai_429_links_to_the_form_with_the_shortfall_and_the_model(spent
     message = raised.value.message
     requested = int(re.search(r"may use up to ([\d,]+) tokens", message).group(1).replace(",", ""))
     address, query = link_in(message)
-    assert address == f"{settings.PORTAL_BASE_URL}/o/{metered.org.slug}/overage/new/"
+    # No PORTAL_BASE_URL: the link points at the host and port the request came in on (not 8000).
+    assert address == f"{metered.url.removesuffix('/v1')}/o/{metered.org.slug}/overage/new/"
     assert "remaining balance is 50 tokens" in message
     assert query == {"tokens": str(requested - LEFT), "model": "fake-gpt"}
 

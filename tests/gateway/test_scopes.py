@@ -8,7 +8,6 @@ import anthropic
 import httpx
 import openai
 import pytest
-from django.conf import settings
 from django.utils import timezone
 
 from allowances import services as allowance_services
@@ -336,7 +335,7 @@ def test_openai_sdk_gets_rate_limit_error_for_a_spent_allowance_and_does_not_ret
     assert error.body["type"] == "insufficient_quota" and error.type == "insufficient_quota"
     assert "remaining balance" in error.message
     assert "4,000 tokens" in error.message  # 5,000 granted less the fixture's 1,000 hold
-    assert f"Request more at {settings.PORTAL_BASE_URL}/" in error.message and "org-a" in error.message
+    assert f"Request more at {metered.url.removesuffix('/v1')}/" in error.message and "org-a" in error.message
     assert error.response.headers["x-should-retry"] == "false"
     assert refused_records() == refused_before + 1  # one request, not three
     assert metered.upstream.requests == []

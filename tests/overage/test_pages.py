@@ -238,7 +238,7 @@ def test_admins_set_the_cap_and_the_teams_approvers_approve_for(ovr, login):
 
 
 def entry(response) -> str:
-    match = re.search(r'<div class="card overage-entry[^"]*" data-testid="overage-entry" data-level="(\w+)">', text(response))
+    match = re.search(r'<div class="card overage-entry[^"]*" data-testid="overage-entry" data-level="(\w+)"', text(response))
     assert match, "no overage entry on the dashboard"
     return match.group(1)
 

@@ -315,3 +315,26 @@ def test_gateway_routes_never_reach_another_organization(org_a, org_b):
                         assert response.status_code in {400, 403, 404, 405}, (method, path, response.status_code, answer)
     close_server_connections()
     assert snapshot(org_b.organization) == before
+
+
+def test_the_stripe_webhook_outside_organizations_reaches_nothing_unsigned(client, org_a, org_b, settings):
+    """The one route outside /o/<slug>/ that changes an organization's billing takes Stripe's
+    signature, not a session: A's owner (or anyone) posting B's invoice ids, unsigned or signed with
+    another secret, is refused with 400 and nothing is stored or changed."""
+    from billing.models import Settlement, StripeEvent
+
+    settings.STRIPE_WEBHOOK_SECRET = "whsec_the_portals"
+    [route] = [route for route in walk() if route.name == "stripe_webhook"]
+    assert route.kwarg_names == []
+    with unscoped():
+        Settlement.all_objects.filter(pk=org_b.settlement.pk).update(stripe_invoice_id="in_of_b")
+    before = snapshot(org_b.organization)
+    event = json.dumps({"id": "evt_intruder", "type": "invoice.payment_succeeded",
+                        "data": {"object": {"id": "in_of_b", "customer": "cus_of_b"}}})
+    client.force_login(org_a.members["owner"].user, backend="django.contrib.auth.backends.ModelBackend")
+    for headers in ({}, {"HTTP_STRIPE_SIGNATURE": "t=1,v1=" + "0" * 64}):
+        for body in (event, json.dumps(hostile_body(org_b))):
+            response = client.post(route.build(), data=body, content_type="application/json", **headers)
+            assert response.status_code == 400, response.content
+    assert not StripeEvent.objects.exists()
+    assert snapshot(org_b.organization) == before

@@ -232,6 +232,12 @@ def test_team_edit(org_a, login):
     assert (team.name, team.cost_centre) == ("Platform", "PLT-7")
     [entry] = entries(org_a, "team.updated")
     assert entry.data == {"name": ["Team a", "Platform"], "cost_centre": ["", "PLT-7"]}
+    # The audit log shows the change as before and after, not as a Python dict.
+    page = login(org_a.members["admin"]).get(url(org_a, "audit_log"), {"action": "team.updated"}).content.decode()
+    pairs = re.findall(r'<dt>([^<]+)</dt><dd><del data-testid="before">([^<]*)</del> → <ins data-testid="after">'
+                       r'([^<]*)</ins>', page)
+    assert pairs == [("name", "Team a", "Platform"), ("cost centre", "—", "PLT-7")]
+    assert "[&#x27;Team a&#x27;" not in page and "{&#x27;" not in page
 
 
 def test_team_edit_to_another_teams_name_is_a_field_error(org_a, login, second_team):

@@ -35,7 +35,9 @@ EXPECTED = {
     "audit_log": ADMINS,
     "organization_settings": ADMINS,
     # Allowances: HR runs budgets; admins own the model catalog (DESIGN.md roles).
+    "overview": PEOPLE,
     "balances": PEOPLE,
+    "balance_detail": PEOPLE,
     "policy_list": PEOPLE,
     "policy_assign": PEOPLE,
     "policy_edit": PEOPLE,
@@ -84,6 +86,11 @@ EXPECTED = {
     "payroll": PEOPLE,
     "reconciliation": ADMINS,
     "report_settings": ADMINS,
+    # Billing: the owner's (DESIGN.md roles), and admins' (who can do what an owner can but assign roles).
+    "billing": ADMINS,
+    "billing_payment_method": ADMINS,  # POST-only
+    "billing_settlement_retry": ADMINS,  # POST-only
+    "billing_chargeback": ADMINS,
 }
 # Pages of one member's own object (the fixture's is the member with this role's): every other
 # member the role table lets in gets 404, as for an object that does not exist.
@@ -120,10 +127,14 @@ EXPECTED_API = {
     "api-overage-request-decide": APPROVERS,  # POST-only
     # The payroll / HRIS export is HR's.
     "api-payroll-list": PEOPLE,
+    "api-settlement-list": ADMINS,
+    "api-settlement-detail": ADMINS,
+    "api-settlement-chargeback": ADMINS,
 }
 
 # The organization navigation: link text -> the page it opens.
 NAV_LINKS = {
+    "Overview": "overview",
     "My allowance": "dashboard",
     "Balances": "balances",
     "Policies": "policy_list",
@@ -141,6 +152,7 @@ NAV_LINKS = {
     "Settings": "organization_settings",
     "Approvals": "approval_queue",
     "Overage": "approval_settings",
+    "Billing": "billing",
 }
 
 

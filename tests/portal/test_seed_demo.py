@@ -12,7 +12,7 @@ from django.core.management import call_command
 from django.test import Client
 
 from portal.models import Member, Organization, Team, User
-from portal.tenancy import unscoped
+from portal.tenancy import scope, unscoped
 
 LOGIN_LINE = re.compile(r"^login (?P<email>\S+@\S+) (?P<password>\S+) (?P<roles>[a-z]+(?:,[a-z]+)*)$")
 
@@ -158,3 +158,28 @@ def test_seed_leaves_a_working_approval_queue_in_both_organizations_and_a_rerun_
                            ).status_code == 302
         queue = client.get(f"/o/{slug}/approvals/").content.decode()
         assert queue.count('data-testid="queue-item"') == 2
+
+
+def test_the_demo_gives_the_dashboards_usage_to_show_once_however_often_it_is_seeded():
+    from allowances import selectors
+    from allowances.models import Account
+    from gateway.models import UsageRecord, UsageRollup
+
+    seed()
+    with unscoped():
+        used = dict(Account.all_objects.filter(member__organization__slug="acme").values_list("member__user__email", "used"))
+        records, rollups = UsageRecord.all_objects.count(), UsageRollup.all_objects.count()
+    assert records and rollups
+    assert sum(1 for tokens in used.values() if tokens) == 3  # the three employees
+    seed()
+    with unscoped():
+        assert dict(Account.all_objects.filter(member__organization__slug="acme").values_list(
+            "member__user__email", "used")) == used
+        assert UsageRecord.all_objects.count() == records
+        accounts = list(Account.all_objects.filter(member__organization__slug="acme", used__gt=0)
+                        .select_related("organization", "member"))
+    levels = []
+    for account in accounts:
+        with scope(account.organization):
+            levels.append(selectors.dashboard(account=account).gauge.level)
+    assert "low" in levels  # the demo shows the low-balance banner to one employee

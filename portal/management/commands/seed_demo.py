@@ -8,9 +8,10 @@ from allauth.account.models import EmailAddress
 from django.core.management.base import BaseCommand
 from django.db import transaction
 
-from allowances.demo import seed_allowances
+from allowances.demo import seed_allowances, seed_usage
 from allowances.periods import period_bounds, period_start_for
 from apikeys.demo import seed_keys
+from billing.demo import seed_billing
 from overage.demo import seed_overage
 from portal.demo import DEMO_ORGANIZATIONS, DEMO_PASSWORD
 from portal.models import Member, Organization, Team, User
@@ -27,7 +28,9 @@ class Command(BaseCommand):
             for organization in organizations:
                 with scope(organization):
                     key_lines.append(seed_keys(organization))
+                    seed_usage(organization)
                     pending.append(seed_overage(organization))
+                    seed_billing(organization)
         for organization, spec, keys, waiting in zip(organizations, DEMO_ORGANIZATIONS, key_lines, pending):
             self.stdout.write(f"# {organization.name} (/o/{organization.slug}/)")
             for person in spec["people"]:
@@ -37,6 +40,7 @@ class Command(BaseCommand):
             approvers = [person["email"] for person in spec["people"] if person["roles"] == ["approver"]]
             self.stdout.write(f"# {len(waiting)} overage requests wait in /o/{organization.slug}/approvals/ for "
                               f"{', '.join(approvers)}")
+            self.stdout.write(f"# consumed billable overage so far: /o/{organization.slug}/billing/ (owner)")
 
     def _seed_organization(self, spec) -> Organization:
         organization, _ = Organization.objects.get_or_create(
