@@ -41,8 +41,9 @@ _R = OverageRequest._meta.db_table
 _AUDIT = AuditLogEntry._meta.db_table
 ROLLOVER_REFERENCE = "rollover-until:"  # + the first day of the last period rolled-over tokens may be used in
 # The entries granted this period that are not rolled-over tranches: its grants, split from its overage.
-_BASE_KINDS = kinds_sql((Kind.GRANT, Kind.BONUS, Kind.ADJUSTMENT))
-_GRANTED_KINDS = kinds_sql((Kind.GRANT, Kind.BONUS, Kind.ADJUSTMENT, *OVERAGE_KINDS))
+_BASE_KINDS = kinds_sql((Kind.GRANT, Kind.BONUS, Kind.ADJUSTMENT, Kind.TRANSFER_OUT, Kind.TRANSFER_IN))
+_GRANTED_KINDS = kinds_sql((Kind.GRANT, Kind.BONUS, Kind.ADJUSTMENT, Kind.TRANSFER_OUT, Kind.TRANSFER_IN,
+                            *OVERAGE_KINDS))
 
 
 def _policy_at(moment: str, alias: str) -> str:

@@ -24,7 +24,9 @@ from collections.abc import Iterable
 from allowances.models import LedgerEntry
 
 Kind = LedgerEntry.Kind
-BASE_KINDS = (Kind.GRANT, Kind.BONUS, Kind.ROLLOVER_IN, Kind.ADJUSTMENT)
+# Transfers move base allowance between members (never overage): the giver's base is smaller by
+# what they gave, the receiver's larger by it, so neither makes any usage billable that was not.
+BASE_KINDS = (Kind.GRANT, Kind.BONUS, Kind.ROLLOVER_IN, Kind.ADJUSTMENT, Kind.TRANSFER_OUT, Kind.TRANSFER_IN)
 OVERAGE_KINDS = (Kind.OVERAGE_GRANT,)
 
 

@@ -21,6 +21,10 @@ class PolicyForm(forms.Form):
     overage_rule = forms.ChoiceField(choices=AllowancePolicy.Overage.choices)
     auto_approve_tokens = TokenAmountField(required=False, label="Auto-approved overage per period (tokens)")
     auto_approve_requests = forms.CharField(required=False, label="Auto-approved requests per period")
+    economy_below_percent = forms.CharField(
+        required=False, label="Route to economy models below (% left)", help_text=(
+            "When less than this share of the period's granted tokens (or of a key's cap) is left, requests for a "
+            "model with an economy counterpart are served by it instead of being refused. Empty: never."))
 
 
     # Fields that only one rule uses: shown while that rule is chosen (static/js/portal.js; all of
@@ -108,10 +112,14 @@ class CatalogModelForm(forms.Form):
     output_price_per_million = forms.CharField(initial="0", label="Output price per million tokens")
     cached_price_per_million = forms.CharField(initial="0", label="Cached price per million tokens")
     is_active = forms.BooleanField(required=False, initial=True)
+    economy_counterpart = forms.ModelChoiceField(
+        queryset=None, required=False, label="Economy counterpart", help_text=(
+            "The cheaper model that serves this model's requests when a member's policy routes near the limit."))
 
-    def __init__(self, *args, connections, **kwargs):
+    def __init__(self, *args, connections, catalog, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["connection"].queryset = connections
+        self.fields["economy_counterpart"].queryset = catalog
 
 
 class ModelAliasForm(forms.Form):
@@ -127,3 +135,23 @@ class ModelAliasForm(forms.Form):
 class HistoryFilterForm(DateRangeFilterForm):
     kind = forms.ChoiceField(choices=[("", "All kinds"), *LedgerEntry.Kind.choices], required=False)
     field_order = ["kind", "since", "until"]
+
+
+class TransferForm(forms.Form):
+    receiver = forms.ModelChoiceField(queryset=None, label="Give to")
+    tokens = forms.CharField(label="Tokens", help_text="Whole tokens of your unused base allowance.")
+    note = forms.CharField(max_length=300, required=False)
+    idempotency_key = forms.CharField(widget=forms.HiddenInput, max_length=100)
+
+    def __init__(self, *args, receivers, **kwargs):
+        kwargs.setdefault("initial", {}).setdefault("idempotency_key", uuid.uuid4().hex)
+        super().__init__(*args, **kwargs)
+        self.fields["receiver"].queryset = receivers
+        self.fields["receiver"].label_from_instance = lambda member: member.user.email
+
+
+class TransferSettingsForm(forms.Form):
+    enabled = forms.BooleanField(required=False, label="Members may give allowance to each other")
+    same_team_only = forms.BooleanField(required=False, initial=True, label="Only to members of their own team")
+    max_per_period = forms.CharField(required=False, label="Most one member may give per period (tokens)",
+                                     help_text="Empty: up to their whole unused base allowance.")

@@ -31,6 +31,7 @@ connections.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -56,6 +57,7 @@ MOVES = {
     Kind.ADJUSTMENT: (1, 0, 0),  # its tokens carry the sign
     Kind.ROLLOVER_OUT: (-1, 0, 0), Kind.EXPIRY: (-1, 0, 0), Kind.OVERAGE_LAPSE: (-1, 0, 0),
     Kind.HOLD: (0, 1, 0), Kind.RELEASE: (0, 0, 0), Kind.USAGE: (0, 0, 1),
+    Kind.TRANSFER_OUT: (-1, 0, 0), Kind.TRANSFER_IN: (1, 0, 0),
 }
 
 # Guards: how low the account's (alias a) available balance may go after the entry. None: no limit
@@ -104,23 +106,58 @@ _KEY_CAP = (f" AND (s.token_cap IS NULL OR {KeySpend.counted_sql('s', 's.held + 
             " + %(h)s + %(u)s <= s.token_cap)")
 
 
+def _hold_fits(tokens: str, keyed: bool) -> str:
+    """A hold of `tokens` (an SQL expression) fits the account's (and the key's cap's) limit."""
+    fits = GUARDS["overdraft"].replace("%(h)s", tokens)
+    if keyed:
+        fits += _KEY_CAP.replace("%(h)s", tokens)
+    return f"({fits.removeprefix(' AND ')})"
+
+
+def _near_limit(keyed: bool) -> str:
+    """Less than %(below)s percent of the period's granted tokens is left (or of the key's cap)."""
+    near = "(a.granted - a.used - a.held) * 100 < %(below)s * a.granted"
+    if keyed:
+        spent = KeySpend.counted_sql("s", "s.held + s.used", "a.period_start")
+        near += f" OR (s.token_cap IS NOT NULL AND (s.token_cap - {spent}) * 100 < %(below)s * s.token_cap)"
+    return f"({near})"
+
+
+def _routed(keyed: bool) -> str:
+    """Budget-aware routing, decided on the locked account row: the economy hold (%(economy)s
+    tokens) is taken when it fits and the premium one (%(h)s) does not, or the account (or key)
+    is near its limit."""
+    return f"({_hold_fits('%(economy)s', keyed)} AND (NOT {_hold_fits('%(h)s', keyed)} OR {_near_limit(keyed)}))"
+
+
 @functools.cache
 def postgres_sql(guard: str | None, keyed: bool, with_entry: str = "") -> str:
     """A post as one statement, returning the new entry's id (no row: nothing was posted).
 
     `with_entry` adds a caller's own CTEs that read the new entry (alias `entry`): they write only
     when an entry was made, in the same transaction (the gateway's usage record).
+
+    The guard "routed" is a hold with an economy alternative (see `hold_statement`): the entry is
+    the economy hold or the premium one, as `_routed` decides, and the statement returns its model
+    too.
     """
     join, cap = (_KEY_JOIN, _KEY_CAP if guard else "") if keyed else ("", "")
-    insert = (f"INSERT INTO {_ENTRY} ({_ENTRY_COLUMNS}) SELECT {_ENTRY_VALUES} FROM {_ACCOUNT} a{join} "
-              f"WHERE a.id = %(account)s AND a.organization_id = %(org)s{GUARDS[guard]}{cap} FOR UPDATE "
-              f"ON CONFLICT DO NOTHING RETURNING {_POSTED}")
+    values, where, posted = _ENTRY_VALUES, f"{GUARDS.get(guard, '')}{cap}", _POSTED
+    if guard == "routed":
+        routed = _routed(keyed)
+        chosen = {"tokens": "economy", "h": "economy", "model": "economy_model"}  # premium parameter: economy's
+        values = re.sub(r"%\((tokens|h|model)\)s",
+                        lambda m: f"CASE WHEN {routed} THEN %({chosen[m[1]]})s ELSE {m[0]} END", values)
+        where, posted = f" AND ({_hold_fits('%(h)s', keyed)} OR {routed})", f"{_POSTED}, model"
+    insert = (f"INSERT INTO {_ENTRY} ({_ENTRY_COLUMNS}) SELECT {values} FROM {_ACCOUNT} a{join} "
+              f"WHERE a.id = %(account)s AND a.organization_id = %(org)s{where} FOR UPDATE "
+              f"ON CONFLICT DO NOTHING RETURNING {posted}")
     # Data-modifying CTEs always run, referenced or not: one statement moves entry, account and key.
     ctes = (f"WITH entry AS ({insert}), moved AS (UPDATE {_ACCOUNT} SET {_account_move(_ACCOUNT, 'entry')} "
             f"FROM entry WHERE {_ACCOUNT}.id = %(account)s)")
     if keyed:
         ctes += f", spent AS (UPDATE {_SPEND} SET {_key_move(_SPEND, 'entry')} FROM entry WHERE {_SPEND}.id = %(spend)s)"
-    return f"{ctes}{with_entry} SELECT id FROM entry"
+    return f"{ctes}{with_entry} SELECT id{', model' if guard == 'routed' else ''} FROM entry"
 
 
 def _insert_and_move(guard: str | None, params: dict) -> int | None:
@@ -345,8 +382,9 @@ def _post(statement: Statement) -> Posted:
         return Posted(entry_id=existing, created=False)
     if params["closes"] is not None and LedgerEntry.all_objects.filter(closes_hold_id=params["closes"]).exists():
         raise _AlreadyPosted  # the hold was closed by another entry: the caller decides what that means
+    held = min(params["h"], params.get("economy") or params["h"])  # routed: not even the economy hold fits
     raise _insufficient(AccountRef(pk=params["account"], organization_id=params["org"]),
-                        requested=params["h"] + params["u"] - params["g"], spend_id=params["spend"])
+                        requested=held + params["u"] - params["g"], spend_id=params["spend"])
 
 
 def _insufficient(account: Account | AccountRef, *, requested: int, spend_id: int | None) -> LedgerError:
@@ -366,34 +404,54 @@ def _insufficient(account: Account | AccountRef, *, requested: int, spend_id: in
                               overdraft_limit=current["overdraft_limit"])
 
 
+class Economy(NamedTuple):
+    """A hold's economy alternative (budget-aware routing): `tokens` for `model` instead, when
+    less than `below_percent` of the period's granted tokens (or of the key's cap) is left, or
+    when only it fits."""
+
+    tokens: int
+    model: str
+    below_percent: int
+
+
 def hold_statement(*, account: Account | AccountRef, tokens: int, idempotency_key: str, ttl: timedelta = HOLD_TTL,
                    model: str = "", reference: str = "", actor=None, api_key_id: int | None = None,
-                   spend_id: int | None = None) -> Statement:
+                   spend_id: int | None = None, economy: Economy | None = None) -> Statement:
     """The post that takes a hold (see `authorize`); `hold_made` is the hold once it ran."""
-    if not isinstance(tokens, int) or tokens <= 0:
-        raise ValueError("a hold needs a positive whole number of tokens")
-    return Statement("overdraft", _params(
+    for amount in (tokens, *((economy.tokens,) if economy else ())):
+        if not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0:
+            raise ValueError("a hold needs a positive whole number of tokens")
+    params = _params(
         account=account, kind=Kind.HOLD, tokens=tokens, held_delta=tokens, idempotency_key=f"hold:{idempotency_key}",
         expires_at=timezone.now() + ttl, model=model, reference=reference, actor=actor, api_key_id=api_key_id,
-        spend_id=spend_id))
+        spend_id=spend_id)
+    if economy is None:
+        return Statement("overdraft", params)
+    return Statement("routed", params | {"economy": economy.tokens, "economy_model": economy.model[:100],
+                                         "below": economy.below_percent})
 
 
-def hold_made(statement: Statement, entry_id: int) -> Hold:
+def hold_made(statement: Statement, entry_id: int, model: str | None = None) -> Hold:
+    """The hold a statement made (with `model`, what a routed statement returned: which hold it took)."""
     params = statement.params
-    return Hold(id=entry_id, account_id=params["account"], organization_id=params["org"], tokens=params["tokens"],
-                expires_at=params["expires"], model=params["model"], api_key_id=params["api_key"],
+    routed = statement.guard == "routed" and model == params["economy_model"] and model != params["model"]
+    return Hold(id=entry_id, account_id=params["account"], organization_id=params["org"],
+                tokens=params["economy"] if routed else params["tokens"], expires_at=params["expires"],
+                model=params["economy_model"] if routed else params["model"], api_key_id=params["api_key"],
                 spend_id=params["spend"])
 
 
 def authorize(*, account: Account | AccountRef, tokens: int, idempotency_key: str, ttl: timedelta = HOLD_TTL,
               model: str = "", reference: str = "", actor=None, api_key_id: int | None = None,
-              spend_id: int | None = None) -> Hold:
+              spend_id: int | None = None, economy: Economy | None = None) -> Hold:
     """Reserve `tokens` for a request in flight, or raise InsufficientTokens (or KeyCapExceeded when
-    made with a capped key). Safe to retry with the same key."""
+    made with a capped key). Safe to retry with the same key. With `economy`, the hold may be the
+    economy one instead: the returned hold's model and tokens say which."""
     statement = hold_statement(account=account, tokens=tokens, idempotency_key=idempotency_key, ttl=ttl, model=model,
-                               reference=reference, actor=actor, api_key_id=api_key_id, spend_id=spend_id)
+                               reference=reference, actor=actor, api_key_id=api_key_id, spend_id=spend_id,
+                               economy=economy)
     posted = _post(statement)
-    if not posted.created:
+    if not posted.created or statement.guard == "routed":
         return hold_get(account=account, hold_id=posted.entry_id)
     return hold_made(statement, posted.entry_id)
 

@@ -45,6 +45,12 @@ class CatalogModel(TenantModel):
     output_price_per_million = models.DecimalField(max_digits=12, decimal_places=4, default=Decimal("0"))
     cached_price_per_million = models.DecimalField(max_digits=12, decimal_places=4, default=Decimal("0"))
     is_active = models.BooleanField(default=True)
+    # Budget-aware routing: where this model's requests go when the member's policy says the
+    # allowance (or the key's cap) is nearly spent. Of the same organization (migration 0011).
+    economy_counterpart = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL,
+                                            related_name="premium_models", db_constraint=False,
+                                            help_text="The cheaper model that serves this one's requests near the "
+                                                      "limit, when the member's policy routes.")
 
     class Meta:
         ordering = ["display_name"]
@@ -60,6 +66,8 @@ class CatalogModel(TenantModel):
                 name="catalog_prices_not_negative",
             ),
             models.CheckConstraint(condition=Q(max_output_tokens__gt=0), name="catalog_max_output_positive"),
+            models.CheckConstraint(condition=Q(economy_counterpart__isnull=True) | ~Q(economy_counterpart=F("id")),
+                                   name="catalog_economy_counterpart_not_itself"),
             # What aliases reference (with their organization): see ModelAlias.
             models.UniqueConstraint(fields=["id", "organization"], name="catalog_model_id_organization"),
         ]
@@ -128,6 +136,9 @@ class AllowancePolicy(TenantModel):
     # fewer than these tokens and requests in the period; beyond either they go to the approvers.
     auto_approve_tokens = models.BigIntegerField(null=True, blank=True)
     auto_approve_requests = models.PositiveIntegerField(null=True, blank=True)
+    # Budget-aware routing: below this percentage of the period's granted tokens left (or of the
+    # key's cap), requests for a model with an economy counterpart go to it. None: never routed.
+    economy_below_percent = models.PositiveSmallIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -152,6 +163,8 @@ class AllowancePolicy(TenantModel):
                 | Q(overage_rule="auto_approve", auto_approve_tokens__gt=0, auto_approve_tokens__lte=MAX_TOKENS,
                     auto_approve_requests__gte=1, auto_approve_requests__lte=MAX_AUTO_APPROVED_REQUESTS)
             )),
+            models.CheckConstraint(name="policy_economy_below_percent_in_range", condition=(
+                Q(economy_below_percent__isnull=True) | Q(economy_below_percent__gte=1, economy_below_percent__lte=100))),
         ]
 
     def __str__(self):
@@ -289,6 +302,8 @@ class LedgerEntry(TenantModel):
         OVERAGE_GRANT = "overage_grant", "Overage grant"
         OVERAGE_LAPSE = "overage_lapse", "Overage lapsed"
         ADJUSTMENT = "adjustment", "Adjustment"
+        TRANSFER_OUT = "transfer_out", "Given to a teammate"
+        TRANSFER_IN = "transfer_in", "Received from a teammate"
 
     # On PostgreSQL these two are checked by ONE foreign key, (account, organization) -> the
     # account's (id, organization) (migration 0008, portal.composite_keys): an entry can only name
@@ -438,3 +453,51 @@ class UsageAlert(TenantModel):
 
     def __str__(self):
         return f"{self.threshold}% of the allowance used in the period of {self.period_start}"
+
+
+class TransferSettings(TenantModel):
+    """The organization's rules for members giving allowance to each other (allowances.services
+    transfer_create): off until an admin switches them on."""
+
+    organization = models.OneToOneField("portal.Organization", on_delete=models.CASCADE, related_name="+")
+    enabled = models.BooleanField(default=False)
+    same_team_only = models.BooleanField(default=True)
+    # The most one member may give in a period; None: no limit beyond their unused base allowance.
+    max_per_period = models.BigIntegerField(null=True, blank=True)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name_plural = "transfer settings"
+        constraints = [models.CheckConstraint(
+            condition=Q(max_per_period__isnull=True) | Q(max_per_period__gt=0, max_per_period__lte=MAX_TOKENS),
+            name="transfer_settings_max_in_range")]
+
+    def __str__(self):
+        return f"transfer rules of {self.organization_id}"
+
+
+class Transfer(TenantModel):
+    """Tokens a member gave another of their unused base allowance: a transfer_out entry on the
+    giver's account and a transfer_in on the receiver's, posted together (keyed by this row)."""
+
+    giver = models.ForeignKey(Member, on_delete=models.PROTECT, related_name="+")
+    receiver = models.ForeignKey(Member, on_delete=models.PROTECT, related_name="+")
+    tokens = models.BigIntegerField()
+    period_start = models.DateField()
+    note = models.CharField(max_length=300, blank=True)
+    # A form or API retry with the same key finds this transfer instead of giving twice.
+    idempotency_key = models.CharField(max_length=100)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.CheckConstraint(condition=Q(tokens__gt=0, tokens__lte=MAX_TOKENS), name="transfer_tokens_in_range"),
+            models.CheckConstraint(condition=~Q(giver=F("receiver")), name="transfer_not_to_oneself"),
+            models.UniqueConstraint(fields=["organization", "idempotency_key"], name="transfer_idempotency_key_unique"),
+        ]
+        indexes = [models.Index(fields=["organization", "period_start"], name="transfer_org_period")]
+
+    def __str__(self):
+        return f"{self.tokens} tokens from {self.giver_id} to {self.receiver_id}"

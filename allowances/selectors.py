@@ -13,7 +13,7 @@ from django.db.models.functions import Coalesce
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
 
-from allowances.consumption import BASE_KINDS, OVERAGE_KINDS, billable_part_sql, kinds_sql
+from allowances.consumption import BASE_KINDS, OVERAGE_KINDS, billable_part_sql, kinds_sql, unused_overage
 from allowances.models import (
     Account,
     AllowancePolicy,
@@ -386,7 +386,7 @@ def grant_batch_get(*, organization: Organization, grant_batch_id: int) -> Grant
 
 
 def catalog(*, organization: Organization, active_only: bool = False) -> QuerySet[CatalogModel]:
-    models = CatalogModel.objects.filter(organization=organization).select_related("connection")
+    models = CatalogModel.objects.filter(organization=organization).select_related("connection", "economy_counterpart")
     return models.filter(is_active=True) if active_only else models.order_by("display_name")
 
 
@@ -464,3 +464,59 @@ def billable_overage(*, organization: Organization, period: date, member: Member
                                  model=model, tokens=tokens) for member_id, model, tokens in rows),
                   key=lambda row: (row.team, row.email, row.model))
 
+
+
+# -- transfers -----------------------------------------------------------------------------------
+
+
+def transferable(*, account: Account) -> int:
+    """What the account may give now: its available balance beyond the overage it still holds
+    (a period's overage is used last, so what is left is overage first: allowances.consumption)."""
+    overage = LedgerEntry.objects.filter(account=account, period_start=account.period_start,
+                                         kind__in=OVERAGE_KINDS).aggregate(total=Sum("granted_delta"))["total"] or 0
+    available = account.available
+    return max(available, 0) - unused_overage(available=available, overage=overage)
+
+
+def transfer_rules(*, organization: Organization):
+    from allowances.models import TransferSettings
+
+    return (TransferSettings.objects.filter(organization=organization).first()
+            or TransferSettings(organization=organization))
+
+
+def transfer_receivers(*, member: Member) -> QuerySet[Member]:
+    """Whom `member` may give to under the organization's rules."""
+    rules = transfer_rules(organization=member.organization)
+    others = Member.objects.filter(organization=member.organization, is_active=True).exclude(pk=member.pk)
+    if rules.same_team_only:
+        others = others.filter(team_id=member.team_id) if member.team_id else others.none()
+    return others.select_related("user").order_by("user__email")
+
+
+def transfers_of(*, member: Member, period: date | None = None) -> dict:
+    """A member's transfers (of one period, if given): {"given": [...], "received": [...], totals}."""
+    from allowances.models import Transfer
+
+    transfers = Transfer.objects.filter(organization=member.organization).select_related("giver__user",
+                                                                                       "receiver__user")
+    if period is not None:
+        transfers = transfers.filter(period_start=period)
+    given, received = list(transfers.filter(giver=member)), list(transfers.filter(receiver=member))
+    return {"given": given, "received": received, "given_tokens": sum(t.tokens for t in given),
+            "received_tokens": sum(t.tokens for t in received)}
+
+
+def transfer_report(*, organization: Organization, period: date) -> dict:
+    """HR's report of a period's transfers: every transfer, and the totals by team and member."""
+    from allowances.models import Transfer
+
+    transfers = list(Transfer.objects.filter(organization=organization, period_start=period).select_related(
+        "giver__user", "giver__team", "receiver__user", "receiver__team").order_by("-created_at", "-id"))
+    by_member: dict[int, dict] = {}
+    for transfer in transfers:
+        for member, side in ((transfer.giver, "given"), (transfer.receiver, "received")):
+            row = by_member.setdefault(member.pk, {"member": member, "given": 0, "received": 0})
+            row[side] += transfer.tokens
+    return {"transfers": transfers, "tokens": sum(t.tokens for t in transfers),
+            "members": sorted(by_member.values(), key=lambda row: row["member"].user.email)}

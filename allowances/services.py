@@ -15,7 +15,7 @@ from decimal import Decimal, InvalidOperation
 
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, models, transaction
 from django.utils import timezone
 
 from allowances import ledger
@@ -32,9 +32,11 @@ from allowances.models import (
     LedgerEntry,
     ModelAlias,
     PolicyAssignment,
+    Transfer,
+    TransferSettings,
 )
 from allowances.periods import next_period_start, period_bounds, period_start_for, prorate, remaining_fraction
-from allowances.selectors import assignment_in_force, members_governed_by, policy_in_force
+from allowances.selectors import assignment_in_force, members_governed_by, policy_in_force, transferable
 from portal.audit import changes, log_action
 from portal.models import Member, Organization, Team
 from portal.tenancy import unscoped
@@ -68,7 +70,7 @@ def clean_tokens(value, *, field: str, allow_zero: bool = False) -> int:
 
 CATALOG_FIELDS = ["model_id", "display_name", "connection", "upstream_model", "max_output_tokens", "input_multiplier",
                   "output_multiplier", "cached_multiplier", "input_price_per_million", "output_price_per_million",
-                  "cached_price_per_million", "is_active"]
+                  "cached_price_per_million", "is_active", "economy_counterpart"]
 _CATALOG_DECIMALS = CATALOG_FIELDS[5:11]
 
 
@@ -124,9 +126,39 @@ def _clean_catalog(organization: Organization, data: dict, *, exclude_pk=None) -
         elif value != value.quantize(Decimal(1).scaleb(-places)):
             errors[field] = f"Use at most {places} decimal places."
         cleaned[field] = value
+    cleaned["economy_counterpart"] = _clean_economy(organization, data.get("economy_counterpart"), model_id=model_id,
+                                                    connection=connection, errors=errors)
     if errors:
         raise ValidationError(errors)
     return cleaned
+
+
+def _clean_economy(organization: Organization, value, *, model_id: str, connection, errors: dict):
+    """The economy counterpart named by an instance or an id: another active model of the
+    organization, reachable in every API the premium model is (routing never changes the API a
+    client speaks), and not routed on itself (one hop)."""
+    if value in (None, ""):
+        return None
+    pk = value.pk if isinstance(value, CatalogModel) else value
+    try:
+        counterpart = CatalogModel.objects.filter(organization=organization, pk=int(str(pk))).select_related(
+            "connection").first()
+    except (TypeError, ValueError):
+        counterpart = None
+    if counterpart is None:
+        errors["economy_counterpart"] = "Choose another model of the catalog."
+    elif counterpart.model_id == model_id:
+        errors["economy_counterpart"] = "A model cannot be its own economy counterpart."
+    elif not counterpart.is_active:
+        errors["economy_counterpart"] = f"{counterpart.model_id} is switched off."
+    elif counterpart.economy_counterpart_id is not None:
+        errors["economy_counterpart"] = (f"{counterpart.model_id} is routed to an economy model itself; choose a model "
+                                         "without one (requests are routed once).")
+    elif connection is not None and counterpart.connection.family not in ("any", connection.family):
+        errors["economy_counterpart"] = (f"{counterpart.model_id} is served by an API of another kind "
+                                         f"({counterpart.connection.get_kind_display()}): clients of this model could "
+                                         "not read its replies.")
+    return counterpart
 
 
 @transaction.atomic
@@ -236,7 +268,8 @@ def _target_members(*, organization: Organization, team: Team | None, member: Me
 # -- policies ----------------------------------------------------------------------------------
 
 POLICY_FIELDS = ["name", "monthly_tokens", "rollover_rule", "rollover_cap_tokens", "rollover_cap_percent",
-                 "rollover_lifetime_periods", "overage_rule", "auto_approve_tokens", "auto_approve_requests"]
+                 "rollover_lifetime_periods", "overage_rule", "auto_approve_tokens", "auto_approve_requests",
+                 "economy_below_percent"]
 
 
 def _clean_policy(organization: Organization, data: dict, *, exclude_pk=None) -> dict:
@@ -317,11 +350,21 @@ def _clean_policy(organization: Organization, data: dict, *, exclude_pk=None) ->
             errors["auto_approve_tokens"] = "An auto-approved amount only applies to the auto-approve rule."
         if auto_count is not None:
             errors["auto_approve_requests"] = "A number of auto-approved requests only applies to the auto-approve rule."
+    economy = data.get("economy_below_percent")
+    if economy in (None, ""):
+        economy = None
+    else:
+        try:
+            economy = _whole(economy)
+            if not 1 <= economy <= 100:
+                raise ValueError
+        except (TypeError, ValueError):
+            errors["economy_below_percent"] = "A whole percentage from 1 to 100, or empty to never route."
     if errors:
         raise ValidationError(errors)
     return {"name": name, "monthly_tokens": monthly, "rollover_rule": rollover, "rollover_cap_tokens": cap_tokens,
             "rollover_cap_percent": cap_percent, "rollover_lifetime_periods": lifetime, "overage_rule": overage,
-            "auto_approve_tokens": auto, "auto_approve_requests": auto_count}
+            "auto_approve_tokens": auto, "auto_approve_requests": auto_count, "economy_below_percent": economy}
 
 
 @transaction.atomic
@@ -643,3 +686,97 @@ def grant_bulk(*, organization: Organization, actor, rows: list[dict], idempoten
     batch = GrantBatch.objects.create(organization=organization, filename="API request", rows=valid, created_by=actor,
                                       idempotency_key=idempotency_key or uuid.uuid4().hex)
     return grant_batch_apply(batch=batch, actor=actor)
+
+
+# -- transfers -----------------------------------------------------------------------------------
+
+
+@transaction.atomic
+def transfer_settings_save(*, organization: Organization, actor, enabled: bool, same_team_only: bool,
+                           max_per_period=None) -> TransferSettings:
+    """The organization's rules for transfers between members; a field error for a bad maximum."""
+    maximum = None if max_per_period in (None, "") else clean_tokens(max_per_period, field="max_per_period")
+    rules = TransferSettings.objects.select_for_update().filter(organization=organization).first()
+    rules = rules or TransferSettings(organization=organization)
+    cleaned = {"enabled": bool(enabled), "same_team_only": bool(same_team_only), "max_per_period": maximum}
+    diff = changes(rules, cleaned.keys(), cleaned)
+    for field, value in cleaned.items():
+        setattr(rules, field, value)
+    rules.updated_at = timezone.now()
+    rules.save()
+    if diff:
+        log_action(actor=actor, organization=organization, action="transfer_settings.updated", obj=rules, data=diff)
+    return rules
+
+
+def _transfer_receiver(organization: Organization, giver: Member, receiver, rules: TransferSettings) -> Member:
+    pk = receiver.pk if isinstance(receiver, Member) else receiver
+    try:
+        found = Member.objects.filter(organization=organization, is_active=True, pk=int(str(pk))).select_related(
+            "user", "team").first()
+    except (TypeError, ValueError):
+        found = None
+    if found is None:
+        raise ValidationError({"receiver": "Choose an active member of the organization."})
+    if found.pk == giver.pk:
+        raise ValidationError({"receiver": "You cannot give tokens to yourself."})
+    if rules.same_team_only and (giver.team_id is None or found.team_id != giver.team_id):
+        raise ValidationError({"receiver": "Transfers go to members of your own team only in this organization."})
+    return found
+
+
+def transfer_create(*, giver: Member, receiver, tokens, actor, idempotency_key: str, note: str = "") -> Transfer:
+    """Give part of `giver`'s unused base allowance to another member: one transaction that locks
+    both accounts (in id order, as every ledger write does) and posts the transfer_out and the
+    transfer_in together, or nothing. Approved overage is never given: at most the balance beyond
+    the overage it still holds (allowances.consumption). A retry with the same key returns the
+    first transfer."""
+    organization = giver.organization
+    key = str(idempotency_key or "").strip()[:100]
+    if not key:
+        raise ValidationError("A transfer needs an idempotency key (the form's token).")
+    previous = Transfer.objects.filter(organization=organization, idempotency_key=key).first()
+    if previous is not None:
+        if previous.giver_id != giver.pk:
+            raise ValidationError("This idempotency key was used for another member's transfer.")
+        return previous
+    rules = TransferSettings.objects.filter(organization=organization).first()
+    if rules is None or not rules.enabled:
+        raise ValidationError("Transfers are switched off in this organization; an administrator switches them on.")
+    tokens = clean_tokens(tokens, field="tokens")
+    receiver = _transfer_receiver(organization, giver, receiver, rules)
+    note = str(note or "").strip()[:300]
+    accounts = [account_open(member=m).pk for m in (giver, receiver)]
+    try:
+        with transaction.atomic():
+            ledger.lock(account_ids=accounts)
+            given, taken = (Account.objects.get(member=giver), Account.objects.get(member=receiver))
+            if given.period_start != taken.period_start:
+                raise ValidationError("The period is closing right now; try again in a minute.")
+            room = transferable(account=given)
+            if tokens > room:
+                raise ValidationError({"tokens": (
+                    f"You can give at most {max(room, 0):,} tokens now: what is left of your base allowance "
+                    "(approved overage and tokens held by requests in flight cannot be given).")})
+            if rules.max_per_period is not None:
+                so_far = Transfer.objects.filter(organization=organization, giver=giver,
+                                                 period_start=given.period_start).aggregate(
+                    total=models.Sum("tokens"))["total"] or 0
+                if so_far + tokens > rules.max_per_period:
+                    raise ValidationError({"tokens": (
+                        f"At most {rules.max_per_period:,} tokens may be given per period; you have given "
+                        f"{so_far:,} this period, so {max(rules.max_per_period - so_far, 0):,} more at most.")})
+            transfer = Transfer.objects.create(organization=organization, giver=giver, receiver=receiver,
+                                               tokens=tokens, period_start=given.period_start, note=note,
+                                               idempotency_key=key, created_by=actor)
+            reference = f"transfer:{transfer.pk}"
+            ledger.post(account=given, kind=Kind.TRANSFER_OUT, tokens=tokens, guard="zero", actor=actor,
+                        idempotency_key=reference, reference=reference, reason=f"given to {receiver.user.email}")
+            ledger.post(account=taken, kind=Kind.TRANSFER_IN, tokens=tokens, actor=actor, idempotency_key=reference,
+                        reference=reference, reason=f"received from {giver.user.email}")
+            log_action(actor=actor, organization=organization, action="transfer.created", obj=transfer, data={
+                "giver": giver.user.email, "receiver": receiver.user.email, "tokens": tokens,
+                "period_start": given.period_start.isoformat(), "note": note})
+    except IntegrityError:  # the same form submitted twice at once: the other submission made it
+        return Transfer.objects.get(organization=organization, idempotency_key=key)
+    return transfer

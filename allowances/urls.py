@@ -19,4 +19,7 @@ urlpatterns = [
     path("models/<int:catalog_model_id>/", views.catalog_model_edit, name="catalog_model_edit"),
     path("models/aliases/", views.model_alias_create, name="model_alias_create"),
     path("models/aliases/<int:model_alias_id>/delete/", views.model_alias_delete, name="model_alias_delete"),
+    path("transfers/", views.transfer_list, name="transfer_list"),
+    path("transfers/report/", views.transfer_report, name="transfer_report"),
+    path("settings/transfers/", views.transfer_settings, name="transfer_settings"),
 ]

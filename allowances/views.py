@@ -16,6 +16,8 @@ from allowances.forms import (
     ModelAliasForm,
     PolicyEditForm,
     PolicyForm,
+    TransferForm,
+    TransferSettingsForm,
 )
 from apikeys.selectors import keys_of
 from gateway.selectors import connections_of, usage_records
@@ -242,6 +244,11 @@ def grant_batch(request, grant_batch_id):
     return render(request, "allowances/grant_batch.html", {"batch": batch})
 
 
+def _catalog_form(request, data=None, **kwargs):
+    return CatalogModelForm(data, connections=connections_of(organization=request.organization),
+                            catalog=selectors.catalog(organization=request.organization, active_only=True), **kwargs)
+
+
 def _alias_form(request, data=None):
     return ModelAliasForm(data, catalog=selectors.catalog(organization=request.organization))
 
@@ -257,7 +264,7 @@ def _catalog_page(request, *, form, alias_form, status=200):
 @require_roles("admin")
 @require_http_methods(["GET", "POST"])
 def catalog(request):
-    form = CatalogModelForm(request.POST or None, connections=connections_of(organization=request.organization))
+    form = _catalog_form(request, request.POST or None)
     if request.method == "POST" and form.is_valid():
         try:
             entry = services.catalog_model_create(organization=request.organization, actor=request.user, **form.cleaned_data)
@@ -282,7 +289,7 @@ def model_alias_create(request):
         else:
             messages.success(request, f"Requests for {alias.alias} now go to {alias.catalog_model.model_id}.")
             return redirect(org_url(request, "catalog"))
-    form = CatalogModelForm(connections=connections_of(organization=request.organization))
+    form = _catalog_form(request)
     return _catalog_page(request, form=form, alias_form=alias_form, status=400)
 
 
@@ -299,8 +306,8 @@ def model_alias_delete(request, model_alias_id):
 @require_http_methods(["GET", "POST"])
 def catalog_model_edit(request, catalog_model_id):
     entry = selectors.catalog_model_get(organization=request.organization, catalog_model_id=catalog_model_id)
-    form = CatalogModelForm(request.POST or None, connections=connections_of(organization=request.organization),
-                            initial={field: getattr(entry, field) for field in services.CATALOG_FIELDS})
+    form = _catalog_form(request, request.POST or None,
+                         initial={field: getattr(entry, field) for field in services.CATALOG_FIELDS})
     if request.method == "POST" and form.is_valid():
         try:
             services.catalog_model_update(catalog_model=entry, actor=request.user, **form.cleaned_data)
@@ -310,3 +317,57 @@ def catalog_model_edit(request, catalog_model_id):
             messages.success(request, f"{entry.display_name} saved.")
             return redirect(org_url(request, "catalog"))
     return render(request, "allowances/catalog_edit.html", {"form": form, "entry": entry})
+
+
+def _transfer_page(request, form, status=200):
+    account = services.account_open(member=request.member)
+    return render(request, "allowances/transfers.html", {
+        "form": form, "rules": selectors.transfer_rules(organization=request.organization),
+        "transferable": selectors.transferable(account=account),
+        "mine": selectors.transfers_of(member=request.member),
+    }, status=status)
+
+
+@require_http_methods(["GET", "POST"])
+def transfer_list(request):
+    """A member gives part of their unused base allowance to a teammate, and sees what they gave and got."""
+    receivers = selectors.transfer_receivers(member=request.member)
+    form = TransferForm(request.POST if request.method == "POST" else None, receivers=receivers)
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        try:
+            transfer = services.transfer_create(giver=request.member, receiver=data["receiver"], tokens=data["tokens"],
+                                                note=data["note"], idempotency_key=data["idempotency_key"],
+                                                actor=request.user)
+        except ValidationError as error:
+            apply_service_error(form, error)
+        else:
+            messages.success(request, f"{transfer.tokens:,} tokens given to {transfer.receiver.user.email}.")
+            return redirect(org_url(request, "transfer_list"))
+    return _transfer_page(request, form, status=400 if form.errors else 200)
+
+
+@require_roles("hr")
+@require_GET
+def transfer_report(request):
+    period = services.account_open(member=request.member).period_start
+    return render(request, "allowances/transfer_report.html", {
+        "report": selectors.transfer_report(organization=request.organization, period=period), "period": period})
+
+
+@require_roles("admin")
+@require_http_methods(["GET", "POST"])
+def transfer_settings(request):
+    rules = selectors.transfer_rules(organization=request.organization)
+    form = TransferSettingsForm(request.POST if request.method == "POST" else None, initial={
+        "enabled": rules.enabled, "same_team_only": rules.same_team_only, "max_per_period": rules.max_per_period})
+    if request.method == "POST" and form.is_valid():
+        try:
+            services.transfer_settings_save(organization=request.organization, actor=request.user, **form.cleaned_data)
+        except ValidationError as error:
+            apply_service_error(form, error)
+        else:
+            messages.success(request, "Transfer rules saved.")
+            return redirect(org_url(request, "transfer_settings"))
+    return render(request, "allowances/transfer_settings.html", {"form": form},
+                  status=400 if form.errors else 200)

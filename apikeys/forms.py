@@ -18,6 +18,10 @@ class ApiKeyForm(forms.Form):
                                      widget=forms.DateTimeInput(attrs={"type": "datetime-local"}))
     allowed_cidrs = forms.CharField(required=False, label="Allowed IP ranges", widget=forms.Textarea(attrs={"rows": 2}),
                                     help_text="Optional, one per line or comma-separated, e.g. 203.0.113.0/24.")
+    economy_routing = forms.BooleanField(
+        required=False, initial=True, label="Route to economy models near the limit",
+        help_text="Where your policy routes: near the end of your allowance, a premium model's requests are served "
+                  "by its cheaper counterpart. Untick to have them refused instead.")
     form_token = forms.CharField(widget=forms.HiddenInput, max_length=64)
 
     def __init__(self, *args, catalog, member, **kwargs):

@@ -39,6 +39,14 @@ class ApiKey(TenantModel):
     spend = models.ForeignKey("allowances.KeySpend", on_delete=models.PROTECT, related_name="keys")
     allowed_cidrs = models.JSONField(default=list, blank=True)
     expires_at = models.DateTimeField(null=True, blank=True)
+    # Set while a spend-velocity breaker has the key paused (gateway.BreakerTrip); refused with a 429.
+    paused_at = models.DateTimeField(null=True, blank=True)
+    paused_by = models.ForeignKey("gateway.BreakerTrip", null=True, blank=True, on_delete=models.SET_NULL,
+                                  related_name="paused_keys")
+    # Not paused when the organization-wide breaker trips (a production service's key, say).
+    breaker_exempt = models.BooleanField(default=False, db_default=False)
+    # Off: near the limit its requests are refused, never routed to an economy model.
+    economy_routing = models.BooleanField(default=True, db_default=True)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+")
     created_at = models.DateTimeField(default=timezone.now)
     last_used_at = models.DateTimeField(null=True, blank=True)

@@ -14,11 +14,11 @@ def _with_spend(keys: QuerySet[ApiKey]) -> QuerySet[ApiKey]:
 
 
 def keys_of(*, member: Member) -> QuerySet[ApiKey]:
-    return _with_spend(ApiKey.objects.filter(member=member).select_related("rotated_to"))
+    return _with_spend(ApiKey.objects.filter(member=member).select_related("rotated_to", "paused_by"))
 
 
 def keys_of_organization(*, organization: Organization) -> QuerySet[ApiKey]:
-    return _with_spend(ApiKey.objects.filter(organization=organization).select_related("member__user", "rotated_to"))
+    return _with_spend(ApiKey.objects.filter(organization=organization).select_related("member__user", "rotated_to", "paused_by"))
 
 
 def key_get(*, organization: Organization, api_key_id: int, member: Member | None = None) -> ApiKey:

@@ -35,7 +35,12 @@ class KeyRefused(Exception):
     """A presented key cannot be used; the message says why, without revealing anything secret."""
 
 
-def _clean(*, member: Member, name, model_ids, endpoints, token_cap, expires_at, allowed_cidrs) -> dict:
+class KeyPaused(KeyRefused):
+    """The key is paused by a spend-velocity breaker until its owner or an admin resumes it."""
+
+
+def _clean(*, member: Member, name, model_ids, endpoints, token_cap, expires_at, allowed_cidrs,
+           economy_routing=True) -> dict:
     errors = {}
     name = (name or "").strip()
     if not name:
@@ -87,13 +92,14 @@ def _clean(*, member: Member, name, model_ids, endpoints, token_cap, expires_at,
     if errors:
         raise ValidationError(errors)
     return {"name": name, "model_ids": model_ids, "endpoints": endpoints, "token_cap": token_cap,
-            "expires_at": expires_at, "allowed_cidrs": networks}
+            "expires_at": expires_at, "allowed_cidrs": networks, "economy_routing": economy_routing is not False}
 
 
 def _settings_for_audit(key: ApiKey) -> dict:
     return {"name": key.name, "key": f"{key.display_prefix}…{key.last_four}", "models": key.model_ids or "all allowed",
             "endpoints": key.endpoints, "token_cap": key.token_cap, "allowed_cidrs": key.allowed_cidrs,
-            "expires_at": key.expires_at.isoformat() if key.expires_at else None}
+            "expires_at": key.expires_at.isoformat() if key.expires_at else None,
+            "economy_routing": key.economy_routing}
 
 
 def _mint(*, member: Member, actor, settings: dict, spend: KeySpend | None = None) -> tuple[ApiKey, str]:
@@ -108,7 +114,8 @@ def _mint(*, member: Member, actor, settings: dict, spend: KeySpend | None = Non
 
 @transaction.atomic
 def api_key_create(*, member: Member, actor, name: str, endpoints, model_ids=(), token_cap=None,
-                   expires_at: datetime | None = None, allowed_cidrs=(), form_token: str = "") -> tuple[ApiKey, str]:
+                   expires_at: datetime | None = None, allowed_cidrs=(), economy_routing: bool = True,
+                   form_token: str = "") -> tuple[ApiKey, str]:
     """Mint a key for `member`. Returns the key and its secret, which is never available again.
 
     A form submitted twice (a reload of the page that showed the secret) does not mint a second key.
@@ -118,7 +125,8 @@ def api_key_create(*, member: Member, actor, name: str, endpoints, model_ids=(),
         raise ValidationError(f"This form already created the key “{previous.name}”; its secret was shown once. "
                               "Revoke it and create a new key if you did not copy it.")
     settings = _clean(member=member, name=name, model_ids=model_ids, endpoints=endpoints, token_cap=token_cap,
-                      expires_at=expires_at, allowed_cidrs=allowed_cidrs) | {"form_token": form_token}
+                      expires_at=expires_at, allowed_cidrs=allowed_cidrs,
+                      economy_routing=economy_routing) | {"form_token": form_token}
     try:
         with transaction.atomic():
             key, secret = _mint(member=member, actor=actor, settings=settings)
@@ -150,7 +158,8 @@ def api_key_rotate(*, key: ApiKey, actor, grace_hours: int = 0) -> tuple[ApiKey,
     if not 0 <= grace_hours <= MAX_ROTATION_GRACE_HOURS:
         raise ValidationError({"grace_hours": f"The grace period is 0 to {MAX_ROTATION_GRACE_HOURS} hours."})
     settings = {field: getattr(key, field) for field in
-                ("name", "model_ids", "endpoints", "token_cap", "expires_at", "allowed_cidrs")}  # not the form token
+                ("name", "model_ids", "endpoints", "token_cap", "expires_at", "allowed_cidrs",
+                 "economy_routing")}  # not the form token
     # The successor shares the spend counter: rotating never resets the key's cap.
     new_key, secret = _mint(member=key.member, actor=actor, settings=settings, spend=key.spend)
     key.rotated_to, key.works_until = new_key, timezone.now() + timedelta(hours=grace_hours)
@@ -181,6 +190,10 @@ class KeyIdentity:
     account_id: int | None = None  # the owner's allowance account, once one is open
     spend_id: int | None = None  # the key's spend counter (its cap), shared across rotations
     public_id: str = ""
+    economy_routing: bool = True  # the key may be routed to economy models (it did not opt out)
+    economy_below_percent: int | None = None  # the owner's policy: route below this % left (None: never)
+    paused: str | None = None  # why a spend-velocity breaker paused the key, and how to resume it
+    normal_hour_tokens: int | None = None  # the owner's normal hour (gateway.SpendNormal), for the breaker
 
 
 def cache_key(public_id: str) -> str:
@@ -188,6 +201,7 @@ def cache_key(public_id: str) -> str:
 
 
 IDENTITY_TTL = 300  # seconds; every change to a key or its owner drops the cached identity at once
+NORMAL_MIN_HOURS = 5  # a member's normal hour counts for the breaker once it comes from this many hours
 
 
 def identity_load(public_id: str) -> KeyIdentity | None:
@@ -201,7 +215,8 @@ def identity_load(public_id: str) -> KeyIdentity | None:
 
 def _load(public_id: str) -> KeyIdentity | None:
     with unscoped():
-        key = ApiKey.objects.select_related("member__user").filter(public_id=public_id).first()
+        key = ApiKey.objects.select_related("member__user", "paused_by", "organization").filter(
+            public_id=public_id).first()
     if key is None:
         return None
     ends = [moment for moment in (key.expires_at, key.works_until) if moment is not None]
@@ -214,7 +229,36 @@ def _load(public_id: str) -> KeyIdentity | None:
                        allowed_cidrs=tuple(key.allowed_cidrs), token_cap=key.token_cap,
                        refusal_at=min(ends) if ends else None, refused=refused,
                        account_id=Account.all_objects.filter(member_id=key.member_id).values_list("id", flat=True).first(),
-                       spend_id=key.spend_id, public_id=key.public_id)
+                       spend_id=key.spend_id, public_id=key.public_id, economy_routing=key.economy_routing,
+                       economy_below_percent=_economy_below_percent(key.member), paused=_paused(key),
+                       normal_hour_tokens=_normal_hour(key.member_id))
+
+
+def _paused(key: ApiKey) -> str | None:
+    if key.paused_at is None:
+        return None
+    from django.conf import settings
+    from django.urls import reverse
+
+    keys_page = settings.PORTAL_BASE_URL + reverse("key_list", kwargs={"org_slug": key.organization.slug})
+    what = key.paused_by.description if key.paused_by is not None else "a spend-velocity breaker tripped"
+    return (f"API key paused by the spend-velocity breaker: {what}. Nothing more is sent with it until it is "
+            f"resumed: its owner can resume it at {keys_page} (after checking what runs with it), or an "
+            "administrator can.")
+
+
+def _normal_hour(member_id: int) -> int | None:
+    from gateway.models import SpendNormal
+
+    with unscoped():
+        return SpendNormal.objects.filter(member_id=member_id, active_hours__gte=NORMAL_MIN_HOURS).values_list(
+            "p95_hour_tokens", flat=True).first()
+
+
+def _economy_below_percent(member: Member) -> int | None:
+    with unscoped():  # the member's own and their team's assignments only
+        policy = policy_in_force(member=member)
+    return policy.economy_below_percent if policy is not None else None
 
 
 def presented(raw_key: str) -> secrets.ParsedKey:
@@ -242,6 +286,8 @@ def admit(parts: secrets.ParsedKey, identity: KeyIdentity, *, ip: str | None) ->
             address = None
         if address is None or not any(address in ipaddress.ip_network(net) for net in identity.allowed_cidrs):
             raise KeyRefused(f"API key refused: requests from {ip} are outside the key's allowed IP ranges.")
+    if identity.paused:
+        raise KeyPaused(identity.paused)
     return now
 
 

@@ -5,7 +5,7 @@ next request."""
 from django.db.models.signals import post_save
 from django.dispatch import receiver
 
-from allowances.models import Account
+from allowances.models import Account, AllowancePolicy, PolicyAssignment
 from allowances.services import account_holds_release
 from apikeys.models import ApiKey
 from apikeys.services import invalidate
@@ -42,6 +42,15 @@ def _user_changed(sender, instance, created, update_fields, **kwargs):
     if not instance.is_active:
         user_sessions_end(user=instance)
         account_holds_release(member_ids=member_ids, reason="the user account was disabled")
+
+
+@receiver(post_save, sender=AllowancePolicy)
+@receiver(post_save, sender=PolicyAssignment)
+def _policy_changed(sender, instance, **kwargs):
+    # Identities carry the routing threshold of their owner's policy.
+    with unscoped():
+        invalidate(list(ApiKey.objects.filter(organization_id=instance.organization_id)
+                        .values_list("public_id", flat=True)))
 
 
 @receiver(post_save, sender=Account)

@@ -9,4 +9,6 @@ urlpatterns = [
     path("keys/all/", views.key_admin, name="key_admin"),
     path("keys/<int:api_key_id>/rotate/", views.key_rotate, name="key_rotate"),
     path("keys/<int:api_key_id>/revoke/", views.key_revoke, name="key_revoke"),
+    path("keys/<int:api_key_id>/resume/", views.key_resume, name="key_resume"),
+    path("keys/<int:api_key_id>/breaker-exempt/", views.key_breaker_exempt, name="key_breaker_exempt"),
 ]

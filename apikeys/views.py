@@ -9,6 +9,7 @@ from django.views.decorators.http import require_GET, require_POST
 from allowances.selectors import catalog
 from apikeys import selectors, services
 from apikeys.forms import ApiKeyForm, RotateForm
+from gateway.services import api_key_breaker_exempt_set, breaker_resume
 from portal.forms import apply_service_error
 from portal.links import public_base
 from portal.reauth import confirm_password_first, kept_form
@@ -94,3 +95,41 @@ def key_revoke(request, api_key_id):
 @require_GET
 def key_admin(request):
     return render(request, "apikeys/key_admin.html", {"keys": selectors.keys_of_organization(organization=request.organization)})
+
+
+@never_cache
+@require_POST
+def key_resume(request, api_key_id):
+    """Resume a key a spend-velocity breaker paused: its owner, after a password check, when the
+    key's own breaker tripped; an administrator whatever tripped (every key the trip paused)."""
+    is_admin = request.member.has_any_role(["admin"])
+    key = selectors.key_get(organization=request.organization, api_key_id=api_key_id,
+                            member=None if is_admin else request.member)
+    back = org_url(request, "key_admin" if is_admin and request.POST.get("next") == "all" else "key_list")
+    trip = key.paused_by
+    if key.paused_at is None or trip is None:
+        messages.error(request, f"Key {key.name} is not paused.")
+        return redirect(back)
+    if not is_admin and trip.scope != trip.Scope.KEY:
+        messages.error(request, f"Key {key.name} was paused with every key of the {trip.get_scope_display().lower()}; "
+                                "an administrator resumes it.")
+        return redirect(back)
+    if not is_admin and (prompt := confirm_password_first(request, then=org_url(request, "key_list"))):
+        return prompt
+    try:
+        resumed = breaker_resume(trip=trip, actor=request.user)
+    except ValidationError as error:
+        messages.error(request, " ".join(error.messages))
+    else:
+        messages.success(request, f"Resumed: {resumed} key{'s' if resumed != 1 else ''} work again from the next request.")
+    return redirect(back)
+
+
+@require_roles("admin")
+@require_POST
+def key_breaker_exempt(request, api_key_id):
+    key = selectors.key_get(organization=request.organization, api_key_id=api_key_id, member=None)
+    key = api_key_breaker_exempt_set(key=key, actor=request.user, exempt=request.POST.get("exempt") == "1")
+    messages.success(request, f"Key {key.name} is {'now exempt from' if key.breaker_exempt else 'no longer exempt from'} "
+                              "the organization-wide breaker.")
+    return redirect(org_url(request, "key_admin"))

@@ -5,6 +5,12 @@
   PostgreSQL and Redis: key check, hold, forward, settle, usage record). The metered requests
   come from 64 members' keys in turn, as an organization's traffic does.
 - gateway.direct_p50 / gateway.metered_p50 / gateway.added_p50: median latency at 1 connection.
+- gateway.governed_rps / gateway.governed_p50: the same through a second organization with the
+  spend governance switched on: budget-aware routing (every member's policy routes, and each
+  request after a member's first is served by the economy counterpart: both worst cases bound,
+  the routed hold statement, the routing headers) and the spend-velocity breaker (limits no
+  request reaches, so its Redis script runs on every settlement); gateway.governed_ratio and
+  gateway.governed_added_p50 compare it with the metered figures of the same run.
 - ingest.events_per_s: usage events recorded per second through POST /api/v1/usage in batches
   of 1,000 (2 clients).
 
@@ -64,11 +70,13 @@ end
 
 
 
-def seed(upstream_url: str) -> tuple[list[str], str]:
+def seed(upstream_url: str, *, name: str = "Bench", governed: bool = False) -> tuple[list[str], str]:
     """An organization whose model is served by the fake provider; 64 funded members with a key
-    each, and an ingest key."""
+    each, and an ingest key. `governed`: with an economy counterpart that every member's policy
+    routes to from their second request on, and breaker limits no request reaches."""
     from allowances import ledger
     from allowances import services as allowance_services
+    from allowances.models import MAX_TOKENS
     from apikeys.services import api_key_create
     from gateway import services as gateway_services
     from portal.models import Member
@@ -76,24 +84,52 @@ def seed(upstream_url: str) -> tuple[list[str], str]:
     from portal.tenancy import scope
     from tests.factories import MemberFactory, UserFactory
 
-    owner = UserFactory(email="owner@bench.example")
-    organization = organization_create(owner=owner, name="Bench")
+    tag = name.lower()
+    owner = UserFactory(email=f"owner@{tag}.example")
+    organization = organization_create(owner=owner, name=name)
     with scope(organization):
         member = Member.objects.get(organization=organization)
         connection = gateway_services.provider_connection_create(
             organization=organization, actor=owner, name="Fake provider", kind="openai", base_url=upstream_url,
             secret="sk-bench-secret-000000", connect_timeout=5, read_timeout=30)
-        allowance_services.catalog_model_create(organization=organization, actor=owner, model_id="bench-gpt",
-                                                display_name="Bench", connection=connection)
+        premium = allowance_services.catalog_model_create(organization=organization, actor=owner,
+                                                          model_id="bench-gpt", display_name="Bench",
+                                                          connection=connection)
+        if governed:
+            mini = allowance_services.catalog_model_create(organization=organization, actor=owner,
+                                                           model_id="bench-gpt-mini", display_name="Bench mini",
+                                                           connection=connection)
+            allowance_services.catalog_model_update(catalog_model=premium, actor=owner, economy_counterpart=mini)
+            # 100%: less than everything granted is left once anything is held or used.
+            policy = allowance_services.policy_create(organization=organization, actor=owner, name="Routes",
+                                                      monthly_tokens=0, economy_below_percent=100)
+            gateway_services.breaker_settings_save(
+                organization=organization, actor=owner, key_per_minute=MAX_TOKENS, key_per_hour=MAX_TOKENS,
+                member_per_minute=MAX_TOKENS, member_per_hour=MAX_TOKENS, organization_per_minute=MAX_TOKENS,
+                organization_per_hour=MAX_TOKENS)
         allowance_services.account_open(member=member)
         _key, ingest_secret = api_key_create(member=member, actor=owner, name="ingest", endpoints=["usage_write"])
         secrets = []
         for number in range(MEMBERS):
-            employee = MemberFactory(organization=organization, user__email=f"m{number}@bench.example")
+            employee = MemberFactory(organization=organization, user__email=f"m{number}@{tag}.example")
+            if governed:
+                allowance_services.policy_assign(organization=organization, actor=owner, policy=policy,
+                                                 member=employee, immediately=True)
             account = allowance_services.account_open(member=employee)
             ledger.post(account=account, kind="bonus", tokens=10**12, idempotency_key="bench-funds")
             secrets.append(api_key_create(member=employee, actor=employee.user, name="bench", endpoints=["chat"])[1])
     return secrets, ingest_secret
+
+
+def routed_share() -> float:
+    """The share of the governed organization's requests that routing served with the economy model."""
+    from gateway.models import UsageRecord
+    from portal.tenancy import unscoped
+
+    with unscoped():
+        records = UsageRecord.all_objects.filter(organization__name="Governed", source="gateway")
+        total = records.count()
+        return records.exclude(routed_from="").count() / total if total else 0.0
 
 
 def serve(app: str, port: int, workers: int = 1) -> subprocess.Popen:
@@ -167,16 +203,20 @@ def main():
     upstream = serve("bench.fake_upstream_app:app", upstream_port)
     try:
         keys, ingest_key = seed(f"http://127.0.0.1:{upstream_port}/v1")
+        governed_keys, _ = seed(f"http://127.0.0.1:{upstream_port}/v1", name="Governed", governed=True)
         gateway = serve("portal.asgi:application", gateway_port, workers=GATEWAY_WORKERS)
         try:
             direct_url = f"http://127.0.0.1:{upstream_port}/v1/chat/completions"
             metered_url = f"http://127.0.0.1:{gateway_port}/v1/chat/completions"
             if not ONLY_INGEST:
                 wrk(metered_url, connections=CONNECTIONS, seconds=2, keys=keys)  # warm up caches and connections
+                wrk(metered_url, connections=CONNECTIONS, seconds=2, keys=governed_keys)
                 direct = wrk(direct_url, connections=CONNECTIONS, seconds=SECONDS)
                 metered = wrk(metered_url, connections=CONNECTIONS, seconds=SECONDS, keys=keys)
+                governed = wrk(metered_url, connections=CONNECTIONS, seconds=SECONDS, keys=governed_keys)
                 direct_1 = wrk(direct_url, connections=1, seconds=SECONDS / 2)
                 metered_1 = wrk(metered_url, connections=1, seconds=SECONDS / 2, keys=keys)
+                governed_1 = wrk(metered_url, connections=1, seconds=SECONDS / 2, keys=governed_keys)
             ingest = ingest_rate(f"http://127.0.0.1:{gateway_port}", ingest_key, SECONDS)
         finally:
             gateway.terminate()
@@ -194,6 +234,11 @@ def main():
         print(f"gateway.direct_p50: {direct_1['p50_ms']:.2f} ms")
         print(f"gateway.metered_p50: {metered_1['p50_ms']:.2f} ms")
         print(f"gateway.added_p50: {metered_1['p50_ms'] - direct_1['p50_ms']:.2f} ms")
+        print(f"gateway.governed_rps: {governed['rps']:.0f} req/s")
+        print(f"gateway.governed_ratio: {governed['rps'] / metered['rps']:.3f}")
+        print(f"gateway.governed_p50: {governed_1['p50_ms']:.2f} ms")
+        print(f"gateway.governed_added_p50: {governed_1['p50_ms'] - metered_1['p50_ms']:.2f} ms")
+        print(f"gateway.governed_routed: {routed_share():.3f} of governed requests")
     print(f"ingest.events_per_s: {ingest:.0f} events/s")
     print(f"gateway.verify_problems: {len(verify())} accounts")
 

@@ -240,7 +240,10 @@ async def _answer(begun: Begun, exchange: Exchange, data: dict, content: bytes |
 
 
 def _headers(begun: Begun) -> dict:
-    return _id_headers(ENDPOINTS[begun.endpoint].family, begun.request_id)
+    headers = _id_headers(ENDPOINTS[begun.endpoint].family, begun.request_id)
+    if begun.routed_from:  # budget-aware routing served the request with the economy counterpart
+        headers |= {"x-portal-routed-from": begun.routed_from, "x-portal-routed-to": begun.route.model_id}
+    return headers
 
 
 async def _from_sandbox(begun: Begun, exchange: Exchange, client_wants_usage: bool):

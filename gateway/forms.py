@@ -24,3 +24,16 @@ class ProviderConnectionEditForm(ProviderConnectionForm):
     secret = forms.CharField(required=False, label="New API key of the provider", widget=forms.PasswordInput,
                              help_text="Leave empty to keep the stored one.")
     clear_secret = forms.BooleanField(required=False, label="Remove the stored key")
+
+
+class BreakerSettingsForm(forms.Form):
+    key_per_minute = forms.CharField(required=False, label="One key, tokens per minute")
+    key_per_hour = forms.CharField(required=False, label="One key, tokens per hour")
+    member_per_minute = forms.CharField(required=False, label="One member's keys together, tokens per minute")
+    member_per_hour = forms.CharField(required=False, label="One member's keys together, tokens per hour")
+    organization_per_minute = forms.CharField(required=False, label="The whole organization, tokens per minute")
+    organization_per_hour = forms.CharField(required=False, label="The whole organization, tokens per hour")
+    member_normal_multiple = forms.CharField(
+        required=False, label="A member's hour over their normal hour times",
+        help_text="Their normal hour is the 95th percentile of their hours with usage over the last 7 days "
+                  "(known once they have 5 such hours), e.g. 10.")

@@ -30,11 +30,11 @@ from allowances.aliases import AliasTable
 from allowances.models import CatalogModel, LedgerEntry, ModelAlias
 from allowances.pricing import Pricing
 from apikeys.authentication import ApiKeyAuthentication
-from apikeys.services import KeyIdentity, KeyRefused
-from gateway import alarms, bounds, sandbox
+from apikeys.services import KeyIdentity, KeyPaused, KeyRefused
+from gateway import alarms, bounds, breaker, sandbox
 from gateway.apis import ENDPOINTS, SCOPE_PATHS
 from gateway.errors import GatewayError
-from gateway.models import ProviderConnection, UsageRecord
+from gateway.models import BreakerSettings, ProviderConnection, UsageRecord
 from gateway.upstream import Usage
 from portal import async_db, shared_cache
 from portal.async_db import in_thread
@@ -71,6 +71,7 @@ class ModelRoute:
     connection_active: bool
     max_output_tokens: int
     pricing: Pricing
+    economy_id: str | None = None  # the economy counterpart's model id (budget-aware routing)
 
     def weighted(self, usage: Usage) -> int:
         return self.pricing.weighted(usage.input, usage.output, usage.cached)
@@ -85,6 +86,7 @@ class OrgConfig:
     slug: str
     models: dict[str, ModelRoute]
     aliases: AliasTable
+    breaker: breaker.Limits | None = None  # the spend-velocity limits, if any is set
 
     def resolve(self, requested: str) -> ModelRoute | None:
         """The catalog model a requested id names, directly or through an alias (allowances.aliases)."""
@@ -99,7 +101,8 @@ def config_cache_key(organization_id: int) -> str:
 def _load_config(organization_id: int) -> OrgConfig:
     with unscoped():
         organization = Organization.objects.get(pk=organization_id)
-        catalog = CatalogModel.all_objects.filter(organization_id=organization_id).select_related("connection")
+        catalog = CatalogModel.all_objects.filter(organization_id=organization_id).select_related(
+            "connection", "economy_counterpart")
         models = {}
         for entry in catalog:
             provider: ProviderConnection = entry.connection
@@ -110,10 +113,15 @@ def _load_config(organization_id: int) -> OrgConfig:
                 secret_ciphertext=provider.secret_ciphertext,
                 connect_timeout=provider.connect_timeout, read_timeout=provider.read_timeout,
                 connection_active=provider.is_active, max_output_tokens=entry.max_output_tokens,
-                pricing=entry.pricing)
+                pricing=entry.pricing,
+                economy_id=entry.economy_counterpart.model_id if entry.economy_counterpart else None)
         aliases = AliasTable(ModelAlias.all_objects.filter(organization_id=organization_id)
                              .values_list("alias", "catalog_model__model_id"))
-    return OrgConfig(organization_id=organization_id, slug=organization.slug, models=models, aliases=aliases)
+        limits = BreakerSettings.all_objects.filter(organization_id=organization_id).values(
+            *BreakerSettings.LIMITS, "member_normal_multiple").first()
+    limits = breaker.Limits(**limits) if limits and any(value is not None for value in limits.values()) else None
+    return OrgConfig(organization_id=organization_id, slug=organization.slug, models=models, aliases=aliases,
+                     breaker=limits)
 
 
 def org_config(organization_id: int) -> OrgConfig:
@@ -168,6 +176,7 @@ class Begun:
     started: float
     stream: bool = False
     plan: object = None  # what begin's `plan` made of the request before it was held
+    routed_from: str = ""  # the catalog model asked for, when routing sent the request to `route` instead
     keeper: asyncio.Task | None = None  # moves the hold's expiry on while the request runs
 
 
@@ -189,6 +198,8 @@ async def lookup(*, raw_key: str | None, ip: str | None, endpoint: str | None) -
 
     try:
         identity, found = await ApiKeyAuthentication.aidentify(raw_key, ip=ip, cached=also_cached)
+    except KeyPaused as paused:
+        raise GatewayError(429, "rate_limit_error", str(paused), code="breaker_tripped") from None
     except KeyRefused as refused:
         raise GatewayError(401, "authentication_error", str(refused), code="invalid_api_key") from None
     if endpoint is not None and ENDPOINTS[endpoint].scope not in identity.endpoints:
@@ -295,10 +306,44 @@ def _reference(request_id: str) -> str:
     return f"request:{request_id}"[:100]
 
 
-def _hold_args(identity: KeyIdentity, route: ModelRoute, reserve: int, request_id: str) -> dict:
+def _hold_args(identity: KeyIdentity, route: ModelRoute, reserve: int, request_id: str,
+               economy: Economy | None) -> dict:
     return {"account": ledger.AccountRef(pk=identity.account_id, organization_id=identity.organization_id),
             "tokens": reserve, "idempotency_key": request_id, "model": route.model_id, "ttl": HOLD_TTL,
-            "reference": _reference(request_id), "api_key_id": identity.id, "spend_id": identity.spend_id}
+            "reference": _reference(request_id), "api_key_id": identity.id, "spend_id": identity.spend_id,
+            "economy": ledger.Economy(tokens=economy.reserve, model=economy.route.model_id,
+                                      below_percent=identity.economy_below_percent) if economy else None}
+
+
+@dataclass(frozen=True)
+class Economy:
+    """The economy counterpart a request may be routed to, bounded and planned like the request."""
+
+    route: ModelRoute
+    worst: bounds.Bound
+    reserve: int
+    plan: object
+
+
+def _economy(identity: KeyIdentity, config: OrgConfig, route: ModelRoute, endpoint: str, body: dict,
+             worst: bounds.Bound, plan) -> Economy | None:
+    """Where budget-aware routing may send this request: the model's economy counterpart, if the
+    member's policy routes, the key has not opted out, the key may use it and it speaks the
+    endpoint's API (a client only ever gets a reply it can read). The ledger decides whether it
+    does (ledger.Economy), on the locked account. A continued response stays with its provider."""
+    if (identity.economy_below_percent is None or not identity.economy_routing or route.economy_id is None
+            or worst.previous_response_id is not None):
+        return None
+    economy = config.models.get(route.economy_id)
+    if (not _usable(identity, economy) or economy.family not in ("any", ENDPOINTS[endpoint].family)
+            or economy.model_id == route.model_id):
+        return None
+    try:
+        bound = _bound(economy, endpoint, body)
+        return Economy(route=economy, worst=bound, reserve=_reserve(economy, bound),
+                       plan=plan(economy, bound) if plan is not None else None)
+    except GatewayError:
+        return None  # the economy model cannot take this request as it is: no routing
 
 
 async def begin(*, raw_key: str | None, ip: str | None, endpoint: str, body: dict, request_id: str,
@@ -338,16 +383,20 @@ async def _begin(*, raw_key, ip, endpoint, body, request_id, started, plan) -> B
         await in_thread(_refused)(detail="no allowance", **refusal)
         raise GatewayError(429, "insufficient_quota", "You have no token allowance in this organization yet; "
                            f"ask your HR team. {_more_url(config)}", code="insufficient_quota")
-    args = _hold_args(identity, route, reserve, request_id)
+    economy = _economy(identity, config, route, endpoint, body, worst, plan)
+    args = _hold_args(identity, route, reserve, request_id, economy)
     statement = ledger.hold_statement(**args)
-    entry_id = await _run(statement)
+    row = await _run(statement)
     # Nothing posted: a retry of this request (its hold exists) or a refusal; the ledger says which.
-    hold = ledger.hold_made(statement, entry_id) if entry_id is not None else await in_thread(_authorize)(
-        args, refusal)
+    hold = ledger.hold_made(statement, *row) if row is not None else await in_thread(_authorize)(args, refusal)
+    routed_from = ""
+    if economy is not None and hold.model == economy.route.model_id:
+        routed_from, route, worst, planned = route.model_id, economy.route, economy.worst, economy.plan
     begun = Begun(identity=identity, config=config, route=route, endpoint=endpoint, requested_model=requested,
                   hold=hold, input_bound=worst.input_tokens, output_cap=worst.output_cap, forward=worst.forward,
                   drop=worst.drop, request_id=request_id, started=started,
-                  stream=endpoint != "embeddings" and body.get("stream") is True, plan=planned)
+                  stream=endpoint != "embeddings" and body.get("stream") is True, plan=planned,
+                  routed_from=routed_from)
     begun.keeper = asyncio.create_task(_keep(hold))
     return begun
 
@@ -375,8 +424,9 @@ def _authorize(args: dict, refusal: dict) -> ledger.Hold:
                                code="insufficient_quota") from None
 
 
-async def _run(statement: ledger.Statement, with_entry: str = "", params: dict | None = None) -> int | None:
-    """Run a ledger statement on the loop's pool: the new entry's id, or None if nothing was posted.
+async def _run(statement: ledger.Statement, with_entry: str = "", params: dict | None = None) -> tuple | None:
+    """Run a ledger statement on the loop's pool: the row of the new entry (its id; a routed hold's
+    model too), or None if nothing was posted.
 
     A connection that dies under the statement (the database restarted between the pool's check
     and the statement) is replaced once: running the statement again is safe, as a post that did
@@ -389,7 +439,7 @@ async def _run(statement: ledger.Statement, with_entry: str = "", params: dict |
                 await cursor.execute(statement.sql(with_entry), statement.params | (params or {}), prepare=True)
                 row = await cursor.fetchone()
                 async_db.statement_succeeded(conn)
-            return row[0] if row else None
+            return tuple(row) if row else None
         except PoolTimeout:
             raise  # no connection at all: the database is down, not one connection
         except psycopg.OperationalError:
@@ -454,7 +504,8 @@ def _outcome(begun: Begun, *, status: str, usage: Usage | None, produced_tokens:
                   f"they were not charged. {detail}").strip()
     record = {"org": begun.identity.organization_id, "member": begun.identity.member_id,
               "api_key": begun.identity.id, "model": begun.route.model_id,
-              "requested": _requested(begun.route, begun.requested_model), "endpoint": begun.endpoint,
+              "requested": _requested(begun.route, begun.requested_model), "routed_from": begun.routed_from,
+              "endpoint": begun.endpoint,
               "status": status, "input": usage.input, "output": usage.output, "cached": usage.cached,
               "charged": charged, "uncharged": counted - charged, "cost": begun.route.cost(usage),
               "latency": min(latency_ms, 2**31 - 1), "request_id": begun.request_id, "detail": detail[:300],
@@ -505,7 +556,24 @@ async def _settle(begun: Begun, usage: Usage, record: dict) -> int:
         recorded = True
     if recorded and record["uncharged"]:
         await in_thread(alarms.uncharged_usage)(organization_id=record["org"], record=record)
+    if recorded and record["charged"] and begun.config.breaker is not None:
+        await _count_spend(begun, record["charged"])
     return record["charged"]
+
+
+async def _count_spend(begun: Begun, charged: int) -> None:
+    """The breaker's rates move by what was charged (gateway.breaker); a limit passed pauses keys."""
+    identity = begun.identity
+    try:
+        exceeded = await breaker.record(
+            subjects={"key": identity.id, "member": identity.member_id, "organization": identity.organization_id},
+            limits=begun.config.breaker, tokens=charged, normal_hour=identity.normal_hour_tokens)
+        if exceeded is not None:
+            from gateway.services import breaker_trip  # the services import this module
+
+            await in_thread(breaker_trip)(organization_id=identity.organization_id, exceeded=exceeded)
+    except Exception:  # the request is settled; the breaker must never fail it
+        log.exception("spend-velocity breaker failed after request %s", begun.request_id)
 
 
 def _finish_closed(begun: Begun, usage: Usage, record: dict) -> tuple[dict, bool]:
@@ -531,10 +599,10 @@ def _finish_closed(begun: Begun, usage: Usage, record: dict) -> tuple[dict, bool
 
 
 _RECORD_INSERT = (f"INSERT INTO {UsageRecord._meta.db_table} (organization_id, member_id, api_key_id, model, "
-                  "requested_model, endpoint, source, status, input_tokens, output_tokens, cached_tokens, "
+                  "requested_model, routed_from, endpoint, source, status, input_tokens, output_tokens, cached_tokens, "
                   "charged_tokens, uncharged_tokens, cost, latency_ms, request_id, response_id, idempotency_key, "
                   "detail, occurred_at)")
-_RECORD_VALUES = ("%(org)s, %(member)s, %(api_key)s, %(model)s, %(requested)s, %(endpoint)s, 'gateway', %(status)s, "
+_RECORD_VALUES = ("%(org)s, %(member)s, %(api_key)s, %(model)s, %(requested)s, %(routed_from)s, %(endpoint)s, 'gateway', %(status)s, "
                   "%(input)s, %(output)s, %(cached)s, %(charged)s, %(uncharged)s, %(cost)s, %(latency)s, "
                   "%(request_id)s, %(response_id)s, '', %(detail)s, %(at)s")
 _RECORD_SQL = f"{_RECORD_INSERT} VALUES ({_RECORD_VALUES})"

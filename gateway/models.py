@@ -1,5 +1,6 @@
 """The gateway: the providers an organization forwards to, and the record every request leaves."""
 
+from django.conf import settings
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -90,6 +91,9 @@ class UsageRecord(TenantModel):
     model = models.CharField(max_length=100)  # the catalog model charged
     # The id the client sent, when it was an alias of `model` (raw inserts, the ingest, leave it out).
     requested_model = models.CharField(max_length=100, blank=True, default="", db_default="")
+    # The catalog model asked for, when budget-aware routing sent the request to `model`, its
+    # economy counterpart, instead ("" when not routed).
+    routed_from = models.CharField(max_length=100, blank=True, default="", db_default="")
     endpoint = models.CharField(max_length=20)
     source = models.CharField(max_length=10, choices=Source.choices, default=Source.GATEWAY)
     status = models.CharField(max_length=20, choices=Status.choices)
@@ -202,3 +206,89 @@ class UsageTeamRollup(RollupSums):
             models.UniqueConstraint(fields=["organization", "day", "team_name", "model"],
                                     name="usage_team_rollup_unique"),
         ]
+
+
+class BreakerSettings(TenantModel):
+    """An organization's spend-velocity breaker: limits on the rolling rate of charged (weighted)
+    tokens per minute and per hour, for each key, each member and the whole organization, and a
+    member's hourly limit relative to their own normal. None: that limit is off."""
+
+    LIMITS = ("key_per_minute", "key_per_hour", "member_per_minute", "member_per_hour", "organization_per_minute",
+              "organization_per_hour")
+
+    organization = models.OneToOneField("portal.Organization", on_delete=models.CASCADE, related_name="+")
+    key_per_minute = models.BigIntegerField(null=True, blank=True)
+    key_per_hour = models.BigIntegerField(null=True, blank=True)
+    member_per_minute = models.BigIntegerField(null=True, blank=True)
+    member_per_hour = models.BigIntegerField(null=True, blank=True)
+    organization_per_minute = models.BigIntegerField(null=True, blank=True)
+    organization_per_hour = models.BigIntegerField(null=True, blank=True)
+    # A member's hour over this many times their normal hour (SpendNormal) trips too.
+    member_normal_multiple = models.PositiveSmallIntegerField(null=True, blank=True)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name_plural = "breaker settings"
+        constraints = [
+            models.CheckConstraint(name="breaker_limits_positive", condition=(
+                (Q(key_per_minute__isnull=True) | Q(key_per_minute__gt=0))
+                & (Q(key_per_hour__isnull=True) | Q(key_per_hour__gt=0))
+                & (Q(member_per_minute__isnull=True) | Q(member_per_minute__gt=0))
+                & (Q(member_per_hour__isnull=True) | Q(member_per_hour__gt=0))
+                & (Q(organization_per_minute__isnull=True) | Q(organization_per_minute__gt=0))
+                & (Q(organization_per_hour__isnull=True) | Q(organization_per_hour__gt=0))
+                & (Q(member_normal_multiple__isnull=True) | Q(member_normal_multiple__gte=2)))),
+        ]
+
+    def __str__(self):
+        return f"breaker of {self.organization_id}"
+
+
+class BreakerTrip(TenantModel):
+    """A breaker that tripped: which one, on what rate, and the keys it paused until someone resumed."""
+
+    class Scope(models.TextChoices):
+        KEY = "key", "API key"
+        MEMBER = "member", "Member"
+        ORGANIZATION = "organization", "Organization"
+
+    scope = models.CharField(max_length=12, choices=Scope.choices)
+    api_key = models.ForeignKey("apikeys.ApiKey", null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    member = models.ForeignKey(Member, null=True, blank=True, on_delete=models.CASCADE, related_name="+")
+    window = models.CharField(max_length=6)  # "minute" or "hour"
+    rate = models.BigIntegerField()  # charged tokens in the rolling window when it tripped
+    limit = models.BigIntegerField()
+    limit_kind = models.CharField(max_length=10, default="absolute")  # or "relative": times the member's normal
+    tripped_at = models.DateTimeField(default=timezone.now)
+    resumed_at = models.DateTimeField(null=True, blank=True)
+    resumed_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+
+    class Meta:
+        ordering = ["-tripped_at", "-id"]
+        indexes = [models.Index(fields=["organization", "tripped_at"], name="breaker_trip_org_time")]
+
+    def __str__(self):
+        return f"{self.get_scope_display()} breaker tripped at {self.tripped_at:%Y-%m-%d %H:%M}"
+
+    @property
+    def description(self) -> str:
+        """What tripped, for the 429, the emails and the pages."""
+        subject = {"key": "this API key", "member": "the member's keys together",
+                   "organization": "the organization's keys together"}[self.scope]
+        limit = f"{self.limit:,} tokens" + (" (the member's normal hour times the organization's multiple)"
+                                            if self.limit_kind == "relative" else "")
+        return f"{subject} spent {self.rate:,} tokens in the last {self.window}, over the limit of {limit}"
+
+
+class SpendNormal(TenantModel):
+    """A member's normal hour: the 95th percentile of their charged tokens per hour, over the hours
+    of the last 7 days with any usage (refreshed hourly), for the breaker's relative limit."""
+
+    member = models.OneToOneField(Member, on_delete=models.CASCADE, related_name="+")
+    p95_hour_tokens = models.BigIntegerField()
+    active_hours = models.PositiveIntegerField()
+    computed_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self):
+        return f"normal hour of member {self.member_id}: {self.p95_hour_tokens}"

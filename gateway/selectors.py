@@ -5,11 +5,12 @@ from __future__ import annotations
 from datetime import timedelta
 from zoneinfo import ZoneInfo
 
-from django.db.models import Count, QuerySet, Sum
+from django.db.models import Count, Min, QuerySet, Sum
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
 
-from gateway.models import ProviderConnection, UsageRecord, UsageRollup
+from allowances.periods import period_bounds
+from gateway.models import BreakerTrip, ProviderConnection, UsageRecord, UsageRollup
 from portal.models import Member, Organization
 
 
@@ -19,6 +20,10 @@ def connections_of(*, organization: Organization) -> QuerySet[ProviderConnection
 
 def connection_get(*, organization: Organization, connection_id: int) -> ProviderConnection:
     return get_object_or_404(connections_of(organization=organization), pk=connection_id)
+
+
+def breaker_trip_get(*, organization: Organization, breaker_trip_id: int) -> BreakerTrip:
+    return get_object_or_404(BreakerTrip.objects.filter(organization=organization), pk=breaker_trip_id)
 
 
 def usage_summary(*, organization: Organization, days: int = 30) -> list[dict]:
@@ -32,6 +37,16 @@ def usage_summary(*, organization: Organization, days: int = 30) -> list[dict]:
 def usage_records(*, organization: Organization, member: Member | None = None) -> QuerySet[UsageRecord]:
     records = UsageRecord.objects.filter(organization=organization).select_related("member__user", "api_key")
     return records.filter(member=member) if member is not None else records
+
+
+def routed_to_economy(*, account) -> dict:
+    """The member's requests of the open period that budget-aware routing sent to economy models:
+    {"requests": n, "since": first one's time, "models": [{"routed_from", "model"}]}."""
+    begin, _end = period_bounds(account.organization, account.period_start)
+    routed = UsageRecord.objects.filter(member_id=account.member_id, occurred_at__gte=begin).exclude(routed_from="")
+    summary = routed.aggregate(requests=Count("id"), since=Min("occurred_at"))
+    summary["models"] = list(routed.values("routed_from", "model").distinct().order_by("routed_from", "model"))
+    return summary
 
 
 def uncharged_usage(*, organization: Organization, days: int = 30) -> dict:

@@ -4,28 +4,36 @@ reported by an organization's own gateway through the REST API."""
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from datetime import timezone as dt_timezone
 from decimal import Decimal
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
+from django.core.mail import send_mail
 from django.core.validators import URLValidator
-from django.db import transaction
+from django.db import connection, transaction
+from django.db.models import Q, QuerySet
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from allowances import ledger
-from allowances.models import Account, LedgerEntry
+from allowances.models import MAX_TOKENS, Account, LedgerEntry
 from apikeys.models import ApiKey
-from gateway import alarms, crypto, destinations
+from apikeys.services import invalidate as invalidate_keys
+from gateway import alarms, breaker, crypto, destinations
 from gateway.metering import org_config
-from gateway.models import ProviderConnection, UsageRecord
+from gateway.models import BreakerSettings, BreakerTrip, ProviderConnection, SpendNormal, UsageRecord
 from gateway.upstream import Usage
 from portal.audit import changes, log_action
 from portal.forms import FIRST_DAY
 from portal.models import Member, Organization
+from portal.tenancy import scope, unscoped
 
+log = logging.getLogger(__name__)
 CONNECTION_FIELDS = ["name", "kind", "base_url", "connect_timeout", "read_timeout", "responses_api", "is_active"]
 
 
@@ -384,3 +392,175 @@ def hold_settle(*, organization: Organization, actor, hold_id: int, input_tokens
                 "request_id": record.request_id, "member": record.member_id, "model": record.model,
                 "charged": charged, "uncharged": record.uncharged_tokens})
     return charged, True
+
+
+# -- the spend-velocity breaker ------------------------------------------------------------------
+
+BREAKER_FIELDS = [*BreakerSettings.LIMITS, "member_normal_multiple"]
+MAX_BREAKER_MULTIPLE = 1000
+NORMAL_DAYS = 7
+
+
+def breaker_settings_get(*, organization: Organization) -> BreakerSettings:
+    return (BreakerSettings.objects.filter(organization=organization).first()
+            or BreakerSettings(organization=organization))
+
+
+@transaction.atomic
+def breaker_settings_save(*, organization: Organization, actor, **data) -> BreakerSettings:
+    """Set the organization's breaker limits (empty: off); a field error for each bad value."""
+    errors, cleaned = {}, {}
+    for field in BREAKER_FIELDS:
+        value = data.get(field)
+        if value in (None, ""):
+            cleaned[field] = None
+            continue
+        try:
+            number = int(str(value).strip().replace("_", "")) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            number = None
+        if field == "member_normal_multiple":
+            if number is None or not 2 <= number <= MAX_BREAKER_MULTIPLE:
+                errors[field] = f"A whole number from 2 to {MAX_BREAKER_MULTIPLE:,}, or empty for no relative limit."
+        elif number is None or not 1 <= number <= MAX_TOKENS:
+            errors[field] = f"A whole number of tokens from 1 to {MAX_TOKENS:,}, or empty for no limit."
+        cleaned[field] = number
+    if errors:
+        raise ValidationError(errors)
+    settings_row = BreakerSettings.objects.select_for_update().filter(organization=organization).first()
+    if settings_row is None:
+        settings_row = BreakerSettings(organization=organization)
+    diff = changes(settings_row, cleaned.keys(), cleaned)
+    for field, value in cleaned.items():
+        setattr(settings_row, field, value)
+    settings_row.updated_at = timezone.now()
+    settings_row.save()
+    if diff:
+        log_action(actor=actor, organization=organization, action="breaker.settings_updated", obj=settings_row,
+                   data=diff)
+    return settings_row
+
+
+def _scope_keys(organization_id: int, exceeded) -> QuerySet[ApiKey]:
+    keys = ApiKey.objects.filter(organization_id=organization_id, paused_at=None, revoked_at=None)
+    if exceeded.scope == BreakerTrip.Scope.KEY:
+        return keys.filter(pk=exceeded.subject_id)
+    if exceeded.scope == BreakerTrip.Scope.MEMBER:
+        return keys.filter(member_id=exceeded.subject_id)
+    return keys.filter(breaker_exempt=False)
+
+
+def breaker_trip(*, organization_id: int, exceeded) -> BreakerTrip | None:
+    """Pause what a breaker's rate went over (gateway.breaker.Exceeded): the key, every key of the
+    member, or every non-exempt key of the organization; audit it and email the members whose keys
+    it paused and the admins. Once, however many requests saw the same rate at once: the keys
+    still unpaused are locked and claimed here, and a trip that finds none has nothing to do."""
+    with unscoped():
+        organization = Organization.objects.get(pk=organization_id)
+    with scope(organization), transaction.atomic():
+        keys = list(_scope_keys(organization_id, exceeded).select_for_update().order_by("pk"))
+        if not keys:
+            return None
+        trip = BreakerTrip.objects.create(
+            organization=organization, scope=exceeded.scope, window=exceeded.window, rate=exceeded.rate,
+            limit=exceeded.limit, limit_kind=exceeded.limit_kind,
+            api_key_id=exceeded.subject_id if exceeded.scope == BreakerTrip.Scope.KEY else None,
+            member_id=(exceeded.subject_id if exceeded.scope == BreakerTrip.Scope.MEMBER
+                       else keys[0].member_id if exceeded.scope == BreakerTrip.Scope.KEY else None))
+        ApiKey.objects.filter(pk__in=[key.pk for key in keys]).update(paused_at=trip.tripped_at, paused_by=trip)
+        invalidate_keys([key.public_id for key in keys])
+        log_action(actor=None, organization=organization, action="breaker.tripped", obj=trip, data={
+            "scope": trip.scope, "window": trip.window, "rate": trip.rate, "limit": trip.limit,
+            "limit_kind": trip.limit_kind, "keys_paused": [f"{key.display_prefix}…{key.last_four}" for key in keys]})
+        member_ids = sorted({key.member_id for key in keys})
+        transaction.on_commit(lambda: _breaker_email(organization, trip, member_ids))
+    log.warning("breaker tripped in organization %s: %s", organization_id, trip.description)
+    return trip
+
+
+def _breaker_email(organization: Organization, trip: BreakerTrip, member_ids: list[int]) -> None:
+    with unscoped():
+        owners = list(Member.objects.filter(pk__in=member_ids).values_list("user__email", flat=True))
+        admins = list(Member.objects.filter(Q(is_owner=True) | Q(is_admin=True), organization=organization,
+                                            is_active=True).values_list("user__email", flat=True))
+    keys_page = settings.PORTAL_BASE_URL + reverse("key_list", kwargs={"org_slug": organization.slug})
+    breaker_page = settings.PORTAL_BASE_URL + reverse("breaker_settings", kwargs={"org_slug": organization.slug})
+    subject = f"{settings.ACCOUNT_EMAIL_SUBJECT_PREFIX}Spend-velocity breaker tripped: API keys paused"
+    body = (f"In {organization.name}, the {trip.get_scope_display().lower()} spend-velocity breaker tripped at "
+            f"{trip.tripped_at:%Y-%m-%d %H:%M} UTC: {trip.description}. The keys it paused are refused until they "
+            "are resumed, so a runaway loop stops spending.\n\n")
+    if owners:
+        send_mail(subject=subject, from_email=None, recipient_list=owners, fail_silently=True, message=body + (
+            "Check what runs with your keys, then resume them at " + keys_page +
+            (" (after a password check)." if trip.scope == BreakerTrip.Scope.KEY else
+             "; an administrator resumes keys paused for the member or the organization.") + "\n"))
+    if admins:
+        send_mail(subject=subject, from_email=None, recipient_list=admins, fail_silently=True,
+                  message=body + f"Administrators resume it at {breaker_page}.\n")
+
+
+@transaction.atomic
+def breaker_resume(*, trip: BreakerTrip, actor) -> int:
+    """Resume the keys a trip paused (its rates start from nothing again); how many. Once."""
+    trip = BreakerTrip.objects.select_for_update().get(pk=trip.pk)
+    if trip.resumed_at is not None:
+        raise ValidationError("This breaker was already resumed.")
+    keys = list(ApiKey.objects.filter(paused_by=trip, paused_at__isnull=False).select_for_update())
+    ApiKey.objects.filter(pk__in=[key.pk for key in keys]).update(paused_at=None, paused_by=None)
+    trip.resumed_at, trip.resumed_by = timezone.now(), actor
+    trip.save(update_fields=["resumed_at", "resumed_by"])
+    invalidate_keys([key.public_id for key in keys])
+    subjects = {(trip.scope, trip.api_key_id or trip.member_id or trip.organization_id)}
+    subjects |= {("key", key.pk) for key in keys} | {("member", key.member_id) for key in keys}
+
+    def forget():
+        for scope_name, subject_id in subjects:
+            breaker.forget(scope=scope_name, subject_id=subject_id)
+
+    transaction.on_commit(forget)
+    log_action(actor=actor, organization=trip.organization, action="breaker.resumed", obj=trip, data={
+        "scope": trip.scope, "keys_resumed": [f"{key.display_prefix}…{key.last_four}" for key in keys]})
+    return len(keys)
+
+
+def breaker_trips(*, organization: Organization) -> QuerySet[BreakerTrip]:
+    return BreakerTrip.objects.filter(organization=organization).select_related("api_key", "member__user",
+                                                                               "resumed_by")
+
+
+@transaction.atomic
+def api_key_breaker_exempt_set(*, key: ApiKey, actor, exempt: bool) -> ApiKey:
+    """Exempt a key from the organization-wide breaker (admins: a production service's key)."""
+    key = ApiKey.objects.select_for_update().get(pk=key.pk)
+    if key.breaker_exempt != bool(exempt):
+        key.breaker_exempt = bool(exempt)
+        key.save(update_fields=["breaker_exempt"])
+        log_action(actor=actor, organization=key.organization, action="api_key.breaker_exempt_set", obj=key,
+                   data={"key": f"{key.display_prefix}…{key.last_four}", "exempt": key.breaker_exempt})
+    return key
+
+
+def spend_normals_refresh(*, now: datetime | None = None) -> int:
+    """Every member's normal hour (SpendNormal): the 95th percentile of their charged tokens per
+    hour over the hours of the last NORMAL_DAYS days in which they used any, one statement for
+    all organizations. Members without usage keep no row. Returns how many rows it wrote."""
+    now = now or timezone.now()
+    table, records = SpendNormal._meta.db_table, UsageRecord._meta.db_table
+    sql = f"""
+        WITH hours AS (
+            SELECT organization_id, member_id, date_trunc('hour', occurred_at) AS hour, SUM(charged_tokens) AS tokens
+            FROM {records} WHERE occurred_at >= %(since)s AND occurred_at < %(now)s AND charged_tokens > 0
+            GROUP BY organization_id, member_id, date_trunc('hour', occurred_at)),
+        normals AS (
+            SELECT organization_id, member_id,
+                   percentile_disc(0.95) WITHIN GROUP (ORDER BY tokens) AS p95, COUNT(*) AS active_hours
+            FROM hours GROUP BY organization_id, member_id),
+        gone AS (DELETE FROM {table} t WHERE NOT EXISTS (
+            SELECT 1 FROM normals n WHERE n.member_id = t.member_id))
+        INSERT INTO {table} (organization_id, member_id, p95_hour_tokens, active_hours, computed_at)
+        SELECT organization_id, member_id, p95, active_hours, %(now)s FROM normals
+        ON CONFLICT (member_id) DO UPDATE SET p95_hour_tokens = EXCLUDED.p95_hour_tokens,
+            active_hours = EXCLUDED.active_hours, computed_at = EXCLUDED.computed_at"""
+    with connection.cursor() as cursor:
+        cursor.execute(sql, {"since": now - timedelta(days=NORMAL_DAYS), "now": now})
+        return cursor.rowcount

@@ -9,3 +9,11 @@ def rollup_usage() -> int:
     from gateway.rollups import rollup_recent
 
     return rollup_recent()
+
+
+@shared_task(name="gateway.refresh_spend_normals")
+def refresh_spend_normals() -> int:
+    """Hourly: every member's normal hour, for the breaker's limits relative to it."""
+    from gateway.services import spend_normals_refresh
+
+    return spend_normals_refresh()

@@ -1,13 +1,14 @@
-"""Pages: the organization's provider connections (admins) and usage records (everyone, their own)."""
+"""Pages: the organization's provider connections and spend-velocity breaker (admins) and usage records
+(everyone, their own)."""
 
 from django.contrib import messages
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.shortcuts import redirect, render
-from django.views.decorators.http import require_GET, require_http_methods
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from gateway import selectors, services
-from gateway.forms import ProviderConnectionEditForm, ProviderConnectionForm
+from gateway.forms import BreakerSettingsForm, ProviderConnectionEditForm, ProviderConnectionForm
 from gateway.services import CONNECTION_FIELDS
 from portal.forms import apply_service_error
 from portal.tenancy import require_roles
@@ -68,3 +69,37 @@ def usage_list(request):
     return render(request, "gateway/usage.html", {"page": page, "sees_everyone": sees_everyone, "query": query,
                                                   "currency": request.organization.currency, "summary": summary,
                                                   "faults": faults})
+
+
+@require_roles("admin")
+@require_http_methods(["GET", "POST"])
+def breaker_settings(request):
+    """The spend-velocity breaker: its limits, and the trips with their paused keys to resume."""
+    current = services.breaker_settings_get(organization=request.organization)
+    form = BreakerSettingsForm(request.POST if request.method == "POST" else None,
+                               initial={field: getattr(current, field) for field in services.BREAKER_FIELDS})
+    if request.method == "POST" and form.is_valid():
+        try:
+            services.breaker_settings_save(organization=request.organization, actor=request.user, **form.cleaned_data)
+        except ValidationError as error:
+            apply_service_error(form, error)
+        else:
+            messages.success(request, "Breaker limits saved; they apply from the next request.")
+            return redirect(org_url(request, "breaker_settings"))
+    trips = Paginator(services.breaker_trips(organization=request.organization).prefetch_related("paused_keys"),
+                      25).get_page(request.GET.get("page"))
+    return render(request, "gateway/breaker.html", {"form": form, "trips": trips},
+                  status=400 if form.errors else 200)
+
+
+@require_roles("admin")
+@require_POST
+def breaker_trip_resume(request, breaker_trip_id):
+    trip = selectors.breaker_trip_get(organization=request.organization, breaker_trip_id=breaker_trip_id)
+    try:
+        resumed = services.breaker_resume(trip=trip, actor=request.user)
+    except ValidationError as error:
+        messages.error(request, " ".join(error.messages))
+    else:
+        messages.success(request, f"Resumed: {resumed} key{'s' if resumed != 1 else ''} work again.")
+    return redirect(org_url(request, "breaker_settings"))

@@ -260,6 +260,7 @@ CELERY_BEAT_SCHEDULE = {
     "close-due-periods": {"task": "allowances.close_due_periods", "schedule": crontab(minute=5)},
     "usage-alerts": {"task": "allowances.send_usage_alerts", "schedule": 600.0},
     "usage-rollups": {"task": "gateway.rollup_usage", "schedule": crontab(minute=15)},
+    "spend-normals": {"task": "gateway.refresh_spend_normals", "schedule": crontab(minute=20)},
     "key-expiry-reminders": {"task": "apikeys.send_expiry_reminders", "schedule": crontab(minute=30)},
     # Hourly, so that each approver gets the digest of their pending queue at about 08:00 in the
     # organization's own zone (once a day, whatever reruns).

@@ -199,7 +199,7 @@ def insight_teams(*, organization: Organization) -> list[str]:
 
 # Ledger entry kind -> the statement line it is shown on; None: it moves no balance (holds and
 # their releases only reserve). A new kind is one line here (tests/reports check every kind is).
-# Transfers (issue 18) count on "transferred" once their kinds exist; until then the line is 0.
+# Transfers between members (issue 18) are one "transferred" line: in less out.
 STATEMENT_LINES = {
     "grant": "granted",
     "bonus": "granted",

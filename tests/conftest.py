@@ -113,6 +113,25 @@ def seed_identity_objects(organization, *, label: str, members):
             "scim_token_secret": scim_token_secret}
 
 
+def seed_governance_objects(organization, *, members, api_key):
+    """One of each spend-governance object: the breaker's settings (no limit set, made through the
+    service), a trip of the fixture key's breaker already resumed (a row: tripping pauses keys),
+    the employee's normal hour (from too few hours to count) and the transfer rules (off). No
+    transfer: it would move the fixture accounts' balances."""
+    from gateway.models import BreakerTrip, SpendNormal
+
+    breaker_settings = gateway_services.breaker_settings_save(organization=organization, actor=members["admin"].user)
+    breaker_trip = BreakerTrip.objects.create(
+        organization=organization, scope=BreakerTrip.Scope.KEY, api_key=api_key, member=members["employee"],
+        window="minute", rate=2_000, limit=1_000, resumed_at=timezone.now(), resumed_by=members["admin"].user)
+    spend_normal = SpendNormal.objects.create(organization=organization, member=members["employee"],
+                                              p95_hour_tokens=100, active_hours=1)
+    transfer_settings = allowance_services.transfer_settings_save(organization=organization, actor=None,
+                                                                  enabled=False, same_team_only=True)
+    return {"breaker_settings": breaker_settings, "breaker_trip": breaker_trip, "spend_normal": spend_normal,
+            "transfer_settings": transfer_settings}
+
+
 def seed_allowance_objects(organization, *, team, members):
     """One of each allowances object, made through the services: policy, assignment, grant, batch, hold;
     and the employee's pending overage request (a row: the fixture's policy governs from next month)."""
@@ -143,7 +162,8 @@ def seed_allowance_objects(organization, *, team, members):
         organization=organization, member=employee, api_key=api_key, model="gpt-test", endpoint="chat",
         status=UsageRecord.Status.OK, input_tokens=10, output_tokens=5, charged_tokens=20)
     overage_request = OverageRequestFactory(member=employee)
-    return {"provider_connection": provider_connection, "usage_record": usage_record,
+    governance = seed_governance_objects(organization, members=members, api_key=api_key)
+    return {**governance, "provider_connection": provider_connection, "usage_record": usage_record,
             "key_spend": api_key.spend, "catalog_model": catalog_model, "model_alias": model_alias, "policy": policy,
             "assignment": assignment, "grant": grant,
             "grant_batch": batch, "account": account, "hold": hold, "api_key": api_key,

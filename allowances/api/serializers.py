@@ -31,12 +31,15 @@ class PolicySerializer(fields.ModelSerializer):
                                                                         "period (only with auto_approve).")
     rollover_lifetime_periods = WholeNumberField(min_value=1, max_value=24, required=False,
                                                  help_text="More than 1 only with a rule that rolls tokens over.")
+    economy_below_percent = WholeNumberField(min_value=1, max_value=100, required=False, allow_null=True, help_text=(
+        "Below this percentage of the period's granted tokens (or of a key's cap) left, requests for a model with "
+        "an economy counterpart are served by it. Null: never routed."))
 
     class Meta:
         model = AllowancePolicy
         fields = ["id", "name", "monthly_tokens", "rollover_rule", "rollover_cap_tokens", "rollover_cap_percent",
                   "rollover_lifetime_periods", "overage_rule", "auto_approve_tokens", "auto_approve_requests",
-                  "created_at"]
+                  "economy_below_percent", "created_at"]
         read_only_fields = ["id", "created_at"]
         validators = []
         extra_kwargs = {"name": {"validators": []}}
@@ -130,7 +133,7 @@ class CatalogModelSerializer(fields.ModelSerializer):
         fields = ["id", "model_id", "display_name", "connection", "upstream_model", "max_output_tokens",
                   "input_multiplier", "output_multiplier",
                   "cached_multiplier", "input_price_per_million", "output_price_per_million",
-                  "cached_price_per_million", "is_active"]
+                  "cached_price_per_million", "is_active", "economy_counterpart"]
         read_only_fields = ["id"]
         validators = []
         extra_kwargs = {"model_id": {"validators": []}, "max_output_tokens": {"min_value": 1, "max_value": 1_000_000}}

@@ -21,6 +21,7 @@ from datetime import UTC, date, datetime
 
 import pytest
 from celery.exceptions import TimeoutError as CeleryTimeoutError
+from celery.result import allow_join_result
 from django.db import connection
 
 from allowances import closing, ledger
@@ -290,8 +291,11 @@ def ledger_snapshot(seeded: Seeded) -> tuple:
 def result_of(async_result, pool: WorkerPool, timeout: float = TIMEOUT):
     """The task's return value; its exception if it raised; a clear failure with the workers' logs if it
     never finished."""
+    # The test process runs no task, whatever Celery's process-wide flag says: eager tasks run at
+    # once in a live server's threads can leave it set (each restores the value it found).
     try:
-        return async_result.get(timeout=timeout, interval=0.1)
+        with allow_join_result():
+            return async_result.get(timeout=timeout, interval=0.1)
     except CeleryTimeoutError:
         raise AssertionError(f"task {async_result.id} did not finish within {timeout:.0f}s:\n{pool.describe()}") from None
 

@@ -180,7 +180,7 @@ def test_creation_is_audited_without_the_secret(org_a):
     assert entry.object_type == "apikeys.apikey"
     assert entry.data == {"name": "ci runner", "key": f"tap_{key.public_id}…{key.last_four}",
                           "models": "all allowed", "endpoints": ["chat", "usage_read"], "token_cap": 1_000,
-                          "allowed_cidrs": ["10.0.0.0/8"], "expires_at": None}
+                          "allowed_cidrs": ["10.0.0.0/8"], "expires_at": None, "economy_routing": True}
     text = json.dumps(entry.data) + entry.object_repr
     assert secret not in text and secrets.parse(secret).secret not in text and not KEY_SHAPE.search(text)
 

@@ -55,6 +55,15 @@ EXPECTED = {
     "key_rotate": EVERYONE,  # POST-only, own keys
     "key_revoke": EVERYONE,  # POST-only, own keys (admins: any)
     "key_admin": ADMINS,
+    "key_resume": EVERYONE,  # POST-only, own keys paused by their own breaker (admins: any)
+    "key_breaker_exempt": ADMINS,  # POST-only
+    # The spend-velocity breaker: its limits and its trips are the admins'.
+    "breaker_settings": ADMINS,
+    "breaker_trip_resume": ADMINS,  # POST-only
+    # Transfers: every member gives to teammates; HR reads the report; admins set the rules.
+    "transfer_list": EVERYONE,
+    "transfer_report": PEOPLE,
+    "transfer_settings": ADMINS,
     # Gateway: admins own the provider connections; every member sees their own usage (HR: everyone's).
     "provider_list": ADMINS,
     "provider_edit": ADMINS,
@@ -153,6 +162,10 @@ NAV_LINKS = {
     "Approvals": "approval_queue",
     "Overage": "approval_settings",
     "Billing": "billing",
+    "Breaker": "breaker_settings",
+    "Transfers": "transfer_list",
+    "Transfer report": "transfer_report",
+    "Transfer rules": "transfer_settings",
 }
 
 

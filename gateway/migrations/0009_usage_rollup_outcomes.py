@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('gateway', '0006_aliases_and_responses'),
+        ('gateway', '0008_spend_velocity_breaker'),
         ('portal', '0004_organization_leaver_allowance'),
     ]
 

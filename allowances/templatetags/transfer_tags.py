@@ -1,0 +1,13 @@
+"""The transfers card of the member's dashboard, self-contained: what they gave and received this period."""
+
+from django import template
+
+from allowances import selectors
+
+register = template.Library()
+
+
+@register.inclusion_tag("allowances/_transfers.html")
+def transfers_entry(board):
+    mine = selectors.transfers_of(member=board.account.member, period=board.account.period_start)
+    return {"mine": mine, "period": board.account.period_start}
