@@ -7,7 +7,7 @@ HOST_PORT ?= 127.0.0.1:8000
 
 AGENTS := node_modules/.installed-from-lock
 
-.PHONY: install agents run test test-fast lock bench bench-ledger bench-gateway bench-close
+.PHONY: install agents run test test-fast lock bench bench-ledger bench-gateway bench-close bench-reports
 
 $(INSTALLED): requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -48,7 +48,7 @@ lock: install
 	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
 
 # Benchmarks print `name: value unit` lines, each with the baseline measured in the same run.
-bench: bench-ledger bench-gateway bench-close
+bench: bench-ledger bench-gateway bench-close bench-reports
 
 bench-ledger: install
 	PG_DURABLE=1 scripts/with-services.sh $(PY) bench/ledger.py
@@ -58,3 +58,6 @@ bench-gateway: install
 
 bench-close: install
 	PG_DURABLE=1 scripts/with-services.sh $(PY) bench/close.py
+
+bench-reports: install
+	PG_DURABLE=1 scripts/with-services.sh $(PY) bench/reports.py

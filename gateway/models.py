@@ -137,13 +137,10 @@ class UsageRecord(TenantModel):
         return f"{self.model} {self.status} {self.charged_tokens}"
 
 
-class UsageRollup(TenantModel):
-    """One member's usage of one model on one day (in the organization's time zone), summed from
-    the usage records by the daily job; reports read these instead of every request."""
+class RollupSums(TenantModel):
+    """What a roll-up row sums of the usage records of one day (in the organization's time zone)."""
 
     day = models.DateField()
-    member = models.ForeignKey(Member, on_delete=models.CASCADE, related_name="+")
-    team_name = models.CharField(max_length=100, blank=True, help_text="The member's team when it was rolled up.")
     model = models.CharField(max_length=100)
     requests = models.PositiveIntegerField(default=0)
     input_tokens = models.BigIntegerField(default=0)
@@ -151,16 +148,64 @@ class UsageRollup(TenantModel):
     cached_tokens = models.BigIntegerField(default=0)
     charged_tokens = models.BigIntegerField(default=0)
     cost = models.DecimalField(max_digits=18, decimal_places=6, default=0)
+    # How the requests ended (gateway.rollups.OUTCOMES says which statuses count where), so the
+    # insights never scan the records.
+    ok_requests = models.PositiveIntegerField(default=0, db_default=0)
+    ok_cost = models.DecimalField(max_digits=18, decimal_places=6, default=0, db_default=0)
+    refused_requests = models.PositiveIntegerField(default=0, db_default=0)
+    error_requests = models.PositiveIntegerField(default=0, db_default=0)
+    no_usage_requests = models.PositiveIntegerField(default=0, db_default=0)
+    # Requests sent again soon after one of the same member and model failed (gateway.rollups.RETRY_WINDOW).
+    retried_requests = models.PositiveIntegerField(default=0, db_default=0)
+    # Successful requests small enough for the economy model (the organization's thresholds, see
+    # reports.models.ReportSettings, when the day was rolled up) and the tokens and cost of them.
+    small_requests = models.PositiveIntegerField(default=0, db_default=0)
+    small_input_tokens = models.BigIntegerField(default=0, db_default=0)
+    small_output_tokens = models.BigIntegerField(default=0, db_default=0)
+    small_cached_tokens = models.BigIntegerField(default=0, db_default=0)
+    small_cost = models.DecimalField(max_digits=18, decimal_places=6, default=0, db_default=0)
+
+    class Meta:
+        abstract = True
+
+    def __str__(self):
+        return f"{self.day} {self.model} {self.charged_tokens}"
+
+
+SUMMED = ("requests", "input_tokens", "output_tokens", "cached_tokens", "charged_tokens", "cost", "ok_requests",
+          "ok_cost", "refused_requests", "error_requests", "no_usage_requests", "retried_requests", "small_requests",
+          "small_input_tokens", "small_output_tokens", "small_cached_tokens", "small_cost")
+
+
+class UsageRollup(RollupSums):
+    """One member's usage of one model on one day, summed from the usage records by the hourly
+    job; reports read these instead of every request."""
+
+    member = models.ForeignKey(Member, on_delete=models.CASCADE, related_name="+")
+    team_name = models.CharField(max_length=100, blank=True, help_text="The member's team when it was rolled up.")
 
     class Meta:
         ordering = ["-day", "model"]
         constraints = [
             models.UniqueConstraint(fields=["organization", "day", "member", "model"], name="usage_rollup_unique"),
         ]
-        indexes = [models.Index(fields=["organization", "day"], name="usage_rollup_org_day")]
+        indexes = [models.Index(fields=["organization", "day"], name="usage_rollup_org_day"),
+                   # A member's own insights.
+                   models.Index(fields=["member", "day"], name="usage_rollup_member_day")]
 
-    def __str__(self):
-        return f"{self.day} {self.model} {self.charged_tokens}"
+
+class UsageTeamRollup(RollupSums):
+    """A team's usage of one model on one day (team "": members without one), summed from the
+    members' roll-ups: what the organization's and teams' insights read (a few rows a day)."""
+
+    team_name = models.CharField(max_length=100, blank=True)
+
+    class Meta:
+        ordering = ["-day", "model"]
+        constraints = [
+            models.UniqueConstraint(fields=["organization", "day", "team_name", "model"],
+                                    name="usage_team_rollup_unique"),
+        ]
 
 
 class BreakerSettings(TenantModel):

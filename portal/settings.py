@@ -93,6 +93,7 @@ INSTALLED_APPS = [
     "overage",
     "billing",
     "identity",
+    "reports",
 ]
 
 MIDDLEWARE = [
@@ -264,6 +265,8 @@ CELERY_BEAT_SCHEDULE = {
     # Hourly, so that each approver gets the digest of their pending queue at about 08:00 in the
     # organization's own zone (once a day, whatever reruns).
     "overage-digests": {"task": "overage.send_pending_digests", "schedule": crontab(minute=45)},
+    # Daily, after the providers have reported the last UTC days (each run redoes the last three).
+    "reconcile-providers": {"task": "reports.reconcile_providers", "schedule": crontab(hour=6, minute=20)},
     # Settlements a close could not charge yet (no card, Stripe unavailable) are charged once they can be.
     "settle-pending": {"task": "billing.settle_pending", "schedule": crontab(minute=50)},
 }

@@ -26,6 +26,7 @@ urlpatterns = [
     path("o/<slug:org_slug>/", include("apikeys.urls")),
     path("o/<slug:org_slug>/", include("gateway.page_urls")),
     path("o/<slug:org_slug>/", include("overage.urls")),
+    path("o/<slug:org_slug>/", include("reports.urls")),
     path("o/<slug:org_slug>/", include(identity_urls.organization_patterns)),
     path("o/<slug:org_slug>/", include(billing_urls.urlpatterns)),
     path("", include(billing_urls.webhook_patterns)),

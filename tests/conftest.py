@@ -59,9 +59,10 @@ def make_org(label: str):
         allowance = seed_allowance_objects(organization, team=team, members=members)
         identity = seed_identity_objects(organization, label=label, members=members)
         billing = seed_billing_objects(organization, team=team)
+        reports = seed_report_objects(organization, members=members)
     return SimpleNamespace(organization=organization, slug=organization.slug, team=team, members=members,
                            invitation=invitation, invitation_token=f"token-of-{label}", password=PASSWORD, **allowance,
-                           **identity, **billing)
+                           **identity, **billing, **reports)
 
 
 def seed_billing_objects(organization, *, team):
@@ -78,6 +79,17 @@ def seed_billing_objects(organization, *, team):
         organization=organization, settlement=settlement, team=team, team_name=team.name, tokens=1000,
         amount_minor=1234, by_model=[{"model": "gpt-test", "tokens": 1000, "amount_minor": 1234}])
     return {"billing_account": billing_account, "settlement": settlement, "settlement_line": settlement_line}
+
+
+def seed_report_objects(organization, *, members):
+    """A statement export of last month, queued (a row: the service would queue its task)."""
+    from allowances.periods import period_start_for, periods_after
+    from reports.models import StatementExport
+
+    statement_export = StatementExport.objects.create(
+        organization=organization, period_start=periods_after(period_start_for(organization), -1),
+        requested_by=members["hr"].user)
+    return {"statement_export": statement_export}
 
 
 def seed_identity_objects(organization, *, label: str, members):

@@ -8,6 +8,7 @@ from billing import api as billing_api
 from gateway import api as gateway_api
 from overage import api as overage_api
 from portal.api import views
+from reports import api as reports_api
 
 router = SimpleRouter(use_regex_path=False)
 router.register("teams", views.TeamViewSet, basename="api-team")
@@ -21,6 +22,7 @@ router.register("balances", allowance_views.BalanceViewSet, basename="api-balanc
 router.register("ledger-entries", allowance_views.LedgerEntryViewSet, basename="api-ledger-entry")
 router.register("models", allowance_views.CatalogModelViewSet, basename="api-catalog-model")
 router.register("overage-requests", overage_api.OverageRequestViewSet, basename="api-overage-request")
+router.register("payroll", reports_api.PayrollViewSet, basename="api-payroll")
 router.register("billing/settlements", billing_api.SettlementViewSet, basename="api-settlement")
 
 urlpatterns = [

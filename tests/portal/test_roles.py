@@ -86,6 +86,15 @@ EXPECTED = {
     "approval_detail": APPROVERS,
     "approvals_approve": APPROVERS,  # POST-only
     "approval_settings": ADMINS,
+    # Reports: every member sees their own value per token and statements; HR exports everyone's
+    # statements and the payroll; admins reconcile and set the report settings.
+    "insights": EVERYONE,
+    "statements": EVERYONE,
+    "statement_exports": PEOPLE,
+    "statement_export": PEOPLE,
+    "payroll": PEOPLE,
+    "reconciliation": ADMINS,
+    "report_settings": ADMINS,
     # Billing: the owner's (DESIGN.md roles), and admins' (who can do what an owner can but assign roles).
     "billing": ADMINS,
     "billing_payment_method": ADMINS,  # POST-only
@@ -125,6 +134,8 @@ EXPECTED_API = {
     "api-overage-request-detail": EVERYONE,
     "api-overage-request-cancel": EVERYONE,  # POST-only
     "api-overage-request-decide": APPROVERS,  # POST-only
+    # The payroll / HRIS export is HR's.
+    "api-payroll-list": PEOPLE,
     "api-settlement-list": ADMINS,
     "api-settlement-detail": ADMINS,
     "api-settlement-chargeback": ADMINS,
@@ -142,6 +153,7 @@ NAV_LINKS = {
     "All keys": "key_admin",
     "Providers": "provider_list",
     "Usage": "usage_list",
+    "Value per token": "insights",
     "Members": "member_list",
     "Teams": "team_list",
     "Invitations": "invitation_list",
