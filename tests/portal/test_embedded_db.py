@@ -5,9 +5,12 @@ the last one out has it stopped (by the watcher), the data stays for the next st
 step.
 """
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
+
+import psutil
 
 from tests.support.services import postgres_processes, wait_for_postgres_to_stop
 
@@ -60,7 +63,8 @@ def kill_everything(holder: Holder, data_dir: Path) -> None:
     victims = postgres_processes(data_dir)
     assert victims, "no server is running"
     for process in victims:  # first, or the watcher would stop the server cleanly once the holder is gone
-        process.kill()
+        with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):  # a child gone with the postmaster
+            process.kill()
     holder.process.kill()
     holder.process.wait()
     assert wait_for_postgres_to_stop(data_dir)
