@@ -106,22 +106,15 @@ EOF
     services="$services, Redis on 127.0.0.1:$redis_port"
 
     # localstripe's own CLI listens on every interface (::): its aiohttp app is served here on
-    # loopback instead, starting empty. It keeps its state in /tmp/localstripe.pickle, a path it
-    # does not let one change: as root it runs in a mount namespace of its own whose /tmp is this
-    # run's folder, so runs at once never share that file.
+    # loopback instead. Its state lives in the process; the copy it writes to the fixed path
+    # /tmp/localstripe.pickle after each change is read only by its CLI's start without
+    # --from-scratch, never here, so runs at once do not share state through that file.
     mkdir "$work/stripe"
     stripe_port=$(free_port)
-    localstripe=("$root/.venv/bin/python" -c "import sys; from aiohttp import web; from localstripe.server import app
-web.run_app(app, host='127.0.0.1', port=int(sys.argv[1]), print=None)" "$stripe_port")
     "$root/.venv/bin/python" -c "import localstripe" 2>/dev/null \
         || { echo "localstripe is not installed in .venv: run make install" >&2; exit 1; }
-    if [ "$(id -u)" = 0 ] && command -v unshare >/dev/null; then
-        unshare --mount --propagation private sh -c 'mount --bind "$0" /tmp && exec "$@"' "$work/stripe" \
-            "${localstripe[@]}" >"$work/stripe/log" 2>&1 &
-    else
-        echo "with-services: not root, so localstripe keeps its state in the shared /tmp/localstripe.pickle" >&2
-        "${localstripe[@]}" >"$work/stripe/log" 2>&1 &
-    fi
+    "$root/.venv/bin/python" -c "import sys; from aiohttp import web; from localstripe.server import app
+web.run_app(app, host='127.0.0.1', port=int(sys.argv[1]), print=None)" "$stripe_port" >"$work/stripe/log" 2>&1 &
     echo $! >"$work/stripe/pid"
     for _ in $(seq 100); do
         python3 -c "import socket; socket.create_connection(('127.0.0.1', $stripe_port), 0.2)" 2>/dev/null && break
