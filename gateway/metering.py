@@ -266,6 +266,14 @@ def _covering_translation(route: ModelRoute, worst: bounds.Bound, *, chat: dict)
     return replace(worst, input_tokens=max(worst.input_tokens, sent.input_tokens))
 
 
+def _planned(route: ModelRoute, worst: bounds.Bound, plan) -> tuple[bounds.Bound, object]:
+    """The request's plan on `route` (see begin), and its worst case covering what the plan sends."""
+    planned = plan(route, worst) if plan is not None else None
+    if planned is not None:
+        worst = _covering_translation(route, worst, chat=planned[0])
+    return worst, planned
+
+
 def _reserve(route: ModelRoute, worst: bounds.Bound) -> int:
     """The tokens to hold for a request's worst case."""
     return max(route.weighted(Usage(input=worst.input_tokens, output=worst.output_cap * worst.choices)), 1)
@@ -339,9 +347,8 @@ def _economy(identity: KeyIdentity, config: OrgConfig, route: ModelRoute, endpoi
             or economy.model_id == route.model_id):
         return None
     try:
-        bound = _bound(economy, endpoint, body)
-        return Economy(route=economy, worst=bound, reserve=_reserve(economy, bound),
-                       plan=plan(economy, bound) if plan is not None else None)
+        bound, planned = _planned(economy, _bound(economy, endpoint, body), plan)
+        return Economy(route=economy, worst=bound, reserve=_reserve(economy, bound), plan=planned)
     except GatewayError:
         return None  # the economy model cannot take this request as it is: no routing
 
@@ -372,9 +379,7 @@ async def _begin(*, raw_key, ip, endpoint, body, request_id, started, plan) -> B
     worst = _bound(route, endpoint, body)
     if worst.previous_response_id is not None:
         worst = await in_thread(_continued)(identity, route, worst)
-    planned = plan(route, worst) if plan is not None else None
-    if planned is not None:
-        worst = _covering_translation(route, worst, chat=planned[0])
+    worst, planned = _planned(route, worst, plan)
     reserve = _reserve(route, worst)
     requested = body["model"]
     refusal = {"identity": identity, "config": config, "route": route, "endpoint": endpoint,
