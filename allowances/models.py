@@ -506,6 +506,9 @@ class TransferSettings(TenantModel):
         return f"transfer rules of {self.organization_id}"
 
 
+TEAM_POOL = "pool"  # a transfer's receiver that is the giver's team pool (forms and services)
+
+
 class Transfer(TenantModel):
     """Tokens a member gave another member, or their team's pool, of their unused base allowance:
     a transfer_out entry on the giver's account and a transfer_in on the receiver's (or the

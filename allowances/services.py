@@ -24,6 +24,7 @@ from allowances.aliases import WILDCARD
 from allowances.models import (
     MAX_AUTO_APPROVED_REQUESTS,
     MAX_TOKENS,
+    TEAM_POOL,
     Account,
     AllowancePolicy,
     CatalogModel,
@@ -709,9 +710,6 @@ def transfer_settings_save(*, organization: Organization, actor, enabled: bool, 
     if diff:
         log_action(actor=actor, organization=organization, action="transfer_settings.updated", obj=rules, data=diff)
     return rules
-
-
-TEAM_POOL = "pool"  # the receiver of a transfer to the giver's team pool
 
 
 def pool_open(*, team: Team, at: datetime | None = None) -> Account:
