@@ -281,14 +281,17 @@ def usage_by_day(*, organization: Organization, since: date, at: datetime | None
     today_begins = datetime.combine(today, datetime.min.time(), tzinfo=zone)
     rollups = UsageRollup.objects.filter(organization=organization, day__gte=since, day__lt=today)
     entries = LedgerEntry.objects.filter(organization=organization, created_at__gte=today_begins, created_at__lte=at)
+    # What a member drew from their team pool is theirs too, as the usage records (and so the
+    # roll-ups) count it: a pool's usage entries are made with the drawing member's key.
+    drawn_by = Q(account__member__isnull=True, api_key__member=member) if member is not None else Q()
     if member is not None:
-        rollups, entries = rollups.filter(member=member), entries.filter(account__member=member)
+        rollups, entries = rollups.filter(member=member), entries.filter(Q(account__member=member) | drawn_by)
     history = rollups.values("day", "team_name", "model").annotate(tokens=Sum("charged_tokens")).order_by()
     rows = [(row["day"], row["team_name"] or NO_TEAM, row["model"], row["tokens"]) for row in history]
-    live = (entries.exclude(used_delta=0).values("account__member__team__name", "model")
+    live = (entries.exclude(used_delta=0)
+            .values(team=Coalesce("account__member__team__name", "api_key__member__team__name"), model_id=F("model"))
             .annotate(tokens=Sum("used_delta")).order_by())
-    rows += [(today, row["account__member__team__name"] or NO_TEAM, row["model"] or "unattributed", row["tokens"])
-             for row in live]
+    rows += [(today, row["team"] or NO_TEAM, row["model_id"] or "unattributed", row["tokens"]) for row in live]
     return [row for row in rows if row[3]]
 
 

@@ -15,7 +15,7 @@ from allowances import ledger
 from allowances import services as allowance_services
 from allowances.closing import close_period
 from allowances.models import Account, LedgerEntry, Transfer
-from allowances.selectors import billable_overage
+from allowances.selectors import billable_overage, transferable
 from portal.models import AuditLogEntry
 from portal.tenancy import scope, unscoped
 from tests.allowances.helpers import balance, hold_is_open, snapshot
@@ -151,6 +151,12 @@ def test_approved_overage_is_drawn_after_the_pool_and_pool_usage_is_never_billab
     with scope(pooled.organization):
         ledger.settle(hold=pooled.hold, used_tokens=1_000)  # the fixture's hold: all their base used but 4,000
         ledger.post(account=pooled.account, kind="overage_grant", tokens=10_000, idempotency_key="overage:test")
+        # The member's own base allowance is what they could give (the same rule, selectors.transferable).
+        assert transferable(account=Account.objects.get(pk=pooled.account.pk)) == 4_000
+    first = hold(pooled, 4_001, key="just past it")  # one token past their base: from the pool, not the overage
+    assert (first.own_tokens, first.pool_tokens) == (4_000, 1)
+    with scope(pooled.organization):
+        ledger.release(hold=first)
     taken = hold(pooled, 8_000)  # 4,000 own base, 3,000 pool, 1,000 of the approved overage
     assert (taken.own_tokens, taken.pool_tokens) == (5_000, 3_000)
     with scope(pooled.organization):
@@ -243,3 +249,77 @@ def test_a_pool_belongs_to_a_team_of_its_own_organization(pooled, org_b):
         team = TeamFactory(organization=pooled.organization, name="Overdrawn")
         Account.all_objects.create(organization=pooled.organization, team=team, overdraft_limit=1,
                                    period_start=pooled.pool.period_start)
+
+
+@pytest.mark.transactional
+def test_concurrent_pooled_holds_never_overspend_the_member_or_the_pool(pooled):
+    """24 holds of 400 at once on 4,000 of the member's own and 3,000 of the pool: exactly 17 fit
+    (the 18th would need 200 of the member's own, which is gone), each locked in id order with the
+    teammates' transfers to the pool running meanwhile; then settled and released at once."""
+    from tests.allowances.test_ledger_concurrency import run_together
+
+    def work(i):
+        with scope(pooled.organization):
+            if i >= 24:  # the teammate gives to the pool meanwhile: at most 4 more holds fit
+                return allowance_services.transfer_create(giver=pooled.teammate, receiver=POOL, tokens=400,
+                                                          actor=None, idempotency_key=f"more-{i}")
+            try:
+                return ledger.authorize(account=pooled.account, tokens=400, idempotency_key=f"race-{i}",
+                                        pool_account_id=pooled.pool.pk)
+            except ledger.InsufficientTokens as refused:
+                return refused
+
+    results = run_together(28, work)
+    holds = [r for r in results[:24] if isinstance(r, ledger.Hold)]
+    pool = Account.all_objects.get(pk=pooled.pool.pk)
+    assert pool.granted == 3_000 + 4 * 400
+    assert 17 <= len(holds) <= 21 and sum(h.pool_tokens for h in holds) == pool.held <= pool.granted
+    assert sum(h.own_tokens for h in holds) == 4_000 and balance(pooled.members["employee"])[1] == 5_000
+    assert ledger.verify() == []
+
+    def close(i):
+        with scope(pooled.organization):
+            if i % 2:
+                return ledger.settle(hold=holds[i], used_tokens=300)
+            return ledger.release(hold=holds[i], reason="done")
+
+    run_together(len(holds), close)
+    assert pool_balance(pooled)[1] == 0 and balance(pooled.members["employee"])[1] == 1_000  # the fixture's hold
+    assert ledger.verify() == []
+
+
+def test_the_pages_give_to_the_pool_with_field_errors_and_show_it(pooled, login):
+    client = login(pooled.members["employee"])
+    page = client.get(f"/o/{pooled.slug}/transfers/").content.decode()
+    assert "The Team a team pool" in page and 'data-testid="team-pool"' in page
+    refused = client.post(f"/o/{pooled.slug}/transfers/", {"receiver": POOL, "tokens": "9000", "idempotency_key": "f1"})
+    assert refused.status_code == 400 and "at most 4,000 tokens" in refused.context["form"].errors["tokens"][0]
+    wrong = client.post(f"/o/{pooled.slug}/transfers/", {"receiver": "team", "tokens": "9", "idempotency_key": "f2"})
+    assert wrong.status_code == 400 and "receiver" in wrong.context["form"].errors
+    done = client.post(f"/o/{pooled.slug}/transfers/", {"receiver": POOL, "tokens": "900", "note": "for the sprint",
+                                                        "idempotency_key": "f3"})
+    assert done.status_code == 302 and pool_balance(pooled) == (3_900, 0, 0)
+    dashboard = client.get(f"/o/{pooled.slug}/").content.decode()
+    assert "the Team a team pool" in dashboard and "for the sprint" in dashboard
+    team_page = login(pooled.teammate).get(f"/o/{pooled.slug}/transfers/pool/").content.decode()
+    assert "employee@a.example" in team_page and "teammate@a.example" in team_page and "3,900" in team_page
+    report = login(pooled.members["hr"]).get(f"/o/{pooled.slug}/transfers/report/").content.decode()
+    assert 'data-testid="pool-totals"' in report and "Team a" in report and "3,900" in report
+
+
+def test_a_member_outside_the_team_sees_no_pool_and_cannot_give_to_one(pooled, login, org_a):
+    loner = MemberFactory(organization=pooled.organization, team=None, user=UserFactory(email="solo@a.example"))
+    client = login(loner)
+    assert "You are in no team" in client.get(f"/o/{pooled.slug}/transfers/pool/").content.decode()
+    refused = client.post(f"/o/{pooled.slug}/transfers/", {"receiver": POOL, "tokens": "1", "idempotency_key": "x"})
+    assert refused.status_code == 400 and "receiver" in refused.context["form"].errors
+
+
+def test_the_rules_page_switches_team_pools(pooled, login):
+    admin = login(pooled.members["admin"])
+    assert admin.post(f"/o/{pooled.slug}/settings/transfers/", {"enabled": "on", "same_team_only": "on"}).status_code == 302
+    with unscoped():
+        from allowances.models import TransferSettings
+
+        assert TransferSettings.objects.get(organization=pooled.organization).team_pools is False
+        assert AuditLogEntry.objects.filter(action="transfer_settings.updated").latest("id").data["team_pools"]
