@@ -139,7 +139,7 @@ class HistoryFilterForm(DateRangeFilterForm):
 
 class TransferForm(forms.Form):
     receiver = forms.ChoiceField(label="Give to")
-    tokens = forms.CharField(label="Tokens", help_text="Whole tokens of your unused base allowance.")
+    tokens = TokenAmountField(label="Tokens", help_text="Whole tokens of your unused base allowance.")
     note = forms.CharField(max_length=300, required=False)
     idempotency_key = forms.CharField(widget=forms.HiddenInput, max_length=100)
 
@@ -158,5 +158,5 @@ class TransferSettingsForm(forms.Form):
         required=False, label="Team pools: members may give to their team's pool, and draw on it once their own "
                               "balance is spent", help_text="What a pool has left expires at the end of the month.")
     same_team_only = forms.BooleanField(required=False, initial=True, label="Only to members of their own team")
-    max_per_period = forms.CharField(required=False, label="Most one member may give per period (tokens)",
+    max_per_period = TokenAmountField(required=False, label="Most one member may give per period (tokens)",
                                      help_text="Empty: up to their whole unused base allowance.")
