@@ -622,6 +622,8 @@ def settle_statement(*, hold: Hold, used_tokens: int, model: str = "", reference
         api_key_id=hold.api_key_id, spend_id=hold.spend_id, held_delta=-hold.own_tokens, closes_hold_id=hold.id)
     if hold.pool_hold_id is None:
         return Statement(None, params)
+    if used_tokens > own:  # the member's history says what the pool paid
+        params["reason"] = f"and {used_tokens - own:,} tokens from the team pool"
     pooled = _params(
         account=_pool_ref(hold), kind=Kind.USAGE, tokens=used_tokens - own, used_delta=used_tokens - own,
         idempotency_key=f"settle:{hold.pool_hold_id}", model=model or hold.model, reference=reference,

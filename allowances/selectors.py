@@ -496,6 +496,17 @@ def pool_enabled(*, member: Member) -> bool:
     return rules.team_pools and member.team_id is not None
 
 
+def pool_account_id(*, member: Member) -> int | None:
+    """The account of the team pool `member` draws on once their own balance is spent: their
+    team's, while the organization's team pools are on (else None)."""
+    from allowances.models import TransferSettings
+
+    if member.team_id is None or not TransferSettings.objects.filter(
+            organization_id=member.organization_id, team_pools=True).exists():
+        return None
+    return Account.objects.filter(team_id=member.team_id).values_list("id", flat=True).first()
+
+
 def team_pool(*, member: Member) -> dict | None:
     """The pool of the member's team as its members see it (None: no team): its balance in the
     open period, who gave to it and who drew on it (the usage charged to it, by the key's owner)."""

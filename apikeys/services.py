@@ -236,15 +236,10 @@ def _load(public_id: str) -> KeyIdentity | None:
 
 
 def _pool_of(member: Member) -> int | None:
-    """The member's team pool, while the organization's team pools are on."""
-    from allowances.models import TransferSettings
+    from allowances.selectors import pool_account_id
 
-    if member.team_id is None:
-        return None
     with unscoped():
-        if not TransferSettings.objects.filter(organization_id=member.organization_id, team_pools=True).exists():
-            return None
-        return Account.all_objects.filter(team_id=member.team_id).values_list("id", flat=True).first()
+        return pool_account_id(member=member)
 
 
 def _paused(key: ApiKey) -> str | None:

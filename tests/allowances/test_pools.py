@@ -104,6 +104,8 @@ def test_settling_charges_the_members_part_first_then_the_pools_and_closes_both_
     assert balance(pooled.members["employee"]) == (5_000, 1_000, 4_000)
     assert pool_balance(pooled) == (3_000, 0, 1_000)
     assert not hold_is_open(taken.id) and not hold_is_open(taken.pool_hold_id)
+    with unscoped():
+        assert LedgerEntry.all_objects.get(pk=posted.entry_id).reason == "and 1,000 tokens from the team pool"
     with scope(pooled.organization):
         assert ledger.release(hold=taken) is None  # closed: nothing more moves
     assert pool_balance(pooled) == (3_000, 0, 1_000)
