@@ -15,6 +15,11 @@ billable overage grant so the next period starts at zero, never paying for the l
 holds stay held across the boundary. Overage requests of the period still pending lapse. The
 next period opens with the monthly grant of the policy in force then, for active members.
 
+A team pool closes the same way, as an account no policy governs: what it has left expires (its
+tokens were members' unused base allowance of the period, which their own policies would not
+have let them carry on at will; a pool that rolled over would), its open holds are carried, and
+it opens the next period empty.
+
 The rules the close applies have one definition each, in Python (`assignment_in_force`,
 `AllowancePolicy.rollover_amount`, `consumption.unused_overage`, `periods_after`); the close uses
 their SQL forms, each held equal to its Python form by tests/allowances/test_rules_in_sql.py, and
@@ -61,7 +66,7 @@ SELECT b.*, GREATEST(b.available, 0) - b.overage_unused AS unused_base,
 FROM (SELECT g.*, {unused_overage_sql("g.available", "g.overage_granted")} AS overage_unused
       FROM (SELECT a.id AS account_id, a.member_id, m.team_id, m.is_active, a.granted - a.used - a.held AS available,
                    s.base_granted, s.overage_granted
-            FROM {_A} a JOIN {_M} m ON m.id = a.member_id
+            FROM {_A} a LEFT JOIN {_M} m ON m.id = a.member_id
             CROSS JOIN LATERAL (
                 SELECT COALESCE(SUM(e.granted_delta) FILTER (WHERE e.kind IN ({_BASE_KINDS})), 0) AS base_granted,
                        COALESCE(SUM(e.granted_delta) FILTER (WHERE e.kind IN ({kinds_sql(OVERAGE_KINDS)})), 0)

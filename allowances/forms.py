@@ -2,7 +2,7 @@ import uuid
 
 from django import forms
 
-from allowances.models import AllowancePolicy, CatalogModel, LedgerEntry
+from allowances.models import TEAM_POOL, AllowancePolicy, CatalogModel, LedgerEntry
 from portal.forms import DateRangeFilterForm, TokenAmountField
 
 APPLY_CHOICES = [
@@ -138,20 +138,25 @@ class HistoryFilterForm(DateRangeFilterForm):
 
 
 class TransferForm(forms.Form):
-    receiver = forms.ModelChoiceField(queryset=None, label="Give to")
-    tokens = forms.CharField(label="Tokens", help_text="Whole tokens of your unused base allowance.")
+    receiver = forms.ChoiceField(label="Give to")
+    tokens = TokenAmountField(label="Tokens", help_text="Whole tokens of your unused base allowance.")
     note = forms.CharField(max_length=300, required=False)
     idempotency_key = forms.CharField(widget=forms.HiddenInput, max_length=100)
 
-    def __init__(self, *args, receivers, **kwargs):
+    def __init__(self, *args, receivers, pool_team=None, **kwargs):
+        """`receivers`: the members one may give to; `pool_team`: the team whose pool one may give to."""
         kwargs.setdefault("initial", {}).setdefault("idempotency_key", uuid.uuid4().hex)
         super().__init__(*args, **kwargs)
-        self.fields["receiver"].queryset = receivers
-        self.fields["receiver"].label_from_instance = lambda member: member.user.email
+        pool = [(TEAM_POOL, f"The {pool_team.name} team pool")] if pool_team is not None else []
+        self.fields["receiver"].choices = [("", "---------"), *pool,
+                                           *((str(member.pk), member.user.email) for member in receivers)]
 
 
 class TransferSettingsForm(forms.Form):
     enabled = forms.BooleanField(required=False, label="Members may give allowance to each other")
+    team_pools = forms.BooleanField(
+        required=False, label="Team pools: members may give to their team's pool, and draw on it once their own "
+                              "balance is spent", help_text="What a pool has left expires at the end of the month.")
     same_team_only = forms.BooleanField(required=False, initial=True, label="Only to members of their own team")
-    max_per_period = forms.CharField(required=False, label="Most one member may give per period (tokens)",
+    max_per_period = TokenAmountField(required=False, label="Most one member may give per period (tokens)",
                                      help_text="Empty: up to their whole unused base allowance.")

@@ -33,12 +33,13 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
 import psycopg
-from django.db import connection
+from django.db import connection, transaction
+from django.db.models import Q, Sum
 from django.utils import timezone
 
 from allowances.models import Account, KeySpend, LedgerEntry
@@ -160,14 +161,136 @@ def postgres_sql(guard: str | None, keyed: bool, with_entry: str = "") -> str:
     return f"{ctes}{with_entry} SELECT id{', model' if guard == 'routed' else ''} FROM entry"
 
 
-def _insert_and_move(guard: str | None, params: dict) -> int | None:
+# -- team pools ------------------------------------------------------------------------------------
+#
+# A member of a team with a pool holds from their own account first, then from the pool, in one
+# statement: both account rows are locked in id order (as `lock` takes them), then the key's
+# counter. The member's own part comes first out of their base allowance (what is left but the
+# approved overage they still hold, allowances.consumption: exactly what they could give), then
+# the pool pays, then their approved overage (and overdraft) last: overage is billed and pool
+# tokens are not, so a pool is never left unused while the member runs up billable overage. The
+# pool itself never goes below zero. A key's cap bounds the whole request.
+#
+# The hold is two hold entries: the member's (its `pool_hold` names the pool's; zero tokens when
+# the pool covers all of it) and the pool's. Settling or releasing it closes both in one
+# statement, the usage charged to the member's part first, each part capped at its hold.
+
+_OWN_AVAILABLE = "(a.granted - a.used - a.held)"
+# The member's period's approved overage (consumption.OVERAGE_KINDS), through the partial index
+# ledger_account_overage; only pooled holds read it.
+_OVERAGE_GRANTED = (f"(SELECT COALESCE(SUM(o.granted_delta), 0) FROM {_ENTRY} o WHERE o.account_id = a.id "
+                    f"AND o.period_start = a.period_start AND o.kind IN ({{overage_kinds}}))")
+
+
+def _pool_parts(tokens: str, row: str = "f") -> tuple[str, str]:
+    """The pool's part and the member's part of a hold of `tokens` (SQL, over the split row `row`)."""
+    pool = f"LEAST(GREATEST({tokens} - {row}.own_base, 0), {row}.pool_available)"
+    return pool, f"({tokens} - {pool})"
+
+
+def _pool_fits(tokens: str, keyed: bool) -> str:
+    """A pooled hold of `tokens` fits: the member's part within their own limit (or nothing of
+    theirs is taken), and the whole within the key's cap."""
+    own = _pool_parts(tokens)[1]
+    fits = f"({own} = 0 OR f.own_available - {own} >= -f.overdraft_limit)"
+    if keyed:
+        fits += (f" AND (s.token_cap IS NULL OR {KeySpend.counted_sql('s', 's.held + s.used', 'f.period_start')}"
+                 f" + {tokens} <= s.token_cap)")
+    return f"({fits})"
+
+
+@functools.cache
+def pool_hold_sql(routed: bool, keyed: bool) -> str:
+    """A pooled hold as one statement (see above), returning the member's entry's id, its model,
+    its tokens, the pool's entry's id and its tokens (no row: nothing was posted)."""
+    from allowances.consumption import OVERAGE_KINDS, kinds_sql, unused_overage_sql
+
+    overage = _OVERAGE_GRANTED.format(overage_kinds=kinds_sql(OVERAGE_KINDS))
+    split = (f"SELECT a.id, a.period_start, a.overdraft_limit, {_OWN_AVAILABLE} AS own_available, "
+             f"GREATEST({_OWN_AVAILABLE}, 0) - {unused_overage_sql(_OWN_AVAILABLE, overage)} AS own_base, "
+             "COALESCE((SELECT GREATEST(p.granted - p.used - p.held, 0) FROM locked p WHERE p.id = %(pool)s "
+             "AND p.period_start = a.period_start), 0) AS pool_available "
+             "FROM locked a WHERE a.id = %(account)s")
+    join = f" JOIN {_SPEND} s ON s.id = %(spend)s AND s.organization_id = %(org)s" if keyed else ""
+    if routed:
+        # Budget-aware routing as in `_routed`, near the limit of the member's own allowance, and
+        # each hold fitting with the pool.
+        near = "(f.own_available * 100 < %(below)s * a.granted"
+        if keyed:
+            spent = KeySpend.counted_sql("s", "s.held + s.used", "f.period_start")
+            near += f" OR (s.token_cap IS NOT NULL AND (s.token_cap - {spent}) * 100 < %(below)s * s.token_cap)"
+        near += ")"
+        economy = f"({_pool_fits('%(economy)s', keyed)} AND (NOT {_pool_fits('%(h)s', keyed)} OR {near}))"
+        choose = (f"CASE WHEN {economy} THEN %(economy)s ELSE %(h)s END AS tokens, "
+                  f"CASE WHEN {economy} THEN %(economy_model)s ELSE %(model)s END AS model")
+        where = f"{_pool_fits('%(h)s', keyed)} OR {economy}"
+    else:
+        choose, where = "%(h)s AS tokens, %(model)s AS model", _pool_fits("%(h)s", keyed)
+    pool_part, own_part = _pool_parts("c.tokens", "c")
+    # FOR UPDATE OF s: the key's counter is locked once the account rows are (the join waits for them).
+    chosen = (f"SELECT f.*, {choose} FROM ({split}) f JOIN locked a ON a.id = f.id{join} WHERE {where}"
+              f"{' FOR UPDATE OF s' if keyed else ''}")
+    columns = f"{_ENTRY_COLUMNS}, pool_hold_id"
+    own = (f"INSERT INTO {_ENTRY} ({columns}) SELECT %(org)s, %(account)s, 'hold', {own_part}, 0, {own_part}, 0, "
+           "c.period_start, %(key)s, NULL, %(expires)s, c.model, %(actor)s, %(api_key)s, %(reason)s, %(reference)s, "
+           f"%(now)s, CASE WHEN {pool_part} > 0 THEN nextval(pg_get_serial_sequence('{_ENTRY}', 'id')) END FROM c "
+           f"ON CONFLICT DO NOTHING RETURNING {_POSTED}, model, tokens, pool_hold_id")
+    # Only with the member's entry (a retry posts neither), under the id that entry names.
+    pooled = (f"INSERT INTO {_ENTRY} (id, {_ENTRY_COLUMNS}) SELECT m.pool_hold_id, %(org)s, %(pool)s, 'hold', "
+              f"{pool_part}, 0, {pool_part}, 0, c.period_start, %(key)s || ':' || %(account)s, NULL, %(expires)s, "
+              "c.model, %(actor)s, %(api_key)s, %(reason)s, %(reference)s, %(now)s FROM own m, c "
+              f"WHERE m.pool_hold_id IS NOT NULL RETURNING {_POSTED}, tokens")
+    return (f"WITH locked AS MATERIALIZED (SELECT id, granted, held, used, overdraft_limit, period_start FROM {_ACCOUNT} "
+            "WHERE id IN (%(account)s, %(pool)s) AND organization_id = %(org)s ORDER BY id FOR UPDATE), "
+            f"c AS MATERIALIZED ({chosen}), own AS ({own}), pooled AS ({pooled}), "
+            f"{_pair_moves(keyed, 'own', 'pooled')} "
+            "SELECT id, model, tokens, pool_hold_id, (SELECT tokens FROM pooled) FROM own")
+
+
+def _pair_moves(keyed: bool, own: str, pooled: str) -> str:
+    """CTEs moving the two accounts by their new entries (`own`, `pooled`) and the key's counter by
+    both, in the member's entry's period."""
+    both = (f"(SELECT account_id, period_start, {', '.join(f'{b}_delta' for b in BUCKETS)} FROM {own} "
+            f"UNION ALL SELECT account_id, period_start, {', '.join(f'{b}_delta' for b in BUCKETS)} FROM {pooled})")
+    sums = (f"(SELECT account_id, {', '.join(f'SUM({b}_delta) AS {b}_delta' for b in BUCKETS)} FROM {both} x "
+            "GROUP BY account_id) t")
+    moves = f"moved AS (UPDATE {_ACCOUNT} SET {_account_move(_ACCOUNT, 't')} FROM {sums} WHERE {_ACCOUNT}.id = t.account_id)"
+    if keyed:
+        key_sums = (f"(SELECT (SELECT period_start FROM {own}) AS period_start, SUM(held_delta) AS held_delta, "
+                    f"SUM(used_delta) AS used_delta FROM {both} x HAVING count(*) > 0) t")
+        moves += f", spent AS (UPDATE {_SPEND} SET {_key_move(_SPEND, 't')} FROM {key_sums} WHERE {_SPEND}.id = %(spend)s)"
+    return moves
+
+
+def _as_pool(values: str) -> str:
+    """An entry's values (`_ENTRY_VALUES`) with the pool entry's parameters (pool_*), the organization's the same."""
+    return re.sub(r"%\((\w+)\)s", lambda m: m[0] if m[1] in ("org", "now") else f"%(pool_{m[1]})s", values)
+
+
+@functools.cache
+def pool_close_sql(keyed: bool, with_entry: str = "") -> str:
+    """Closing a pooled hold (its settlement or release) as one statement: the member's closing
+    entry (parameters as `_params`) and then, only if it was made, the pool's (the same, prefixed
+    pool_), both accounts locked in id order, both moved, and the key's counter by both. Returns
+    the member's entry's id; `with_entry` as in `postgres_sql` (alias `entry`: the member's entry)."""
+    own = (f"INSERT INTO {_ENTRY} ({_ENTRY_COLUMNS}) SELECT {_ENTRY_VALUES} FROM locked a WHERE a.id = %(account)s "
+           f"ON CONFLICT DO NOTHING RETURNING {_POSTED}")
+    pooled = (f"INSERT INTO {_ENTRY} ({_ENTRY_COLUMNS}) SELECT {_as_pool(_ENTRY_VALUES)} FROM locked a, entry "
+              f"WHERE a.id = %(pool_account)s RETURNING {_POSTED}")
+    return (f"WITH locked AS MATERIALIZED (SELECT id, period_start FROM {_ACCOUNT} WHERE id IN (%(account)s, "
+            "%(pool_account)s) AND organization_id = %(org)s ORDER BY id FOR UPDATE), "
+            f"entry AS ({own}), pooled AS ({pooled}), "
+            f"{_pair_moves(keyed, 'entry', 'pooled')}{with_entry} SELECT id FROM entry")
+
+
+def _insert_and_move(statement: Statement) -> int | None:
     """Append the entry and move the buckets atomically; the new entry's id, or None if nothing happened."""
     # Django's own connection (and so its transaction), but psycopg's server-side binding with a
     # prepared plan: this statement runs on every gateway request, and binding its parameters
     # client-side was the largest cost of a call.
     connection.ensure_connection()
     with psycopg.Cursor(connection.connection) as cursor:
-        cursor.execute(postgres_sql(guard, params["spend"] is not None), params, prepare=True)
+        cursor.execute(statement.sql(), statement.params, prepare=True)
         row = cursor.fetchone()
         return row[0] if row else None
 
@@ -290,6 +413,15 @@ class Hold:
     model: str = ""
     api_key_id: int | None = None
     spend_id: int | None = None  # the key's spend counter (KeySpend), moved with the account
+    # The team pool's part (see hold_statement): its hold entry, account and tokens. `tokens` is
+    # the whole hold, what the request may use; the member's own part is `own_tokens`.
+    pool_hold_id: int | None = None
+    pool_account_id: int | None = None
+    pool_tokens: int = 0
+
+    @property
+    def own_tokens(self) -> int:
+        return self.tokens - self.pool_tokens
 
 
 @dataclass(frozen=True)
@@ -363,16 +495,21 @@ class Statement:
     nothing was posted, and the caller makes the same call through authorize, settle or release,
     which say why (a retry, a closed hold, a refusal)."""
 
-    guard: str | None
+    guard: str | None  # "pooled" / "pooled_routed": a hold with the pool; "pool_close": closing one
     params: dict
 
     def sql(self, with_entry: str = "") -> str:
-        return postgres_sql(self.guard, self.params["spend"] is not None, with_entry)
+        keyed = self.params["spend"] is not None
+        if self.guard in ("pooled", "pooled_routed"):
+            return pool_hold_sql(self.guard == "pooled_routed", keyed)
+        if self.guard == "pool_close":
+            return pool_close_sql(keyed, with_entry)
+        return postgres_sql(self.guard, keyed, with_entry)
 
 
 def _post(statement: Statement) -> Posted:
     params = statement.params
-    entry_id = _insert_and_move(statement.guard, params)
+    entry_id = _insert_and_move(statement)
     if entry_id is not None:
         return Posted(entry_id=entry_id, created=True)
     # Nothing happened: find out why (only refusals and retries come here).
@@ -384,10 +521,11 @@ def _post(statement: Statement) -> Posted:
         raise _AlreadyPosted  # the hold was closed by another entry: the caller decides what that means
     held = min(params["h"], params.get("economy") or params["h"])  # routed: not even the economy hold fits
     raise _insufficient(AccountRef(pk=params["account"], organization_id=params["org"]),
-                        requested=held + params["u"] - params["g"], spend_id=params["spend"])
+                        requested=held + params["u"] - params["g"], spend_id=params["spend"], pool_id=params.get("pool"))
 
 
-def _insufficient(account: Account | AccountRef, *, requested: int, spend_id: int | None) -> LedgerError:
+def _insufficient(account: Account | AccountRef, *, requested: int, spend_id: int | None,
+                  pool_id: int | None = None) -> LedgerError:
     if spend_id is not None:
         spend = KeySpend.all_objects.filter(pk=spend_id, organization_id=account.organization_id).first()
         period = Account.all_objects.filter(pk=account.pk).values_list("period_start", flat=True).first()
@@ -399,8 +537,12 @@ def _insufficient(account: Account | AccountRef, *, requested: int, spend_id: in
         "granted", "held", "used", "overdraft_limit").first()
     if current is None:
         return LedgerError(f"no account {account.pk} in organization {account.organization_id}")
-    return InsufficientTokens(account_id=account.pk, requested=requested,
-                              available=current["granted"] - current["used"] - current["held"],
+    available = current["granted"] - current["used"] - current["held"]
+    if pool_id is not None:  # what the team pool has counts too
+        pool = Account.all_objects.filter(pk=pool_id, organization_id=account.organization_id).values(
+            "granted", "held", "used").first()
+        available += max(pool["granted"] - pool["used"] - pool["held"], 0) if pool else 0
+    return InsufficientTokens(account_id=account.pk, requested=requested, available=available,
                               overdraft_limit=current["overdraft_limit"])
 
 
@@ -416,8 +558,10 @@ class Economy(NamedTuple):
 
 def hold_statement(*, account: Account | AccountRef, tokens: int, idempotency_key: str, ttl: timedelta = HOLD_TTL,
                    model: str = "", reference: str = "", actor=None, api_key_id: int | None = None,
-                   spend_id: int | None = None, economy: Economy | None = None) -> Statement:
-    """The post that takes a hold (see `authorize`); `hold_made` is the hold once it ran."""
+                   spend_id: int | None = None, economy: Economy | None = None,
+                   pool_account_id: int | None = None) -> Statement:
+    """The post that takes a hold (see `authorize`); `hold_made` is the hold once it ran. With
+    `pool_account_id` (the member's team pool) the hold is a pooled one (see "team pools")."""
     for amount in (tokens, *((economy.tokens,) if economy else ())):
         if not isinstance(amount, int) or isinstance(amount, bool) or amount <= 0:
             raise ValueError("a hold needs a positive whole number of tokens")
@@ -425,47 +569,75 @@ def hold_statement(*, account: Account | AccountRef, tokens: int, idempotency_ke
         account=account, kind=Kind.HOLD, tokens=tokens, held_delta=tokens, idempotency_key=f"hold:{idempotency_key}",
         expires_at=timezone.now() + ttl, model=model, reference=reference, actor=actor, api_key_id=api_key_id,
         spend_id=spend_id)
-    if economy is None:
-        return Statement("overdraft", params)
-    return Statement("routed", params | {"economy": economy.tokens, "economy_model": economy.model[:100],
-                                         "below": economy.below_percent})
+    routing = {} if economy is None else {"economy": economy.tokens, "economy_model": economy.model[:100],
+                                          "below": economy.below_percent}
+    if pool_account_id is not None:
+        return Statement("pooled_routed" if economy else "pooled", params | routing | {"pool": pool_account_id})
+    return Statement("routed", params | routing) if economy else Statement("overdraft", params)
 
 
-def hold_made(statement: Statement, entry_id: int, model: str | None = None) -> Hold:
-    """The hold a statement made (with `model`, what a routed statement returned: which hold it took)."""
+def hold_made(statement: Statement, entry_id: int, model: str | None = None, own_tokens: int | None = None,
+              pool_hold_id: int | None = None, pool_tokens: int | None = None) -> Hold:
+    """The hold a statement made, from the row it returned: with `model`, which hold a routed
+    statement took; a pooled one returns its parts too."""
     params = statement.params
-    routed = statement.guard == "routed" and model == params["economy_model"] and model != params["model"]
-    return Hold(id=entry_id, account_id=params["account"], organization_id=params["org"],
+    routed = statement.guard in ("routed", "pooled_routed") and model == params["economy_model"] and (
+        model != params["model"])
+    hold = Hold(id=entry_id, account_id=params["account"], organization_id=params["org"],
                 tokens=params["economy"] if routed else params["tokens"], expires_at=params["expires"],
                 model=params["economy_model"] if routed else params["model"], api_key_id=params["api_key"],
                 spend_id=params["spend"])
+    if pool_hold_id is None:
+        return hold
+    return replace(hold, pool_hold_id=pool_hold_id, pool_account_id=params["pool"], pool_tokens=pool_tokens)
 
 
 def authorize(*, account: Account | AccountRef, tokens: int, idempotency_key: str, ttl: timedelta = HOLD_TTL,
               model: str = "", reference: str = "", actor=None, api_key_id: int | None = None,
-              spend_id: int | None = None, economy: Economy | None = None) -> Hold:
+              spend_id: int | None = None, economy: Economy | None = None,
+              pool_account_id: int | None = None) -> Hold:
     """Reserve `tokens` for a request in flight, or raise InsufficientTokens (or KeyCapExceeded when
     made with a capped key). Safe to retry with the same key. With `economy`, the hold may be the
-    economy one instead: the returned hold's model and tokens say which."""
+    economy one instead: the returned hold's model and tokens say which. With `pool_account_id`,
+    the team pool covers what the member's own base allowance does not (see "team pools")."""
     statement = hold_statement(account=account, tokens=tokens, idempotency_key=idempotency_key, ttl=ttl, model=model,
                                reference=reference, actor=actor, api_key_id=api_key_id, spend_id=spend_id,
-                               economy=economy)
+                               economy=economy, pool_account_id=pool_account_id)
     posted = _post(statement)
-    if not posted.created or statement.guard == "routed":
+    if not posted.created or statement.guard != "overdraft":
         return hold_get(account=account, hold_id=posted.entry_id)
     return hold_made(statement, posted.entry_id)
 
 
 def settle_statement(*, hold: Hold, used_tokens: int, model: str = "", reference: str = "") -> Statement:
     """The post that settles a hold (see `settle`): all of the hold is released and `used_tokens`
-    recorded as used, at most the hold."""
+    recorded as used, at most the hold; of a pooled hold, the member's part first, then the pool's."""
     if not isinstance(used_tokens, int) or used_tokens < 0:
         raise ValueError("usage is a whole number of tokens, zero or more")
     used_tokens = min(used_tokens, hold.tokens)
-    return Statement(None, _params(
-        account=_account_ref(hold), kind=Kind.USAGE, tokens=used_tokens, used_delta=used_tokens,
+    own = min(used_tokens, hold.own_tokens)
+    params = _params(
+        account=_account_ref(hold), kind=Kind.USAGE, tokens=own, used_delta=own,
         idempotency_key=f"settle:{hold.id}", model=model or hold.model, reference=reference,
-        api_key_id=hold.api_key_id, spend_id=hold.spend_id, held_delta=-hold.tokens, closes_hold_id=hold.id))
+        api_key_id=hold.api_key_id, spend_id=hold.spend_id, held_delta=-hold.own_tokens, closes_hold_id=hold.id)
+    if hold.pool_hold_id is None:
+        return Statement(None, params)
+    if used_tokens > own:  # the member's history says what the pool paid
+        params["reason"] = f"and {used_tokens - own:,} tokens from the team pool"
+    pooled = _params(
+        account=_pool_ref(hold), kind=Kind.USAGE, tokens=used_tokens - own, used_delta=used_tokens - own,
+        idempotency_key=f"settle:{hold.pool_hold_id}", model=model or hold.model, reference=reference,
+        api_key_id=hold.api_key_id, spend_id=hold.spend_id, held_delta=-hold.pool_tokens,
+        closes_hold_id=hold.pool_hold_id)
+    return _pool_close(params, pooled)
+
+
+def _pool_close(params: dict, pooled: dict) -> Statement:
+    return Statement("pool_close", params | {f"pool_{name}": value for name, value in pooled.items()})
+
+
+def _pool_ref(hold: Hold) -> AccountRef:
+    return AccountRef(pk=hold.pool_account_id, organization_id=hold.organization_id)
 
 
 def settle(*, hold: Hold, used_tokens: int, model: str = "", reference: str = "") -> Posted:
@@ -475,44 +647,73 @@ def settle(*, hold: Hold, used_tokens: int, model: str = "", reference: str = ""
 
     A hold that the sweeper released first (its time-to-live passed) is settled all the same, but
     its tokens may have been used since: the usage is charged as far as the account (and the
-    key's cap) can still bear, never below its limit. Either way once, whatever is retried.
+    key's cap) can still bear, never below its limit (of a pooled hold: the member's account
+    first, then the pool). Either way once, whatever is retried. `settled_tokens` says how much
+    was charged.
     """
     try:
         return _post(settle_statement(hold=hold, used_tokens=used_tokens, model=model, reference=reference))
     except _AlreadyPosted:
         pass
+    parts = [(_account_ref(hold), hold.id)]
+    if hold.pool_hold_id is not None:
+        parts.append((_pool_ref(hold), hold.pool_hold_id))
     for _attempt in range(5):  # the balance may move under us; each try takes what fits then
-        tokens = min(used_tokens, _room(hold))
         try:
-            return _post(Statement("overdraft", _params(
-                account=_account_ref(hold), kind=Kind.USAGE, tokens=tokens, used_delta=tokens,
-                idempotency_key=f"settle:{hold.id}", model=model or hold.model, reference=reference,
-                api_key_id=hold.api_key_id, spend_id=hold.spend_id,
-                reason="usage after the hold was released" + (
-                    "" if tokens == used_tokens else f"; {used_tokens - tokens:,} beyond the limit not charged"))))
+            with transaction.atomic():
+                lock(account_ids=[account.pk for account, _hold_id in parts])
+                left, first = used_tokens, None
+                for account, hold_id in parts:
+                    tokens = min(left, _room(account, hold.spend_id))
+                    left -= tokens
+                    posted = _post(Statement("overdraft", _params(
+                        account=account, kind=Kind.USAGE, tokens=tokens, used_delta=tokens,
+                        idempotency_key=f"settle:{hold_id}", model=model or hold.model, reference=reference,
+                        api_key_id=hold.api_key_id, spend_id=hold.spend_id,
+                        reason="usage after the hold was released" + (
+                            f"; {left:,} beyond the limit not charged" if left and account.pk == parts[-1][0].pk
+                            else ""))))
+                    first = first or posted
+                    if not posted.created:
+                        break  # a retry: the first call posted every part
+                return first
         except (InsufficientTokens, KeyCapExceeded):
             continue
     raise LedgerError(f"could not settle hold {hold.id}: its account kept changing")
 
 
-def _room(hold: Hold) -> int:
-    """How many tokens the hold's account (and key cap) can still take before their limits."""
+def settled_tokens(*, hold: Hold) -> int:
+    """The tokens a settlement of `hold` charged, over its parts."""
+    parts = Q(account_id=hold.account_id, idempotency_key=f"settle:{hold.id}")
+    if hold.pool_hold_id is not None:
+        parts |= Q(account_id=hold.pool_account_id, idempotency_key=f"settle:{hold.pool_hold_id}")
+    return LedgerEntry.all_objects.filter(parts).aggregate(total=Sum("used_delta"))["total"] or 0
+
+
+def _room(account: AccountRef, spend_id: int | None) -> int:
+    """How many tokens the account (and key cap) can still take before their limits."""
     account = Account.all_objects.values("granted", "held", "used", "overdraft_limit", "period_start").get(
-        pk=hold.account_id)
+        pk=account.pk)
     room = account["granted"] - account["used"] - account["held"] + account["overdraft_limit"]
-    if hold.spend_id is not None:
-        spend = KeySpend.all_objects.get(pk=hold.spend_id)
+    if spend_id is not None:
+        spend = KeySpend.all_objects.get(pk=spend_id)
         if spend.token_cap is not None:
             room = min(room, spend.token_cap - spend.spent_in(account["period_start"]))
     return max(room, 0)
 
 
 def release_statement(*, hold: Hold, reason: str = "") -> Statement:
-    """The post that releases a hold (see `release`)."""
-    return Statement(None, _params(
-        account=_account_ref(hold), kind=Kind.RELEASE, tokens=hold.tokens, held_delta=-hold.tokens,
+    """The post that releases a hold (see `release`): of a pooled hold, both parts."""
+    params = _params(
+        account=_account_ref(hold), kind=Kind.RELEASE, tokens=hold.own_tokens, held_delta=-hold.own_tokens,
         idempotency_key=f"release:{hold.id}", closes_hold_id=hold.id, reason=reason, model=hold.model,
-        api_key_id=hold.api_key_id, spend_id=hold.spend_id))
+        api_key_id=hold.api_key_id, spend_id=hold.spend_id)
+    if hold.pool_hold_id is None:
+        return Statement(None, params)
+    return _pool_close(params, _params(
+        account=_pool_ref(hold), kind=Kind.RELEASE, tokens=hold.pool_tokens, held_delta=-hold.pool_tokens,
+        idempotency_key=f"release:{hold.pool_hold_id}", closes_hold_id=hold.pool_hold_id, reason=reason,
+        model=hold.model, api_key_id=hold.api_key_id, spend_id=hold.spend_id))
 
 
 def release(*, hold: Hold, reason: str = "") -> Posted | None:
@@ -529,13 +730,15 @@ def _account_ref(hold: Hold) -> AccountRef:
 
 
 _HOLD_FIELDS = ("id", "account_id", "organization_id", "tokens", "expires_at", "model", "api_key_id",
-                "api_key__spend_id")
+                "api_key__spend_id", "pool_hold_id", "pool_hold__account_id", "pool_hold__tokens")
 
 
 def _hold(row: dict) -> Hold:
+    pool_tokens = row["pool_hold__tokens"] or 0
     return Hold(id=row["id"], account_id=row["account_id"], organization_id=row["organization_id"],
-                tokens=row["tokens"], expires_at=row["expires_at"], model=row["model"], api_key_id=row["api_key_id"],
-                spend_id=row["api_key__spend_id"])
+                tokens=row["tokens"] + pool_tokens, expires_at=row["expires_at"], model=row["model"],
+                api_key_id=row["api_key_id"], spend_id=row["api_key__spend_id"], pool_hold_id=row["pool_hold_id"],
+                pool_account_id=row["pool_hold__account_id"], pool_tokens=pool_tokens)
 
 
 def hold_get(*, account: Account | AccountRef, hold_id: int) -> Hold:
@@ -559,9 +762,11 @@ def hold_extension(*, hold: Hold, ttl: timedelta = HOLD_TTL) -> tuple[str, dict]
 
 
 def release_expired_holds(*, now: datetime | None = None, limit: int = SWEEP_BATCH) -> int:
-    """Release holds that outlived their time-to-live. Returns how many were released."""
+    """Release holds that outlived their time-to-live. Returns how many were released. A pool's
+    part of a hold goes with the member's part (whose expiry the gateway moves on)."""
     now = now or timezone.now()
-    expired = (LedgerEntry.all_objects.filter(kind=Kind.HOLD, expires_at__lte=now, closed_by__isnull=True)
+    expired = (LedgerEntry.all_objects.filter(kind=Kind.HOLD, expires_at__lte=now, closed_by__isnull=True,
+                                              account__team__isnull=True)
                .order_by("expires_at").values(*_HOLD_FIELDS)[:limit])
     released = 0
     for row in expired:
@@ -587,6 +792,15 @@ def verify(*, organization_id: int | None = None) -> list[dict]:
         SELECT c.account_id, c.id, c.held_delta, h.tokens FROM {_ENTRY} c JOIN {_ENTRY} h ON h.id = c.closes_hold_id
         WHERE (c.held_delta <> -h.tokens OR c.account_id <> h.account_id OR h.kind <> 'hold')
         {"AND c.organization_id = %s" if organization_id else ""}"""
+    # A pooled hold's pool part: a hold on a team pool of the same organization, closed exactly
+    # when the member's part is.
+    bad_pool_holds = f"""
+        SELECT h.account_id, h.id FROM {_ENTRY} h LEFT JOIN {_ENTRY} p ON p.id = h.pool_hold_id
+        LEFT JOIN {_ACCOUNT} pa ON pa.id = p.account_id
+        WHERE h.pool_hold_id IS NOT NULL {"AND h.organization_id = %s" if organization_id else ""}
+          AND (p.id IS NULL OR p.kind <> 'hold' OR pa.team_id IS NULL OR p.organization_id <> h.organization_id
+               OR EXISTS (SELECT 1 FROM {_ENTRY} c WHERE c.closes_hold_id = h.id)
+                  <> EXISTS (SELECT 1 FROM {_ENTRY} c WHERE c.closes_hold_id = p.id))"""
     params = [organization_id] if organization_id else []
     problems = []
     with connection.cursor() as cursor:
@@ -601,4 +815,8 @@ def verify(*, organization_id: int | None = None) -> list[dict]:
         for account_id, entry_id, held_delta, hold_tokens in cursor.fetchall():
             problems.append({"account_id": account_id, "entry_id": entry_id,
                              "problem": f"closing entry moves held by {held_delta}, the hold was {hold_tokens}"})
+        cursor.execute(bad_pool_holds, params)
+        for account_id, entry_id in cursor.fetchall():
+            problems.append({"account_id": account_id, "entry_id": entry_id,
+                             "problem": "the pool's part of this hold is missing, misplaced or closed apart from it"})
     return problems

@@ -227,9 +227,19 @@ class PolicyAssignment(TenantModel):
 
 
 class Account(TenantModel):
-    """One member's allowance: the stored sums of the ledger's buckets, and the open period."""
+    """One member's allowance, or a team's pool: the stored sums of the ledger's buckets, and the
+    open period.
 
-    member = models.OneToOneField(Member, on_delete=models.PROTECT, related_name="account")
+    A team pool is what the team's members gave it (allowances.services.transfer_create); its
+    members draw on it once their own balance is spent (ledger.hold_statement). It never has an
+    overdraft and never holds approved overage, so nothing drawn from it is billable.
+    """
+
+    member = models.OneToOneField(Member, null=True, blank=True, on_delete=models.PROTECT, related_name="account")
+    # On PostgreSQL checked with its organization by a foreign key over (team, organization)
+    # (migration 0013): a pool is an account of a team of its own organization.
+    team = models.OneToOneField(Team, null=True, blank=True, on_delete=models.PROTECT, related_name="pool",
+                                db_constraint=False)
     period_start = models.DateField(help_text="First day of the open period (a calendar month in the org's zone).")
     granted = models.BigIntegerField(default=0)
     held = models.BigIntegerField(default=0)
@@ -243,12 +253,19 @@ class Account(TenantModel):
         constraints = [
             models.CheckConstraint(condition=Q(held__gte=0), name="account_held_not_negative"),
             models.CheckConstraint(condition=Q(overdraft_limit__gte=0), name="account_overdraft_not_negative"),
+            models.CheckConstraint(name="account_of_member_or_team", condition=(
+                Q(member__isnull=False, team__isnull=True) | Q(member__isnull=True, team__isnull=False))),
+            models.CheckConstraint(condition=Q(team__isnull=True) | Q(overdraft_limit=0), name="pool_no_overdraft"),
             # What ledger entries reference (with their organization): see LedgerEntry.
             models.UniqueConstraint(fields=["id", "organization"], name="account_id_organization"),
         ]
 
     def __str__(self):
-        return f"account of {self.member.user.email}"
+        return f"pool of {self.team.name}" if self.team_id else f"account of {self.member.user.email}"
+
+    @property
+    def is_pool(self) -> bool:
+        return self.team_id is not None
 
     @property
     def available(self) -> int:
@@ -302,7 +319,7 @@ class LedgerEntry(TenantModel):
         OVERAGE_GRANT = "overage_grant", "Overage grant"
         OVERAGE_LAPSE = "overage_lapse", "Overage lapsed"
         ADJUSTMENT = "adjustment", "Adjustment"
-        TRANSFER_OUT = "transfer_out", "Given to a teammate"
+        TRANSFER_OUT = "transfer_out", "Given to a teammate or the team pool"
         TRANSFER_IN = "transfer_in", "Received from a teammate"
 
     # On PostgreSQL these two are checked by ONE foreign key, (account, organization) -> the
@@ -338,6 +355,11 @@ class LedgerEntry(TenantModel):
     reason = models.CharField(max_length=500, blank=True)
     reference = models.CharField(max_length=100, blank=True, help_text="What caused it, e.g. grant:12 or policy:3.")
     created_at = models.DateTimeField(default=timezone.now)
+    # A hold on a member's account that the team pool covers in part: the pool's hold, made in the
+    # same statement and closed with this one (ledger.hold_statement). Written only by the ledger,
+    # which `verify` checks; no foreign key trigger on every ledger insert for a column rarely set.
+    pool_hold = models.OneToOneField("self", null=True, blank=True, on_delete=models.PROTECT, related_name="pooled_in",
+                                     db_constraint=False, db_index=False)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -346,8 +368,11 @@ class LedgerEntry(TenantModel):
             models.UniqueConstraint(fields=["account", "idempotency_key"], name="ledger_idempotency_key_unique"),
             models.UniqueConstraint(fields=["closes_hold"], condition=Q(closes_hold__isnull=False),
                                     name="ledger_hold_closed_once"),
+            # A hold holds tokens, except a member's part of a hold the pool covers whole (zero).
             models.CheckConstraint(name="ledger_hold_shape", condition=~Q(kind="hold") | Q(
-                held_delta=F("tokens"), tokens__gt=0, granted_delta=0, used_delta=0, expires_at__isnull=False)),
+                held_delta=F("tokens"), granted_delta=0, used_delta=0, expires_at__isnull=False) & (
+                Q(tokens__gt=0) | Q(tokens=0, pool_hold__isnull=False))),
+            models.CheckConstraint(name="ledger_pool_hold_on_holds", condition=Q(pool_hold__isnull=True) | Q(kind="hold")),
         ]
         indexes = [
             models.Index(fields=["account", "period_start"], name="ledger_account_period"),
@@ -358,6 +383,9 @@ class LedgerEntry(TenantModel):
             # The few entries billing starts from: a period's overage grants (allowances.consumption).
             models.Index(fields=["organization", "period_start"], condition=Q(kind="overage_grant"),
                          name="ledger_overage_grants"),
+            # A member's approved overage of the period, which a hold with the team pool reads.
+            models.Index(fields=["account", "period_start"], condition=Q(kind="overage_grant"),
+                         name="ledger_account_overage"),
         ]
 
     @property
@@ -464,6 +492,8 @@ class TransferSettings(TenantModel):
     same_team_only = models.BooleanField(default=True)
     # The most one member may give in a period; None: no limit beyond their unused base allowance.
     max_per_period = models.BigIntegerField(null=True, blank=True)
+    # Members may give to their team's pool, and draw on it once their own balance is spent.
+    team_pools = models.BooleanField(default=False)
     updated_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -476,12 +506,18 @@ class TransferSettings(TenantModel):
         return f"transfer rules of {self.organization_id}"
 
 
+TEAM_POOL = "pool"  # a transfer's receiver that is the giver's team pool (forms and services)
+
+
 class Transfer(TenantModel):
-    """Tokens a member gave another of their unused base allowance: a transfer_out entry on the
-    giver's account and a transfer_in on the receiver's, posted together (keyed by this row)."""
+    """Tokens a member gave another member, or their team's pool, of their unused base allowance:
+    a transfer_out entry on the giver's account and a transfer_in on the receiver's (or the
+    pool's), posted together (keyed by this row)."""
 
     giver = models.ForeignKey(Member, on_delete=models.PROTECT, related_name="+")
-    receiver = models.ForeignKey(Member, on_delete=models.PROTECT, related_name="+")
+    receiver = models.ForeignKey(Member, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    pool_team = models.ForeignKey(Team, null=True, blank=True, on_delete=models.PROTECT, related_name="+",
+                                  help_text="The team whose pool received the tokens.")
     tokens = models.BigIntegerField()
     period_start = models.DateField()
     note = models.CharField(max_length=300, blank=True)
@@ -495,9 +531,16 @@ class Transfer(TenantModel):
         constraints = [
             models.CheckConstraint(condition=Q(tokens__gt=0, tokens__lte=MAX_TOKENS), name="transfer_tokens_in_range"),
             models.CheckConstraint(condition=~Q(giver=F("receiver")), name="transfer_not_to_oneself"),
+            models.CheckConstraint(name="transfer_to_member_or_pool", condition=(
+                Q(receiver__isnull=False, pool_team__isnull=True) | Q(receiver__isnull=True, pool_team__isnull=False))),
             models.UniqueConstraint(fields=["organization", "idempotency_key"], name="transfer_idempotency_key_unique"),
         ]
         indexes = [models.Index(fields=["organization", "period_start"], name="transfer_org_period")]
 
     def __str__(self):
-        return f"{self.tokens} tokens from {self.giver_id} to {self.receiver_id}"
+        to = f"the pool of team {self.pool_team_id}" if self.pool_team_id else self.receiver_id
+        return f"{self.tokens} tokens from {self.giver_id} to {to}"
+
+    @property
+    def to_pool(self) -> bool:
+        return self.pool_team_id is not None

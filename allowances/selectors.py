@@ -281,14 +281,17 @@ def usage_by_day(*, organization: Organization, since: date, at: datetime | None
     today_begins = datetime.combine(today, datetime.min.time(), tzinfo=zone)
     rollups = UsageRollup.objects.filter(organization=organization, day__gte=since, day__lt=today)
     entries = LedgerEntry.objects.filter(organization=organization, created_at__gte=today_begins, created_at__lte=at)
+    # What a member drew from their team pool is theirs too, as the usage records (and so the
+    # roll-ups) count it: a pool's usage entries are made with the drawing member's key.
+    drawn_by = Q(account__member__isnull=True, api_key__member=member) if member is not None else Q()
     if member is not None:
-        rollups, entries = rollups.filter(member=member), entries.filter(account__member=member)
+        rollups, entries = rollups.filter(member=member), entries.filter(Q(account__member=member) | drawn_by)
     history = rollups.values("day", "team_name", "model").annotate(tokens=Sum("charged_tokens")).order_by()
     rows = [(row["day"], row["team_name"] or NO_TEAM, row["model"], row["tokens"]) for row in history]
-    live = (entries.exclude(used_delta=0).values("account__member__team__name", "model")
+    live = (entries.exclude(used_delta=0)
+            .values(team=Coalesce("account__member__team__name", "api_key__member__team__name"), model_id=F("model"))
             .annotate(tokens=Sum("used_delta")).order_by())
-    rows += [(today, row["account__member__team__name"] or NO_TEAM, row["model"] or "unattributed", row["tokens"])
-             for row in live]
+    rows += [(today, row["team"] or NO_TEAM, row["model_id"] or "unattributed", row["tokens"]) for row in live]
     return [row for row in rows if row[3]]
 
 
@@ -358,7 +361,9 @@ def ledger_entries(*, organization: Organization, member_id: int | None = None) 
 
 
 def account_list(*, organization: Organization) -> QuerySet[Account]:
-    return Account.objects.filter(organization=organization).select_related("member__user").order_by("member__user__email")
+    """The members' accounts (team pools are not a member's allowance: see team_pool)."""
+    return Account.objects.filter(organization=organization, member__isnull=False).select_related(
+        "member__user").order_by("member__user__email")
 
 
 def policy_list(*, organization: Organization) -> QuerySet[AllowancePolicy]:
@@ -485,6 +490,49 @@ def transfer_rules(*, organization: Organization):
             or TransferSettings(organization=organization))
 
 
+def pool_enabled(*, member: Member) -> bool:
+    """Whether `member` may give to and draw on a team pool: pools on and a team to have one."""
+    rules = transfer_rules(organization=member.organization)
+    return rules.team_pools and member.team_id is not None
+
+
+def pool_account_id(*, member: Member) -> int | None:
+    """The account of the team pool `member` draws on once their own balance is spent: their
+    team's, while the organization's team pools are on (else None)."""
+    from allowances.models import TransferSettings
+
+    if member.team_id is None or not TransferSettings.objects.filter(
+            organization_id=member.organization_id, team_pools=True).exists():
+        return None
+    return Account.objects.filter(team_id=member.team_id).values_list("id", flat=True).first()
+
+
+def team_pool(*, member: Member) -> dict | None:
+    """The pool of the member's team as its members see it (None: no team): its balance in the
+    open period, who gave to it and who drew on it (the usage charged to it, by the key's owner)."""
+    from allowances.models import Transfer
+
+    if member.team_id is None:
+        return None
+    pool = Account.objects.filter(team_id=member.team_id).first()
+    board = {"team": member.team, "account": pool, "enabled": pool_enabled(member=member), "given": [],
+             "drawn": [], "available": 0, "given_tokens": 0, "drawn_tokens": 0, "mine_drawn": 0}
+    if pool is None:
+        return board
+    board["available"] = max(pool.available, 0)
+    board["given"] = list(Transfer.objects.filter(organization=member.organization, pool_team_id=member.team_id,
+                                                  period_start=pool.period_start).select_related("giver__user"))
+    board["given_tokens"] = sum(t.tokens for t in board["given"])
+    drawn = (LedgerEntry.objects.filter(account=pool, period_start=pool.period_start, kind=LedgerEntry.Kind.USAGE)
+             .values("api_key__member_id", "api_key__member__user__email").annotate(tokens=Sum("used_delta"))
+             .filter(tokens__gt=0).order_by("-tokens"))
+    board["drawn"] = [{"email": row["api_key__member__user__email"] or "—", "tokens": row["tokens"],
+                       "member_id": row["api_key__member_id"]} for row in drawn]
+    board["drawn_tokens"] = sum(row["tokens"] for row in board["drawn"])
+    board["mine_drawn"] = sum(row["tokens"] for row in board["drawn"] if row["member_id"] == member.pk)
+    return board
+
+
 def transfer_receivers(*, member: Member) -> QuerySet[Member]:
     """Whom `member` may give to under the organization's rules."""
     rules = transfer_rules(organization=member.organization)
@@ -498,8 +546,8 @@ def transfers_of(*, member: Member, period: date | None = None) -> dict:
     """A member's transfers (of one period, if given): {"given": [...], "received": [...], totals}."""
     from allowances.models import Transfer
 
-    transfers = Transfer.objects.filter(organization=member.organization).select_related("giver__user",
-                                                                                       "receiver__user")
+    transfers = Transfer.objects.filter(organization=member.organization).select_related(
+        "giver__user", "receiver__user", "pool_team")
     if period is not None:
         transfers = transfers.filter(period_start=period)
     given, received = list(transfers.filter(giver=member)), list(transfers.filter(receiver=member))
@@ -512,11 +560,24 @@ def transfer_report(*, organization: Organization, period: date) -> dict:
     from allowances.models import Transfer
 
     transfers = list(Transfer.objects.filter(organization=organization, period_start=period).select_related(
-        "giver__user", "giver__team", "receiver__user", "receiver__team").order_by("-created_at", "-id"))
+        "giver__user", "giver__team", "receiver__user", "receiver__team", "pool_team").order_by("-created_at", "-id"))
     by_member: dict[int, dict] = {}
+    by_pool: dict[int, dict] = {}
     for transfer in transfers:
         for member, side in ((transfer.giver, "given"), (transfer.receiver, "received")):
-            row = by_member.setdefault(member.pk, {"member": member, "given": 0, "received": 0})
-            row[side] += transfer.tokens
+            if member is not None:
+                row = by_member.setdefault(member.pk, {"member": member, "given": 0, "received": 0})
+                row[side] += transfer.tokens
+        if transfer.pool_team is not None:
+            pool = by_pool.setdefault(transfer.pool_team_id, {"team": transfer.pool_team, "received": 0, "givers": set()})
+            pool["received"] += transfer.tokens
+            pool["givers"].add(transfer.giver.user.email)
+    pools = Account.objects.filter(organization=organization, team__isnull=False).select_related("team")
+    for pool in pools.annotate(drawn=Sum("entries__used_delta", filter=Q(entries__period_start=period))):
+        row = by_pool.setdefault(pool.team_id, {"team": pool.team, "received": 0, "givers": set()})
+        row["drawn"] = pool.drawn or 0
+        row["available"] = max(pool.available, 0) if pool.period_start == period else None
     return {"transfers": transfers, "tokens": sum(t.tokens for t in transfers),
-            "members": sorted(by_member.values(), key=lambda row: row["member"].user.email)}
+            "members": sorted(by_member.values(), key=lambda row: row["member"].user.email),
+            "pools": sorted(({**row, "givers": sorted(row["givers"])} for row in by_pool.values()),
+                            key=lambda row: row["team"].name)}

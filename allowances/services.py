@@ -24,6 +24,7 @@ from allowances.aliases import WILDCARD
 from allowances.models import (
     MAX_AUTO_APPROVED_REQUESTS,
     MAX_TOKENS,
+    TEAM_POOL,
     Account,
     AllowancePolicy,
     CatalogModel,
@@ -693,12 +694,14 @@ def grant_bulk(*, organization: Organization, actor, rows: list[dict], idempoten
 
 @transaction.atomic
 def transfer_settings_save(*, organization: Organization, actor, enabled: bool, same_team_only: bool,
-                           max_per_period=None) -> TransferSettings:
-    """The organization's rules for transfers between members; a field error for a bad maximum."""
+                           max_per_period=None, team_pools: bool = False) -> TransferSettings:
+    """The organization's rules for transfers between members and to team pools; a field error for
+    a bad maximum."""
     maximum = None if max_per_period in (None, "") else clean_tokens(max_per_period, field="max_per_period")
     rules = TransferSettings.objects.select_for_update().filter(organization=organization).first()
     rules = rules or TransferSettings(organization=organization)
-    cleaned = {"enabled": bool(enabled), "same_team_only": bool(same_team_only), "max_per_period": maximum}
+    cleaned = {"enabled": bool(enabled), "same_team_only": bool(same_team_only), "max_per_period": maximum,
+               "team_pools": bool(team_pools)}
     diff = changes(rules, cleaned.keys(), cleaned)
     for field, value in cleaned.items():
         setattr(rules, field, value)
@@ -709,7 +712,27 @@ def transfer_settings_save(*, organization: Organization, actor, enabled: bool, 
     return rules
 
 
-def _transfer_receiver(organization: Organization, giver: Member, receiver, rules: TransferSettings) -> Member:
+def pool_open(*, team: Team, at: datetime | None = None) -> Account:
+    """The team's pool, opened on first need (empty, in the organization's open period)."""
+    existing = Account.objects.filter(team=team).first()
+    if existing is not None:
+        return existing
+    try:
+        with transaction.atomic():
+            return Account.objects.create(organization=team.organization, team=team,
+                                          period_start=period_start_for(team.organization, at or timezone.now()))
+    except IntegrityError:  # opened concurrently
+        return Account.objects.get(team=team)
+
+
+def _transfer_receiver(organization: Organization, giver: Member, receiver, rules: TransferSettings) -> Member | None:
+    """The member a transfer goes to, or None for the giver's team pool."""
+    if receiver == TEAM_POOL:
+        if not rules.team_pools:
+            raise ValidationError({"receiver": "Team pools are switched off in this organization."})
+        if giver.team_id is None:
+            raise ValidationError({"receiver": "You are in no team, so there is no team pool to give to."})
+        return None
     pk = receiver.pk if isinstance(receiver, Member) else receiver
     try:
         found = Member.objects.filter(organization=organization, is_active=True, pk=int(str(pk))).select_related(
@@ -726,10 +749,11 @@ def _transfer_receiver(organization: Organization, giver: Member, receiver, rule
 
 
 def transfer_create(*, giver: Member, receiver, tokens, actor, idempotency_key: str, note: str = "") -> Transfer:
-    """Give part of `giver`'s unused base allowance to another member: one transaction that locks
-    both accounts (in id order, as every ledger write does) and posts the transfer_out and the
-    transfer_in together, or nothing. Approved overage is never given: at most the balance beyond
-    the overage it still holds (allowances.consumption). A retry with the same key returns the
+    """Give part of `giver`'s unused base allowance to another member, or (`receiver` TEAM_POOL)
+    to their team's pool: one transaction that locks both accounts (in id order, as every ledger
+    write does) and posts the transfer_out and the transfer_in together, or nothing. Approved
+    overage is never given: at most the balance beyond the overage it still holds
+    (allowances.consumption). The same rules hold for both; a retry with the same key returns the
     first transfer."""
     organization = giver.organization
     key = str(idempotency_key or "").strip()[:100]
@@ -746,11 +770,13 @@ def transfer_create(*, giver: Member, receiver, tokens, actor, idempotency_key: 
     tokens = clean_tokens(tokens, field="tokens")
     receiver = _transfer_receiver(organization, giver, receiver, rules)
     note = str(note or "").strip()[:300]
-    accounts = [account_open(member=m).pk for m in (giver, receiver)]
+    pool = pool_open(team=giver.team) if receiver is None else None
+    accounts = [account_open(member=giver).pk, pool.pk if pool else account_open(member=receiver).pk]
+    to = f"the pool of {giver.team.name}" if pool else receiver.user.email
     try:
         with transaction.atomic():
             ledger.lock(account_ids=accounts)
-            given, taken = (Account.objects.get(member=giver), Account.objects.get(member=receiver))
+            given, taken = Account.objects.get(pk=accounts[0]), Account.objects.get(pk=accounts[1])
             if given.period_start != taken.period_start:
                 raise ValidationError("The period is closing right now; try again in a minute.")
             room = transferable(account=given)
@@ -767,15 +793,17 @@ def transfer_create(*, giver: Member, receiver, tokens, actor, idempotency_key: 
                         f"At most {rules.max_per_period:,} tokens may be given per period; you have given "
                         f"{so_far:,} this period, so {max(rules.max_per_period - so_far, 0):,} more at most.")})
             transfer = Transfer.objects.create(organization=organization, giver=giver, receiver=receiver,
-                                               tokens=tokens, period_start=given.period_start, note=note,
-                                               idempotency_key=key, created_by=actor)
+                                               pool_team=giver.team if pool else None, tokens=tokens,
+                                               period_start=given.period_start, note=note, idempotency_key=key,
+                                               created_by=actor)
             reference = f"transfer:{transfer.pk}"
             ledger.post(account=given, kind=Kind.TRANSFER_OUT, tokens=tokens, guard="zero", actor=actor,
-                        idempotency_key=reference, reference=reference, reason=f"given to {receiver.user.email}")
+                        idempotency_key=reference, reference=reference, reason=f"given to {to}")
             ledger.post(account=taken, kind=Kind.TRANSFER_IN, tokens=tokens, actor=actor, idempotency_key=reference,
                         reference=reference, reason=f"received from {giver.user.email}")
             log_action(actor=actor, organization=organization, action="transfer.created", obj=transfer, data={
-                "giver": giver.user.email, "receiver": receiver.user.email, "tokens": tokens,
+                "giver": giver.user.email, "receiver": receiver.user.email if receiver else None,
+                "pool_team": giver.team.name if pool else None, "tokens": tokens,
                 "period_start": given.period_start.isoformat(), "note": note})
     except IntegrityError:  # the same form submitted twice at once: the other submission made it
         return Transfer.objects.get(organization=organization, idempotency_key=key)

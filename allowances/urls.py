@@ -21,5 +21,6 @@ urlpatterns = [
     path("models/aliases/<int:model_alias_id>/delete/", views.model_alias_delete, name="model_alias_delete"),
     path("transfers/", views.transfer_list, name="transfer_list"),
     path("transfers/report/", views.transfer_report, name="transfer_report"),
+    path("transfers/pool/", views.team_pool, name="team_pool"),
     path("settings/transfers/", views.transfer_settings, name="transfer_settings"),
 ]

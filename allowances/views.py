@@ -325,14 +325,17 @@ def _transfer_page(request, form, status=200):
         "form": form, "rules": selectors.transfer_rules(organization=request.organization),
         "transferable": selectors.transferable(account=account),
         "mine": selectors.transfers_of(member=request.member),
+        "pool": selectors.team_pool(member=request.member),
     }, status=status)
 
 
 @require_http_methods(["GET", "POST"])
 def transfer_list(request):
-    """A member gives part of their unused base allowance to a teammate, and sees what they gave and got."""
+    """A member gives part of their unused base allowance to a teammate or their team's pool, and
+    sees what they gave and got."""
     receivers = selectors.transfer_receivers(member=request.member)
-    form = TransferForm(request.POST if request.method == "POST" else None, receivers=receivers)
+    pool_team = request.member.team if selectors.pool_enabled(member=request.member) else None
+    form = TransferForm(request.POST if request.method == "POST" else None, receivers=receivers, pool_team=pool_team)
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         try:
@@ -342,9 +345,16 @@ def transfer_list(request):
         except ValidationError as error:
             apply_service_error(form, error)
         else:
-            messages.success(request, f"{transfer.tokens:,} tokens given to {transfer.receiver.user.email}.")
+            to = f"the {transfer.pool_team.name} team pool" if transfer.to_pool else transfer.receiver.user.email
+            messages.success(request, f"{transfer.tokens:,} tokens given to {to}.")
             return redirect(org_url(request, "transfer_list"))
     return _transfer_page(request, form, status=400 if form.errors else 200)
+
+
+@require_GET
+def team_pool(request):
+    """The member's team pool: what it has left, who gave to it and who drew on it this period."""
+    return render(request, "allowances/team_pool.html", {"pool": selectors.team_pool(member=request.member)})
 
 
 @require_roles("hr")
@@ -360,7 +370,8 @@ def transfer_report(request):
 def transfer_settings(request):
     rules = selectors.transfer_rules(organization=request.organization)
     form = TransferSettingsForm(request.POST if request.method == "POST" else None, initial={
-        "enabled": rules.enabled, "same_team_only": rules.same_team_only, "max_per_period": rules.max_per_period})
+        "enabled": rules.enabled, "same_team_only": rules.same_team_only, "max_per_period": rules.max_per_period,
+        "team_pools": rules.team_pools})
     if request.method == "POST" and form.is_valid():
         try:
             services.transfer_settings_save(organization=request.organization, actor=request.user, **form.cleaned_data)

@@ -194,6 +194,7 @@ class KeyIdentity:
     economy_below_percent: int | None = None  # the owner's policy: route below this % left (None: never)
     paused: str | None = None  # why a spend-velocity breaker paused the key, and how to resume it
     normal_hour_tokens: int | None = None  # the owner's normal hour (gateway.SpendNormal), for the breaker
+    pool_account_id: int | None = None  # the owner's team pool, drawn on after their own balance (pools on)
 
 
 def cache_key(public_id: str) -> str:
@@ -231,7 +232,14 @@ def _load(public_id: str) -> KeyIdentity | None:
                        account_id=Account.all_objects.filter(member_id=key.member_id).values_list("id", flat=True).first(),
                        spend_id=key.spend_id, public_id=key.public_id, economy_routing=key.economy_routing,
                        economy_below_percent=_economy_below_percent(key.member), paused=_paused(key),
-                       normal_hour_tokens=_normal_hour(key.member_id))
+                       normal_hour_tokens=_normal_hour(key.member_id), pool_account_id=_pool_of(key.member))
+
+
+def _pool_of(member: Member) -> int | None:
+    from allowances.selectors import pool_account_id
+
+    with unscoped():
+        return pool_account_id(member=member)
 
 
 def _paused(key: ApiKey) -> str | None:

@@ -5,7 +5,7 @@ next request."""
 from django.db.models.signals import post_save
 from django.dispatch import receiver
 
-from allowances.models import Account, AllowancePolicy, PolicyAssignment
+from allowances.models import Account, AllowancePolicy, PolicyAssignment, TransferSettings
 from allowances.services import account_holds_release
 from apikeys.models import ApiKey
 from apikeys.services import invalidate
@@ -46,8 +46,9 @@ def _user_changed(sender, instance, created, update_fields, **kwargs):
 
 @receiver(post_save, sender=AllowancePolicy)
 @receiver(post_save, sender=PolicyAssignment)
+@receiver(post_save, sender=TransferSettings)
 def _policy_changed(sender, instance, **kwargs):
-    # Identities carry the routing threshold of their owner's policy.
+    # Identities carry the routing threshold of their owner's policy, and their team pool while pools are on.
     with unscoped():
         invalidate(list(ApiKey.objects.filter(organization_id=instance.organization_id)
                         .values_list("public_id", flat=True)))
@@ -55,6 +56,10 @@ def _policy_changed(sender, instance, **kwargs):
 
 @receiver(post_save, sender=Account)
 def _account_opened(sender, instance, created, **kwargs):
-    # Identities carry the owner's account id: a key minted before the account opened learns it now.
-    if created:
+    # Identities carry the owner's account id (and their team pool's): a key minted before the
+    # account opened learns it now.
+    if created and instance.member_id is not None:
         _invalidate_keys_of([instance.member_id])
+    elif created:
+        with unscoped():
+            _invalidate_keys_of(list(Member.objects.filter(team_id=instance.team_id).values_list("pk", flat=True)))

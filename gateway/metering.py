@@ -27,7 +27,7 @@ from psycopg_pool import PoolTimeout
 
 from allowances import ledger
 from allowances.aliases import AliasTable
-from allowances.models import CatalogModel, LedgerEntry, ModelAlias
+from allowances.models import CatalogModel, ModelAlias
 from allowances.pricing import Pricing
 from apikeys.authentication import ApiKeyAuthentication
 from apikeys.services import KeyIdentity, KeyPaused, KeyRefused
@@ -320,7 +320,8 @@ def _hold_args(identity: KeyIdentity, route: ModelRoute, reserve: int, request_i
             "tokens": reserve, "idempotency_key": request_id, "model": route.model_id, "ttl": HOLD_TTL,
             "reference": _reference(request_id), "api_key_id": identity.id, "spend_id": identity.spend_id,
             "economy": ledger.Economy(tokens=economy.reserve, model=economy.route.model_id,
-                                      below_percent=identity.economy_below_percent) if economy else None}
+                                      below_percent=identity.economy_below_percent) if economy else None,
+            "pool_account_id": identity.pool_account_id}
 
 
 @dataclass(frozen=True)
@@ -590,7 +591,7 @@ def _finish_closed(begun: Begun, usage: Usage, record: dict) -> tuple[dict, bool
         if _consumed(usage, record):
             posted = ledger.settle(hold=begun.hold, used_tokens=record["charged"],
                                    reference=_reference(begun.request_id))
-            charged = LedgerEntry.objects.values_list("used_delta", flat=True).get(pk=posted.entry_id)
+            charged = ledger.settled_tokens(hold=begun.hold)
             record = record | {"charged": charged, "uncharged": record["uncharged"] + record["charged"] - charged}
         else:
             posted = ledger.release(hold=begun.hold, reason=f"{record['status']}: nothing consumed")

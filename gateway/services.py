@@ -22,6 +22,7 @@ from django.utils.dateparse import parse_datetime
 
 from allowances import ledger
 from allowances.models import MAX_TOKENS, Account, LedgerEntry
+from allowances.selectors import pool_account_id
 from apikeys.models import ApiKey
 from apikeys.services import invalidate as invalidate_keys
 from gateway import alarms, breaker, crypto, destinations
@@ -353,12 +354,14 @@ def hold_authorize(*, organization: Organization, actor, model: str, input_token
     route = org_config(organization.pk).models.get(model)
     if route is None:
         raise ValidationError({"model": "Not a model of this organization's catalog."})
-    _member_id, account, api_key_id, spend_id = _member_of(organization, member_email=member_email, api_key=api_key)
+    member_id, account, api_key_id, spend_id = _member_of(organization, member_email=member_email, api_key=api_key)
     tokens = max(route.weighted(Usage(input=input_tokens, output=max_output_tokens)), 1)
     ttl = timedelta(seconds=ttl_seconds) if ttl_seconds else ledger.HOLD_TTL
+    # The team pool covers what the member's own base allowance does not, as in the gateway.
+    pool = pool_account_id(member=Member.objects.get(pk=member_id))
     return ledger.authorize(account=account, tokens=tokens, idempotency_key=f"api:{idempotency_key}", ttl=ttl,
                             model=model, reference="authorize API", actor=actor, api_key_id=api_key_id,
-                            spend_id=spend_id)
+                            spend_id=spend_id, pool_account_id=pool)
 
 
 def hold_settle(*, organization: Organization, actor, hold_id: int, input_tokens: int, output_tokens: int,
@@ -376,9 +379,8 @@ def hold_settle(*, organization: Organization, actor, hold_id: int, input_tokens
     with transaction.atomic():
         posted = ledger.settle(hold=hold, used_tokens=charged, reference="settle API")
         if not posted.created:
-            first = LedgerEntry.objects.get(pk=posted.entry_id)
-            return first.used_delta, False
-        charged = LedgerEntry.objects.values_list("used_delta", flat=True).get(pk=posted.entry_id)
+            return ledger.settled_tokens(hold=hold), False
+        charged = ledger.settled_tokens(hold=hold)  # over both parts of a hold the team pool covers in part
         record = UsageRecord.objects.create(
             organization=organization,
             member_id=Account.objects.values_list("member_id", flat=True).get(pk=hold.account_id),

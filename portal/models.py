@@ -109,7 +109,11 @@ class Team(TenantModel):
 
     class Meta:
         ordering = ["name"]
-        constraints = [models.UniqueConstraint("organization", Lower("name"), name="team_name_unique_per_org")]
+        constraints = [
+            models.UniqueConstraint("organization", Lower("name"), name="team_name_unique_per_org"),
+            # What a team pool's account references (with its organization): see allowances.Account.
+            models.UniqueConstraint(fields=["id", "organization"], name="team_id_organization"),
+        ]
 
     def __str__(self):
         return self.name

@@ -286,7 +286,8 @@ def statements(*, organization: Organization, period_start: date,
     member and for a whole organization (one grouped query over the period's entries)."""
     currency = organization.currency
     rate = token_value(organization=organization)
-    accounts = Account.objects.filter(organization=organization).select_related("member__user", "member__team")
+    accounts = Account.objects.filter(organization=organization, member__isnull=False).select_related(
+        "member__user", "member__team")  # a team pool is no member's: its figures are the transfer report's
     if members is not None:
         accounts = accounts.filter(member__in=members)
     accounts = {account.pk: account for account in accounts.order_by("member__user__email")}

@@ -60,6 +60,8 @@ def build(label: str, members: int):
                 PolicyAssignment.objects.create(organization=organization, policy=policies[3 + index % 2],
                                                 member=member, effective_from=begin)
             accounts.append(Account.objects.create(organization=organization, member=member, period_start=FIRST))
+        # Team pools: accounts no policy governs, given to by transfers, drawn on by holds.
+        accounts += [Account.objects.create(organization=organization, team=team, period_start=FIRST) for team in teams]
     return organization, policies, accounts
 
 
@@ -74,6 +76,17 @@ def live_a_month(organization, policies, accounts, period, seed, month):
         for index, account in enumerate(accounts):
             account.refresh_from_db()
             key = f"{period}:{index}"
+            if account.team_id is not None:  # a pool: what members give it, and holds on it (never overage)
+                ledger.post(account=account, kind="transfer_in", tokens=rng.randint(0, 900), idempotency_key=f"b:{key}")
+                for n in range(rng.randint(0, 3)):
+                    try:
+                        hold = ledger.authorize(account=account, tokens=rng.randint(1, 400),
+                                                idempotency_key=f"h:{key}:{n}", ttl=timedelta(days=90))
+                    except ledger.InsufficientTokens:
+                        continue
+                    if rng.random() < 0.8:
+                        ledger.settle(hold=hold, used_tokens=rng.randint(0, 600))
+                continue
             if month == 0:
                 ledger.post(account=account, kind="grant", tokens=rng.choice([0, 700, 1000]), idempotency_key=f"g:{key}")
             if rng.random() < 0.4:
@@ -109,9 +122,9 @@ def close_by_reference(*, account: Account, period) -> bool:
         return False
     organization = account.organization
     next_period = next_period_start(period)
-    member = Member.objects.select_related("organization").get(pk=account.member_id)
+    member = Member.objects.select_related("organization").filter(pk=account.member_id).first()  # None: a pool
     opening_at = period_bounds(organization, next_period)[0]
-    closing_policy = policy_in_force(member=member, at=opening_at - timedelta(microseconds=1))
+    closing_policy = policy_in_force(member=member, at=opening_at - timedelta(microseconds=1)) if member else None
 
     def book(kind, tokens, key, **extra):
         if tokens:
@@ -119,7 +132,8 @@ def close_by_reference(*, account: Account, period) -> bool:
 
     entries = LedgerEntry.objects.filter(account=account, period_start=period)
     overage = sum(entries.filter(kind=Kind.OVERAGE_GRANT).values_list("granted_delta", flat=True))
-    base_granted = sum(entries.filter(kind__in=(Kind.GRANT, Kind.BONUS, Kind.ADJUSTMENT))
+    base_granted = sum(entries.filter(kind__in=(Kind.GRANT, Kind.BONUS, Kind.ADJUSTMENT, Kind.TRANSFER_OUT,
+                                                Kind.TRANSFER_IN))
                        .values_list("granted_delta", flat=True))
     unused = account.available
     if unused < 0:
@@ -155,17 +169,18 @@ def close_by_reference(*, account: Account, period) -> bool:
         book(Kind.ROLLOVER_OUT, tokens, f"out:{until}", reason=f"Rolls over (usable until the period of {until})",
              reference=f"{ROLLOVER_REFERENCE}{until}")
 
-    new_policy = policy_in_force(member=member, at=opening_at)
+    new_policy = policy_in_force(member=member, at=opening_at) if member else None
     Account.objects.filter(pk=account.pk, period_start=period).update(period_start=next_period)
-    OverageRequest.objects.filter(member=member, state="pending", period_start__lte=period).update(
-        state="lapsed", decided_at=timezone.now(),
-        decision_note=f"Still pending when {period:%B %Y} closed: ask again if you still need tokens this month.")
+    if member is not None:
+        OverageRequest.objects.filter(member=member, state="pending", period_start__lte=period).update(
+            state="lapsed", decided_at=timezone.now(),
+            decision_note=f"Still pending when {period:%B %Y} closed: ask again if you still need tokens this month.")
     for until, tokens in carried.items():
         if tokens:
             ledger.post(account=account, kind=Kind.ROLLOVER_IN, tokens=tokens,
                         idempotency_key=f"open:{next_period}:in:{until}", reason="Rolled over from last period",
                         reference=f"{ROLLOVER_REFERENCE}{until}")
-    if new_policy is not None and new_policy.monthly_tokens and member.is_active:
+    if new_policy is not None and new_policy.monthly_tokens and member.is_active:  # never for a pool
         ledger.post(account=account, kind=Kind.GRANT, tokens=new_policy.monthly_tokens,
                     idempotency_key=f"grant:{next_period}", reason=f"{new_policy.name}: monthly allowance",
                     reference=f"policy:{new_policy.pk}")
@@ -212,6 +227,7 @@ def test_set_based_close_books_what_the_rules_book_for_each_account(seed):
         assert LedgerEntry.objects.filter(kind=Kind.OVERAGE_LAPSE).exists()
         assert LedgerEntry.objects.filter(kind=Kind.OVERAGE_GRANT, reference__startswith="overage:").exists()
         assert OverageRequest.objects.filter(state="lapsed").exists()
+        assert LedgerEntry.objects.filter(kind=Kind.EXPIRY, account__team__isnull=False).exists()  # pools expired
 
 
 def test_a_chunk_is_closed_once_and_a_rerun_finds_nothing():
@@ -219,7 +235,7 @@ def test_a_chunk_is_closed_once_and_a_rerun_finds_nothing():
     with scope(organization):
         for account in accounts:
             ledger.post(account=account, kind="bonus", tokens=100, idempotency_key=f"b:{account.pk}")
-    assert close_chunk(organization=organization, period=FIRST, after=0, limit=100)[0] == 10
+    assert close_chunk(organization=organization, period=FIRST, after=0, limit=100)[0] == len(accounts) == 13  # 3 pools
     before = ledger_of(organization)
     assert close_chunk(organization=organization, period=FIRST, after=0, limit=100) == (0, None)
     assert ledger_of(organization) == before

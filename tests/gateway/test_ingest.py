@@ -487,6 +487,37 @@ def test_authorize_then_settle(client, org_a, gateway_key):
     assert verify() == []
 
 
+def test_authorize_takes_the_team_pool_after_the_members_own_balance_and_settle_charges_both(client, org_a,
+                                                                                                gateway_key):
+    from allowances.models import TEAM_POOL
+    from tests.factories import MemberFactory, UserFactory
+
+    employee = org_a.members["employee"]
+    with scope(org_a.organization):
+        allowance_services.transfer_settings_save(organization=org_a.organization, actor=None, enabled=True,
+                                                  same_team_only=True, team_pools=True)
+        mate = MemberFactory(organization=org_a.organization, team=org_a.team, user=UserFactory(email="mate@a.example"))
+        allowance_services.grant_create(organization=org_a.organization, actor=None, tokens=5_000, reason="to give",
+                                        member=mate)
+        allowance_services.transfer_create(giver=mate, receiver=TEAM_POOL, tokens=3_000, actor=None,
+                                           idempotency_key="to-pool")
+        pool = Account.objects.get(team=org_a.team)
+    granted, held, used = balance(employee)  # 4,000 of their own left
+    response = authorize(client, gateway_key, input_tokens=100, max_output_tokens=2_000)
+    assert response.status_code == 201, response.content
+    hold = response.json()
+    assert hold["tokens"] == 4_100
+    assert balance(employee) == (granted, held + 4_000, used)
+    response = settle(client, gateway_key, hold["hold_id"], input_tokens=100, output_tokens=2_000)
+    assert response.json() == {"hold_id": hold["hold_id"], "charged_tokens": 4_100, "status": "settled"}
+    again = settle(client, gateway_key, hold["hold_id"], input_tokens=100, output_tokens=2_000)
+    assert again.json()["charged_tokens"] == 4_100 and again.json()["status"] != "settled"
+    pool.refresh_from_db()
+    assert balance(employee) == (granted, held, used + 4_000) and (pool.held, pool.used) == (0, 100)
+    assert [r.charged_tokens for r in ingest_records()] == [4_100]
+    assert verify() == []
+
+
 def test_authorize_retry_returns_the_same_hold_and_holds_once(client, org_a, gateway_key):
     employee = org_a.members["employee"]
     granted, held, used = balance(employee)

@@ -63,6 +63,7 @@ EXPECTED = {
     # Transfers: every member gives to teammates; HR reads the report; admins set the rules.
     "transfer_list": EVERYONE,
     "transfer_report": PEOPLE,
+    "team_pool": EVERYONE,
     "transfer_settings": ADMINS,
     # Gateway: admins own the provider connections; every member sees their own usage (HR: everyone's).
     "provider_list": ADMINS,
