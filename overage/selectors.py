@@ -247,9 +247,8 @@ def overage_status(*, account: Account) -> OverageStatus:
     member = account.member
     period = account.period_start
     entries = LedgerEntry.objects.filter(account=account, period_start=period)
-    granted = entries.aggregate(total=Sum("granted_delta", filter=Q(kind__in=OVERAGE_KINDS)),
-                                all=Sum("granted_delta"))
-    overage, all_granted = granted["total"] or 0, granted["all"] or 0
+    overage = entries.aggregate(total=Sum("granted_delta", filter=Q(kind__in=OVERAGE_KINDS)))["total"] or 0
+    all_granted = allowance_selectors.granted_in_period(account=account, period=period)
     billable = sum(row.tokens for row in allowance_selectors.billable_overage(organization=account.organization, period=period,
                                                           member=member)) if overage else 0
     available = account.available
