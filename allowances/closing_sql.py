@@ -67,7 +67,10 @@ SELECT b.*, GREATEST(b.available, 0) - b.overage_unused AS unused_base,
 FROM (SELECT g.*, {unused_overage_sql("g.available", "g.overage_granted")} AS overage_unused
       FROM (SELECT a.id AS account_id, a.member_id, m.team_id, m.is_active, a.granted - a.used - a.held AS available,
                    s.base_granted, s.overage_granted
-            FROM {_A} a JOIN {_M} m ON m.id = a.member_id
+            FROM {_A} a
+            -- Each member by its key: joined by hash, the planner read every member of every
+            -- organization for each chunk (OFFSET 0 keeps the subquery a per-row look-up).
+            CROSS JOIN LATERAL (SELECT m.team_id, m.is_active FROM {_M} m WHERE m.id = a.member_id OFFSET 0) m
             CROSS JOIN LATERAL (
                 SELECT COALESCE(SUM(e.granted_delta) FILTER (WHERE e.period_start = %(period)s
                                                                AND e.kind IN ({_BASE_KINDS})), 0)

@@ -592,6 +592,10 @@ def verify(*, organization_id: int | None = None) -> list[dict]:
         SELECT c.account_id, c.id, c.held_delta, h.tokens FROM {_ENTRY} c JOIN {_ENTRY} h ON h.id = c.closes_hold_id
         WHERE (c.held_delta <> -h.tokens OR c.account_id <> h.account_id OR h.kind <> 'hold')
         {"AND c.organization_id = %s" if organization_id else ""}"""
+    bad_tranches = f"""
+        SELECT account_id, id, close_rolled_over FROM {_ENTRY}
+        WHERE kind = '{Kind.CLOSE}' {"AND organization_id = %s" if organization_id else ""}
+          AND close_rolled_over <> (SELECT COALESCE(SUM(t), 0) FROM unnest(close_rollover_tokens) t)"""
     params = [organization_id] if organization_id else []
     problems = []
     with connection.cursor() as cursor:
@@ -606,4 +610,8 @@ def verify(*, organization_id: int | None = None) -> list[dict]:
         for account_id, entry_id, held_delta, hold_tokens in cursor.fetchall():
             problems.append({"account_id": account_id, "entry_id": entry_id,
                              "problem": f"closing entry moves held by {held_delta}, the hold was {hold_tokens}"})
+        cursor.execute(bad_tranches, params)
+        for account_id, entry_id, rolled_over in cursor.fetchall():
+            problems.append({"account_id": account_id, "entry_id": entry_id,
+                             "problem": f"close entry rolls over {rolled_over} but its tranches sum to another amount"})
     return problems

@@ -209,8 +209,7 @@ def request_context(*, overage_request: OverageRequest, at=None) -> RequestConte
     organization = member.organization
     account = Account.objects.select_related("organization", "member").get(member=member)  # opened to ask
     board = allowance_selectors.dashboard(account=account, at=at)
-    granted = LedgerEntry.objects.filter(account=account, period_start=account.period_start).aggregate(
-        total=Sum("granted_delta"))["total"] or 0
+    granted = allowance_selectors.granted_in_period(account=account, period=account.period_start)
     previous = list(own_requests(member=member).exclude(pk=overage_request.pk)[:10])
     outcomes = dict(own_requests(member=member).exclude(pk=overage_request.pk).order_by().values_list("state")
                     .annotate(n=Count("pk")))
