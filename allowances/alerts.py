@@ -3,10 +3,12 @@ on their dashboard and by email. Run by a beat job; a rerun finds the alerts alr
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from django.conf import settings
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
-from django.db.models import IntegerField, OuterRef, Subquery, Sum
+from django.db.models import F, IntegerField, OuterRef, Subquery, Sum, Value
 from django.db.models.functions import Coalesce
 from django.urls import reverse
 
@@ -22,12 +24,24 @@ def _period_sum(field: str):
                              output_field=IntegerField()), 0)
 
 
+def _granted_into_open_period():
+    """The open period's own grants, and what the last close's entry opened it with (its opening
+    parts): the close of the month before, the only close entry of the 31 days before it."""
+    last_close = LedgerEntry.all_objects.filter(
+        account=OuterRef("pk"), kind=LedgerEntry.Kind.CLOSE, period_start__lt=OuterRef("period_start"),
+        period_start__gte=OuterRef("period_start") - timedelta(days=31))
+    opening = sum((sign * F(column) for column, sign in LedgerEntry.OPENING_PARTS.items()), Value(0))
+    return _period_sum("granted_delta") + Coalesce(Subquery(
+        last_close.order_by().values("account").annotate(total=Sum(opening)).values("total"),
+        output_field=IntegerField()), 0)
+
+
 def send_usage_alerts() -> int:
     """Record (and email) every alert newly due in the accounts' open periods; returns how many."""
     lowest = min(UsageAlert.THRESHOLDS)
     with unscoped():
         # Tokens granted into the open period (monthly grant, bonuses, rollover) against tokens used in it.
-        candidates = (Account.all_objects.annotate(allowance=_period_sum("granted_delta"), used_now=_period_sum("used_delta"))
+        candidates = (Account.all_objects.annotate(allowance=_granted_into_open_period(), used_now=_period_sum("used_delta"))
                       .filter(allowance__gt=0, member__is_active=True)
                       .select_related("member__user", "organization"))
         due = [account for account in candidates.iterator(chunk_size=2000)

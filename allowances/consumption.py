@@ -13,6 +13,11 @@ So, with nothing in flight at the close, billable plus lapsed is exactly the ove
 tokens in flight at the close are neither (if they come back, they come back as base allowance of
 the next period, as the close says of every hold it carries).
 
+A close entry (kind close, in the period it closes) counts in two periods: its billed overage in
+the period it closes, its opening parts (rolled over, the monthly grant) in the base of the next
+(`base_of`, `overage_of`). Closes before it wrote those as entries of their own kinds in each
+period, which the kinds above still count.
+
 `billable_usage` and `unused_overage` are the definitions; the selectors and the set-based close
 use their SQL forms, held equal to them by tests/allowances/test_rules_in_sql.py.
 """
@@ -22,12 +27,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from allowances.models import LedgerEntry
+from allowances.periods import periods_after
 
 Kind = LedgerEntry.Kind
 # Transfers move base allowance between members (never overage): the giver's base is smaller by
 # what they gave, the receiver's larger by it, so neither makes any usage billable that was not.
 BASE_KINDS = (Kind.GRANT, Kind.BONUS, Kind.ROLLOVER_IN, Kind.ADJUSTMENT, Kind.TRANSFER_OUT, Kind.TRANSFER_IN)
 OVERAGE_KINDS = (Kind.OVERAGE_GRANT,)
+_OPENING = LedgerEntry.parts_sql("{e}", LedgerEntry.OPENING_PARTS)
 
 
 def _beyond(used: int, funds: int, overage: int) -> int:
@@ -44,6 +51,26 @@ def billable_usage(*, carried: int, base: int, overage: int, usage: Iterable[tup
         if part:
             billable[model] = billable.get(model, 0) + part
     return billable
+
+
+def _parts(entry: LedgerEntry, parts: dict) -> int:
+    return sum(sign * getattr(entry, column) for column, sign in parts.items())
+
+
+def base_of(entry: LedgerEntry, period) -> int:
+    """What `entry` adds to the base allowance of `period`."""
+    if entry.kind == Kind.CLOSE:
+        return _parts(entry, LedgerEntry.OPENING_PARTS) if periods_after(entry.period_start, 1) == period else 0
+    return entry.granted_delta if entry.period_start == period and entry.kind in BASE_KINDS else 0
+
+
+def overage_of(entry: LedgerEntry, period) -> int:
+    """What `entry` adds to the overage of `period`."""
+    if entry.period_start != period:
+        return 0
+    if entry.kind == Kind.CLOSE:
+        return entry.close_overage_billed
+    return entry.granted_delta if entry.kind in OVERAGE_KINDS else 0
 
 
 def unused_overage(*, available: int, overage: int) -> int:
@@ -71,3 +98,17 @@ def billable_part_sql(*, through: str, tokens: str, funds: str, overage: str) ->
 
 def kinds_sql(kinds) -> str:
     return ", ".join(f"'{kind}'" for kind in kinds)
+
+
+def base_sql(entry: str, period: str, previous: str) -> str:
+    """`base_of`: what the entry `entry` adds to the base allowance of `period` (`previous`: the period before
+    it), for entries of those two periods."""
+    return (f"CASE WHEN {entry}.period_start = {period} AND {entry}.kind IN ({kinds_sql(BASE_KINDS)}) "
+            f"THEN {entry}.granted_delta WHEN {entry}.period_start = {previous} AND {entry}.kind = '{Kind.CLOSE}' "
+            f"THEN {_OPENING.format(e=entry)} ELSE 0 END")
+
+
+def overage_sql(entry: str, period: str) -> str:
+    """`overage_of`: what the entry `entry` adds to the overage of `period`."""
+    return (f"CASE WHEN {entry}.period_start <> {period} THEN 0 WHEN {entry}.kind IN ({kinds_sql(OVERAGE_KINDS)}) "
+            f"THEN {entry}.granted_delta WHEN {entry}.kind = '{Kind.CLOSE}' THEN {entry}.close_overage_billed ELSE 0 END")

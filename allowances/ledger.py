@@ -59,6 +59,7 @@ MOVES = {
     Kind.ROLLOVER_OUT: (-1, 0, 0), Kind.EXPIRY: (-1, 0, 0), Kind.OVERAGE_LAPSE: (-1, 0, 0),
     Kind.HOLD: (0, 1, 0), Kind.RELEASE: (0, 0, 0), Kind.USAGE: (0, 0, 1),
     Kind.TRANSFER_OUT: (-1, 0, 0), Kind.TRANSFER_IN: (1, 0, 0),
+    Kind.CLOSE: (1, 0, 0),  # its tokens carry the sign: the sum of its parts (LedgerEntry.CLOSING_PARTS, OPENING_PARTS)
 }
 
 # Guards: how low the account's (alias a) available balance may go after the entry. None: no limit
@@ -315,13 +316,16 @@ def _delta_sql(bucket: int, kind: str, tokens: str) -> str:
 
 
 @functools.cache
-def post_set_sql(entries: str, *, order_by: str, keyed: bool, accounts: str = "", account_changes: str = "") -> str:
+def post_set_sql(entries: str, *, order_by: str, keyed: bool, accounts: str = "", account_changes: str = "",
+                 part_columns: tuple[str, ...] = ()) -> str:
     """A set of posts as CTEs `posted`, `moved` (and `spent`) that follow the caller's own in one
     WITH: every row of the relation `entries` (alias e; columns SET_COLUMNS, with `keyed` also
     _KEYED_COLUMNS) becomes an entry of organization %(org)s at %(now)s, in `order_by` order,
     unless its account has its idempotency key already; each account then moves once by the sums
     of its new entries, and with `keyed` each key's spend counter too. `posted` returns the new
     entries.
+
+    `part_columns` are further entry columns the relation gives as they are (a close's parts).
 
     With `accounts` (a relation with an account_id column, alias p), every account in it is
     updated, with or without new entries, and `account_changes` are set in the same UPDATE (a row
@@ -331,8 +335,9 @@ def post_set_sql(entries: str, *, order_by: str, keyed: bool, accounts: str = ""
     closes a hold. The caller locks the accounts (and counters) first, in id order (see `lock`).
     """
     # Without keys an entry names no model (a column that is never NULL), actor or key.
-    names = SET_COLUMNS + (_KEYED_COLUMNS if keyed else ("model",))
+    names = SET_COLUMNS + (_KEYED_COLUMNS if keyed else ("model",)) + part_columns
     values = [f"e.{column}" for column in SET_COLUMNS] + ([f"e.{column}" for column in _KEYED_COLUMNS] if keyed else ["''"])
+    values += [f"e.{column}" for column in part_columns]
     values += [_delta_sql(bucket, "e.kind", "e.tokens") for bucket in range(len(BUCKETS))]
     posted = (f"posted AS (INSERT INTO {_ENTRY} (organization_id, {', '.join(names)}, granted_delta, held_delta, "
               f"used_delta, created_at) SELECT %(org)s, {', '.join(values)}, %(now)s FROM {entries} e "
@@ -801,6 +806,10 @@ def verify(*, organization_id: int | None = None) -> list[dict]:
           AND (p.id IS NULL OR p.kind <> 'hold' OR pa.team_id IS NULL OR p.organization_id <> h.organization_id
                OR EXISTS (SELECT 1 FROM {_ENTRY} c WHERE c.closes_hold_id = h.id)
                   <> EXISTS (SELECT 1 FROM {_ENTRY} c WHERE c.closes_hold_id = p.id))"""
+    bad_tranches = f"""
+        SELECT account_id, id, close_rolled_over FROM {_ENTRY}
+        WHERE kind = '{Kind.CLOSE}' {"AND organization_id = %s" if organization_id else ""}
+          AND close_rolled_over <> (SELECT COALESCE(SUM(t), 0) FROM unnest(close_rollover_tokens) t)"""
     params = [organization_id] if organization_id else []
     problems = []
     with connection.cursor() as cursor:
@@ -819,4 +828,8 @@ def verify(*, organization_id: int | None = None) -> list[dict]:
         for account_id, entry_id in cursor.fetchall():
             problems.append({"account_id": account_id, "entry_id": entry_id,
                              "problem": "the pool's part of this hold is missing, misplaced or closed apart from it"})
+        cursor.execute(bad_tranches, params)
+        for account_id, entry_id, rolled_over in cursor.fetchall():
+            problems.append({"account_id": account_id, "entry_id": entry_id,
+                             "problem": f"close entry rolls over {rolled_over} but its tranches sum to another amount"})
     return problems

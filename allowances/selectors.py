@@ -7,13 +7,14 @@ from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from django.db import connection
-from django.db.models import Count, F, IntegerField, OuterRef, Q, QuerySet, Subquery, Sum, Value
+from django.db.models import Case, Count, F, IntegerField, OuterRef, Q, QuerySet, Subquery, Sum, Value, When
 from django.db.models.lookups import GreaterThan
 from django.db.models.functions import Coalesce
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
 
-from allowances.consumption import BASE_KINDS, OVERAGE_KINDS, billable_part_sql, kinds_sql, unused_overage
+from allowances.consumption import (OVERAGE_KINDS, base_sql, billable_part_sql, kinds_sql, overage_sql,
+                                    unused_overage)
 from allowances.models import (
     Account,
     AllowancePolicy,
@@ -78,6 +79,51 @@ def _sum_in_period(period: date, field: str):
     ), Value(0))
 
 
+def _parts(parts: dict):
+    return sum((sign * F(column) for column, sign in parts.items()), Value(0))
+
+
+def _granted_in(period: date):
+    """What an entry of `period` or the one before adds to the granted tokens of `period`: a close
+    entry its closing parts to the period it closes and its opening parts to the next."""
+    return Case(
+        When(kind=LedgerEntry.Kind.CLOSE, period_start=period, then=_parts(LedgerEntry.CLOSING_PARTS)),
+        When(kind=LedgerEntry.Kind.CLOSE, then=_parts(LedgerEntry.OPENING_PARTS)),
+        When(period_start=period, then=F("granted_delta")),
+        default=Value(0), output_field=IntegerField())
+
+
+def _granted_in_period(period: date):
+    """Per member (OuterRef account): the tokens granted into `period` (see `_granted_in`)."""
+    return Coalesce(Subquery(
+        LedgerEntry.objects.filter(account=OuterRef("account"), period_start__in=(periods_after(period, -1), period))
+        .filter(Q(period_start=period) | Q(kind=LedgerEntry.Kind.CLOSE)).order_by()
+        .values("account").annotate(total=Sum(_granted_in(period))).values("total"),
+        output_field=IntegerField(),
+    ), Value(0))
+
+
+def granted_in_period(*, account: Account, period: date) -> int:
+    """The tokens granted into the account's `period` (less what its close took, once closed)."""
+    return (LedgerEntry.objects.filter(account=account, period_start__in=(periods_after(period, -1), period))
+            .filter(Q(period_start=period) | Q(kind=LedgerEntry.Kind.CLOSE))
+            .aggregate(total=Sum(_granted_in(period)))["total"] or 0)
+
+
+def close_lines(*, account: Account, period: date) -> list:
+    """What the close of `period` booked on the account, line by line (its closing parts): from its
+    close entry, or from the entries of a close of the old shape."""
+    entries = list(LedgerEntry.objects.filter(account=account, period_start=period).filter(
+        Q(kind=LedgerEntry.Kind.CLOSE) | Q(idempotency_key__startswith=f"close:{period}:")).order_by("id"))
+    lines = []
+    for entry in entries:
+        if entry.kind == LedgerEntry.Kind.CLOSE:
+            lines += [line for line in entry.close_lines if not line.opening]
+        else:
+            lines.append(entry)
+    return lines
+
+
 # HR's balances table: the sorts and level filters it offers (query value -> what it orders by).
 BALANCE_SORTS = {"email": "user__email", "team": "team__name", "granted": "granted_this_period",
                  "used": "used_this_period", "held": "held_now", "left": "available_now"}
@@ -94,7 +140,7 @@ def member_balances(*, organization: Organization, search: str = "", team_id: in
     members = (Member.objects.filter(organization=organization, is_active=True)
                .select_related("user", "team", "account")
                .annotate(used_this_period=_sum_in_period(period, "used_delta"),
-                         granted_this_period=_sum_in_period(period, "granted_delta"),
+                         granted_this_period=_granted_in_period(period),
                          held_now=Coalesce(F("account__held"), Value(0)),
                          available_now=Coalesce(F("account__granted") - F("account__used") - F("account__held"), Value(0)),
                          policy_in_force=_policy_in_force(at)))
@@ -209,7 +255,7 @@ def dashboard(*, account: Account, at: datetime | None = None) -> Dashboard:
     period = period_start_for(organization, at)
     begin, end = period_bounds(organization, period)
     in_period = LedgerEntry.objects.filter(account=account, period_start=period)
-    granted = in_period.aggregate(total=Sum("granted_delta"))["total"] or 0
+    granted = granted_in_period(account=account, period=period)
     usage = in_period.exclude(used_delta=0)
     used = usage.aggregate(total=Sum("used_delta"))["total"] or 0
     today = at.astimezone(zone).date()
@@ -232,8 +278,7 @@ def dashboard(*, account: Account, at: datetime | None = None) -> Dashboard:
         run_out_at = at + timedelta(days=available / burn)
         run_out = run_out_at.astimezone(zone).date() if run_out_at < end else None
     closed_period = periods_after(period, -1)
-    last_close = list(LedgerEntry.objects.filter(account=account, idempotency_key__startswith=f"close:{closed_period}:")
-                      .order_by("id"))
+    last_close = close_lines(account=account, period=closed_period)
     billed = sum(row.tokens for row in billable_overage(organization=organization, period=closed_period,
                                                         member=account.member))
     alerts = list(UsageAlert.objects.filter(account=account, period_start=account.period_start).order_by("-threshold"))
@@ -427,17 +472,19 @@ _ENTRY, _ACCOUNT = LedgerEntry._meta.db_table, Account._meta.db_table
 # order recorded (ids are in the order entries were appended).
 _BILLABLE = f"""
 WITH with_overage AS (
-    SELECT DISTINCT e.account_id FROM {_ENTRY} e
-    WHERE e.organization_id = %(org)s AND e.period_start = %(period)s AND e.kind IN ({kinds_sql(OVERAGE_KINDS)})),
+    SELECT e.account_id FROM {_ENTRY} e
+    WHERE e.organization_id = %(org)s AND e.period_start = %(period)s AND e.kind IN ({kinds_sql(OVERAGE_KINDS)})
+    UNION
+    SELECT e.account_id FROM {_ENTRY} e
+    WHERE e.organization_id = %(org)s AND e.period_start = %(period)s AND e.kind = '{LedgerEntry.Kind.CLOSE}'
+      AND e.close_overage_billed > 0),
 totals AS (
     SELECT a.id AS account_id, a.member_id,
-           a.held - COALESCE(SUM(e.held_delta), 0) AS carried,
-           COALESCE(SUM(e.granted_delta) FILTER (WHERE e.period_start = %(period)s
-                                                   AND e.kind IN ({kinds_sql(BASE_KINDS)})), 0) AS base,
-           COALESCE(SUM(e.granted_delta) FILTER (WHERE e.period_start = %(period)s
-                                                   AND e.kind IN ({kinds_sql(OVERAGE_KINDS)})), 0) AS overage
+           a.held - COALESCE(SUM(e.held_delta) FILTER (WHERE e.period_start >= %(period)s), 0) AS carried,
+           COALESCE(SUM({base_sql("e", "%(period)s", "%(previous)s")}), 0) AS base,
+           COALESCE(SUM({overage_sql("e", "%(period)s")}), 0) AS overage
     FROM {_ACCOUNT} a JOIN with_overage w ON w.account_id = a.id
-    LEFT JOIN {_ENTRY} e ON e.account_id = a.id AND e.period_start >= %(period)s
+    LEFT JOIN {_ENTRY} e ON e.account_id = a.id AND e.period_start >= %(previous)s
     WHERE a.organization_id = %(org)s AND (%(member)s::bigint IS NULL OR a.member_id = %(member)s)
     GROUP BY a.id),
 usage AS (
@@ -458,7 +505,7 @@ def billable_overage(*, organization: Organization, period: date, member: Member
     a settlement records the team it bills) and model, by allowances.consumption's rule. A period
     still open answers what is billable so far."""
     with connection.cursor() as cursor:
-        cursor.execute(_BILLABLE, {"org": organization.pk, "period": period,
+        cursor.execute(_BILLABLE, {"org": organization.pk, "period": period, "previous": periods_after(period, -1),
                                    "member": member.pk if member is not None else None})
         rows = [(member_id, model, int(tokens)) for member_id, model, tokens in cursor.fetchall() if tokens]
     members = Member.objects.filter(organization=organization).select_related("user", "team").in_bulk(

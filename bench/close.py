@@ -30,6 +30,7 @@ import django  # noqa: E402
 django.setup()
 
 from django.db import connection, connections  # noqa: E402
+from django.utils import timezone  # noqa: E402
 
 from portal.models import Organization  # noqa: E402
 
@@ -102,6 +103,7 @@ def main():
     organizations = seed()
     connections.close_all()
     shares = [organizations[i::WORKERS] for i in range(WORKERS)]
+    close_began = timezone.now()
     started = time.perf_counter()
     with multiprocessing.get_context("fork").Pool(WORKERS) as pool:
         closed = sum(pool.map(close_organizations, shares))
@@ -109,8 +111,13 @@ def main():
     with connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FILTER (WHERE period_start = %s), count(*) FROM allowances_account", [NEXT])
         moved, total = cursor.fetchone()
-        cursor.execute("SELECT count(*) FROM (SELECT account_id FROM allowances_ledgerentry WHERE idempotency_key = %s "
-                       "GROUP BY account_id HAVING count(*) <> 1) duplicates", [f"grant:{NEXT}"])
+        # One close entry per account, each granting November's allowance (none missing or twice).
+        cursor.execute("SELECT count(*) FROM allowances_ledgerentry WHERE period_start = %s AND created_at >= %s",
+                       [PERIOD, close_began])
+        written = cursor.fetchone()[0]
+        cursor.execute("SELECT count(*) FROM allowances_account a WHERE (SELECT count(*) FROM allowances_ledgerentry e "
+                       "WHERE e.account_id = a.id AND e.period_start = %s AND e.kind = 'close' AND e.close_granted > 0) "
+                       "<> 1", [PERIOD])
         duplicated = cursor.fetchone()[0]
     print(f"close.accounts: {closed} accounts")
     print(f"close.workers: {WORKERS} processes")
@@ -118,6 +125,7 @@ def main():
     print(f"close.accounts_per_s: {closed / seconds:.0f} accounts/s")
     print(f"close.moved: {moved} of {total} accounts")
     print(f"close.duplicated_grants: {duplicated} accounts")
+    print(f"close.entries_per_account: {written / max(closed, 1):.2f} entries")
 
 
 if __name__ == "__main__":

@@ -209,8 +209,7 @@ def request_context(*, overage_request: OverageRequest, at=None) -> RequestConte
     organization = member.organization
     account = Account.objects.select_related("organization", "member").get(member=member)  # opened to ask
     board = allowance_selectors.dashboard(account=account, at=at)
-    granted = LedgerEntry.objects.filter(account=account, period_start=account.period_start).aggregate(
-        total=Sum("granted_delta"))["total"] or 0
+    granted = allowance_selectors.granted_in_period(account=account, period=account.period_start)
     previous = list(own_requests(member=member).exclude(pk=overage_request.pk)[:10])
     outcomes = dict(own_requests(member=member).exclude(pk=overage_request.pk).order_by().values_list("state")
                     .annotate(n=Count("pk")))
@@ -247,9 +246,8 @@ def overage_status(*, account: Account) -> OverageStatus:
     member = account.member
     period = account.period_start
     entries = LedgerEntry.objects.filter(account=account, period_start=period)
-    granted = entries.aggregate(total=Sum("granted_delta", filter=Q(kind__in=OVERAGE_KINDS)),
-                                all=Sum("granted_delta"))
-    overage, all_granted = granted["total"] or 0, granted["all"] or 0
+    overage = entries.aggregate(total=Sum("granted_delta", filter=Q(kind__in=OVERAGE_KINDS)))["total"] or 0
+    all_granted = allowance_selectors.granted_in_period(account=account, period=period)
     billable = sum(row.tokens for row in allowance_selectors.billable_overage(organization=account.organization, period=period,
                                                           member=member)) if overage else 0
     available = account.available

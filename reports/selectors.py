@@ -12,6 +12,7 @@ from django.db import connection
 from django.db.models import Q, QuerySet, Sum
 
 from allowances.models import Account, CatalogModel, LedgerEntry
+from allowances.periods import periods_after
 from allowances.pricing import MILLION
 from gateway.models import SUMMED, UsageRollup, UsageTeamRollup
 from portal.models import CURRENCIES, Member, Organization
@@ -214,7 +215,13 @@ STATEMENT_LINES = {
     "expiry": "expired",
     "hold": None,
     "release": None,
+    "close": None,  # by its parts (CLOSE_PART_LINES)
 }
+# A close entry's parts -> their lines: its closing parts on the statement of the period it
+# closes, its opening parts on the next one's (signs as LedgerEntry.CLOSING_PARTS / OPENING_PARTS).
+CLOSE_PART_LINES = {"close_overage_billed": "overage_approved", "close_overage_lapsed": "overage_lapsed",
+                    "close_expired": "expired", "close_rollover_expired": "expired", "close_rolled_over": "rolled_over",
+                    "close_granted": "granted"}
 # The lines in the order a statement shows them, with their labels.
 LINE_LABELS = {
     "granted": "Granted",
@@ -276,7 +283,15 @@ def token_value(*, organization: Organization, settings: ReportSettings | None =
 
 
 _SUMS_SQL = (f"SELECT account_id, kind, SUM(granted_delta - used_delta) FROM {LedgerEntry._meta.db_table} "
-             "WHERE organization_id = %s AND period_start = %s{accounts} GROUP BY account_id, kind")
+             "WHERE organization_id = %s AND period_start = %s AND kind <> 'close'{accounts} GROUP BY account_id, kind")
+# The parts of the closes that count in the period: its own close's closing parts, the previous
+# one's opening parts, each signed.
+_PART_SUMS_SQL = (
+    "SELECT account_id, " + ", ".join(
+        f"SUM(CASE WHEN period_start = %(period)s THEN {LedgerEntry.CLOSING_PARTS.get(part, 0)} "
+        f"ELSE {LedgerEntry.OPENING_PARTS.get(part, 0)} END * {part})" for part in CLOSE_PART_LINES)
+    + f" FROM {LedgerEntry._meta.db_table} WHERE organization_id = %(org)s AND kind = 'close' "
+    "AND period_start IN (%(previous)s, %(period)s){accounts} GROUP BY account_id")
 
 
 def statements(*, organization: Organization, period_start: date,
@@ -303,6 +318,12 @@ def statements(*, organization: Organization, period_start: date,
             line = STATEMENT_LINES[kind]  # a kind missing from the table is a bug: fail loudly
             if line is not None:
                 sums[account_id][line] += int(tokens)
+        cursor.execute(_PART_SUMS_SQL.format(accounts=" AND account_id = ANY(%(ids)s)" if members is not None else ""),
+                       {"org": organization.pk, "period": period_start, "previous": periods_after(period_start, -1),
+                        "ids": ids})
+        for account_id, *parts in cursor.fetchall():
+            for part, tokens in zip(CLOSE_PART_LINES.values(), parts, strict=True):
+                sums[account_id][part] += int(tokens)
     external_ids = dict(Member.objects.filter(organization=organization, directory__isnull=False)
                         .exclude(directory__external_id="").values_list("pk", "directory__external_id"))
     result = []
@@ -325,11 +346,15 @@ def statement(*, member: Member, period_start: date) -> Statement | None:
 
 
 def statement_periods(*, organization: Organization, member: Member | None = None) -> list[date]:
-    """The periods that have ledger entries (a member's own, or the organization's), newest first."""
+    """The periods that have ledger entries (a member's own, or the organization's), newest first;
+    a close entry opens the next period too."""
     entries = LedgerEntry.objects.filter(organization=organization)
     if member is not None:
         entries = entries.filter(account__member=member)
-    return list(entries.order_by("-period_start").values_list("period_start", flat=True).distinct())
+    periods = set(entries.order_by().values_list("period_start", flat=True).distinct())
+    periods |= {periods_after(period, 1) for period in entries.filter(kind=LedgerEntry.Kind.CLOSE).order_by()
+                .values_list("period_start", flat=True).distinct()}
+    return sorted(periods, reverse=True)
 
 
 def statement_exports(*, organization: Organization) -> QuerySet[StatementExport]:

@@ -116,7 +116,8 @@ class LedgerEntrySerializer(fields.ModelSerializer):
     class Meta:
         model = LedgerEntry
         fields = ["id", "member", "kind", "tokens", "granted_delta", "held_delta", "used_delta", "period_start",
-                  "model", "reason", "reference", "created_at"]
+                  "model", "reason", "reference", "created_at", *LedgerEntry.PARTS, "close_rollover_until",
+                  "close_rollover_tokens"]
 
 
 class LedgerEntryFilterSerializer(serializers.Serializer):

@@ -185,20 +185,19 @@ def expected_close(used: int) -> tuple[int, int]:
 
 
 def expected_entries(seeded: Seeded, account_id: int, *, closed: bool) -> list[tuple]:
-    """(key, kind, tokens, granted, held, used, period) of every entry the account must have."""
+    """(key, kind, tokens, granted, held, used, period, (expired, rolled over, tranches, granted)) of
+    every entry the account must have (the close's parts on its one close entry)."""
     used = seeded.used[account_id]
     old, new = seeded.closed.isoformat(), seeded.opened.isoformat()
-    rows = [(f"grant:{old}", "grant", MONTHLY, MONTHLY, 0, 0, old)]
+    no_parts = (None, None, None, None)
+    rows = [(f"grant:{old}", "grant", MONTHLY, MONTHLY, 0, 0, old, no_parts)]
     if used:
-        rows.append((f"usage:seed:{account_id}", "usage", used, 0, 0, used, old))
+        rows.append((f"usage:seed:{account_id}", "usage", used, 0, 0, used, old, no_parts))
     if closed:
         expired, rolled = expected_close(used)
-        if expired:
-            rows.append((f"close:{old}:expire:base", "expiry", expired, -expired, 0, 0, old))
-        if rolled:
-            rows.append((f"close:{old}:out:{new}", "rollover_out", rolled, -rolled, 0, 0, old))
-            rows.append((f"open:{new}:in:{new}", "rollover_in", rolled, rolled, 0, 0, new))
-        rows.append((f"grant:{new}", "grant", MONTHLY, MONTHLY, 0, 0, new))
+        tranches = [(new, rolled)] if rolled else []
+        rows.append((f"close:{old}", "close", MONTHLY - expired, MONTHLY - expired, 0, 0, old,
+                     (expired, rolled, tranches, MONTHLY)))
     return sorted(rows)
 
 
@@ -213,10 +212,13 @@ def expected_account(seeded: Seeded, account_id: int, *, closed: bool) -> tuple:
 
 def actual_entries(seeded: Seeded) -> dict[int, list[tuple]]:
     rows = defaultdict(list)
-    for account_id, *row in LedgerEntry.all_objects.filter(organization=seeded.organization).values_list(
+    for account_id, *row, expired, rolled, until, tokens, granted in LedgerEntry.all_objects.filter(
+            organization=seeded.organization).values_list(
             "account_id", "idempotency_key", "kind", "tokens", "granted_delta", "held_delta", "used_delta",
-            "period_start"):
-        rows[account_id].append((*row[:-1], row[-1].isoformat()))
+            "period_start", "close_expired", "close_rolled_over", "close_rollover_until", "close_rollover_tokens",
+            "close_granted"):
+        tranches = None if until is None else [(day.isoformat(), amount) for day, amount in zip(until, tokens, strict=True)]
+        rows[account_id].append((*row[:-1], row[-1].isoformat(), (expired, rolled, tranches, granted)))
     return {account_id: sorted(entries) for account_id, entries in rows.items()}
 
 
@@ -262,8 +264,8 @@ def assert_closed_exactly_once(seeded: Seeded) -> None:
         f"({sum(s == 'open' for s in not_closed.values())} untouched, "
         f"{sum(s == 'broken' for s in not_closed.values())} with other entries or balances):\n"
         + describe_broken(seeded, states))
-    grants = LedgerEntry.all_objects.filter(organization=seeded.organization,
-                                            idempotency_key=f"grant:{seeded.opened}")
+    grants = LedgerEntry.all_objects.filter(organization=seeded.organization, kind=LedgerEntry.Kind.CLOSE,
+                                            idempotency_key=f"close:{seeded.closed}", close_granted=MONTHLY)
     assert grants.count() == seeded.count
     assert grants.values("account_id").distinct().count() == seeded.count
     assert ledger.verify() == []

@@ -23,7 +23,7 @@ from django.utils import timezone
 from allowances import closing, ledger, selectors
 from allowances import services
 from allowances.models import Account, LedgerEntry
-from allowances.periods import next_period_start, period_start_for, prorate
+from allowances.periods import next_period_start, period_start_for, periods_after, prorate
 from portal.models import Member
 from portal.tenancy import scope
 from tests.allowances.helpers import hold_is_open
@@ -93,14 +93,33 @@ def last_entry_id() -> int:
 
 def rows(account: Account, *, after: int = 0) -> list[tuple]:
     """The account's entries (written after entry `after`) as a sorted multiset of
-    (period, kind, tokens, reference): which entries a close books matters, not their order."""
-    return sorted(LedgerEntry.all_objects.filter(account_id=account.pk, id__gt=after)
-                  .values_list("period_start", "kind", "tokens", "reference"))
+    (period, kind, tokens, reference), a close entry with its parts as `closed` writes them:
+    which entries a close books matters, not their order."""
+    return sorted(
+        (e.period_start, e.kind, e.tokens, e.reference) if e.kind != Kind.CLOSE else closed(
+            e.period_start, billed=e.close_overage_billed, lapsed=e.close_overage_lapsed, expired=e.close_expired,
+            rollover_expired=e.close_rollover_expired,
+            rolled=dict(zip(e.close_rollover_until, e.close_rollover_tokens, strict=True)), granted=e.close_granted,
+            reference=e.reference)
+        for e in LedgerEntry.all_objects.filter(account_id=account.pk, id__gt=after))
+
+
+def closed(period: date, *, billed=0, lapsed=0, expired=0, rollover_expired=0, rolled: dict | None = None, granted=0,
+           reference="") -> tuple:
+    """A close entry's row in `rows`: its net tokens, then its parts; `rolled` {usable until: tokens}."""
+    rolled = rolled or {}
+    assert sum(rolled.values()) == 0 or all(rolled.values())
+    return (period, Kind.CLOSE, billed - lapsed - expired - rollover_expired + granted, reference, billed, lapsed,
+            expired, rollover_expired, sorted(rolled.items()), granted)
 
 
 def grants(account: Account) -> list[tuple]:
-    return list(LedgerEntry.all_objects.filter(account_id=account.pk, kind=Kind.GRANT).order_by("period_start", "id")
-                .values_list("period_start", "tokens", "idempotency_key"))
+    """(period, tokens, idempotency key) of the account's monthly grants: those an account opened
+    with, and those of each close for the next period."""
+    entries = LedgerEntry.all_objects.filter(account_id=account.pk).order_by("period_start", "id")
+    return ([(e.period_start, e.tokens, e.idempotency_key) for e in entries.filter(kind=Kind.GRANT)]
+            + [(next_period_start(e.period_start), e.close_granted, e.idempotency_key)
+               for e in entries.filter(kind=Kind.CLOSE, close_granted__gt=0)])
 
 
 def ledger_snapshot(organization=None) -> dict:
@@ -151,7 +170,7 @@ def test_utc_plus_14_closes_ten_hours_before_the_utc_month_ends_and_utc_minus_12
     assert [stored(a).period_start for a in east.accounts] == [date(2026, 12, 1)] * 2
     assert [stored(a).period_start for a in west.accounts] == [november] * 2
     for account in east.accounts:
-        assert grants(account)[-1] == (date(2026, 12, 1), 1_000_000, "grant:2026-12-01")
+        assert grants(account)[-1] == (date(2026, 12, 1), 1_000_000, "close:2026-11-01")
 
     # All of December 1st UTC until noon is still November 30th at UTC-12.
     late = ledger_snapshot()
@@ -197,7 +216,7 @@ def test_a_dst_zone_closes_exactly_at_local_midnight_of_the_first(zone, period, 
     for account in org.accounts:
         assert stored(account).period_start == following
         assert grants(account) == [(period, 1_000_000, f"grant:{period}"),
-                                   (following, 1_000_000, f"grant:{following}")]
+                                   (following, 1_000_000, f"close:{period}")]
     # An hour later (the other offset) there is nothing more to do.
     assert due_pks(midnight_utc + timedelta(hours=1)) == []
 
@@ -221,7 +240,7 @@ def test_february_2028_closes_at_local_midnight_of_march_first_not_on_the_28th_o
     assert due_pks(march_first) == [org.organization.pk]
     assert close(march_first).periods == [(org.organization.slug, february, 1)]
     assert stored(account).period_start == date(2028, 3, 1)
-    assert grants(account)[-1] == (date(2028, 3, 1), 1_000_000, "grant:2028-03-01")
+    assert grants(account)[-1] == (date(2028, 3, 1), 1_000_000, "close:2028-02-01")
 
 
 def test_a_leap_february_joiner_is_pro_rated_over_29_days_and_march_is_whole():
@@ -232,7 +251,7 @@ def test_a_leap_february_joiner_is_pro_rated_over_29_days_and_march_is_whole():
     assert stored(account).granted == 1_000_000 * 15 // 29  # February 15th to 29th: 15 of 29 days
     close(local(zone, 2028, 3, 1))
     assert stored(account).period_start == date(2028, 3, 1)
-    assert grants(account)[-1] == (date(2028, 3, 1), 1_000_000, "grant:2028-03-01")
+    assert grants(account)[-1] == (date(2028, 3, 1), 1_000_000, "close:2028-02-01")
 
 
 # -- 4. a member who joined mid-month -------------------------------------------------------------------------------
@@ -253,8 +272,8 @@ def test_a_mid_month_joiners_pro_rated_period_closes_with_the_others_and_the_nex
         (november, Kind.GRANT, 500_000, f"policy:{org.policy.pk}"),
         (november, Kind.HOLD, 100_000, ""),
         (november, Kind.USAGE, 100_000, ""),
-        (november, Kind.EXPIRY, 400_000, ""),  # the policy rolls nothing over
-        (date(2026, 12, 1), Kind.GRANT, 1_000_000, f"policy:{org.policy.pk}"),
+        # the policy rolls nothing over; December's grant
+        closed(november, expired=400_000, granted=1_000_000, reference=f"policy:{org.policy.pk}"),
     ])
     for each in (account, veteran):
         assert stored(each).period_start == date(2026, 12, 1)
@@ -301,11 +320,9 @@ def test_a_policy_updated_mid_month_rolls_over_by_its_new_rule_and_grants_its_ne
     mark = last_entry_id()
     close(local(zone, 2026, 12, 1))
     december = date(2026, 12, 1)
-    assert rows(account, after=mark) == sorted([  # nothing expires
-        (november, Kind.ROLLOVER_OUT, 350_000, "rollover-until:2026-12-01"),
-        (december, Kind.ROLLOVER_IN, 350_000, "rollover-until:2026-12-01"),
-        (december, Kind.GRANT, 600_000, f"policy:{org.policy.pk}"),
-    ])
+    assert rows(account, after=mark) == [  # nothing expires
+        closed(november, rolled={december: 350_000}, granted=600_000, reference=f"policy:{org.policy.pk}"),
+    ]
     assert stored(account).available == 950_000
 
 
@@ -327,12 +344,10 @@ def test_a_policy_assigned_immediately_mid_month_governs_the_close_and_the_next_
     mark = last_entry_id()
     close(utc(2026, 12, 1))
     december = date(2026, 12, 1)
-    assert rows(account, after=mark) == sorted([
-        (november, Kind.EXPIRY, 1_000_000, ""),
-        (november, Kind.ROLLOVER_OUT, 50_000, "rollover-until:2026-12-01"),
-        (december, Kind.ROLLOVER_IN, 50_000, "rollover-until:2026-12-01"),
-        (december, Kind.GRANT, 2_000_000, f"policy:{generous.pk}"),
-    ])
+    assert rows(account, after=mark) == [
+        closed(november, expired=1_000_000, rolled={december: 50_000}, granted=2_000_000,
+               reference=f"policy:{generous.pk}"),
+    ]
     # Auto-approval approves overage requests; it lends no overdraft.
     assert (stored(account).available, stored(account).overdraft_limit) == (2_050_000, 0)
 
@@ -355,10 +370,10 @@ def test_a_policy_assigned_mid_month_for_the_next_period_leaves_the_close_to_the
     mark = last_entry_id()
     close(utc(2026, 12, 1))
     december = date(2026, 12, 1)
-    assert rows(account, after=mark) == sorted([
-        (november, Kind.EXPIRY, 200_000, ""),  # the old policy (in force until the end) rolls nothing over
-        (december, Kind.GRANT, 2_000_000, f"policy:{generous.pk}"),
-    ])
+    assert rows(account, after=mark) == [
+        # the old policy (in force until the end) rolls nothing over
+        closed(november, expired=200_000, granted=2_000_000, reference=f"policy:{generous.pk}"),
+    ]
     assert (stored(account).available, stored(account).overdraft_limit) == (2_000_000, 0)
 
 
@@ -376,13 +391,10 @@ def test_the_close_rolls_over_what_the_rule_allows_and_expires_the_rest(rule, ro
     use(account, 40_000, "usage")
     mark = last_entry_id()
     close(utc(2026, 12, 1))
-    expected = [(date(2026, 12, 1), Kind.GRANT, 100_000, f"policy:{org.policy.pk}")]
-    if rolled < 60_000:
-        expected.append((november, Kind.EXPIRY, 60_000 - rolled, ""))
-    if rolled:
-        expected += [(november, Kind.ROLLOVER_OUT, rolled, "rollover-until:2026-12-01"),
-                     (date(2026, 12, 1), Kind.ROLLOVER_IN, rolled, "rollover-until:2026-12-01")]
-    assert rows(account, after=mark) == sorted(expected)
+    assert rows(account, after=mark) == [
+        closed(november, expired=60_000 - rolled, rolled={date(2026, 12, 1): rolled} if rolled else {},
+               granted=100_000, reference=f"policy:{org.policy.pk}"),
+    ]
     assert stored(account).available == 100_000 + rolled
 
 
@@ -403,19 +415,17 @@ def test_the_close_lapses_unused_overage_bills_the_rest_and_keeps_open_holds_hel
     mark = last_entry_id()
     close(utc(2026, 12, 1))
     # Overage is used last, so what is unused is overage first: 30,000 lapse, unbilled.
-    assert rows(over, after=mark) == sorted([(november, Kind.OVERAGE_LAPSE, 30_000, ""),
-                                             (december, Kind.GRANT, 100_000, f"policy:{org.policy.pk}")])
+    policy = f"policy:{org.policy.pk}"
+    assert rows(over, after=mark) == [closed(november, lapsed=30_000, granted=100_000, reference=policy)]
     assert stored(over).available == 100_000
     # 10,000 used past the allowance and the overage: booked as billable overage, so December starts at zero.
-    assert rows(past, after=mark) == sorted([(november, Kind.OVERAGE_GRANT, 10_000, "overage:2026-11-01"),
-                                             (december, Kind.GRANT, 100_000, f"policy:{org.policy.pk}")])
+    assert rows(past, after=mark) == [closed(november, billed=10_000, granted=100_000, reference=policy)]
     with scope(org.organization):
         billed = {row.member_id: row.tokens for row in selectors.billable_overage(organization=org.organization,
                                                                                  period=november)}
     assert billed == {over.member_id: 20_000, past.member_id: 60_000}
     # The hold crosses the boundary: still held, not expired, not counted as unused.
-    assert rows(holding, after=mark) == sorted([(november, Kind.EXPIRY, 90_000, ""),
-                                                (december, Kind.GRANT, 100_000, f"policy:{org.policy.pk}")])
+    assert rows(holding, after=mark) == [closed(november, expired=90_000, granted=100_000, reference=policy)]
     # The held 10,000 stay granted (from November) on top of December's whole grant.
     assert (stored(holding).held, stored(holding).available) == (10_000, 100_000)
     assert hold_is_open(hold.id)
@@ -445,25 +455,16 @@ def test_accounts_several_periods_behind_are_closed_month_by_month_and_a_rerun_d
     assert (report.organizations, report.accounts_closed) == (1, 4)
 
     policy = f"policy:{org.policy.pk}"
-    until = "rollover-until:{}".format
     assert rows(behind) == sorted([
         (june, Kind.GRANT, 100_000, policy),
         (june, Kind.HOLD, 30_000, ""),
         (june, Kind.USAGE, 30_000, ""),
-        (june, Kind.ROLLOVER_OUT, 70_000, until(august)),  # lives two periods: July and August
-        (july, Kind.ROLLOVER_IN, 70_000, until(august)),
-        (july, Kind.GRANT, 100_000, policy),
-        (july, Kind.ROLLOVER_OUT, 70_000, until(august)),  # June's tranche carries on
-        (july, Kind.ROLLOVER_OUT, 100_000, until(september)),  # July's unused grant rolls over
-        (august, Kind.ROLLOVER_IN, 70_000, until(august)),
-        (august, Kind.ROLLOVER_IN, 100_000, until(september)),
-        (august, Kind.GRANT, 100_000, policy),
-        (august, Kind.EXPIRY, 70_000, ""),  # June's tranche reached the end of its life
-        (august, Kind.ROLLOVER_OUT, 100_000, until(september)),
-        (august, Kind.ROLLOVER_OUT, 100_000, until(date(2026, 10, 1))),
-        (september, Kind.ROLLOVER_IN, 100_000, until(september)),
-        (september, Kind.ROLLOVER_IN, 100_000, until(date(2026, 10, 1))),
-        (september, Kind.GRANT, 100_000, policy),
+        closed(june, rolled={august: 70_000}, granted=100_000, reference=policy),  # lives two periods: July and August
+        # June's tranche carries on; July's unused grant rolls over
+        closed(july, rolled={august: 70_000, september: 100_000}, granted=100_000, reference=policy),
+        # June's tranche reached the end of its life
+        closed(august, rollover_expired=70_000, rolled={september: 100_000, date(2026, 10, 1): 100_000}, granted=100_000,
+               reference=policy),
     ])
     assert [g[0] for g in grants(behind)] == [june, july, august, september]  # one grant per month
     assert stored(behind).period_start == september and stored(behind).available == 300_000
@@ -484,13 +485,10 @@ def test_accounts_several_periods_behind_are_closed_month_by_month_and_a_rerun_d
     mark = last_entry_id()
     close(local(zone, 2026, 10, 1))
     october, november = date(2026, 10, 1), date(2026, 11, 1)
-    assert rows(behind, after=mark) == sorted([
-        (september, Kind.ROLLOVER_OUT, 50_000, until(october)),  # what is left of August's tranche
-        (september, Kind.ROLLOVER_OUT, 100_000, until(november)),  # September's grant, unused
-        (october, Kind.ROLLOVER_IN, 50_000, until(october)),
-        (october, Kind.ROLLOVER_IN, 100_000, until(november)),
-        (october, Kind.GRANT, 100_000, policy),
-    ])
+    assert rows(behind, after=mark) == [
+        # what is left of August's tranche, and September's grant, unused
+        closed(september, rolled={october: 50_000, november: 100_000}, granted=100_000, reference=policy),
+    ]
     assert stored(behind).available == 250_000
 
 
@@ -663,7 +661,7 @@ def test_the_embedded_scheduler_runs_every_due_task_once_in_a_thread_and_stops(s
     assert not hold_is_open(stale.id) and hold_is_open(fresh.id)  # the sweeper ran
     after = stored(account)
     assert after.period_start == current  # the hourly close ran
-    assert grants(account)[-1] == (current, 1_000_000, f"grant:{current}")
+    assert grants(account)[-1] == (current, 1_000_000, f"close:{periods_after(current, -1)}")
     # The fresh hold stays held across the boundary (still backed by last period's tokens).
     assert (after.held, after.available) == (2_000, 1_000_000)
     assert ledger.verify() == []

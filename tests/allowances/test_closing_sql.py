@@ -14,6 +14,7 @@ from datetime import date, timedelta
 
 import pytest
 from django.db import transaction
+from django.db.models import Count
 from django.utils import timezone
 
 from allowances import ledger
@@ -114,9 +115,37 @@ def live_a_month(organization, policies, accounts, period, seed, month):
                 ledger.post(account=account, kind="usage", tokens=tokens, used_delta=tokens, idempotency_key=f"u:{key}")
 
 
+_PARTS = LedgerEntry.PARTS + ("close_rollover_until", "close_rollover_tokens")
+# One close entry through the ledger's set of posts (a relation of one row).
+_POST_ONE = (f"WITH one (account_id, kind, tokens, period_start, idempotency_key, reason, reference, {', '.join(_PARTS)}) "
+             "AS (VALUES (%(account)s::bigint, 'close', %(tokens)s::bigint, %(period)s::date, %(key)s, %(reason)s, "
+             "%(reference)s, %(close_overage_billed)s::bigint, %(close_overage_lapsed)s::bigint, %(close_expired)s::bigint, "
+             "%(close_rollover_expired)s::bigint, "
+             "%(close_rolled_over)s::bigint, %(close_granted)s::bigint, %(close_rollover_until)s::date[], "
+             "%(close_rollover_tokens)s::bigint[])), "
+             + ledger.post_set_sql("one", order_by="e.account_id", keyed=False, part_columns=_PARTS)
+             + " SELECT count(*) FROM posted")
+
+
+def previous_tranches(account, period) -> dict:
+    """The rolled-over tranches the last close left in `period`: {until: tokens}, from its close
+    entry, or from rollover_in entries (closes of the old shape)."""
+    tranches: dict = {}
+    old = LedgerEntry.objects.filter(account=account, period_start=period, kind=Kind.ROLLOVER_IN)
+    for reference, tokens in old.values_list("reference", "tokens"):
+        until = reference.removeprefix(ROLLOVER_REFERENCE)
+        tranches[until] = tranches.get(until, 0) + tokens
+    last = LedgerEntry.objects.filter(account=account, period_start=periods_after(period, -1), kind=Kind.CLOSE).first()
+    if last is not None:
+        for until, tokens in zip(last.close_rollover_until, last.close_rollover_tokens, strict=True):
+            tranches[until.isoformat()] = tranches.get(until.isoformat(), 0) + tokens
+    return tranches
+
+
 @transaction.atomic
 def close_by_reference(*, account: Account, period) -> bool:
-    """One account's close by the rules (see allowances/closing_sql.py), through single posts."""
+    """One account's close by the rules (see allowances/closing_sql.py): its parts computed here in
+    Python, posted as one close entry."""
     account = Account.objects.select_for_update().get(pk=account.pk)
     if account.period_start != period:
         return False
@@ -126,64 +155,55 @@ def close_by_reference(*, account: Account, period) -> bool:
     opening_at = period_bounds(organization, next_period)[0]
     closing_policy = policy_in_force(member=member, at=opening_at - timedelta(microseconds=1)) if member else None
 
-    def book(kind, tokens, key, **extra):
-        if tokens:
-            ledger.post(account=account, kind=kind, tokens=tokens, idempotency_key=f"close:{period}:{key}", **extra)
-
     entries = LedgerEntry.objects.filter(account=account, period_start=period)
     overage = sum(entries.filter(kind=Kind.OVERAGE_GRANT).values_list("granted_delta", flat=True))
     base_granted = sum(entries.filter(kind__in=(Kind.GRANT, Kind.BONUS, Kind.ADJUSTMENT, Kind.TRANSFER_OUT,
                                                 Kind.TRANSFER_IN))
                        .values_list("granted_delta", flat=True))
+    base_granted += sum(LedgerEntry.objects.filter(account=account, period_start=periods_after(period, -1),
+                                                   kind=Kind.CLOSE).values_list("close_granted", flat=True))
     unused = account.available
-    if unused < 0:
-        book(Kind.OVERAGE_GRANT, -unused, "overage",
-             reason="Used beyond the allowance and approved overage this period (billed)", reference=f"overage:{period}")
-        unused = 0
+    billed = max(-unused, 0)
+    unused = max(unused, 0)
     lapsed = unused_overage(available=unused, overage=overage)  # approved overage is used last
-    book(Kind.OVERAGE_LAPSE, lapsed, "overage-lapse", reason="Approved overage not used this period (lapsed, not billed)")
     unused -= lapsed
-    tranches: dict = {}
-    for reference, tokens in entries.filter(kind=Kind.ROLLOVER_IN).values_list("reference", "tokens"):
-        until = reference.removeprefix(ROLLOVER_REFERENCE)
-        tranches[until] = tranches.get(until, 0) + tokens
+    tranches = previous_tranches(account, period)
 
     base_unused = min(unused, max(base_granted, 0))
     rest = unused - base_unused
     carried: dict = {}
+    rollover_expired = 0
     for until in sorted(tranches, reverse=True):  # the longest-living tranche is the youngest
         tranche_unused = min(rest, tranches[until])
         rest -= tranche_unused
         if until <= period.isoformat():
-            book(Kind.EXPIRY, tranche_unused, f"expire:{until}", reason="Rolled-over tokens reached the end of their life")
+            rollover_expired += tranche_unused
         else:
             carried[until] = tranche_unused
     base_unused += rest
     rolled = closing_policy.rollover_amount(base_unused) if closing_policy else 0
-    book(Kind.EXPIRY, base_unused - rolled, "expire:base",
-         reason=f"Unused this period beyond what {closing_policy.name if closing_policy else 'the policy'} rolls over")
+    expired = base_unused - rolled
     if rolled:
         until = periods_after(period, closing_policy.rollover_lifetime_periods).isoformat()
         carried[until] = carried.get(until, 0) + rolled
-    for until, tokens in carried.items():
-        book(Kind.ROLLOVER_OUT, tokens, f"out:{until}", reason=f"Rolls over (usable until the period of {until})",
-             reference=f"{ROLLOVER_REFERENCE}{until}")
+    carried = {until: tokens for until, tokens in sorted(carried.items()) if tokens}
 
     new_policy = policy_in_force(member=member, at=opening_at) if member else None
+    granted = new_policy.monthly_tokens if new_policy is not None and member.is_active else 0  # never for a pool
     Account.objects.filter(pk=account.pk, period_start=period).update(period_start=next_period)
     if member is not None:
         OverageRequest.objects.filter(member=member, state="pending", period_start__lte=period).update(
             state="lapsed", decided_at=timezone.now(),
             decision_note=f"Still pending when {period:%B %Y} closed: ask again if you still need tokens this month.")
-    for until, tokens in carried.items():
-        if tokens:
-            ledger.post(account=account, kind=Kind.ROLLOVER_IN, tokens=tokens,
-                        idempotency_key=f"open:{next_period}:in:{until}", reason="Rolled over from last period",
-                        reference=f"{ROLLOVER_REFERENCE}{until}")
-    if new_policy is not None and new_policy.monthly_tokens and member.is_active:  # never for a pool
-        ledger.post(account=account, kind=Kind.GRANT, tokens=new_policy.monthly_tokens,
-                    idempotency_key=f"grant:{next_period}", reason=f"{new_policy.name}: monthly allowance",
-                    reference=f"policy:{new_policy.pk}")
+    if billed or lapsed or expired or rollover_expired or carried or granted:
+        ledger.post_set(_POST_ONE, {
+            "account": account.pk, "tokens": billed - lapsed - expired - rollover_expired + granted, "period": period,
+            "key": f"close:{period}", "reason": f"{period:%B %Y} closed",
+            "reference": f"policy:{new_policy.pk}" if granted else "", "close_overage_billed": billed,
+            "close_overage_lapsed": lapsed, "close_expired": expired, "close_rollover_expired": rollover_expired,
+            "close_rolled_over": sum(carried.values()),
+            "close_granted": granted, "close_rollover_until": [date.fromisoformat(until) for until in carried],
+            "close_rollover_tokens": list(carried.values())}, organization_id=organization.pk)
     return True
 
 
@@ -194,7 +214,9 @@ def ledger_of(organization):
         position = {account.pk: index for index, account in enumerate(accounts)}
         entries = sorted((position[e.account_id], e.kind, e.tokens, e.granted_delta, e.held_delta, e.used_delta,
                           str(e.period_start), e.idempotency_key, e.reason, e.reference.split(":")[0]
-                          if e.reference.startswith("policy:") else e.reference)
+                          if e.reference.startswith("policy:") else e.reference,
+                          *(getattr(e, part) for part in LedgerEntry.PARTS), e.close_rollover_until,
+                          e.close_rollover_tokens)
                          for e in LedgerEntry.objects.exclude(idempotency_key__regex=r"^(g|b|h|u|hold|settle|release):"))
         balances = [(a.period_start, a.granted, a.held, a.used, a.overdraft_limit) for a in accounts]
         requests = sorted((position[r.member.account.pk], str(r.period_start), r.tokens, r.state, r.decision_note)
@@ -224,10 +246,17 @@ def test_set_based_close_books_what_the_rules_book_for_each_account(seed):
         assert ledger.verify() == []
         period = next_period_start(period)
     with scope(two):  # the months had what the comparison is about
-        assert LedgerEntry.objects.filter(kind=Kind.OVERAGE_LAPSE).exists()
-        assert LedgerEntry.objects.filter(kind=Kind.OVERAGE_GRANT, reference__startswith="overage:").exists()
+        closes = LedgerEntry.objects.filter(kind=Kind.CLOSE)
+        assert closes.filter(close_overage_lapsed__gt=0).exists()
+        assert closes.filter(close_overage_billed__gt=0).exists()
+        assert closes.filter(close_expired__gt=0, close_rolled_over__gt=0).exists()
+        assert closes.filter(close_rollover_expired__gt=0).exists()
+        assert any(len(tranches) > 1 for tranches in closes.values_list("close_rollover_tokens", flat=True))
         assert OverageRequest.objects.filter(state="lapsed").exists()
-        assert LedgerEntry.objects.filter(kind=Kind.EXPIRY, account__team__isnull=False).exists()  # pools expired
+        assert closes.filter(close_expired__gt=0, account__team__isnull=False).exists()  # pools expired
+        # One entry per account per close, none for an account whose close had no part.
+        assert not closes.values("account_id", "period_start").annotate(n=Count("id")).filter(n__gt=1).exists()
+        assert closes.count() < 4 * len(accounts_two)
 
 
 def test_a_chunk_is_closed_once_and_a_rerun_finds_nothing():

@@ -157,9 +157,10 @@ class LedgerMachine(RuleBasedStateMachine):
         in_period = LedgerEntry.objects.filter(account=self.account, period_start=period)
         approved = sum(in_period.filter(kind=ledger.Kind.OVERAGE_GRANT, reference__startswith="overage-request:")
                        .values_list("tokens", flat=True))
-        lapsed = sum(in_period.filter(kind=ledger.Kind.OVERAGE_LAPSE).values_list("tokens", flat=True))
-        booked = sum(in_period.filter(kind=ledger.Kind.OVERAGE_GRANT, reference=f"overage:{period}")
-                     .values_list("tokens", flat=True))  # usage recorded past the balance: billable too
+        close = in_period.filter(kind=ledger.Kind.CLOSE)
+        assert close.count() <= 1, "more than one close entry"
+        lapsed = sum(close.values_list("close_overage_lapsed", flat=True))
+        booked = sum(close.values_list("close_overage_billed", flat=True))  # usage recorded past the balance: billable too
         billed = sum(row.tokens for row in selectors.billable_overage(organization=self.organization, period=period))
         assert lapsed <= max(before.available, 0) and lapsed + billed <= approved + booked
         if before.held == 0:

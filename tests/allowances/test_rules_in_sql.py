@@ -16,7 +16,7 @@ from django.db import connection
 
 from allowances import ledger
 from allowances.closing_sql import close_chunk
-from allowances.consumption import BASE_KINDS, OVERAGE_KINDS, billable_usage, unused_overage, unused_overage_sql
+from allowances.consumption import base_of, billable_usage, overage_of, unused_overage, unused_overage_sql
 from allowances.models import Account, AllowancePolicy, KeySpend, LedgerEntry, PolicyAssignment
 from allowances.periods import next_period_start, periods_after, periods_after_sql
 from allowances.selectors import assignment_in_force, assignment_in_force_sql, billable_overage, members_governed_by
@@ -245,8 +245,8 @@ def billable_by_reference(organization, period) -> dict:
         in_period = [e for e in entries if e.period_start == period]
         billable = billable_usage(
             carried=sum(e.held_delta for e in entries if e.period_start < period),
-            base=sum(e.granted_delta for e in in_period if e.kind in BASE_KINDS),
-            overage=sum(e.granted_delta for e in in_period if e.kind in OVERAGE_KINDS),
+            base=sum(base_of(e, period) for e in entries),
+            overage=sum(overage_of(e, period) for e in entries),
             usage=[(e.model, e.used_delta) for e in in_period if e.used_delta])
         for model, tokens in billable.items():
             found[account.member_id, model] = tokens

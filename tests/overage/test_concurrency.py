@@ -172,8 +172,8 @@ def test_a_decision_racing_the_period_close_is_made_before_it_or_finds_the_reque
         with unscoped():
             stored = OverageRequest.all_objects.get(pk=overage_request.pk)
             lapsed = list(LedgerEntry.all_objects.filter(account__member=ovr.alice, period_start=period,
-                                                         kind=LedgerEntry.Kind.OVERAGE_LAPSE).values_list("tokens",
-                                                                                                          flat=True))
+                                                         kind=LedgerEntry.Kind.CLOSE, close_overage_lapsed__gt=0)
+                          .values_list("close_overage_lapsed", flat=True))
         if stored.state == State.APPROVED:
             assert grants(overage_request) == 1 and lapsed == [100_000]
         else:

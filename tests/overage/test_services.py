@@ -462,8 +462,8 @@ def test_approved_overage_is_used_last_the_unused_part_lapses_and_the_used_part_
         assert (status.granted, status.billable_used, status.left) == (300_000, 100_000, 200_000)
         closing.close_due_periods(at=period_bounds(ovr.organization, period)[1], organization=ovr.organization)
     with unscoped():
-        lapse = LedgerEntry.all_objects.get(account=account, kind=Kind.OVERAGE_LAPSE)
-    assert (lapse.tokens, lapse.period_start) == (200_000, period)
+        close = LedgerEntry.all_objects.get(account=account, kind=Kind.CLOSE)
+    assert (close.close_overage_lapsed, close.close_overage_billed, close.period_start) == (200_000, 0, period)
     with scope(ovr.organization):
         assert [row.tokens for row in billable_overage(organization=ovr.organization, period=period)] == [100_000]
     assert account_of(ovr.alice).available == MONTHLY  # the next month starts with its own grant only

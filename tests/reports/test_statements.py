@@ -30,8 +30,11 @@ def test_every_ledger_kind_is_on_a_statement_line_or_moves_no_balance():
     """A new entry kind fails here until it is given its line in STATEMENT_LINES."""
     assert set(LedgerEntry.Kind.values) <= set(selectors.STATEMENT_LINES)
     for kind, line in selectors.STATEMENT_LINES.items():
-        if line is None and kind in LedgerEntry.Kind.values:
+        if line is None and kind in LedgerEntry.Kind.values and kind != LedgerEntry.Kind.CLOSE:
             assert ledger.MOVES[kind][0] == ledger.MOVES[kind][2] == 0, f"{kind} moves the balance"
+    # A close entry is on the lines of its parts, each of them.
+    assert set(selectors.CLOSE_PART_LINES) == set(LedgerEntry.PARTS)
+    assert set(selectors.CLOSE_PART_LINES.values()) <= set(selectors.LINE_LABELS)
 
 
 # -- the property --------------------------------------------------------------------------------
@@ -127,16 +130,27 @@ def _check_months(organization, months, rollover, monthly):
     total = 0
     for period in selectors.statement_periods(organization=organization, member=member):
         statement = selectors.statement(member=member, period_start=period)
-        entries = LedgerEntry.objects.filter(account=account, period_start=period)
+        entries = LedgerEntry.objects.filter(account=account, period_start=period).exclude(kind=LedgerEntry.Kind.CLOSE)
+        # The close of the period (its closing parts) and the one before (its opening parts).
+        closes = {e.period_start: e for e in LedgerEntry.objects.filter(account=account, kind=LedgerEntry.Kind.CLOSE)}
+        closing_parts, opening_parts = closes.get(period), closes.get(periods_after(period, -1))
         for item in statement.lines:
             kinds = [kind for kind, line in selectors.STATEMENT_LINES.items() if line == item.line]
-            assert item.tokens == sum(e.granted_delta - e.used_delta for e in entries if e.kind in kinds), item.line
+            parts = [part for part, line in selectors.CLOSE_PART_LINES.items() if line == item.line]
+            from_parts = sum(LedgerEntry.CLOSING_PARTS.get(part, 0) * getattr(closing_parts, part, 0)
+                             + LedgerEntry.OPENING_PARTS.get(part, 0) * getattr(opening_parts, part, 0)
+                             for part in parts)
+            assert item.tokens == sum(e.granted_delta - e.used_delta for e in entries if e.kind in kinds) + from_parts, \
+                item.line
             assert item.value == (Decimal(item.tokens) * CatalogModelRate / 1_000_000).quantize(
                 Decimal("0.01"), rounding=ROUND_HALF_UP)
-        assert statement.net_tokens == sum(e.granted_delta - e.used_delta for e in entries)
+        # The period's own entries, its close's closing parts and the last close's opening parts.
+        closing_net = sum(sign * getattr(closing_parts, part, 0) for part, sign in LedgerEntry.CLOSING_PARTS.items())
+        opening_net = sum(sign * getattr(opening_parts, part, 0) for part, sign in LedgerEntry.OPENING_PARTS.items())
+        assert statement.net_tokens == sum(e.granted_delta - e.used_delta for e in entries) + closing_net + opening_net
         # What the operations did shows on their lines (the monthly grant is granted too).
         own = expected.get(period, {})
-        monthly_grant = sum(e.tokens for e in entries if e.kind == "grant")
+        monthly_grant = sum(e.tokens for e in entries if e.kind == "grant") + getattr(opening_parts, "close_granted", 0)
         assert statement.tokens("granted") == own.get("granted", 0) + monthly_grant
         for line in ("used", "adjusted", "overage_approved"):
             assert statement.tokens(line) == own.get(line, 0), line
