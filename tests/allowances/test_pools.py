@@ -209,8 +209,9 @@ def test_at_the_close_the_pools_balance_expires_and_open_holds_are_carried(poole
         for _ in range(2):  # a second close changes nothing
             close_period(organization=pooled.organization, period=period)
         pool = Account.all_objects.get(pk=pooled.pool.pk)
-        expired = LedgerEntry.all_objects.filter(account=pool, kind="expiry").values_list("tokens", flat=True)
-    assert pool.period_start > period and list(expired) == [2_000]
+        closes = LedgerEntry.all_objects.filter(account=pool, kind="close")
+        expired = list(closes.values_list("close_expired", "close_rolled_over", "close_granted"))
+    assert pool.period_start > period and expired == [(2_000, 0, 0)]  # one close entry: no rollover, no grant
     assert (pool.granted, pool.held, pool.used) == (1_000, 1_000, 0)  # what is held stays for its request
     with scope(pooled.organization):
         ledger.settle(hold=taken, used_tokens=5_000)
