@@ -12,6 +12,7 @@ from allowances import ledger
 from allowances.ledger import verify
 from allowances.models import Account
 from gateway import bounds
+from gateway import services as gateway_services
 from gateway.models import UsageRecord
 from portal.tenancy import scope, unscoped
 from tests.allowances.helpers import balance
@@ -218,3 +219,25 @@ def test_fifty_agent_streams_asking_64000_are_not_refused_for_phantom_reserves(m
     assert len(records) == 50 and {(r.status, r.uncharged_tokens) for r in records} == {("ok", 0)}
     assert available_tokens(metered.member) == available - real >= 0
     assert verify() == []
+
+
+def test_more_streams_than_two_hundred_reach_one_provider_at_once(metered):
+    # The provider starts none of the streams until all of them are open with it: a gateway that
+    # kept fewer connections to it than it has streams would leave the rest queued for one while
+    # those through wait on the provider, until the read time-out failed them all.
+    count = 250
+    with scope(metered.org.organization):
+        gateway_services.provider_connection_update(connection=metered.openai_connection,
+                                                    actor=metered.org.members["admin"].user, read_timeout=20)
+    metered.upstream.behaviour.streams_together = count
+    set_available(metered.org, metered.member, count * RESERVE)
+    record_id = last_record_id()
+
+    results = storm(metered, count)
+
+    assert Counter(status for status, _, _ in results) == {200: count}
+    for _, headers, text in results:
+        assert_complete_stream(headers, text)
+    assert Counter(record.status for record in records_after(record_id)) == {UsageRecord.Status.OK: count}
+    assert verify() == []
+
