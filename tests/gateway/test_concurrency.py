@@ -241,3 +241,17 @@ def test_more_streams_than_two_hundred_reach_one_provider_at_once(metered):
     assert Counter(record.status for record in records_after(record_id)) == {UsageRecord.Status.OK: count}
     assert verify() == []
 
+
+def test_a_burst_of_requests_waits_for_a_shared_cache_connection_rather_than_go_without(metered, caplog):
+    # More requests at once than an event loop has connections to Redis: those beyond them wait
+    # for one (a read is quick), instead of missing the cache and loading from the database.
+    count = 250
+    set_available(metered.org, metered.member, (count + 1) * RESERVE)
+    storm(metered, 1)  # the key's identity and the catalog are cached
+
+    with caplog.at_level("WARNING", logger="portal.shared_cache"):
+        results = storm(metered, count)
+
+    assert Counter(status for status, _, _ in results) == {200: count}
+    assert [record.getMessage() for record in caplog.records if record.name == "portal.shared_cache"] == []
+    assert verify() == []
