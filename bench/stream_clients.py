@@ -4,8 +4,8 @@ and opens the next, on keep-alive connections as the SDKs do.
 
 Reads its job as JSON on stdin: url, model, keys (one per client in turn; none for a provider
 called directly), clients, start_at and window_start / window_end (wall-clock times shared with
-the other processes). Clients start spread over [start_at, window_start); a stream that ends
-inside the window is counted; none is started after the window. Writes JSON to stdout: the
+the other processes), and out (a file). Clients start spread over [start_at, window_start); a
+stream that ends inside the window is counted; none is started after the window. Writes JSON to out: the
 counted streams, and per counted stream the time to first byte of the reply, the time from its
 first to its last content chunk, and the time to its final [DONE].
 """
@@ -72,4 +72,7 @@ async def main(job: dict) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(uvloop.run(main(json.loads(sys.stdin.read())))))
+    job = json.loads(sys.stdin.read())
+    found = uvloop.run(main(job))
+    with open(job["out"], "w") as out:
+        json.dump(found, out)

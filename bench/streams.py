@@ -28,6 +28,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -149,19 +150,22 @@ def run_clients(url: str, *, clients: int, keys: list[str] = (), model: str = MO
     the server whose process is `server_pid` over the window."""
     processes = max(1, min(math.ceil(clients / CLIENTS_PER_PROCESS), os.cpu_count() or 1))
     start_at = time.time() + 1.5  # the client processes import aiohttp meanwhile
-    window_start = start_at + min(max(clients / 1000, 1), 4) + STREAM_SECONDS + 1
+    # Clients start spread over one stream's length, at the rate they go on at, not all at once.
+    window_start = start_at + 2 * STREAM_SECONDS + 1
     window_end = window_start + WINDOW_SECONDS
     job = {"url": url, "model": model, "keys": list(keys), "clients": clients, "max_tokens": REPLY_TOKENS + 56,
            "start_at": start_at, "window_start": window_start, "window_end": window_end}
     share = -(-clients // processes)
     runners = []
     for number in range(processes):
+        out = tempfile.NamedTemporaryFile(suffix=".json", delete=False)
+        out.close()
         runner = subprocess.Popen([sys.executable, str(ROOT / "bench" / "stream_clients.py")], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        runner.stdin.write(json.dumps(job | {"offset": number * share,
-                                             "count": min(share, clients - number * share)}))
+                                  text=True, cwd=ROOT)
+        runner.stdin.write(json.dumps(job | {"offset": number * share, "count": min(share, clients - number * share),
+                                             "out": out.name}))
         runner.stdin.close()
-        runners.append(runner)
+        runners.append((runner, out.name))
     pids = process_tree(server_pid) if server_pid else []
     time.sleep(max(window_start - time.time(), 0))
     cpu_before = cpu_seconds(pids)
@@ -170,9 +174,12 @@ def run_clients(url: str, *, clients: int, keys: list[str] = (), model: str = MO
     time.sleep(max(window_end - time.time(), 0))
     cpu = cpu_seconds(pids) - cpu_before
     found = {"first_ms": [], "content_ms": [], "done_ms": [], "errors": [], "error_count": 0}
-    for runner in runners:
-        out = json.loads(runner.stdout.read())
-        runner.wait()
+    for runner, out_name in runners:
+        if runner.wait() != 0:
+            raise RuntimeError(f"a process of streaming clients failed ({runner.returncode})")
+        with open(out_name) as out_file:
+            out = json.load(out_file)
+        os.unlink(out_name)
         for name in found:
             found[name] += out[name]
     streams = len(found["done_ms"])
