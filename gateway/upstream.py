@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
+from django.conf import settings
 
 from gateway import destinations, sandbox
 
@@ -94,7 +95,7 @@ def session() -> aiohttp.ClientSession:
     loop = asyncio.get_running_loop()
     found = _sessions.get(id(loop))
     if found is None or found.closed:
-        connector = aiohttp.TCPConnector(limit=200, ttl_dns_cache=300, resolver=_PermittedResolver(),
+        connector = aiohttp.TCPConnector(limit=settings.GATEWAY_PROVIDER_CONNECTIONS, ttl_dns_cache=300, resolver=_PermittedResolver(),
                                          socket_factory=_permitted_socket)
         found = _sessions[id(loop)] = aiohttp.ClientSession(connector=connector, raise_for_status=False,
                                                             middlewares=(_refuse_redirects,))

@@ -287,6 +287,10 @@ WEB_THREADS = int(env("WEB_THREADS", "10"))
 # Encrypts TOTP secrets and recovery-code seeds at rest (a Fernet key, made the same way); defaults
 # to one derived from SECRET_KEY. Changing it makes every enrolled authenticator unreadable.
 MFA_SECRETS_KEY = env("MFA_SECRETS_KEY")
+# Connections to providers that each server process keeps open at most (0: no limit). Every one
+# carries a request whose hold is taken and whose client waits: a limit below the streams a
+# process holds open queues their first tokens behind other requests' whole replies.
+GATEWAY_PROVIDER_CONNECTIONS = int(env("GATEWAY_PROVIDER_CONNECTIONS", "0"))
 # The largest request the gateway forwards (prompts with images are large; forms keep Django's limit).
 GATEWAY_MAX_BODY_BYTES = int(env("GATEWAY_MAX_BODY_BYTES", str(32 * 1024 * 1024)))
 # Provider connections may not point at internal addresses (the gateway would send the provider's

@@ -33,6 +33,11 @@ from django.conf import settings
 
 PREFIX = "portal:shared:"
 GENERATION_TTL = 86400  # seconds a generation is remembered: far longer than any load takes
+# An event loop's connections to Redis. Requests beyond them wait for one (a read takes well under
+# a millisecond) instead of failing with "Too many connections" and loading from the database,
+# which under a burst of thousands of requests piles them onto the database and its few threads.
+ASYNC_CONNECTIONS = 32
+ASYNC_WAIT_SECONDS = 2  # for a free connection: then the read misses, as with Redis down
 log = logging.getLogger(__name__)
 # SET the entry only if its generation is still the one the loader took.
 _SET_IF_UNCHANGED = """
@@ -99,7 +104,9 @@ class _Redis:
         loop = asyncio.get_running_loop()
         client = self._async.get(loop)
         if client is None:
-            client = self._async[loop] = redis.asyncio.Redis.from_url(self.url)
+            pool = redis.asyncio.BlockingConnectionPool.from_url(self.url, max_connections=ASYNC_CONNECTIONS,
+                                                                 timeout=ASYNC_WAIT_SECONDS)
+            client = self._async[loop] = redis.asyncio.Redis(connection_pool=pool)
         return client
 
     @staticmethod

@@ -12,6 +12,7 @@ from allowances import ledger
 from allowances.ledger import verify
 from allowances.models import Account
 from gateway import bounds
+from gateway import services as gateway_services
 from gateway.models import UsageRecord
 from portal.tenancy import scope, unscoped
 from tests.allowances.helpers import balance
@@ -217,4 +218,40 @@ def test_fifty_agent_streams_asking_64000_are_not_refused_for_phantom_reserves(m
     records = records_after(record_id)
     assert len(records) == 50 and {(r.status, r.uncharged_tokens) for r in records} == {("ok", 0)}
     assert available_tokens(metered.member) == available - real >= 0
+    assert verify() == []
+
+
+def test_more_streams_than_two_hundred_reach_one_provider_at_once(metered):
+    # The provider starts none of the streams until all of them are open with it: a gateway that
+    # kept fewer connections to it than it has streams would leave the rest queued for one while
+    # those through wait on the provider, until the read time-out failed them all.
+    count = 250
+    with scope(metered.org.organization):
+        gateway_services.provider_connection_update(connection=metered.openai_connection,
+                                                    actor=metered.org.members["admin"].user, read_timeout=20)
+    metered.upstream.behaviour.streams_together = count
+    set_available(metered.org, metered.member, count * RESERVE)
+    record_id = last_record_id()
+
+    results = storm(metered, count)
+
+    assert Counter(status for status, _, _ in results) == {200: count}
+    for _, headers, text in results:
+        assert_complete_stream(headers, text)
+    assert Counter(record.status for record in records_after(record_id)) == {UsageRecord.Status.OK: count}
+    assert verify() == []
+
+
+def test_a_burst_of_requests_waits_for_a_shared_cache_connection_rather_than_go_without(metered, caplog):
+    # More requests at once than an event loop has connections to Redis: those beyond them wait
+    # for one (a read is quick), instead of missing the cache and loading from the database.
+    count = 250
+    set_available(metered.org, metered.member, (count + 1) * RESERVE)
+    storm(metered, 1)  # the key's identity and the catalog are cached
+
+    with caplog.at_level("WARNING", logger="portal.shared_cache"):
+        results = storm(metered, count)
+
+    assert Counter(status for status, _, _ in results) == {200: count}
+    assert [record.getMessage() for record in caplog.records if record.name == "portal.shared_cache"] == []
     assert verify() == []

@@ -40,6 +40,8 @@ class Behaviour:
     # Reply with a call of this tool instead of text: {"name": ..., "arguments": "<JSON text>"}.
     tool_call: dict | None = None
     chat_only: bool = False  # no /responses (an OpenAI-compatible server of chat completions only)
+    # Send no stream's first chunk until this many streams are open here at once.
+    streams_together: int | None = None
 
 
 def _text_bytes(value) -> int:
@@ -76,6 +78,8 @@ class FakeUpstream:
         self.server: uvicorn.Server | None = None
         self.port = 0
         self.disconnects = 0
+        self.streaming = 0  # streams open now
+        self.most_streaming = 0  # the most open at once
 
     @property
     def base_url(self) -> str:
@@ -190,7 +194,17 @@ class FakeUpstream:
         await send({"type": "http.response.body", "body": payload})
 
     async def _stream(self, send, request, wire, receive, b):
+        self.streaming += 1
+        self.most_streaming = max(self.most_streaming, self.streaming)
+        try:
+            await self._stream_events(send, request, wire, b)
+        finally:
+            self.streaming -= 1
+
+    async def _stream_events(self, send, request, wire, b):
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        while b.streams_together is not None and self.most_streaming < b.streams_together:
+            await asyncio.sleep(0.01)
         events = list({"messages": self._anthropic_events, "responses": self._responses_events,
                        "chat": self._openai_events, "completions": self._completion_events}[wire](request, b))
         for index, event in enumerate(events):
