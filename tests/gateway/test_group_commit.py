@@ -34,7 +34,8 @@ ACCOUNTS = 50  # 50 x 10 = 500 holds, 250 of which fit
 
 
 @pytest.fixture(autouse=True)
-def _no_connection_left():
+def _group_commit(settings):
+    settings.GATEWAY_GROUP_COMMIT = True
     yield
     close_server_connections()
 
@@ -224,6 +225,9 @@ def test_a_request_cancelled_while_its_batch_is_in_flight_leaves_no_open_hold(or
         await asyncio.sleep(0.05)
         alone.cancel()  # its batch (of one) is in flight
         await _unlock(pool, locker_1)
+        batcher = batching._batchers[asyncio.get_running_loop()]
+        while batcher._queue:  # taken as the second batch once the first one ended
+            await asyncio.sleep(0.01)
         await _waiting_for_a_lock(pool)  # the second batch is in flight now, waiting for the second account
         together[0].cancel()  # one of the two requests of a batch in flight
         await _unlock(pool, locker_2)
