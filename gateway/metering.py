@@ -4,7 +4,8 @@
 (gateway.bounds) and takes the hold; `finish` settles the hold with the usage the provider
 reported (or releases it) and writes the usage record in the same statement. Both run on the
 event loop: one shared-cache read for the key's identity and its organization's catalog, then one
-ledger statement each on the loop's connection pool (portal.async_db). What is rare (a cache miss,
+ledger statement each on the loop's connection pool (portal.async_db), committed together with the
+statements of other requests in flight (gateway.batching). What is rare (a cache miss,
 a refusal, a retry, a hold closed before it was settled) calls the ledger's own functions in a
 worker thread; they say why a statement posted nothing.
 """
@@ -23,7 +24,6 @@ import psycopg
 from django.db import connection, transaction
 from django.urls import reverse
 from django.utils import timezone
-from psycopg_pool import PoolTimeout
 
 from allowances import ledger
 from allowances.aliases import AliasTable
@@ -31,7 +31,7 @@ from allowances.models import CatalogModel, ModelAlias
 from allowances.pricing import Pricing
 from apikeys.authentication import ApiKeyAuthentication
 from apikeys.services import KeyIdentity, KeyPaused, KeyRefused
-from gateway import alarms, bounds, breaker, sandbox
+from gateway import alarms, batching, bounds, breaker, sandbox
 from gateway.apis import ENDPOINTS, SCOPE_PATHS
 from gateway.errors import GatewayError
 from gateway.models import BreakerSettings, ProviderConnection, UsageRecord
@@ -392,7 +392,7 @@ async def _begin(*, raw_key, ip, endpoint, body, request_id, started, plan) -> B
     economy = _economy(identity, config, route, endpoint, body, worst, plan)
     args = _hold_args(identity, route, reserve, request_id, economy)
     statement = ledger.hold_statement(**args)
-    row = await _run(statement)
+    row = await _run(statement, orphan=_released_if_orphaned(statement))
     # Nothing posted: a retry of this request (its hold exists) or a refusal; the ledger says which.
     hold = ledger.hold_made(statement, *row) if row is not None else await in_thread(_authorize)(args, refusal)
     routed_from = ""
@@ -430,28 +430,22 @@ def _authorize(args: dict, refusal: dict) -> ledger.Hold:
                                code="insufficient_quota") from None
 
 
-async def _run(statement: ledger.Statement, with_entry: str = "", params: dict | None = None) -> tuple | None:
-    """Run a ledger statement on the loop's pool: the row of the new entry (its id; a routed hold's
-    model too), or None if nothing was posted.
+async def _run(statement: ledger.Statement, with_entry: str = "", params: dict | None = None, *,
+               orphan=None) -> tuple | None:
+    """Run a ledger statement on the loop's pool, with the statements of other requests that come at
+    the same time (gateway.batching): the row of the new entry (its id; a routed hold's model too),
+    or None if nothing was posted. `orphan(row)`: the statement that undoes the post if this
+    request is cancelled before it has the row."""
+    return await batching.run(batching.post_of(statement, with_entry, params), orphan=orphan)
 
-    A connection that dies under the statement (the database restarted between the pool's check
-    and the statement) is replaced once: running the statement again is safe, as a post that did
-    commit posts nothing the second time (its idempotency key), and the caller's fallback finds it.
-    """
-    pool = await async_db.pool()
-    for attempt in (1, 2):
-        try:
-            async with pool.connection() as conn, conn.cursor() as cursor:
-                await cursor.execute(statement.sql(with_entry), statement.params | (params or {}), prepare=True)
-                row = await cursor.fetchone()
-                async_db.statement_succeeded(conn)
-            return tuple(row) if row else None
-        except PoolTimeout:
-            raise  # no connection at all: the database is down, not one connection
-        except psycopg.OperationalError:
-            async_db.statement_failed()
-            if attempt == 2:
-                raise
+
+def _released_if_orphaned(statement: ledger.Statement):
+    """For a hold's statement: the release of the hold it made, for a request that is gone."""
+    def release(row: tuple) -> batching.Post:
+        hold = ledger.hold_made(statement, *row)
+        return batching.post_of(ledger.release_statement(hold=hold, reason="the request was cancelled"))
+
+    return release
 
 
 def _more_url(config: OrgConfig, *, tokens: int | None = None, model: str = "") -> str:

@@ -3,8 +3,9 @@
 Django's ORM is synchronous, so every query from async code costs a hop to a worker thread and
 back (and under load, a wait for a free one). The gateway's hot statements (the hold, the
 settlement with its usage record) run instead on psycopg's async connections to Django's default
-database, pooled by psycopg_pool, in autocommit: each is one statement, so one transaction. A
-connection belongs to the event loop that opened it, so each loop has its own pool.
+database, pooled by psycopg_pool, in autocommit: a statement alone is its own transaction, and
+statements of requests that come together are one (gateway.batching). A connection belongs to the
+event loop that opened it, so each loop has its own pool.
 """
 
 import asyncio
@@ -42,7 +43,7 @@ async def _check(conn) -> None:
     """A connection that sat idle is checked (one round trip) before it is handed out, so that one
     that died with a database restart is replaced instead of failing a request. One in constant use
     is not, which would cost a round trip per statement: a statement that meets a dead connection
-    all the same is run once more (metering._run) after every connection is marked for a check
+    all the same is run once more (gateway.batching) after every connection is marked for a check
     (statement_failed), and the broken one is dropped."""
     if time.monotonic() - _last_ok.get(conn, float("-inf")) > FRESH_SECONDS:
         await AsyncConnectionPool.check_connection(conn)

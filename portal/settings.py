@@ -293,6 +293,11 @@ MFA_SECRETS_KEY = env("MFA_SECRETS_KEY")
 GATEWAY_PROVIDER_CONNECTIONS = int(env("GATEWAY_PROVIDER_CONNECTIONS", "0"))
 # The largest request the gateway forwards (prompts with images are large; forms keep Django's limit).
 GATEWAY_MAX_BODY_BYTES = int(env("GATEWAY_MAX_BODY_BYTES", str(32 * 1024 * 1024)))
+# Group commit (gateway.batching): the ledger statements of concurrent gateway requests in one
+# server process are written in one transaction per round trip; off, one transaction each. Off by
+# default until `make bench-gateway` shows it faster: it spends less CPU per request, but measured
+# slower on a loaded 2-core machine (one batch in flight per process).
+GATEWAY_GROUP_COMMIT = env_bool("GATEWAY_GROUP_COMMIT", False)
 # Provider connections may not point at internal addresses (the gateway would send the provider's
 # secret there and relay the answer): refused when a connection is saved and on every connection the
 # gateway opens. On in production; the demo and the tests serve providers on loopback.
