@@ -360,6 +360,9 @@ class LedgerEntry(TenantModel):
     # which `verify` checks; no foreign key trigger on every ledger insert for a column rarely set.
     pool_hold = models.OneToOneField("self", null=True, blank=True, on_delete=models.PROTECT, related_name="pooled_in",
                                      db_constraint=False, db_index=False)
+    # Of such a hold: how much of the member's part is their base allowance, charged before the
+    # pool; the rest of their part is approved overage (or overdraft), charged after it.
+    base_tokens = models.BigIntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -373,6 +376,8 @@ class LedgerEntry(TenantModel):
                 held_delta=F("tokens"), granted_delta=0, used_delta=0, expires_at__isnull=False) & (
                 Q(tokens__gt=0) | Q(tokens=0, pool_hold__isnull=False))),
             models.CheckConstraint(name="ledger_pool_hold_on_holds", condition=Q(pool_hold__isnull=True) | Q(kind="hold")),
+            models.CheckConstraint(name="ledger_base_tokens_of_pooled_holds", condition=Q(base_tokens__isnull=True) | Q(
+                pool_hold__isnull=False, base_tokens__gte=0, base_tokens__lte=F("tokens"))),
         ]
         indexes = [
             models.Index(fields=["account", "period_start"], name="ledger_account_period"),

@@ -169,6 +169,57 @@ def test_approved_overage_is_drawn_after_the_pool_and_pool_usage_is_never_billab
     assert ledger.verify() == []
 
 
+def base_left_and_approved_overage(org):
+    """The fixture's hold settled at 1,000, so 4,000 of the member's base is left, and 10,000 of approved overage."""
+    with scope(org.organization):
+        ledger.settle(hold=org.hold, used_tokens=1_000)
+        ledger.post(account=org.account, kind="overage_grant", tokens=10_000, idempotency_key="overage:test")
+
+
+def billable_tokens(org):
+    with scope(org.organization):
+        return sum(row.tokens for row in billable_overage(organization=org.organization,
+                                                          period=org.account.period_start))
+
+
+def test_settling_less_than_a_hold_with_overage_charges_base_then_pool_then_overage(pooled):
+    base_left_and_approved_overage(pooled)
+    taken = hold(pooled, 8_000)  # 4,000 own base, 3,000 pool, 1,000 own overage
+    assert (taken.own_tokens, taken.pool_tokens, taken.base_tokens) == (5_000, 3_000, 4_000)
+    with scope(pooled.organization):
+        found = ledger.hold_find(organization_id=pooled.organization.pk, hold_id=taken.id)
+    assert found == taken  # the settle API and retries rebuild the base share too
+    with scope(pooled.organization):
+        ledger.settle(hold=found, used_tokens=5_000)  # less than the worst case
+    # 4,000 of the member's base, then the pool's 1,000: nothing billable, the overage untouched.
+    assert billable_tokens(pooled) == 0
+    assert balance(pooled.members["employee"])[2] == 5_000 and pool_balance(pooled) == (3_000, 0, 1_000)
+    again = hold(pooled, 9_000, key="r2")  # no base left: 2,000 pool, 7,000 overage
+    assert (again.own_tokens, again.pool_tokens, again.base_tokens) == (7_000, 2_000, 0)
+    with scope(pooled.organization):
+        ledger.settle(hold=again, used_tokens=3_000)
+    assert pool_balance(pooled) == (3_000, 0, 3_000) and billable_tokens(pooled) == 1_000
+    assert ledger.verify() == []
+
+
+def test_usage_after_the_sweeper_released_charges_base_then_pool_then_overage(pooled):
+    base_left_and_approved_overage(pooled)
+    taken = hold(pooled, 8_000, ttl=timedelta(seconds=-1))
+    ledger.release_expired_holds(now=timezone.now())
+    with scope(pooled.organization):
+        ledger.settle(hold=taken, used_tokens=5_000)
+        assert ledger.settle(hold=taken, used_tokens=5_000).created is False
+        assert ledger.settled_tokens(hold=taken) == 5_000
+    assert billable_tokens(pooled) == 0
+    assert balance(pooled.members["employee"])[2] == 5_000 and pool_balance(pooled) == (3_000, 0, 1_000)
+    late = hold(pooled, 3_000, key="late", ttl=timedelta(seconds=-1))  # the pool's 2,000, then 1,000 overage
+    ledger.release_expired_holds(now=timezone.now())
+    with scope(pooled.organization):
+        ledger.settle(hold=late, used_tokens=2_500)
+    assert pool_balance(pooled) == (3_000, 0, 3_000) and billable_tokens(pooled) == 500
+    assert ledger.verify() == []
+
+
 def test_a_key_cap_bounds_the_whole_pooled_request(pooled):
     with scope(pooled.organization):
         pooled.api_key.spend.token_cap = 5_000
