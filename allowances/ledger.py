@@ -765,14 +765,19 @@ def _hold(row: dict) -> Hold:
                 pool_account_id=row["pool_hold__account_id"], pool_tokens=pool_tokens, base_tokens=row["base_tokens"])
 
 
+# A hold is a member's: a team pool's part of one is closed only with it, never by its own id.
+_MEMBER_HOLDS = Q(kind=Kind.HOLD, account__team__isnull=True)
+
+
 def hold_get(*, account: Account | AccountRef, hold_id: int) -> Hold:
-    return _hold(LedgerEntry.all_objects.filter(account_id=account.pk, kind=Kind.HOLD).values(*_HOLD_FIELDS)
+    return _hold(LedgerEntry.all_objects.filter(_MEMBER_HOLDS, account_id=account.pk).values(*_HOLD_FIELDS)
                  .get(pk=hold_id))
 
 
 def hold_find(*, organization_id: int, hold_id: int) -> Hold | None:
-    """A hold of the organization by id, or None (another organization's answers the same)."""
-    row = LedgerEntry.all_objects.filter(organization_id=organization_id, kind=Kind.HOLD, pk=hold_id).values(
+    """A member's hold of the organization by id, or None (another organization's, or the pool's
+    part of a hold, answers the same)."""
+    row = LedgerEntry.all_objects.filter(_MEMBER_HOLDS, organization_id=organization_id, pk=hold_id).values(
         *_HOLD_FIELDS).first()
     return _hold(row) if row is not None else None
 
@@ -789,8 +794,7 @@ def release_expired_holds(*, now: datetime | None = None, limit: int = SWEEP_BAT
     """Release holds that outlived their time-to-live. Returns how many were released. A pool's
     part of a hold goes with the member's part (whose expiry the gateway moves on)."""
     now = now or timezone.now()
-    expired = (LedgerEntry.all_objects.filter(kind=Kind.HOLD, expires_at__lte=now, closed_by__isnull=True,
-                                              account__team__isnull=True)
+    expired = (LedgerEntry.all_objects.filter(_MEMBER_HOLDS, expires_at__lte=now, closed_by__isnull=True)
                .order_by("expires_at").values(*_HOLD_FIELDS)[:limit])
     released = 0
     for row in expired:
