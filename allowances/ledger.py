@@ -805,7 +805,8 @@ def release_expired_holds(*, now: datetime | None = None, limit: int = SWEEP_BAT
 
 
 def verify(*, organization_id: int | None = None) -> list[dict]:
-    """Recompute every account from its entries; return the accounts whose stored balance differs."""
+    """Recompute every account from its entries; return the accounts whose stored balance differs,
+    and the holds and team pools that break the ledger's rules."""
     where = "WHERE a.organization_id = %s" if organization_id else ""
     sql = f"""
         SELECT a.id, a.organization_id, a.granted, a.held, a.used,
@@ -829,6 +830,15 @@ def verify(*, organization_id: int | None = None) -> list[dict]:
           AND (p.id IS NULL OR p.kind <> 'hold' OR pa.team_id IS NULL OR p.organization_id <> h.organization_id
                OR EXISTS (SELECT 1 FROM {_ENTRY} c WHERE c.closes_hold_id = h.id)
                   <> EXISTS (SELECT 1 FROM {_ENTRY} c WHERE c.closes_hold_id = p.id))"""
+    # A pool's hold entry is only ever the part of a member's hold, and a pool never goes below zero.
+    orphan_pool_holds = f"""
+        SELECT p.account_id, p.id FROM {_ENTRY} p JOIN {_ACCOUNT} pa ON pa.id = p.account_id
+        WHERE p.kind = 'hold' AND pa.team_id IS NOT NULL {"AND p.organization_id = %s" if organization_id else ""}
+          AND NOT EXISTS (SELECT 1 FROM {_ENTRY} c WHERE c.closes_hold_id = p.id)
+          AND NOT EXISTS (SELECT 1 FROM {_ENTRY} h WHERE h.pool_hold_id = p.id)"""
+    pools_below_zero = f"""
+        SELECT id, granted - used - held FROM {_ACCOUNT} WHERE team_id IS NOT NULL AND granted - used - held < 0
+        {"AND organization_id = %s" if organization_id else ""} ORDER BY id"""
     params = [organization_id] if organization_id else []
     problems = []
     with connection.cursor() as cursor:
@@ -847,4 +857,12 @@ def verify(*, organization_id: int | None = None) -> list[dict]:
         for account_id, entry_id in cursor.fetchall():
             problems.append({"account_id": account_id, "entry_id": entry_id,
                              "problem": "the pool's part of this hold is missing, misplaced or closed apart from it"})
+        cursor.execute(orphan_pool_holds, params)
+        for account_id, entry_id in cursor.fetchall():
+            problems.append({"account_id": account_id, "entry_id": entry_id,
+                             "problem": "an open hold of the team pool that no member's hold is made of"})
+        cursor.execute(pools_below_zero, params)
+        for account_id, available in cursor.fetchall():
+            problems.append({"account_id": account_id, "entry_id": None,
+                             "problem": f"the team pool is below zero ({available:,} tokens available)"})
     return problems

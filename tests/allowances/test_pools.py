@@ -5,9 +5,11 @@ pool never goes below zero and nothing drawn from it is billable; at the close a
 expires; transfers to the pool follow the transfer rules."""
 
 from datetime import timedelta
+from io import StringIO
 
 import pytest
 from django.core.exceptions import ValidationError
+from django.core.management import CommandError, call_command
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
@@ -302,6 +304,27 @@ def test_a_pool_belongs_to_a_team_of_its_own_organization(pooled, org_b):
         team = TeamFactory(organization=pooled.organization, name="Overdrawn")
         Account.all_objects.create(organization=pooled.organization, team=team, overdraft_limit=1,
                                    period_start=pooled.pool.period_start)
+
+
+def test_verify_names_a_pool_hold_of_no_members_hold_and_a_pool_below_zero(pooled):
+    taken = hold(pooled, 5_000)  # a pooled hold as the ledger makes it: clean
+    assert ledger.verify() == []
+    with scope(pooled.organization):  # written past the ledger's rules, as only a bug could
+        stray = ledger.post(account=pooled.pool, kind="hold", tokens=10, idempotency_key="stray",
+                            expires_at=timezone.now())
+    assert [(p["account_id"], p["entry_id"]) for p in ledger.verify()] == [(pooled.pool.pk, stray.entry_id)]
+    with scope(pooled.organization):
+        ledger.release(hold=ledger.Hold(id=stray.entry_id, account_id=pooled.pool.pk, organization_id=pooled.organization.pk,
+                                        tokens=10, expires_at=timezone.now()))
+        ledger.settle(hold=taken, used_tokens=5_000)
+        assert ledger.verify() == []
+        ledger.post(account=pooled.pool, kind="usage", tokens=2_500, idempotency_key="overdrawn")
+    (problem,) = ledger.verify(organization_id=pooled.organization.pk)
+    assert problem["account_id"] == pooled.pool.pk and "below zero (-500 tokens" in problem["problem"]
+    err = StringIO()
+    with pytest.raises(CommandError):
+        call_command("verify_ledger", stdout=StringIO(), stderr=err)
+    assert err.getvalue() == f"account {pooled.pool.pk}: {problem['problem']}\n"
 
 
 @pytest.mark.transactional
