@@ -17,7 +17,7 @@ from allowances import ledger
 from allowances import services as allowance_services
 from allowances.closing import close_period
 from allowances.models import Account, LedgerEntry, Transfer
-from allowances.selectors import billable_overage, transferable
+from allowances.selectors import billable_overage, team_pool, transferable, usage_by_day
 from portal.models import AuditLogEntry
 from portal.tenancy import scope, unscoped
 from tests.allowances.helpers import balance, hold_is_open, snapshot
@@ -304,6 +304,20 @@ def test_a_pool_belongs_to_a_team_of_its_own_organization(pooled, org_b):
         team = TeamFactory(organization=pooled.organization, name="Overdrawn")
         Account.all_objects.create(organization=pooled.organization, team=team, overdraft_limit=1,
                                    period_start=pooled.pool.period_start)
+
+
+def test_a_hold_taken_without_a_key_names_its_member_as_the_pools_drawer(pooled):
+    employee = pooled.members["employee"]
+    taken = hold(pooled, 5_000)  # by member, as the authorize API takes it by email: no key
+    with scope(pooled.organization):
+        ledger.settle(hold=taken, used_tokens=5_000)  # 1,000 from the pool
+        board = team_pool(member=employee)
+        today = usage_by_day(organization=pooled.organization, member=employee,
+                             since=timezone.now().date() - timedelta(days=1))
+    assert [(row["email"], row["tokens"], row["member_id"]) for row in board["drawn"]] == [
+        ("employee@a.example", 1_000, employee.pk)]
+    assert board["mine_drawn"] == 1_000
+    assert sum(row[3] for row in today) == 5_000 and {row[1] for row in today} == {pooled.team.name}
 
 
 def test_verify_names_a_pool_hold_of_no_members_hold_and_a_pool_below_zero(pooled):
