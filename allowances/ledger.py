@@ -173,8 +173,9 @@ def postgres_sql(guard: str | None, keyed: bool, with_entry: str = "") -> str:
 # pool itself never goes below zero. A key's cap bounds the whole request.
 #
 # The hold is two hold entries: the member's (its `pool_hold` names the pool's; zero tokens when
-# the pool covers all of it) and the pool's. Settling or releasing it closes both in one
-# statement, the usage charged to the member's part first, each part capped at its hold.
+# the pool covers all of it; its `base_tokens` says how much of it is base allowance) and the
+# pool's. Settling or releasing it closes both in one statement, the usage charged in the same
+# order: the member's base share, then the pool's part, then the rest of the member's part.
 
 _OWN_AVAILABLE = "(a.granted - a.used - a.held)"
 # The member's period's approved overage (consumption.OVERAGE_KINDS), through the partial index
@@ -203,7 +204,8 @@ def _pool_fits(tokens: str, keyed: bool) -> str:
 @functools.cache
 def pool_hold_sql(routed: bool, keyed: bool) -> str:
     """A pooled hold as one statement (see above), returning the member's entry's id, its model,
-    its tokens, the pool's entry's id and its tokens (no row: nothing was posted)."""
+    its tokens, the pool's entry's id and its tokens, and the member's base share (no row: nothing
+    was posted)."""
     from allowances.consumption import OVERAGE_KINDS, kinds_sql, unused_overage_sql
 
     overage = _OVERAGE_GRANTED.format(overage_kinds=kinds_sql(OVERAGE_KINDS))
@@ -231,11 +233,12 @@ def pool_hold_sql(routed: bool, keyed: bool) -> str:
     # FOR UPDATE OF s: the key's counter is locked once the account rows are (the join waits for them).
     chosen = (f"SELECT f.*, {choose} FROM ({split}) f JOIN locked a ON a.id = f.id{join} WHERE {where}"
               f"{' FOR UPDATE OF s' if keyed else ''}")
-    columns = f"{_ENTRY_COLUMNS}, pool_hold_id"
+    columns = f"{_ENTRY_COLUMNS}, pool_hold_id, base_tokens"
     own = (f"INSERT INTO {_ENTRY} ({columns}) SELECT %(org)s, %(account)s, 'hold', {own_part}, 0, {own_part}, 0, "
            "c.period_start, %(key)s, NULL, %(expires)s, c.model, %(actor)s, %(api_key)s, %(reason)s, %(reference)s, "
-           f"%(now)s, CASE WHEN {pool_part} > 0 THEN nextval(pg_get_serial_sequence('{_ENTRY}', 'id')) END FROM c "
-           f"ON CONFLICT DO NOTHING RETURNING {_POSTED}, model, tokens, pool_hold_id")
+           f"%(now)s, CASE WHEN {pool_part} > 0 THEN nextval(pg_get_serial_sequence('{_ENTRY}', 'id')) END, "
+           f"CASE WHEN {pool_part} > 0 THEN LEAST({own_part}, GREATEST(c.own_base, 0)) END FROM c "
+           f"ON CONFLICT DO NOTHING RETURNING {_POSTED}, model, tokens, pool_hold_id, base_tokens")
     # Only with the member's entry (a retry posts neither), under the id that entry names.
     pooled = (f"INSERT INTO {_ENTRY} (id, {_ENTRY_COLUMNS}) SELECT m.pool_hold_id, %(org)s, %(pool)s, 'hold', "
               f"{pool_part}, 0, {pool_part}, 0, c.period_start, %(key)s || ':' || %(account)s, NULL, %(expires)s, "
@@ -245,7 +248,7 @@ def pool_hold_sql(routed: bool, keyed: bool) -> str:
             "WHERE id IN (%(account)s, %(pool)s) AND organization_id = %(org)s ORDER BY id FOR UPDATE), "
             f"c AS MATERIALIZED ({chosen}), own AS ({own}), pooled AS ({pooled}), "
             f"{_pair_moves(keyed, 'own', 'pooled')} "
-            "SELECT id, model, tokens, pool_hold_id, (SELECT tokens FROM pooled) FROM own")
+            "SELECT id, model, tokens, pool_hold_id, (SELECT tokens FROM pooled), base_tokens FROM own")
 
 
 def _pair_moves(keyed: bool, own: str, pooled: str) -> str:
@@ -423,6 +426,7 @@ class Hold:
     pool_hold_id: int | None = None
     pool_account_id: int | None = None
     pool_tokens: int = 0
+    base_tokens: int | None = None  # of a pooled hold's own part, the member's base allowance
 
     @property
     def own_tokens(self) -> int:
@@ -582,7 +586,7 @@ def hold_statement(*, account: Account | AccountRef, tokens: int, idempotency_ke
 
 
 def hold_made(statement: Statement, entry_id: int, model: str | None = None, own_tokens: int | None = None,
-              pool_hold_id: int | None = None, pool_tokens: int | None = None) -> Hold:
+              pool_hold_id: int | None = None, pool_tokens: int | None = None, base_tokens: int | None = None) -> Hold:
     """The hold a statement made, from the row it returned: with `model`, which hold a routed
     statement took; a pooled one returns its parts too."""
     params = statement.params
@@ -594,7 +598,8 @@ def hold_made(statement: Statement, entry_id: int, model: str | None = None, own
                 spend_id=params["spend"])
     if pool_hold_id is None:
         return hold
-    return replace(hold, pool_hold_id=pool_hold_id, pool_account_id=params["pool"], pool_tokens=pool_tokens)
+    return replace(hold, pool_hold_id=pool_hold_id, pool_account_id=params["pool"], pool_tokens=pool_tokens,
+                   base_tokens=base_tokens)
 
 
 def authorize(*, account: Account | AccountRef, tokens: int, idempotency_key: str, ttl: timedelta = HOLD_TTL,
@@ -616,11 +621,14 @@ def authorize(*, account: Account | AccountRef, tokens: int, idempotency_key: st
 
 def settle_statement(*, hold: Hold, used_tokens: int, model: str = "", reference: str = "") -> Statement:
     """The post that settles a hold (see `settle`): all of the hold is released and `used_tokens`
-    recorded as used, at most the hold; of a pooled hold, the member's part first, then the pool's."""
+    recorded as used, at most the hold; of a pooled hold, the member's base share first, then the
+    pool's part, then the rest of the member's part (see "team pools")."""
     if not isinstance(used_tokens, int) or used_tokens < 0:
         raise ValueError("usage is a whole number of tokens, zero or more")
     used_tokens = min(used_tokens, hold.tokens)
-    own = min(used_tokens, hold.own_tokens)
+    # A hold made before base shares were kept: all of its own part counts as base.
+    base = hold.own_tokens if hold.base_tokens is None else hold.base_tokens
+    own = used_tokens - min(max(used_tokens - base, 0), hold.pool_tokens)
     params = _params(
         account=_account_ref(hold), kind=Kind.USAGE, tokens=own, used_delta=own,
         idempotency_key=f"settle:{hold.id}", model=model or hold.model, reference=reference,
@@ -652,9 +660,9 @@ def settle(*, hold: Hold, used_tokens: int, model: str = "", reference: str = ""
 
     A hold that the sweeper released first (its time-to-live passed) is settled all the same, but
     its tokens may have been used since: the usage is charged as far as the account (and the
-    key's cap) can still bear, never below its limit (of a pooled hold: the member's account
-    first, then the pool). Either way once, whatever is retried. `settled_tokens` says how much
-    was charged.
+    key's cap) can still bear, never below its limit (of a pooled hold: the member's base
+    allowance first, then the pool, then the member's approved overage and overdraft). Either way
+    once, whatever is retried. `settled_tokens` says how much was charged.
     """
     try:
         return _post(settle_statement(hold=hold, used_tokens=used_tokens, model=model, reference=reference))
@@ -667,10 +675,9 @@ def settle(*, hold: Hold, used_tokens: int, model: str = "", reference: str = ""
         try:
             with transaction.atomic():
                 lock(account_ids=[account.pk for account, _hold_id in parts])
-                left, first = used_tokens, None
-                for account, hold_id in parts:
-                    tokens = min(left, _room(account, hold.spend_id))
-                    left -= tokens
+                charges = _late_charges(hold, used_tokens)
+                left, first = used_tokens - sum(charges), None
+                for (account, hold_id), tokens in zip(parts, charges, strict=True):
                     posted = _post(Statement("overdraft", _params(
                         account=account, kind=Kind.USAGE, tokens=tokens, used_delta=tokens,
                         idempotency_key=f"settle:{hold_id}", model=model or hold.model, reference=reference,
@@ -695,16 +702,33 @@ def settled_tokens(*, hold: Hold) -> int:
     return LedgerEntry.all_objects.filter(parts).aggregate(total=Sum("used_delta"))["total"] or 0
 
 
-def _room(account: AccountRef, spend_id: int | None) -> int:
-    """How many tokens the account (and key cap) can still take before their limits."""
-    account = Account.all_objects.values("granted", "held", "used", "overdraft_limit", "period_start").get(
-        pk=account.pk)
-    room = account["granted"] - account["used"] - account["held"] + account["overdraft_limit"]
-    if spend_id is not None:
-        spend = KeySpend.all_objects.get(pk=spend_id)
+def _late_charges(hold: Hold, used_tokens: int) -> list[int]:
+    """What a settlement after the sweeper released `hold` charges to each of its parts (the
+    member's, then the pool's), as far as the accounts and the key's cap can bear now: of a pooled
+    hold, the member's base allowance first, then the pool, then the member's approved overage
+    and overdraft, as a hold takes them (see "team pools"). The caller holds the accounts' locks."""
+    from allowances.consumption import OVERAGE_KINDS, unused_overage
+
+    member = Account.all_objects.values("granted", "held", "used", "overdraft_limit", "period_start").get(
+        pk=hold.account_id)
+    available = member["granted"] - member["used"] - member["held"]
+    room = max(available + member["overdraft_limit"], 0)
+    key = used_tokens  # what the key's cap still allows (it bounds the whole request)
+    if hold.spend_id is not None:
+        spend = KeySpend.all_objects.get(pk=hold.spend_id)
         if spend.token_cap is not None:
-            room = min(room, spend.token_cap - spend.spent_in(account["period_start"]))
-    return max(room, 0)
+            key = max(spend.token_cap - spend.spent_in(member["period_start"]), 0)
+    if hold.pool_hold_id is None:
+        return [min(used_tokens, room, key)]
+    overage = LedgerEntry.all_objects.filter(
+        account_id=hold.account_id, period_start=member["period_start"], kind__in=OVERAGE_KINDS).aggregate(
+        total=Sum("granted_delta"))["total"] or 0
+    base_left = max(available, 0) - unused_overage(available=available, overage=overage)
+    pool = Account.all_objects.values("granted", "held", "used").get(pk=hold.pool_account_id)
+    base = min(used_tokens, base_left, room, key)
+    from_pool = min(used_tokens - base, max(pool["granted"] - pool["used"] - pool["held"], 0), key - base)
+    rest = min(used_tokens - base - from_pool, room - base, key - base - from_pool)
+    return [base + rest, from_pool]
 
 
 def release_statement(*, hold: Hold, reason: str = "") -> Statement:
@@ -735,7 +759,7 @@ def _account_ref(hold: Hold) -> AccountRef:
 
 
 _HOLD_FIELDS = ("id", "account_id", "organization_id", "tokens", "expires_at", "model", "api_key_id",
-                "api_key__spend_id", "pool_hold_id", "pool_hold__account_id", "pool_hold__tokens")
+                "api_key__spend_id", "pool_hold_id", "pool_hold__account_id", "pool_hold__tokens", "base_tokens")
 
 
 def _hold(row: dict) -> Hold:
@@ -743,17 +767,22 @@ def _hold(row: dict) -> Hold:
     return Hold(id=row["id"], account_id=row["account_id"], organization_id=row["organization_id"],
                 tokens=row["tokens"] + pool_tokens, expires_at=row["expires_at"], model=row["model"],
                 api_key_id=row["api_key_id"], spend_id=row["api_key__spend_id"], pool_hold_id=row["pool_hold_id"],
-                pool_account_id=row["pool_hold__account_id"], pool_tokens=pool_tokens)
+                pool_account_id=row["pool_hold__account_id"], pool_tokens=pool_tokens, base_tokens=row["base_tokens"])
+
+
+# A hold is a member's: a team pool's part of one is closed only with it, never by its own id.
+_MEMBER_HOLDS = Q(kind=Kind.HOLD, account__team__isnull=True)
 
 
 def hold_get(*, account: Account | AccountRef, hold_id: int) -> Hold:
-    return _hold(LedgerEntry.all_objects.filter(account_id=account.pk, kind=Kind.HOLD).values(*_HOLD_FIELDS)
+    return _hold(LedgerEntry.all_objects.filter(_MEMBER_HOLDS, account_id=account.pk).values(*_HOLD_FIELDS)
                  .get(pk=hold_id))
 
 
 def hold_find(*, organization_id: int, hold_id: int) -> Hold | None:
-    """A hold of the organization by id, or None (another organization's answers the same)."""
-    row = LedgerEntry.all_objects.filter(organization_id=organization_id, kind=Kind.HOLD, pk=hold_id).values(
+    """A member's hold of the organization by id, or None (another organization's, or the pool's
+    part of a hold, answers the same)."""
+    row = LedgerEntry.all_objects.filter(_MEMBER_HOLDS, organization_id=organization_id, pk=hold_id).values(
         *_HOLD_FIELDS).first()
     return _hold(row) if row is not None else None
 
@@ -770,8 +799,7 @@ def release_expired_holds(*, now: datetime | None = None, limit: int = SWEEP_BAT
     """Release holds that outlived their time-to-live. Returns how many were released. A pool's
     part of a hold goes with the member's part (whose expiry the gateway moves on)."""
     now = now or timezone.now()
-    expired = (LedgerEntry.all_objects.filter(kind=Kind.HOLD, expires_at__lte=now, closed_by__isnull=True,
-                                              account__team__isnull=True)
+    expired = (LedgerEntry.all_objects.filter(_MEMBER_HOLDS, expires_at__lte=now, closed_by__isnull=True)
                .order_by("expires_at").values(*_HOLD_FIELDS)[:limit])
     released = 0
     for row in expired:
@@ -782,7 +810,8 @@ def release_expired_holds(*, now: datetime | None = None, limit: int = SWEEP_BAT
 
 
 def verify(*, organization_id: int | None = None) -> list[dict]:
-    """Recompute every account from its entries; return the accounts whose stored balance differs."""
+    """Recompute every account from its entries; return the accounts whose stored balance differs,
+    and the holds and team pools that break the ledger's rules."""
     where = "WHERE a.organization_id = %s" if organization_id else ""
     sql = f"""
         SELECT a.id, a.organization_id, a.granted, a.held, a.used,
@@ -810,6 +839,15 @@ def verify(*, organization_id: int | None = None) -> list[dict]:
         SELECT account_id, id, close_rolled_over FROM {_ENTRY}
         WHERE kind = '{Kind.CLOSE}' {"AND organization_id = %s" if organization_id else ""}
           AND close_rolled_over <> (SELECT COALESCE(SUM(t), 0) FROM unnest(close_rollover_tokens) t)"""
+    # A pool's hold entry is only ever the part of a member's hold, and a pool never goes below zero.
+    orphan_pool_holds = f"""
+        SELECT p.account_id, p.id FROM {_ENTRY} p JOIN {_ACCOUNT} pa ON pa.id = p.account_id
+        WHERE p.kind = 'hold' AND pa.team_id IS NOT NULL {"AND p.organization_id = %s" if organization_id else ""}
+          AND NOT EXISTS (SELECT 1 FROM {_ENTRY} c WHERE c.closes_hold_id = p.id)
+          AND NOT EXISTS (SELECT 1 FROM {_ENTRY} h WHERE h.pool_hold_id = p.id)"""
+    pools_below_zero = f"""
+        SELECT id, granted - used - held FROM {_ACCOUNT} WHERE team_id IS NOT NULL AND granted - used - held < 0
+        {"AND organization_id = %s" if organization_id else ""} ORDER BY id"""
     params = [organization_id] if organization_id else []
     problems = []
     with connection.cursor() as cursor:
@@ -832,4 +870,12 @@ def verify(*, organization_id: int | None = None) -> list[dict]:
         for account_id, entry_id, rolled_over in cursor.fetchall():
             problems.append({"account_id": account_id, "entry_id": entry_id,
                              "problem": f"close entry rolls over {rolled_over} but its tranches sum to another amount"})
+        cursor.execute(orphan_pool_holds, params)
+        for account_id, entry_id in cursor.fetchall():
+            problems.append({"account_id": account_id, "entry_id": entry_id,
+                             "problem": "an open hold of the team pool that no member's hold is made of"})
+        cursor.execute(pools_below_zero, params)
+        for account_id, available in cursor.fetchall():
+            problems.append({"account_id": account_id, "entry_id": None,
+                             "problem": f"the team pool is below zero ({available:,} tokens available)"})
     return problems

@@ -410,6 +410,9 @@ class LedgerEntry(TenantModel):
     def parts_sql(cls, alias: str, parts: dict) -> str:
         """The sum of `parts` (CLOSING_PARTS or OPENING_PARTS) of a close entry `alias`, in SQL."""
         return " + ".join(f"{sign} * {alias}.{column}" for column, sign in parts.items())
+    # Of such a hold: how much of the member's part is their base allowance, charged before the
+    # pool; the rest of their part is approved overage (or overdraft), charged after it.
+    base_tokens = models.BigIntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -440,6 +443,8 @@ class LedgerEntry(TenantModel):
                                         close_rolled_over__isnull=True,
                                         close_granted__isnull=True, close_rollover_until__isnull=True,
                                         close_rollover_tokens__isnull=True)))),
+            models.CheckConstraint(name="ledger_base_tokens_of_pooled_holds", condition=Q(base_tokens__isnull=True) | Q(
+                pool_hold__isnull=False, base_tokens__gte=0, base_tokens__lte=F("tokens"))),
         ]
         indexes = [
             models.Index(fields=["account", "period_start"], name="ledger_account_period"),

@@ -327,17 +327,31 @@ def usage_by_day(*, organization: Organization, since: date, at: datetime | None
     rollups = UsageRollup.objects.filter(organization=organization, day__gte=since, day__lt=today)
     entries = LedgerEntry.objects.filter(organization=organization, created_at__gte=today_begins, created_at__lte=at)
     # What a member drew from their team pool is theirs too, as the usage records (and so the
-    # roll-ups) count it: a pool's usage entries are made with the drawing member's key.
-    drawn_by = Q(account__member__isnull=True, api_key__member=member) if member is not None else Q()
+    # roll-ups) count it.
+    drawn_by = Q(account__member__isnull=True) & _drawn_by(member) if member is not None else Q()
     if member is not None:
         rollups, entries = rollups.filter(member=member), entries.filter(Q(account__member=member) | drawn_by)
     history = rollups.values("day", "team_name", "model").annotate(tokens=Sum("charged_tokens")).order_by()
     rows = [(row["day"], row["team_name"] or NO_TEAM, row["model"], row["tokens"]) for row in history]
     live = (entries.exclude(used_delta=0)
-            .values(team=Coalesce("account__member__team__name", "api_key__member__team__name"), model_id=F("model"))
+            .values(team=Coalesce("account__member__team__name", *_drawer("team__name")), model_id=F("model"))
             .annotate(tokens=Sum("used_delta")).order_by())
     rows += [(today, row["team"] or NO_TEAM, row["model_id"] or "unattributed", row["tokens"]) for row in live]
     return [row for row in rows if row[3]]
+
+
+# Who drew a pool's usage entry: the member whose hold its pool's hold was part of (a hold taken
+# by member email through the authorize API has no key), else the key's owner (a settlement
+# after the sweeper released the hold closes none).
+_DRAWERS = ("closes_hold__pooled_in__account__member", "api_key__member")
+
+
+def _drawer(field: str) -> list[str]:
+    return [f"{drawer}__{field}" for drawer in _DRAWERS]
+
+
+def _drawn_by(member: Member) -> Q:
+    return Q(closes_hold__pooled_in__account__member=member) | Q(api_key__member=member)
 
 
 def _totals(pairs) -> list[tuple[str, int]]:
@@ -571,10 +585,10 @@ def team_pool(*, member: Member) -> dict | None:
                                                   period_start=pool.period_start).select_related("giver__user"))
     board["given_tokens"] = sum(t.tokens for t in board["given"])
     drawn = (LedgerEntry.objects.filter(account=pool, period_start=pool.period_start, kind=LedgerEntry.Kind.USAGE)
-             .values("api_key__member_id", "api_key__member__user__email").annotate(tokens=Sum("used_delta"))
-             .filter(tokens__gt=0).order_by("-tokens"))
-    board["drawn"] = [{"email": row["api_key__member__user__email"] or "—", "tokens": row["tokens"],
-                       "member_id": row["api_key__member_id"]} for row in drawn]
+             .values(drawer=Coalesce(*_drawer("id")), email=Coalesce(*_drawer("user__email")))
+             .annotate(tokens=Sum("used_delta")).filter(tokens__gt=0).order_by("-tokens"))
+    board["drawn"] = [{"email": row["email"] or "—", "tokens": row["tokens"], "member_id": row["drawer"]}
+                      for row in drawn]
     board["drawn_tokens"] = sum(row["tokens"] for row in board["drawn"])
     board["mine_drawn"] = sum(row["tokens"] for row in board["drawn"] if row["member_id"] == member.pk)
     return board

@@ -111,11 +111,14 @@ class BalanceSerializer(fields.ModelSerializer):
 
 
 class LedgerEntrySerializer(fields.ModelSerializer):
-    member = serializers.IntegerField(source="account.member_id")
+    member = serializers.IntegerField(source="account.member_id", allow_null=True,
+                                      help_text="The member whose account it is; null on a team pool's entry.")
+    team = serializers.IntegerField(source="account.team_id", allow_null=True,
+                                    help_text="The team whose pool it is; null on a member's entry.")
 
     class Meta:
         model = LedgerEntry
-        fields = ["id", "member", "kind", "tokens", "granted_delta", "held_delta", "used_delta", "period_start",
+        fields = ["id", "member", "team", "kind", "tokens", "granted_delta", "held_delta", "used_delta", "period_start",
                   "model", "reason", "reference", "created_at", *LedgerEntry.PARTS, "close_rollover_until",
                   "close_rollover_tokens"]
 

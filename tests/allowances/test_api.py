@@ -3,6 +3,7 @@ balances, ledger entries and the catalog. A refused call is a 400 naming the fie
 
 import json
 
+import jsonschema
 import pytest
 
 from allowances import ledger, services
@@ -17,6 +18,7 @@ from portal.models import AuditLogEntry
 from portal.tenancy import scope, unscoped
 from tests.allowances.helpers import snapshot
 from tests.factories import MemberFactory, TeamFactory, UserFactory
+from tests.gateway.test_ingest_schema import as_json_schema
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
@@ -441,6 +443,22 @@ def test_hr_sees_all_ledger_entries_and_can_filter_by_member(as_hr, org_a, org_b
     for junk in ("abc", "-1", "0", "9" * 40, "", "1.5", " 1"):
         assert list(error(as_hr.get(api(org_a, "ledger-entries/"), {"member": junk}), 400)) == ["member"], junk
     assert list(error(as_hr.get(api(org_a, "ledger-entries/"), {"kind": "nope\x00"}), 400)) == ["kind"]
+
+
+def test_a_team_pools_entries_name_its_team_and_no_member_as_the_schema_says(as_hr, org_a):
+    with scope(org_a.organization):
+        services.transfer_settings_save(organization=org_a.organization, actor=None, enabled=True,
+                                        same_team_only=True, team_pools=True)
+        services.transfer_create(giver=org_a.members["employee"], receiver=services.TEAM_POOL, tokens=300,
+                                 actor=None, idempotency_key="to-pool")
+    rows = ok(send(as_hr, "get", api(org_a, "ledger-entries/?kind=transfer_in")))["results"]
+    assert [(row["member"], row["team"], row["tokens"]) for row in rows] == [(None, org_a.team.pk, 300)]
+    (given,) = ok(send(as_hr, "get", api(org_a, "ledger-entries/?kind=transfer_out")))["results"]
+    assert (given["member"], given["team"]) == (org_a.members["employee"].pk, None)
+    components = as_hr.get("/api/schema/", {"format": "json"}).json()["components"]
+    schema = as_json_schema(components["schemas"]["LedgerEntry"]) | {"components": components}  # its $refs
+    for row in (*rows, given):
+        jsonschema.validate(row, schema)
 
 
 # -- catalog -----------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from allowances.closing_sql import ROLLOVER_REFERENCE, close_chunk
 from allowances.consumption import unused_overage
 from allowances.models import Account, AllowancePolicy, LedgerEntry, PolicyAssignment
 from allowances.periods import next_period_start, period_bounds, periods_after
-from allowances.selectors import policy_in_force
+from allowances.selectors import policy_in_force, transferable
 from overage.models import OverageRequest
 from portal.models import Member
 from portal.tenancy import scope
@@ -80,8 +80,12 @@ def live_a_month(organization, policies, accounts, period, seed, month):
             if account.team_id is not None:  # a pool: what members give it, and holds on it (never overage)
                 ledger.post(account=account, kind="transfer_in", tokens=rng.randint(0, 900), idempotency_key=f"b:{key}")
                 for n in range(rng.randint(0, 3)):
+                    # A pool is held only as the part of a member's hold: one whose own base is spent.
+                    member_account = next(a for a in accounts if a.member_id is not None)
+                    member_account.refresh_from_db()
                     try:
-                        hold = ledger.authorize(account=account, tokens=rng.randint(1, 400),
+                        hold = ledger.authorize(account=member_account, pool_account_id=account.pk,
+                                                tokens=transferable(account=member_account) + rng.randint(1, 400),
                                                 idempotency_key=f"h:{key}:{n}", ttl=timedelta(days=90))
                     except ledger.InsufficientTokens:
                         continue
@@ -257,6 +261,9 @@ def test_set_based_close_books_what_the_rules_book_for_each_account(seed):
         # One entry per account per close, none for an account whose close had no part.
         assert not closes.values("account_id", "period_start").annotate(n=Count("id")).filter(n__gt=1).exists()
         assert closes.count() < 4 * len(accounts_two)
+        pool_holds = LedgerEntry.objects.filter(kind=Kind.HOLD, account__team__isnull=False)
+        assert pool_holds.filter(closed_by__isnull=True).exists()  # pool holds open across closes
+        assert LedgerEntry.objects.filter(kind=Kind.USAGE, account__team__isnull=False, used_delta__gt=0).exists()
 
 
 def test_a_chunk_is_closed_once_and_a_rerun_finds_nothing():

@@ -5,9 +5,11 @@ pool never goes below zero and nothing drawn from it is billable; at the close a
 expires; transfers to the pool follow the transfer rules."""
 
 from datetime import timedelta
+from io import StringIO
 
 import pytest
 from django.core.exceptions import ValidationError
+from django.core.management import CommandError, call_command
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
@@ -15,7 +17,7 @@ from allowances import ledger
 from allowances import services as allowance_services
 from allowances.closing import close_period
 from allowances.models import Account, LedgerEntry, Transfer
-from allowances.selectors import billable_overage, transferable
+from allowances.selectors import billable_overage, team_pool, transferable, usage_by_day
 from portal.models import AuditLogEntry
 from portal.tenancy import scope, unscoped
 from tests.allowances.helpers import balance, hold_is_open, snapshot
@@ -169,6 +171,57 @@ def test_approved_overage_is_drawn_after_the_pool_and_pool_usage_is_never_billab
     assert ledger.verify() == []
 
 
+def base_left_and_approved_overage(org):
+    """The fixture's hold settled at 1,000, so 4,000 of the member's base is left, and 10,000 of approved overage."""
+    with scope(org.organization):
+        ledger.settle(hold=org.hold, used_tokens=1_000)
+        ledger.post(account=org.account, kind="overage_grant", tokens=10_000, idempotency_key="overage:test")
+
+
+def billable_tokens(org):
+    with scope(org.organization):
+        return sum(row.tokens for row in billable_overage(organization=org.organization,
+                                                          period=org.account.period_start))
+
+
+def test_settling_less_than_a_hold_with_overage_charges_base_then_pool_then_overage(pooled):
+    base_left_and_approved_overage(pooled)
+    taken = hold(pooled, 8_000)  # 4,000 own base, 3,000 pool, 1,000 own overage
+    assert (taken.own_tokens, taken.pool_tokens, taken.base_tokens) == (5_000, 3_000, 4_000)
+    with scope(pooled.organization):
+        found = ledger.hold_find(organization_id=pooled.organization.pk, hold_id=taken.id)
+    assert found == taken  # the settle API and retries rebuild the base share too
+    with scope(pooled.organization):
+        ledger.settle(hold=found, used_tokens=5_000)  # less than the worst case
+    # 4,000 of the member's base, then the pool's 1,000: nothing billable, the overage untouched.
+    assert billable_tokens(pooled) == 0
+    assert balance(pooled.members["employee"])[2] == 5_000 and pool_balance(pooled) == (3_000, 0, 1_000)
+    again = hold(pooled, 9_000, key="r2")  # no base left: 2,000 pool, 7,000 overage
+    assert (again.own_tokens, again.pool_tokens, again.base_tokens) == (7_000, 2_000, 0)
+    with scope(pooled.organization):
+        ledger.settle(hold=again, used_tokens=3_000)
+    assert pool_balance(pooled) == (3_000, 0, 3_000) and billable_tokens(pooled) == 1_000
+    assert ledger.verify() == []
+
+
+def test_usage_after_the_sweeper_released_charges_base_then_pool_then_overage(pooled):
+    base_left_and_approved_overage(pooled)
+    taken = hold(pooled, 8_000, ttl=timedelta(seconds=-1))
+    ledger.release_expired_holds(now=timezone.now())
+    with scope(pooled.organization):
+        ledger.settle(hold=taken, used_tokens=5_000)
+        assert ledger.settle(hold=taken, used_tokens=5_000).created is False
+        assert ledger.settled_tokens(hold=taken) == 5_000
+    assert billable_tokens(pooled) == 0
+    assert balance(pooled.members["employee"])[2] == 5_000 and pool_balance(pooled) == (3_000, 0, 1_000)
+    late = hold(pooled, 3_000, key="late", ttl=timedelta(seconds=-1))  # the pool's 2,000, then 1,000 overage
+    ledger.release_expired_holds(now=timezone.now())
+    with scope(pooled.organization):
+        ledger.settle(hold=late, used_tokens=2_500)
+    assert pool_balance(pooled) == (3_000, 0, 3_000) and billable_tokens(pooled) == 500
+    assert ledger.verify() == []
+
+
 def test_a_key_cap_bounds_the_whole_pooled_request(pooled):
     with scope(pooled.organization):
         pooled.api_key.spend.token_cap = 5_000
@@ -252,6 +305,41 @@ def test_a_pool_belongs_to_a_team_of_its_own_organization(pooled, org_b):
         team = TeamFactory(organization=pooled.organization, name="Overdrawn")
         Account.all_objects.create(organization=pooled.organization, team=team, overdraft_limit=1,
                                    period_start=pooled.pool.period_start)
+
+
+def test_a_hold_taken_without_a_key_names_its_member_as_the_pools_drawer(pooled):
+    employee = pooled.members["employee"]
+    taken = hold(pooled, 5_000)  # by member, as the authorize API takes it by email: no key
+    with scope(pooled.organization):
+        ledger.settle(hold=taken, used_tokens=5_000)  # 1,000 from the pool
+        board = team_pool(member=employee)
+        today = usage_by_day(organization=pooled.organization, member=employee,
+                             since=timezone.now().date() - timedelta(days=1))
+    assert [(row["email"], row["tokens"], row["member_id"]) for row in board["drawn"]] == [
+        ("employee@a.example", 1_000, employee.pk)]
+    assert board["mine_drawn"] == 1_000
+    assert sum(row[3] for row in today) == 5_000 and {row[1] for row in today} == {pooled.team.name}
+
+
+def test_verify_names_a_pool_hold_of_no_members_hold_and_a_pool_below_zero(pooled):
+    taken = hold(pooled, 5_000)  # a pooled hold as the ledger makes it: clean
+    assert ledger.verify() == []
+    with scope(pooled.organization):  # written past the ledger's rules, as only a bug could
+        stray = ledger.post(account=pooled.pool, kind="hold", tokens=10, idempotency_key="stray",
+                            expires_at=timezone.now())
+    assert [(p["account_id"], p["entry_id"]) for p in ledger.verify()] == [(pooled.pool.pk, stray.entry_id)]
+    with scope(pooled.organization):
+        ledger.release(hold=ledger.Hold(id=stray.entry_id, account_id=pooled.pool.pk, organization_id=pooled.organization.pk,
+                                        tokens=10, expires_at=timezone.now()))
+        ledger.settle(hold=taken, used_tokens=5_000)
+        assert ledger.verify() == []
+        ledger.post(account=pooled.pool, kind="usage", tokens=2_500, idempotency_key="overdrawn")
+    (problem,) = ledger.verify(organization_id=pooled.organization.pk)
+    assert problem["account_id"] == pooled.pool.pk and "below zero (-500 tokens" in problem["problem"]
+    err = StringIO()
+    with pytest.raises(CommandError):
+        call_command("verify_ledger", stdout=StringIO(), stderr=err)
+    assert err.getvalue() == f"account {pooled.pool.pk}: {problem['problem']}\n"
 
 
 @pytest.mark.transactional

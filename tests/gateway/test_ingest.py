@@ -487,21 +487,31 @@ def test_authorize_then_settle(client, org_a, gateway_key):
     assert verify() == []
 
 
-def test_authorize_takes_the_team_pool_after_the_members_own_balance_and_settle_charges_both(client, org_a,
-                                                                                                gateway_key):
+def team_pool(org):
+    """Team pools on, and a teammate of the employee gives 3,000 to the team's pool; the pool's account."""
     from allowances.models import TEAM_POOL
     from tests.factories import MemberFactory, UserFactory
 
-    employee = org_a.members["employee"]
-    with scope(org_a.organization):
-        allowance_services.transfer_settings_save(organization=org_a.organization, actor=None, enabled=True,
+    with scope(org.organization):
+        allowance_services.transfer_settings_save(organization=org.organization, actor=None, enabled=True,
                                                   same_team_only=True, team_pools=True)
-        mate = MemberFactory(organization=org_a.organization, team=org_a.team, user=UserFactory(email="mate@a.example"))
-        allowance_services.grant_create(organization=org_a.organization, actor=None, tokens=5_000, reason="to give",
+        mate = MemberFactory(organization=org.organization, team=org.team, user=UserFactory(email="mate@a.example"))
+        allowance_services.grant_create(organization=org.organization, actor=None, tokens=5_000, reason="to give",
                                         member=mate)
         allowance_services.transfer_create(giver=mate, receiver=TEAM_POOL, tokens=3_000, actor=None,
                                            idempotency_key="to-pool")
-        pool = Account.objects.get(team=org_a.team)
+        return Account.objects.get(team=org.team)
+
+
+def pool_buckets(pool):
+    with unscoped():
+        return Account.all_objects.values_list("granted", "held", "used").get(pk=pool.pk)
+
+
+def test_authorize_takes_the_team_pool_after_the_members_own_balance_and_settle_charges_both(client, org_a,
+                                                                                                gateway_key):
+    employee = org_a.members["employee"]
+    pool = team_pool(org_a)
     granted, held, used = balance(employee)  # 4,000 of their own left
     response = authorize(client, gateway_key, input_tokens=100, max_output_tokens=2_000)
     assert response.status_code == 201, response.content
@@ -516,6 +526,23 @@ def test_authorize_takes_the_team_pool_after_the_members_own_balance_and_settle_
     assert balance(employee) == (granted, held, used + 4_000) and (pool.held, pool.used) == (0, 100)
     assert [r.charged_tokens for r in ingest_records()] == [4_100]
     assert verify() == []
+
+
+def test_the_pools_part_of_a_hold_is_no_hold_to_settle(client, org_a, gateway_key):
+    pool = team_pool(org_a)
+    employee = org_a.members["employee"]
+    response = authorize(client, gateway_key, input_tokens=100, max_output_tokens=2_000)  # 100 from the pool
+    assert response.status_code == 201, response.content
+    with unscoped():
+        pool_part = LedgerEntry.all_objects.get(pk=response.json()["hold_id"]).pool_hold_id
+    assert pool_part is not None
+    before = (balance(employee), pool_buckets(pool))
+    answer = settle(client, gateway_key, pool_part)
+    assert "hold_id" in refused_json(answer, 404)
+    with unscoped():
+        assert not LedgerEntry.all_objects.filter(closes_hold_id__in=[response.json()["hold_id"], pool_part]).exists()
+    assert (balance(employee), pool_buckets(pool)) == before
+    assert ingest_records() == [] and verify() == []
 
 
 def test_authorize_retry_returns_the_same_hold_and_holds_once(client, org_a, gateway_key):

@@ -22,7 +22,8 @@ class Command(BaseCommand):
         problems = ledger.verify(organization_id=organization_id)
         for problem in problems:
             if "problem" in problem:
-                self.stderr.write(f"account {problem['account_id']}: entry {problem['entry_id']}: {problem['problem']}")
+                entry = f"entry {problem['entry_id']}: " if problem["entry_id"] is not None else ""
+                self.stderr.write(f"account {problem['account_id']}: {entry}{problem['problem']}")
             else:
                 self.stderr.write(f"account {problem['account_id']} (organization {problem['organization_id']}): "
                                   f"stored {problem['stored']} but entries sum to {problem['from_entries']}")
